@@ -1,0 +1,5 @@
+//! The `edgebus` binary: parses arguments and hands over to the library.
+
+fn main() -> std::process::ExitCode {
+    edgebus::main_from_env()
+}

@@ -1,0 +1,1176 @@
+//! The log: open and recover, group-committed appends, reads, segment removal.
+//!
+//! Lifecycle: [`Log::open`] recovers the directory and starts one writer
+//! thread, which owns the active segment for as long as the log is open.
+//! Appenders put their records on a bounded queue and get their positions at
+//! once; the writer takes everything queued as one batch, frames it, writes
+//! it with one `write` and (under `fsync = always`) one `fdatasync`, then
+//! makes the batch visible to readers and completes its appends.
+//! [`Log::close`] (or drop) drains the queue, syncs and joins the writer.
+//! A failed write or `fdatasync` poisons the log: the writer stops and every
+//! later append fails until the log is reopened, which runs recovery.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
+use std::thread::{JoinHandle, Thread};
+use std::time::Instant;
+
+use bytes::Bytes;
+use edgebus_types::limits::{LOG_INDEX_STRIDE_BYTES, LOG_SEGMENT_HEADER_BYTES};
+
+use crate::config::{FsyncPolicy, LogConfig};
+use crate::error::{AppendError, Corruption, IoFailure, OpenError, ReadError, RemoveError};
+use crate::format::{self, FLAG_BATCH_END, FLAG_GROUP_END};
+use crate::segment::{self, ScanStop, SegmentMeta};
+use crate::storage::{FileStorage, OpenMode, Storage, StorageFile, read_exact_at};
+
+/// One record read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The record's position in the log, dense from the log's first position.
+    pub position: u64,
+    /// The bytes appended.
+    pub payload: Bytes,
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Position of the first record of the append.
+    pub first_position: u64,
+    /// Number of records; they hold consecutive positions.
+    pub count: u32,
+}
+
+impl AppendOutcome {
+    /// The positions the append's records hold.
+    pub fn positions(&self) -> Range<u64> {
+        self.first_position..self.first_position + u64::from(self.count)
+    }
+}
+
+/// What recovery found and did when the log was opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segment files found.
+    pub segments: usize,
+    /// Bytes of the active segment that were scanned.
+    pub scanned_bytes: u64,
+    /// Sealed segments whose index file was missing or damaged and was rebuilt.
+    pub rebuilt_indexes: usize,
+    /// A torn tail that was cut off, if any.
+    pub truncated: Option<TornTail>,
+}
+
+/// A torn tail removed by recovery: bytes of a write that never completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// The segment file.
+    pub file: PathBuf,
+    /// The offset the file was cut at.
+    pub offset: u64,
+    /// How many bytes were removed.
+    pub bytes: u64,
+    /// Why the first removed frame was refused.
+    pub reason: String,
+}
+
+/// Counters since open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Appends completed successfully.
+    pub appends: u64,
+    /// Records written.
+    pub records: u64,
+    /// Bytes written to segment files, framing included.
+    pub bytes_written: u64,
+    /// `write` batches.
+    pub batches: u64,
+    /// `fdatasync` calls on segment files.
+    pub fsyncs: u64,
+    /// Segment rolls.
+    pub rolls: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    appends: AtomicU64,
+    records: AtomicU64,
+    bytes_written: AtomicU64,
+    batches: AtomicU64,
+    fsyncs: AtomicU64,
+    rolls: AtomicU64,
+}
+
+type Callback = Box<dyn FnOnce(Result<AppendOutcome, AppendError>) + Send>;
+
+enum Completion {
+    Wake(Arc<Waiter>),
+    Call(Callback),
+}
+
+impl Completion {
+    fn complete(self, result: Result<AppendOutcome, AppendError>) {
+        match self {
+            Self::Wake(waiter) => {
+                let _ = waiter.result.set(result);
+                waiter.thread.unpark();
+            }
+            Self::Call(callback) => callback(result),
+        }
+    }
+}
+
+struct Waiter {
+    thread: Thread,
+    result: OnceLock<Result<AppendOutcome, AppendError>>,
+}
+
+struct QueuedGroup {
+    outcome: AppendOutcome,
+    framed_bytes: u64,
+    done: Completion,
+}
+
+#[derive(Default)]
+struct Batch {
+    payload: Vec<u8>,
+    lens: Vec<u32>,
+    groups: Vec<QueuedGroup>,
+}
+
+#[derive(Debug, Clone)]
+enum QueueState {
+    Open,
+    Closing,
+    Poisoned(Arc<IoFailure>),
+}
+
+struct Queue {
+    batch: Batch,
+    queued_bytes: u64,
+    next_position: u64,
+    state: QueueState,
+    writer_idle: bool,
+}
+
+struct Shared {
+    dir: PathBuf,
+    config: LogConfig,
+    storage: Arc<dyn Storage>,
+    queue: Mutex<Queue>,
+    work_ready: Condvar,
+    space_ready: Condvar,
+    segments: RwLock<Vec<SegmentMeta>>,
+    /// One past the last position readers may see (durable under `always`).
+    visible_end: AtomicU64,
+    counters: Counters,
+}
+
+/// A durable, totally ordered, append-only log of opaque records.
+///
+/// `Log` is `Send + Sync`: share it behind an `Arc` and append and read from
+/// any thread.
+pub struct Log {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<Result<(), Arc<IoFailure>>>>>,
+    recovery: RecoveryReport,
+    _lock: Box<dyn Send + Sync + fmt::Debug>,
+}
+
+impl fmt::Debug for Log {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.shared.dir)
+            .field("start", &self.start_position())
+            .field("end", &self.end_position())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock is a bug that already crashed a thread;
+    // the data it guards is still consistent for the fields we touch.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn io_failure(op: &'static str, file: &Path, offset: u64, source: std::io::Error) -> IoFailure {
+    IoFailure { op, file: file.to_path_buf(), offset, source }
+}
+
+impl Log {
+    /// Opens (creating if needed) the log in `dir` on real files.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Self, OpenError> {
+        Self::open_with_storage(Arc::new(FileStorage), dir, config)
+    }
+
+    /// Opens the log in `dir` through `storage`, running recovery.
+    pub fn open_with_storage(
+        storage: Arc<dyn Storage>,
+        dir: impl AsRef<Path>,
+        config: LogConfig,
+    ) -> Result<Self, OpenError> {
+        config.validate().map_err(OpenError::InvalidConfig)?;
+        let dir = dir.as_ref().to_path_buf();
+        let lock_guard = prepare_dir(storage.as_ref(), &dir)?;
+        let (segments, recovery) = recover(storage.as_ref(), &dir, &config)?;
+        let next_position = segments.last().expect("recovery leaves one segment").end_position;
+        let active = segments.last().expect("recovery leaves one segment").clone();
+        let shared = Arc::new(Shared {
+            dir,
+            config,
+            storage,
+            queue: Mutex::new(Queue {
+                batch: Batch::default(),
+                queued_bytes: 0,
+                next_position,
+                state: QueueState::Open,
+                writer_idle: false,
+            }),
+            work_ready: Condvar::new(),
+            space_ready: Condvar::new(),
+            segments: RwLock::new(segments),
+            visible_end: AtomicU64::new(next_position),
+            counters: Counters::default(),
+        });
+        let writer = Writer::new(Arc::clone(&shared), &active);
+        let handle = std::thread::Builder::new()
+            .name("edgebus-log-writer".to_owned())
+            .spawn(move || writer.run())
+            .map_err(|e| OpenError::Io(io_failure("spawn writer thread", &shared_dir(&active), 0, e)))?;
+        Ok(Self { shared, writer: Mutex::new(Some(handle)), recovery, _lock: lock_guard })
+    }
+
+    /// What recovery found when this log was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The directory of this log.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The settings this log runs with.
+    pub fn config(&self) -> &LogConfig {
+        &self.shared.config
+    }
+
+    /// First position still present (positions below were removed).
+    pub fn start_position(&self) -> u64 {
+        self.shared.segments.read().expect("segments lock").first().map_or(0, |s| s.base_position)
+    }
+
+    /// One past the last position readers can see. Under `fsync = always`
+    /// every position below it is durable.
+    pub fn end_position(&self) -> u64 {
+        self.shared.visible_end.load(Ordering::Acquire)
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> LogStats {
+        let c = &self.shared.counters;
+        LogStats {
+            appends: c.appends.load(Ordering::Relaxed),
+            records: c.records.load(Ordering::Relaxed),
+            bytes_written: c.bytes_written.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            rolls: c.rolls.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Appends `records` atomically and returns once they are acknowledged
+    /// (durable under `fsync = always`). Waits while the append queue is full.
+    pub fn append<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<AppendOutcome, AppendError> {
+        let waiter = Arc::new(Waiter { thread: std::thread::current(), result: OnceLock::new() });
+        self.enqueue(records, Completion::Wake(Arc::clone(&waiter)), true)?;
+        loop {
+            if let Some(result) = waiter.result.get() {
+                return result.clone();
+            }
+            std::thread::park();
+        }
+    }
+
+    /// Queues `records` as one atomic append and returns the positions they
+    /// will hold; `done` is called from the writer thread once the append is
+    /// acknowledged or has failed. Waits while the append queue is full. If
+    /// this returns an error, `done` is never called.
+    pub fn submit<R: AsRef<[u8]>>(
+        &self,
+        records: &[R],
+        done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
+    ) -> Result<AppendOutcome, AppendError> {
+        self.enqueue(records, Completion::Call(Box::new(done)), true)
+    }
+
+    /// Like [`Log::submit`], but fails with [`AppendError::QueueFull`] instead
+    /// of waiting when the append queue is full.
+    pub fn try_submit<R: AsRef<[u8]>>(
+        &self,
+        records: &[R],
+        done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
+    ) -> Result<AppendOutcome, AppendError> {
+        self.enqueue(records, Completion::Call(Box::new(done)), false)
+    }
+
+    fn enqueue<R: AsRef<[u8]>>(
+        &self,
+        records: &[R],
+        done: Completion,
+        wait: bool,
+    ) -> Result<AppendOutcome, AppendError> {
+        let config = &self.shared.config;
+        if records.is_empty() {
+            return Err(AppendError::Empty);
+        }
+        if records.len() > config.append_records_max as usize {
+            return Err(AppendError::TooManyRecords { count: records.len(), max: config.append_records_max });
+        }
+        let mut payload_bytes = 0u64;
+        let mut framed_bytes = 0u64;
+        for (index, record) in records.iter().enumerate() {
+            let bytes = record.as_ref().len() as u64;
+            if bytes > config.record_bytes_max {
+                return Err(AppendError::RecordTooLarge { index, bytes, max: config.record_bytes_max });
+            }
+            payload_bytes += bytes;
+            framed_bytes += format::frame_bytes(bytes);
+        }
+        if framed_bytes > config.append_bytes_max {
+            return Err(AppendError::AppendTooLarge { bytes: framed_bytes, max: config.append_bytes_max });
+        }
+        let count = u32::try_from(records.len()).expect("bounded by append_records_max");
+        let mut queue = lock(&self.shared.queue);
+        loop {
+            match &queue.state {
+                QueueState::Open => {}
+                QueueState::Closing => return Err(AppendError::Closed),
+                QueueState::Poisoned(cause) => return Err(AppendError::Poisoned(Arc::clone(cause))),
+            }
+            let groups = queue.batch.groups.len();
+            let fits = queue.queued_bytes + payload_bytes <= config.queue_bytes_max
+                && groups < config.queue_appends_max as usize;
+            if fits || groups == 0 {
+                break;
+            }
+            if !wait {
+                return Err(AppendError::QueueFull {
+                    queued_bytes: queue.queued_bytes,
+                    queued_appends: u32::try_from(groups).unwrap_or(u32::MAX),
+                });
+            }
+            queue = self.shared.space_ready.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        let outcome = AppendOutcome { first_position: queue.next_position, count };
+        queue.next_position += u64::from(count);
+        queue.queued_bytes += payload_bytes;
+        for record in records {
+            let record = record.as_ref();
+            queue.batch.payload.extend_from_slice(record);
+            queue.batch.lens.push(u32::try_from(record.len()).expect("bounded by record_bytes_max"));
+        }
+        queue.batch.groups.push(QueuedGroup { outcome, framed_bytes, done });
+        if queue.writer_idle {
+            queue.writer_idle = false;
+            self.shared.work_ready.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    /// Reads forward from `from`: at most `max_records` records and, past the
+    /// first record, at most `max_bytes` of payload. Returns fewer (or none)
+    /// at the visible end. Fails with [`ReadError::Removed`] below the start.
+    pub fn read(&self, from: u64, max_records: usize, max_bytes: u64) -> Result<Vec<Record>, ReadError> {
+        let end = self.end_position();
+        let mut out = Vec::new();
+        let mut position = from;
+        let mut bytes = 0u64;
+        while position < end && out.len() < max_records {
+            let segment = self.segment_for(position)?;
+            let limit = end.min(segment.end_position);
+            let (seek_position, seek_offset) = segment.seek(position);
+            let record_bytes_max = self.shared.config.record_bytes_max;
+            let mut expected = seek_position;
+            let mut corrupt = None;
+            let stop = segment::scan(
+                segment.file.as_ref(),
+                &segment.path,
+                seek_offset,
+                segment.valid_bytes,
+                record_bytes_max,
+                |frame| {
+                    if frame.info.position != expected {
+                        corrupt = Some((frame.offset, "frame position out of sequence"));
+                        return false;
+                    }
+                    expected += 1;
+                    if frame.info.position < position {
+                        return true;
+                    }
+                    if frame.info.position >= limit || out.len() >= max_records {
+                        return false;
+                    }
+                    let len = frame.info.payload_len as u64;
+                    if !out.is_empty() && bytes + len > max_bytes {
+                        return false;
+                    }
+                    bytes += len;
+                    out.push(Record { position: frame.info.position, payload: frame.payload() });
+                    true
+                },
+            )?;
+            if let Some((offset, reason)) = corrupt {
+                return Err(corruption(&segment.path, offset, reason).into());
+            }
+            let next = out.last().map_or(position, |r| r.position + 1);
+            match stop {
+                ScanStop::Bad { offset, reason, .. } => return Err(corruption(&segment.path, offset, reason).into()),
+                ScanStop::Stopped { .. } if next < limit => break, // a count or byte limit was hit
+                ScanStop::End { .. } if next < limit => {
+                    return Err(
+                        corruption(&segment.path, segment.valid_bytes, "segment ends before its last record").into()
+                    );
+                }
+                _ => {}
+            }
+            if next == position {
+                break;
+            }
+            position = next;
+        }
+        Ok(out)
+    }
+
+    /// Reads backward from `from` (inclusive; clamped to the last visible
+    /// record) toward the start, newest first, with the same limits as [`Log::read`].
+    pub fn read_backward(&self, from: u64, max_records: usize, max_bytes: u64) -> Result<Vec<Record>, ReadError> {
+        let end = self.end_position();
+        let mut out: Vec<Record> = Vec::new();
+        if end == 0 || max_records == 0 {
+            return Ok(out);
+        }
+        let mut upper = from.min(end - 1) + 1; // exclusive
+        let mut bytes = 0u64;
+        while out.len() < max_records {
+            let start = self.start_position();
+            if upper <= start {
+                break;
+            }
+            let segment = self.segment_for(upper - 1)?;
+            let (seek_position, _) = segment.seek(upper - 1);
+            let step = self.read(seek_position, (upper - seek_position) as usize, u64::MAX)?;
+            for record in step.into_iter().rev() {
+                let len = record.payload.len() as u64;
+                if out.len() >= max_records || (!out.is_empty() && bytes + len > max_bytes) {
+                    return Ok(out);
+                }
+                bytes += len;
+                out.push(record);
+            }
+            upper = seek_position;
+        }
+        Ok(out)
+    }
+
+    fn segment_for(&self, position: u64) -> Result<SegmentMeta, ReadError> {
+        let segments = self.shared.segments.read().expect("segments lock");
+        let start = segments.first().map_or(0, |s| s.base_position);
+        if position < start {
+            return Err(ReadError::Removed { position, start });
+        }
+        let at = segments.partition_point(|s| s.base_position <= position);
+        assert!(at > 0, "position {position} at or above start {start} must have a segment");
+        Ok(segments[at - 1].clone())
+    }
+
+    /// Reads and checks every record of every segment; returns how many there are.
+    pub fn verify(&self) -> Result<u64, ReadError> {
+        let mut position = self.start_position();
+        let end = self.end_position();
+        let mut count = 0u64;
+        while position < end {
+            let batch = self.read(position, 65_536, 64 * 1024 * 1024)?;
+            let Some(last) = batch.last() else { break };
+            count += batch.len() as u64;
+            position = last.position + 1;
+        }
+        Ok(count)
+    }
+
+    /// Removes whole sealed segments whose records all lie below `position`,
+    /// oldest first, and returns the new start position. The active segment
+    /// is never removed, so the start can stay below `position`.
+    pub fn remove_segments_before(&self, position: u64) -> Result<u64, RemoveError> {
+        let victims: Vec<SegmentMeta> = {
+            let mut segments = self.shared.segments.write().expect("segments lock");
+            let removable =
+                segments.iter().take_while(|s| s.sealed && s.end_position <= position).count().min(segments.len() - 1);
+            segments.drain(..removable).collect()
+        };
+        let storage = self.shared.storage.as_ref();
+        for segment in &victims {
+            storage.remove_file(&segment.path).map_err(|e| io_failure("remove segment", &segment.path, 0, e))?;
+            let index_path = self.shared.dir.join(format::index_file_name(segment.base_position));
+            match storage.remove_file(&index_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_failure("remove index", &index_path, 0, e).into()),
+            }
+            // Removals become durable oldest first, so a crash never leaves a gap.
+            storage.sync_dir(&self.shared.dir).map_err(|e| io_failure("sync directory", &self.shared.dir, 0, e))?;
+        }
+        Ok(self.start_position())
+    }
+
+    /// Stops accepting appends, writes everything queued, syncs, and stops
+    /// the writer. Later appends fail with [`AppendError::Closed`]. Idempotent.
+    pub fn close(&self) -> Result<(), Arc<IoFailure>> {
+        {
+            let mut queue = lock(&self.shared.queue);
+            if matches!(queue.state, QueueState::Open) {
+                queue.state = QueueState::Closing;
+            }
+            self.shared.work_ready.notify_all();
+            self.shared.space_ready.notify_all();
+        }
+        let handle = lock(&self.writer).take();
+        match handle {
+            Some(handle) => handle.join().expect("log writer thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+fn shared_dir(active: &SegmentMeta) -> PathBuf {
+    active.path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn corruption(file: &Path, offset: u64, reason: impl Into<String>) -> Corruption {
+    Corruption { file: file.to_path_buf(), offset, reason: reason.into() }
+}
+
+/// The writer thread's state: the active segment and reusable buffers.
+struct Writer {
+    shared: Arc<Shared>,
+    file: Arc<dyn StorageFile>,
+    path: Arc<Path>,
+    base_position: u64,
+    bytes: u64,
+    next_position: u64,
+    last_indexed_offset: Option<u64>,
+    unsynced: bool,
+    last_sync: Instant,
+    buf: Vec<u8>,
+    frame_offsets: Vec<usize>,
+    new_index: Vec<(u64, u32)>,
+    spare: Batch,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, active: &SegmentMeta) -> Self {
+        Self {
+            shared,
+            file: Arc::clone(&active.file),
+            path: Arc::clone(&active.path),
+            base_position: active.base_position,
+            bytes: active.valid_bytes,
+            next_position: active.end_position,
+            last_indexed_offset: active.index.last().map(|(_, o)| u64::from(*o)),
+            unsynced: false,
+            last_sync: Instant::now(),
+            buf: Vec::new(),
+            frame_offsets: Vec::new(),
+            new_index: Vec::new(),
+            spare: Batch::default(),
+        }
+    }
+
+    fn run(mut self) -> Result<(), Arc<IoFailure>> {
+        let result = self.run_inner();
+        if let Err(failure) = &result {
+            self.poison(failure);
+        }
+        result
+    }
+
+    fn run_inner(&mut self) -> Result<(), Arc<IoFailure>> {
+        let shared = Arc::clone(&self.shared);
+        loop {
+            let mut queue = lock(&shared.queue);
+            loop {
+                if !queue.batch.groups.is_empty() {
+                    break;
+                }
+                if matches!(queue.state, QueueState::Closing) {
+                    drop(queue);
+                    if self.unsynced {
+                        self.sync()?;
+                    }
+                    return Ok(());
+                }
+                queue.writer_idle = true;
+                let timeout = match shared.config.fsync {
+                    FsyncPolicy::Interval(interval) if self.unsynced => {
+                        Some(interval.saturating_sub(self.last_sync.elapsed()))
+                    }
+                    _ => None,
+                };
+                queue = match timeout {
+                    Some(timeout) if timeout.is_zero() => {
+                        drop(queue);
+                        self.sync()?;
+                        lock(&shared.queue)
+                    }
+                    Some(timeout) => {
+                        shared
+                            .work_ready
+                            .wait_timeout(queue, timeout)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .0
+                    }
+                    None => shared.work_ready.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner),
+                };
+                queue.writer_idle = false;
+            }
+            std::mem::swap(&mut queue.batch, &mut self.spare);
+            queue.queued_bytes = 0;
+            drop(queue);
+            shared.space_ready.notify_all();
+            let mut batch = std::mem::take(&mut self.spare);
+            let result = self.write_batch(&batch);
+            let groups = std::mem::take(&mut batch.groups);
+            batch.payload.clear();
+            batch.lens.clear();
+            self.spare = batch;
+            match result {
+                Ok(()) => {
+                    shared.counters.appends.fetch_add(groups.len() as u64, Ordering::Relaxed);
+                    for group in groups {
+                        group.done.complete(Ok(group.outcome));
+                    }
+                }
+                Err(failure) => {
+                    for group in groups {
+                        group.done.complete(Err(AppendError::Io(Arc::clone(&failure))));
+                    }
+                    return Err(failure);
+                }
+            }
+        }
+    }
+
+    /// Marks the log poisoned and fails everything still queued.
+    fn poison(&self, failure: &Arc<IoFailure>) {
+        let groups = {
+            let mut queue = lock(&self.shared.queue);
+            queue.state = QueueState::Poisoned(Arc::clone(failure));
+            queue.queued_bytes = 0;
+            std::mem::take(&mut queue.batch.groups)
+        };
+        self.shared.space_ready.notify_all();
+        for group in groups {
+            group.done.complete(Err(AppendError::Poisoned(Arc::clone(failure))));
+        }
+    }
+
+    fn write_batch(&mut self, batch: &Batch) -> Result<(), Arc<IoFailure>> {
+        let segment_bytes = self.shared.config.segment_bytes;
+        self.buf.clear();
+        self.frame_offsets.clear();
+        self.new_index.clear();
+        let mut payload_at = 0usize;
+        let mut record_at = 0usize;
+        let mut chunk_first_position = None;
+        for group in &batch.groups {
+            let group_offset = self.bytes + self.buf.len() as u64;
+            if group_offset + group.framed_bytes > segment_bytes && group_offset > LOG_SEGMENT_HEADER_BYTES {
+                self.flush_chunk()?;
+                self.roll()?;
+                chunk_first_position = None;
+            }
+            let group_offset = self.bytes + self.buf.len() as u64;
+            let index_due = self.last_indexed_offset.is_none_or(|last| group_offset - last >= LOG_INDEX_STRIDE_BYTES);
+            if index_due {
+                self.last_indexed_offset = Some(group_offset);
+                let offset = u32::try_from(group_offset).expect("segment size fits in u32");
+                self.new_index.push((group.outcome.first_position, offset));
+            }
+            assert_eq!(group.outcome.first_position, self.next_position, "positions are assigned densely");
+            let chunk_first = *chunk_first_position.get_or_insert(self.next_position);
+            for i in 0..group.count() {
+                let position = self.next_position;
+                let len = batch.lens[record_at] as usize;
+                let payload = &batch.payload[payload_at..payload_at + len];
+                let flags = if i + 1 == group.count() { FLAG_GROUP_END } else { 0 };
+                let delta = u32::try_from(position - chunk_first).expect("a batch holds fewer than 2^32 records");
+                let at = format::push_frame(&mut self.buf, position, flags, delta, payload);
+                self.frame_offsets.push(at);
+                self.next_position += 1;
+                record_at += 1;
+                payload_at += len;
+            }
+        }
+        debug_assert_eq!(record_at, batch.lens.len());
+        self.flush_chunk()?;
+        match self.shared.config.fsync {
+            FsyncPolicy::Always => self.sync()?,
+            FsyncPolicy::Interval(interval) if self.last_sync.elapsed() >= interval => self.sync()?,
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {}
+        }
+        self.shared.visible_end.store(self.next_position, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes the framed records in `buf` as one `write` and publishes the
+    /// segment's new length and index entries (not yet visible: the log's
+    /// visible end moves only after the batch is acknowledged).
+    fn flush_chunk(&mut self) -> Result<(), Arc<IoFailure>> {
+        let Some(&last) = self.frame_offsets.last() else { return Ok(()) };
+        format::add_frame_flags(&mut self.buf, last, FLAG_BATCH_END);
+        for &at in &self.frame_offsets {
+            format::seal_frame(&mut self.buf, at);
+        }
+        self.file
+            .write_all_at(&self.buf, self.bytes)
+            .map_err(|e| Arc::new(io_failure("write", &self.path, self.bytes, e)))?;
+        let counters = &self.shared.counters;
+        counters.bytes_written.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        counters.records.fetch_add(self.frame_offsets.len() as u64, Ordering::Relaxed);
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.bytes += self.buf.len() as u64;
+        self.unsynced = true;
+        {
+            let mut segments = self.shared.segments.write().expect("segments lock");
+            let active = segments.last_mut().expect("one active segment");
+            assert_eq!(active.base_position, self.base_position, "the writer owns the last segment");
+            active.end_position = self.next_position;
+            active.valid_bytes = self.bytes;
+            active.index.append(&mut self.new_index);
+        }
+        self.buf.clear();
+        self.frame_offsets.clear();
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), Arc<IoFailure>> {
+        // Never retried: after a failed fdatasync the page cache may have
+        // dropped the dirty pages, so a second call could falsely succeed.
+        self.file.sync_data().map_err(|e| Arc::new(io_failure("fdatasync", &self.path, self.bytes, e)))?;
+        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Seals the active segment (sync, index file) and starts a new one.
+    fn roll(&mut self) -> Result<(), Arc<IoFailure>> {
+        self.sync()?;
+        let storage = Arc::clone(&self.shared.storage);
+        let dir = self.shared.dir.clone();
+        let sealed = {
+            let segments = self.shared.segments.read().expect("segments lock");
+            let active = segments.last().expect("one active segment");
+            format::SealedIndex {
+                base_position: active.base_position,
+                end_position: active.end_position,
+                segment_bytes: active.valid_bytes,
+                entries: active.index.clone(),
+            }
+        };
+        write_index_file(storage.as_ref(), &dir, &sealed).map_err(Arc::new)?;
+        let (file, path) = create_segment(storage.as_ref(), &dir, self.next_position).map_err(Arc::new)?;
+        {
+            let mut segments = self.shared.segments.write().expect("segments lock");
+            segments.last_mut().expect("one active segment").sealed = true;
+            segments.push(SegmentMeta {
+                base_position: self.next_position,
+                end_position: self.next_position,
+                valid_bytes: LOG_SEGMENT_HEADER_BYTES,
+                file: Arc::clone(&file),
+                path: Arc::clone(&path),
+                index: Vec::new(),
+                sealed: false,
+            });
+        }
+        self.shared.counters.rolls.fetch_add(1, Ordering::Relaxed);
+        self.file = file;
+        self.path = path;
+        self.base_position = self.next_position;
+        self.bytes = LOG_SEGMENT_HEADER_BYTES;
+        self.last_indexed_offset = None;
+        self.unsynced = false;
+        Ok(())
+    }
+}
+
+impl QueuedGroup {
+    fn count(&self) -> u32 {
+        self.outcome.count
+    }
+}
+
+fn write_index_file(storage: &dyn Storage, dir: &Path, sealed: &format::SealedIndex) -> Result<(), IoFailure> {
+    let path = dir.join(format::index_file_name(sealed.base_position));
+    match storage.remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_failure("remove stale index", &path, 0, e)),
+    }
+    let file = storage.open_file(&path, OpenMode::CreateNew).map_err(|e| io_failure("create index", &path, 0, e))?;
+    file.write_all_at(&format::encode_index(sealed), 0).map_err(|e| io_failure("write", &path, 0, e))?;
+    file.sync_data().map_err(|e| io_failure("fdatasync", &path, 0, e))
+}
+
+fn create_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    base_position: u64,
+) -> Result<(Arc<dyn StorageFile>, Arc<Path>), IoFailure> {
+    let path: Arc<Path> = Arc::from(dir.join(format::segment_file_name(base_position)).as_path());
+    let file = storage.open_file(&path, OpenMode::CreateNew).map_err(|e| io_failure("create segment", &path, 0, e))?;
+    file.write_all_at(&format::encode_segment_header(base_position), 0)
+        .map_err(|e| io_failure("write", &path, 0, e))?;
+    file.sync_data().map_err(|e| io_failure("fdatasync", &path, 0, e))?;
+    storage.sync_dir(dir).map_err(|e| io_failure("sync directory", dir, 0, e))?;
+    Ok((file, path))
+}
+
+/// Creates the directory or checks that it is ours, and takes its lock.
+fn prepare_dir(storage: &dyn Storage, dir: &Path) -> Result<Box<dyn Send + Sync + fmt::Debug>, OpenError> {
+    if !storage.is_dir(dir).map_err(|e| io_failure("stat", dir, 0, e))? {
+        storage.create_dir_all(dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::NotADirectory => {
+                OpenError::NotADirectory { path: dir.to_path_buf() }
+            }
+            _ => OpenError::Io(io_failure("create directory", dir, 0, e)),
+        })?;
+    }
+    let marker = dir.join(format::MARKER_FILE);
+    let mut entries: Vec<String> = storage
+        .list_dir(dir)
+        .map_err(|e| io_failure("list directory", dir, 0, e))?
+        .into_iter()
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    if entries.iter().any(|e| e == format::MARKER_FILE) {
+        let file = storage.open_file(&marker, OpenMode::ReadOnly).map_err(|e| io_failure("open", &marker, 0, e))?;
+        let len = file.len().map_err(|e| io_failure("stat", &marker, 0, e))?.min(4096);
+        let mut contents = vec![0u8; len as usize];
+        read_exact_at(file.as_ref(), &mut contents, 0).map_err(|e| io_failure("read", &marker, 0, e))?;
+        if contents != format::MARKER_CONTENTS {
+            return Err(OpenError::UnsupportedFormat {
+                path: marker,
+                found: String::from_utf8_lossy(&contents).into_owned(),
+            });
+        }
+    } else if let Some(entry) = entries.into_iter().next() {
+        return Err(OpenError::NotALogDirectory { path: dir.to_path_buf(), entry });
+    } else {
+        let file = storage.open_file(&marker, OpenMode::CreateNew).map_err(|e| io_failure("create", &marker, 0, e))?;
+        file.write_all_at(format::MARKER_CONTENTS, 0).map_err(|e| io_failure("write", &marker, 0, e))?;
+        file.sync_data().map_err(|e| io_failure("fdatasync", &marker, 0, e))?;
+        storage.sync_dir(dir).map_err(|e| io_failure("sync directory", dir, 0, e))?;
+    }
+    let lock_path = dir.join(format::LOCK_FILE);
+    storage.lock_file(&lock_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => OpenError::Locked { path: lock_path.clone() },
+        _ => OpenError::Io(io_failure("lock", &lock_path, 0, e)),
+    })
+}
+
+/// Loads every segment, checks continuity, and recovers the tail.
+fn recover(
+    storage: &dyn Storage,
+    dir: &Path,
+    config: &LogConfig,
+) -> Result<(Vec<SegmentMeta>, RecoveryReport), OpenError> {
+    let mut bases: Vec<u64> = storage
+        .list_dir(dir)
+        .map_err(|e| io_failure("list directory", dir, 0, e))?
+        .iter()
+        .filter_map(|n| format::parse_segment_file_name(&n.to_string_lossy()))
+        .collect();
+    bases.sort_unstable();
+    let mut report = RecoveryReport { segments: bases.len(), ..RecoveryReport::default() };
+    let mut segments: Vec<SegmentMeta> = Vec::with_capacity(bases.len().max(1));
+    if bases.is_empty() {
+        let (file, path) = create_segment(storage, dir, 0)?;
+        segments.push(SegmentMeta {
+            base_position: 0,
+            end_position: 0,
+            valid_bytes: LOG_SEGMENT_HEADER_BYTES,
+            file,
+            path,
+            index: Vec::new(),
+            sealed: false,
+        });
+        return Ok((segments, report));
+    }
+    let last = bases.len() - 1;
+    for (i, &base) in bases.iter().enumerate() {
+        let path: Arc<Path> = Arc::from(dir.join(format::segment_file_name(base)).as_path());
+        let mode = if i == last { OpenMode::ReadWrite } else { OpenMode::ReadOnly };
+        let file = storage.open_file(&path, mode).map_err(|e| io_failure("open", &path, 0, e))?;
+        let file_len = file.len().map_err(|e| io_failure("stat", &path, 0, e))?;
+        if let Some(previous) = segments.last() {
+            if previous.end_position != base {
+                return Err(corruption(
+                    &path,
+                    0,
+                    format!(
+                        "segment starts at position {base} but the previous segment ends at {} (a segment file is missing or damaged)",
+                        previous.end_position
+                    ),
+                )
+                .into());
+            }
+        }
+        let header_ok = check_segment_header(file.as_ref(), &path, base, file_len)?;
+        let meta = if i < last {
+            if let Err(reason) = header_ok {
+                return Err(corruption(&path, 0, reason).into());
+            }
+            load_sealed(storage, dir, config, file, path, base, file_len, &mut report)?
+        } else {
+            if let Err(reason) = header_ok {
+                // A segment is created with its header in one write and synced
+                // before any record goes in, so a bad header on a file no
+                // longer than a header is a torn creation; anything else is damage.
+                if file_len > LOG_SEGMENT_HEADER_BYTES {
+                    return Err(corruption(&path, 0, reason).into());
+                }
+                file.write_all_at(&format::encode_segment_header(base), 0)
+                    .map_err(|e| io_failure("write", &path, 0, e))?;
+                file.sync_data().map_err(|e| io_failure("fdatasync", &path, 0, e))?;
+            }
+            // An index file for the active segment is stale by definition.
+            let index_path = dir.join(format::index_file_name(base));
+            match storage.remove_file(&index_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_failure("remove stale index", &index_path, 0, e).into()),
+            }
+            recover_tail(config, file, path, base, file_len.max(LOG_SEGMENT_HEADER_BYTES), &mut report)?
+        };
+        segments.push(meta);
+    }
+    Ok((segments, report))
+}
+
+fn check_segment_header(
+    file: &dyn StorageFile,
+    path: &Path,
+    base: u64,
+    file_len: u64,
+) -> Result<Result<(), String>, IoFailure> {
+    let mut header = [0u8; LOG_SEGMENT_HEADER_BYTES as usize];
+    let available = file_len.min(LOG_SEGMENT_HEADER_BYTES) as usize;
+    read_exact_at(file, &mut header[..available], 0).map_err(|e| io_failure("read", path, 0, e))?;
+    Ok(match format::decode_segment_header(&header[..available]) {
+        Ok(found) if found == base => Ok(()),
+        Ok(found) => Err(format!("segment header says base position {found}, file name says {base}")),
+        Err(e) => Err(format!("bad segment header: {e:?}")),
+    })
+}
+
+/// Tracks group starts while scanning, for the sparse index.
+#[derive(Default)]
+struct IndexBuilder {
+    entries: Vec<(u64, u32)>,
+    last_offset: Option<u64>,
+    in_group: bool,
+}
+
+impl IndexBuilder {
+    fn frame(&mut self, position: u64, offset: u64, flags: u16) {
+        if !self.in_group && self.last_offset.is_none_or(|last| offset - last >= LOG_INDEX_STRIDE_BYTES) {
+            self.entries.push((position, u32::try_from(offset).expect("segment size fits in u32")));
+            self.last_offset = Some(offset);
+        }
+        self.in_group = flags & FLAG_GROUP_END == 0;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn load_sealed(
+    storage: &dyn Storage,
+    dir: &Path,
+    config: &LogConfig,
+    file: Arc<dyn StorageFile>,
+    path: Arc<Path>,
+    base: u64,
+    file_len: u64,
+    report: &mut RecoveryReport,
+) -> Result<SegmentMeta, OpenError> {
+    let index_path = dir.join(format::index_file_name(base));
+    let stored = match storage.open_file(&index_path, OpenMode::ReadOnly) {
+        Ok(index_file) => {
+            let len = index_file.len().map_err(|e| io_failure("stat", &index_path, 0, e))?;
+            let mut bytes = vec![0u8; len.min(64 * 1024 * 1024) as usize];
+            read_exact_at(index_file.as_ref(), &mut bytes, 0).map_err(|e| io_failure("read", &index_path, 0, e))?;
+            format::decode_index(&bytes).filter(|i| i.base_position == base && i.segment_bytes == file_len)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_failure("open", &index_path, 0, e).into()),
+    };
+    if let Some(index) = stored {
+        return Ok(SegmentMeta {
+            base_position: base,
+            end_position: index.end_position,
+            valid_bytes: index.segment_bytes,
+            file,
+            path,
+            index: index.entries,
+            sealed: true,
+        });
+    }
+    // No usable index: a sealed segment must scan clean from end to end.
+    let mut expected = base;
+    let mut builder = IndexBuilder::default();
+    let mut out_of_sequence = None;
+    let mut last_flags = FLAG_GROUP_END | FLAG_BATCH_END;
+    let stop =
+        segment::scan(file.as_ref(), &path, LOG_SEGMENT_HEADER_BYTES, file_len, config.record_bytes_max, |frame| {
+            if frame.info.position != expected {
+                out_of_sequence = Some(frame.offset);
+                return false;
+            }
+            builder.frame(expected, frame.offset, frame.info.flags);
+            last_flags = frame.info.flags;
+            expected += 1;
+            true
+        })?;
+    if let Some(offset) = out_of_sequence {
+        return Err(corruption(&path, offset, format!("expected a record at position {expected}")).into());
+    }
+    match stop {
+        ScanStop::Bad { offset, reason, .. } => return Err(corruption(&path, offset, reason).into()),
+        ScanStop::End { .. } | ScanStop::Stopped { .. } => {}
+    }
+    if last_flags & FLAG_GROUP_END == 0 {
+        return Err(corruption(&path, file_len, "sealed segment ends inside an atomic append").into());
+    }
+    let sealed = format::SealedIndex {
+        base_position: base,
+        end_position: expected,
+        segment_bytes: file_len,
+        entries: builder.entries,
+    };
+    write_index_file(storage, dir, &sealed)?;
+    report.rebuilt_indexes += 1;
+    Ok(SegmentMeta {
+        base_position: base,
+        end_position: expected,
+        valid_bytes: file_len,
+        file,
+        path,
+        index: sealed.entries,
+        sealed: true,
+    })
+}
+
+/// Scans the active segment, cuts a torn tail, and refuses real corruption.
+fn recover_tail(
+    config: &LogConfig,
+    file: Arc<dyn StorageFile>,
+    path: Arc<Path>,
+    base: u64,
+    file_len: u64,
+    report: &mut RecoveryReport,
+) -> Result<SegmentMeta, OpenError> {
+    let mut expected = base;
+    let mut builder = IndexBuilder::default();
+    // Where the last complete atomic append ends: what recovery keeps.
+    let mut kept_bytes = LOG_SEGMENT_HEADER_BYTES;
+    let mut kept_position = base;
+    let mut kept_index_len = 0;
+    let mut batch_first = base;
+    let mut sequence_error = None;
+    let stop =
+        segment::scan(file.as_ref(), &path, LOG_SEGMENT_HEADER_BYTES, file_len, config.record_bytes_max, |frame| {
+            let info = frame.info;
+            if info.position != expected {
+                sequence_error =
+                    Some((frame.offset, format!("expected a record at position {expected}, found {}", info.position)));
+                return false;
+            }
+            let first = info.batch_first_position();
+            if first != batch_first && info.batch_delta != 0 {
+                sequence_error =
+                    Some((frame.offset, format!("record {expected} claims a write batch starting at {first}")));
+                return false;
+            }
+            batch_first = first;
+            builder.frame(expected, frame.offset, info.flags);
+            expected += 1;
+            if info.flags & FLAG_GROUP_END != 0 {
+                kept_bytes = frame.offset + info.frame_len as u64;
+                kept_position = expected;
+                kept_index_len = builder.entries.len();
+            }
+            true
+        })?;
+    report.scanned_bytes = file_len - LOG_SEGMENT_HEADER_BYTES;
+    if let Some((offset, reason)) = sequence_error {
+        return Err(corruption(&path, offset, reason).into());
+    }
+    let torn_reason = match stop {
+        ScanStop::Bad { offset, reason, .. } => {
+            // A torn write only damages the batch being written. A valid frame
+            // of any other batch further on means a later write survived this
+            // damage: corruption, which we report rather than cut away.
+            let allowed = [batch_first, expected];
+            if let Some(later) =
+                segment::find_later_batch(file.as_ref(), &path, offset, file_len, config.record_bytes_max, allowed)?
+            {
+                return Err(corruption(
+                    &path,
+                    offset,
+                    format!(
+                        "{reason}, and a later write batch survives at byte {later}: damage in the middle of the log"
+                    ),
+                )
+                .into());
+            }
+            Some(reason.to_owned())
+        }
+        ScanStop::End { .. } | ScanStop::Stopped { .. } => {
+            (kept_position != expected).then(|| "the last atomic append is incomplete".to_owned())
+        }
+    };
+    if torn_reason.is_some() || kept_bytes < file_len {
+        let removed = file_len.saturating_sub(kept_bytes);
+        if removed > 0 || torn_reason.is_some() {
+            file.set_len(kept_bytes).map_err(|e| io_failure("truncate", &path, kept_bytes, e))?;
+            file.sync_data().map_err(|e| io_failure("fdatasync", &path, kept_bytes, e))?;
+            report.truncated = Some(TornTail {
+                file: path.to_path_buf(),
+                offset: kept_bytes,
+                bytes: removed,
+                reason: torn_reason.unwrap_or_else(|| "trailing bytes after the last record".to_owned()),
+            });
+        }
+    }
+    builder.entries.truncate(kept_index_len);
+    Ok(SegmentMeta {
+        base_position: base,
+        end_position: kept_position,
+        valid_bytes: kept_bytes,
+        file,
+        path,
+        index: builder.entries,
+        sealed: false,
+    })
+}

@@ -1,0 +1,75 @@
+//! Every fixed bound of edgebus in one place, with its default.
+//!
+//! A limit that is hit produces a typed, visible error (or backpressure),
+//! never unbounded growth. Where two limits relate, a compile-time assertion
+//! keeps the defaults consistent; runtime configuration is checked by the
+//! component that accepts it (for example `LogConfig::validate`).
+
+/// Bytes in one on-disk segment header (see `docs/log-format.md`).
+pub const LOG_SEGMENT_HEADER_BYTES: u64 = 32;
+/// Bytes of framing around one record: `[len u32][crc32c u32][header 16]`.
+pub const LOG_FRAME_OVERHEAD_BYTES: u64 = 24;
+/// Records start at 8-byte aligned offsets, so a frame may carry up to 7 bytes of padding.
+pub const LOG_FRAME_ALIGN_BYTES: u64 = 8;
+
+/// Default size at which the log rolls to a new segment file.
+pub const LOG_SEGMENT_BYTES_DEFAULT: u64 = 128 * 1024 * 1024;
+/// Smallest configurable segment size (small segments are useful in tests).
+pub const LOG_SEGMENT_BYTES_MIN: u64 = 4 * 1024;
+/// Largest configurable segment size: offsets inside a segment must fit in a `u32`.
+pub const LOG_SEGMENT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+
+/// Default largest payload of one record: one maximal event with its envelope.
+pub const LOG_RECORD_BYTES_DEFAULT: u64 = 2 * 1024 * 1024;
+/// Hard upper bound for the record payload limit (the frame length is a `u32`).
+pub const LOG_RECORD_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Default largest atomic append (all frames of one group, padding included).
+pub const LOG_APPEND_BYTES_DEFAULT: u64 = 4 * 1024 * 1024;
+/// Default largest number of records in one atomic append.
+pub const LOG_APPEND_RECORDS_DEFAULT: u32 = 10_000;
+
+/// Default bytes that may wait in the append queue (accepted, not yet written).
+/// Appenders beyond it wait (`Log::append`) or get `QueueFull` (`Log::try_submit`).
+pub const LOG_QUEUE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Default number of appends that may wait in the append queue.
+pub const LOG_QUEUE_APPENDS_DEFAULT: u32 = 65_536;
+
+/// Bytes between two entries of a segment's sparse position index.
+pub const LOG_INDEX_STRIDE_BYTES: u64 = 64 * 1024;
+/// Bytes a sequential reader asks the storage for in one call.
+pub const LOG_READ_CHUNK_BYTES: u64 = 1024 * 1024;
+
+const _: () = assert!(LOG_SEGMENT_BYTES_MIN <= LOG_SEGMENT_BYTES_DEFAULT);
+const _: () = assert!(LOG_SEGMENT_BYTES_DEFAULT <= LOG_SEGMENT_BYTES_MAX);
+const _: () = assert!(LOG_SEGMENT_BYTES_MAX <= u32::MAX as u64);
+const _: () = assert!(LOG_RECORD_BYTES_DEFAULT <= LOG_RECORD_BYTES_MAX);
+const _: () = assert!(LOG_RECORD_BYTES_MAX + LOG_FRAME_OVERHEAD_BYTES <= u32::MAX as u64);
+// One default-sized record always fits in one default-sized atomic append,
+// and one atomic append always fits in one default-sized segment.
+const _: () =
+    assert!(LOG_RECORD_BYTES_DEFAULT + LOG_FRAME_OVERHEAD_BYTES + LOG_FRAME_ALIGN_BYTES <= LOG_APPEND_BYTES_DEFAULT);
+const _: () = assert!(LOG_APPEND_BYTES_DEFAULT + LOG_SEGMENT_HEADER_BYTES <= LOG_SEGMENT_BYTES_DEFAULT);
+// The append queue holds at least one maximal append.
+const _: () = assert!(LOG_APPEND_BYTES_DEFAULT <= LOG_QUEUE_BYTES_DEFAULT);
+
+/// Longest stream name in bytes (default 255). Names are ASCII, so bytes and
+/// characters agree.
+pub const STREAM_NAME_BYTES_MAX: usize = 255;
+/// Longest stream pattern in bytes: the same bound as a name, so that every
+/// name is also a valid literal pattern.
+pub const STREAM_PATTERN_BYTES_MAX: usize = STREAM_NAME_BYTES_MAX;
+/// Longest event type in bytes (default 128).
+pub const EVENT_TYPE_BYTES_MAX: usize = 128;
+/// Largest event payload (`data`) in bytes (default 1 MiB).
+pub const EVENT_DATA_BYTES_MAX: usize = 1024 * 1024;
+/// Largest event metadata in bytes (default 64 KiB).
+pub const EVENT_METADATA_BYTES_MAX: usize = 64 * 1024;
+
+// A maximal event (payload, metadata, type and stream name) fits in one log
+// record with room to spare for its fixed-size envelope (ids, versions,
+// lengths), so no valid event can be refused by the log's hard limit.
+const _: () = assert!(
+    (EVENT_DATA_BYTES_MAX + EVENT_METADATA_BYTES_MAX + EVENT_TYPE_BYTES_MAX + STREAM_NAME_BYTES_MAX) as u64 + 4096
+        <= LOG_RECORD_BYTES_DEFAULT
+);

@@ -1,0 +1,1 @@
+//! edgebus integration scenarios, one module per area.
