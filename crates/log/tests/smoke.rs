@@ -1,0 +1,67 @@
+//! Basic behaviour of the log: append, read both ways, roll, reopen.
+
+use std::sync::Arc;
+
+use edgebus_log::{Log, LogConfig};
+
+fn payload(i: u64) -> Vec<u8> {
+    format!("record-{i}-{}", "x".repeat((i % 300) as usize)).into_bytes()
+}
+
+#[test]
+fn append_read_roll_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig::small_segments(8 * 1024);
+    {
+        let log = Log::open(dir.path(), config.clone()).unwrap();
+        for i in 0..500u64 {
+            let out = log.append(&[payload(i)]).unwrap();
+            assert_eq!(out.first_position, i);
+        }
+        let group = log.append(&[payload(500), payload(501), payload(502)]).unwrap();
+        assert_eq!(group.positions(), 500..503);
+        assert!(log.stats().rolls >= 5, "small segments roll: {:?}", log.stats());
+        let all = log.read(0, 10_000, u64::MAX).unwrap();
+        assert_eq!(all.len(), 503);
+        for (i, r) in all.iter().enumerate() {
+            assert_eq!(r.position, i as u64);
+            assert_eq!(r.payload, payload(i as u64));
+        }
+        let back = log.read_backward(502, 10_000, u64::MAX).unwrap();
+        assert_eq!(back.len(), 503);
+        assert!(back.iter().rev().map(|r| r.position).eq(0..503));
+        let mid = log.read(250, 7, u64::MAX).unwrap();
+        assert!(mid.iter().map(|r| r.position).eq(250..257));
+        let mid_back = log.read_backward(250, 7, u64::MAX).unwrap();
+        assert!(mid_back.iter().map(|r| r.position).eq((244..=250).rev()));
+        log.close().unwrap();
+    }
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!(log.end_position(), 503);
+    assert_eq!(log.recovery_report().truncated, None);
+    assert_eq!(log.verify().unwrap(), 503);
+    let start = log.remove_segments_before(300).unwrap();
+    assert!(start > 0 && start <= 300, "start {start}");
+    assert!(log.read(0, 1, u64::MAX).is_err());
+    assert_eq!(log.read(start, 1, u64::MAX).unwrap()[0].position, start);
+    assert_eq!(log.append(&[b"after"]).unwrap().first_position, 503);
+}
+
+#[test]
+fn concurrent_appenders_get_dense_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), LogConfig::small_segments(64 * 1024)).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                (0..200).map(|i| log.append(&[format!("{t}:{i}")]).unwrap().first_position).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut positions: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    positions.sort_unstable();
+    assert!(positions.iter().copied().eq(0..1600));
+    assert!(log.stats().batches < 1600, "group commit batches appends: {:?}", log.stats());
+    assert_eq!(log.read(0, 5000, u64::MAX).unwrap().len(), 1600);
+}
