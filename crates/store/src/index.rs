@@ -1,0 +1,394 @@
+//! The on-disk index: an embedded LSM key-value store (fjall) holding, for
+//! every event up to the index checkpoint, `stream → state`,
+//! `(stream, version) → (position, content hash)`, `id → position`,
+//! `(type, position)` and `(source, stream, version) → snapshot position`.
+//!
+//! The index is derived state: it only ever receives entries for positions
+//! that are already durable in the log, together with the checkpoint (the
+//! next position to index) in the same atomic batch. Whatever fjall recovers
+//! after a crash is therefore a consistent prefix, and the store replays the
+//! log from the checkpoint on open.
+
+use std::path::{Path, PathBuf};
+
+use edgebus_types::EventId;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use crate::record::StreamMetadata;
+
+/// What the index knows about one stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct StreamState {
+    /// Number of versions ever written: the next event gets this version.
+    pub next_version: u64,
+    /// Versions below this were removed by a soft delete.
+    pub deleted_before: u64,
+    /// Soft-deleted and not written to since.
+    pub deleted: bool,
+    /// Hard-deleted forever.
+    pub tombstoned: bool,
+    /// Retention settings.
+    pub metadata: StreamMetadata,
+    /// Position of the last event or command that changed this state.
+    pub last_position: u64,
+}
+
+impl StreamState {
+    /// The stream's current version for expected-version checks: the version
+    /// of its last event, `None` if it has none (or was soft-deleted since).
+    pub fn current_version(&self) -> Option<u64> {
+        if self.deleted || self.next_version == 0 { None } else { Some(self.next_version - 1) }
+    }
+
+    /// The lowest version reads may return (before `max_age`, which needs a clock).
+    pub fn first_visible_version(&self) -> u64 {
+        let by_count = self.metadata.max_count.map_or(0, |count| self.next_version.saturating_sub(count));
+        self.deleted_before.max(self.metadata.truncate_before.unwrap_or(0)).max(by_count)
+    }
+
+    fn encode(&self) -> [u8; 57] {
+        let mut out = [0u8; 57];
+        out[0..8].copy_from_slice(&self.next_version.to_le_bytes());
+        out[8..16].copy_from_slice(&self.deleted_before.to_le_bytes());
+        let m = &self.metadata;
+        let flags = u8::from(self.deleted)
+            | u8::from(self.tombstoned) << 1
+            | u8::from(m.max_age_ms.is_some()) << 2
+            | u8::from(m.max_count.is_some()) << 3
+            | u8::from(m.truncate_before.is_some()) << 4;
+        out[16] = flags;
+        out[17..25].copy_from_slice(&m.max_age_ms.unwrap_or(0).to_le_bytes());
+        out[25..33].copy_from_slice(&m.max_count.unwrap_or(0).to_le_bytes());
+        out[33..41].copy_from_slice(&m.truncate_before.unwrap_or(0).to_le_bytes());
+        out[41..49].copy_from_slice(&self.last_position.to_le_bytes());
+        // 49..57 reserved
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 57 {
+            return None;
+        }
+        let u = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let flags = bytes[16];
+        let opt = |bit: u8, value: u64| (flags & (1 << bit) != 0).then_some(value);
+        Some(Self {
+            next_version: u(0),
+            deleted_before: u(8),
+            deleted: flags & 1 != 0,
+            tombstoned: flags & 2 != 0,
+            metadata: StreamMetadata {
+                max_age_ms: opt(2, u(17)),
+                max_count: opt(3, u(25)),
+                truncate_before: opt(4, u(33)),
+            },
+            last_position: u(41),
+        })
+    }
+}
+
+/// Where an event id lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdEntry {
+    /// Position of the event.
+    pub position: u64,
+    /// Its version in its stream.
+    pub version: u64,
+}
+
+/// One version of a stream in the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionEntry {
+    /// Position of the event.
+    pub position: u64,
+    /// Its content hash.
+    pub content_hash: u64,
+}
+
+/// The index: fjall keyspaces and their key encodings.
+pub struct Index {
+    path: PathBuf,
+    db: Database,
+    streams: Keyspace,
+    versions: Keyspace,
+    ids: Keyspace,
+    types: Keyspace,
+    snapshots: Keyspace,
+    meta: Keyspace,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+
+/// An index error, as text: fjall's errors are not part of our API.
+pub type IndexError = String;
+
+fn err(e: impl std::fmt::Display) -> IndexError {
+    e.to_string()
+}
+
+/// Key of `(stream, version)`: the name, a zero byte, the big-endian version.
+pub fn version_key(stream: &str, version: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(stream.len() + 9);
+    key.extend_from_slice(stream.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+/// Key of a snapshot: source, zero, stream, zero, big-endian version.
+pub fn snapshot_key(source: &str, stream: &str, version: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(source.len() + stream.len() + 10);
+    key.extend_from_slice(source.as_bytes());
+    key.push(0);
+    key.extend_from_slice(stream.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+/// Splits a snapshot key back into its parts.
+pub fn parse_snapshot_key(key: &[u8]) -> Option<(String, String, u64)> {
+    let (rest, version) = key.split_at(key.len().checked_sub(8)?);
+    let rest = rest.strip_suffix(&[0])?;
+    let zero = rest.iter().position(|b| *b == 0)?;
+    let source = std::str::from_utf8(&rest[..zero]).ok()?.to_owned();
+    let stream = std::str::from_utf8(&rest[zero + 1..]).ok()?.to_owned();
+    Some((source, stream, u64::from_be_bytes(version.try_into().ok()?)))
+}
+
+/// Key of `(type, position)`.
+pub fn type_key(event_type: &str, position: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(event_type.len() + 9);
+    key.extend_from_slice(event_type.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&position.to_be_bytes());
+    key
+}
+
+/// One change to write to the index.
+#[derive(Debug, Clone)]
+pub enum IndexWrite<'a> {
+    /// A stream's state.
+    State(&'a str, &'a StreamState),
+    /// A stream version.
+    Version(&'a str, u64, VersionEntry),
+    /// An event id.
+    Id(&'a EventId, IdEntry),
+    /// An event type occurrence.
+    Type(&'a str, u64),
+    /// A snapshot (or its deletion, with `None`).
+    Snapshot(&'a str, &'a str, u64, Option<u64>),
+}
+
+impl Index {
+    /// Opens (creating if needed) the index in `path` with a block cache of `cache_bytes`.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, IndexError> {
+        let db = Database::builder(path).cache_size(cache_bytes).manual_journal_persist(true).open().map_err(err)?;
+        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(err);
+        Ok(Self {
+            path: path.to_path_buf(),
+            streams: open("streams")?,
+            versions: open("versions")?,
+            ids: open("ids")?,
+            types: open("types")?,
+            snapshots: open("snapshots")?,
+            meta: open("meta")?,
+            db,
+        })
+    }
+
+    /// The next log position the index has not seen (0 for a new index).
+    pub fn checkpoint(&self) -> Result<u64, IndexError> {
+        Ok(self
+            .meta
+            .get(CHECKPOINT_KEY)
+            .map_err(err)?
+            .map_or(0, |v| u64::from_le_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+    }
+
+    /// Writes `writes` and the new checkpoint as one atomic batch.
+    pub fn commit<'a>(&self, writes: impl Iterator<Item = IndexWrite<'a>>, checkpoint: u64) -> Result<(), IndexError> {
+        let mut batch = self.db.batch();
+        for write in writes {
+            match write {
+                IndexWrite::State(stream, state) => {
+                    batch.insert(&self.streams, stream.as_bytes(), state.encode().as_slice())
+                }
+                IndexWrite::Version(stream, version, entry) => {
+                    let mut value = [0u8; 16];
+                    value[0..8].copy_from_slice(&entry.position.to_le_bytes());
+                    value[8..16].copy_from_slice(&entry.content_hash.to_le_bytes());
+                    batch.insert(&self.versions, version_key(stream, version), value.as_slice());
+                }
+                IndexWrite::Id(id, entry) => {
+                    let mut value = [0u8; 16];
+                    value[0..8].copy_from_slice(&entry.position.to_le_bytes());
+                    value[8..16].copy_from_slice(&entry.version.to_le_bytes());
+                    batch.insert(&self.ids, id.as_bytes().as_slice(), value.as_slice());
+                }
+                IndexWrite::Type(event_type, position) => {
+                    batch.insert(&self.types, type_key(event_type, position), [].as_slice());
+                }
+                IndexWrite::Snapshot(source, stream, version, Some(position)) => {
+                    batch.insert(
+                        &self.snapshots,
+                        snapshot_key(source, stream, version),
+                        position.to_le_bytes().as_slice(),
+                    );
+                }
+                IndexWrite::Snapshot(source, stream, version, None) => {
+                    batch.remove(&self.snapshots, snapshot_key(source, stream, version));
+                }
+            }
+        }
+        batch.insert(&self.meta, CHECKPOINT_KEY, checkpoint.to_le_bytes().as_slice());
+        batch.commit().map_err(err)
+    }
+
+    /// Makes everything committed so far durable (on close).
+    pub fn persist(&self) -> Result<(), IndexError> {
+        self.db.persist(PersistMode::SyncAll).map_err(err)
+    }
+
+    /// The state of `stream`, if the index has it.
+    pub fn stream_state(&self, stream: &str) -> Result<Option<StreamState>, IndexError> {
+        match self.streams.get(stream.as_bytes()).map_err(err)? {
+            Some(bytes) => {
+                StreamState::decode(&bytes).map(Some).ok_or_else(|| format!("bad state record for {stream}"))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Every stream state, in name order (for digests and listings; bounded by `limit`).
+    pub fn stream_states(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, StreamState)>, IndexError> {
+        let mut out = Vec::new();
+        let iter = match after {
+            Some(after) => self
+                .streams
+                .range::<&[u8], _>((std::ops::Bound::Excluded(after.as_bytes()), std::ops::Bound::Unbounded)),
+            None => self.streams.iter(),
+        };
+        for guard in iter.take(limit) {
+            let (key, value) = guard.into_inner().map_err(err)?;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let state = StreamState::decode(&value).ok_or_else(|| format!("bad state record for {name}"))?;
+            out.push((name, state));
+        }
+        Ok(out)
+    }
+
+    /// The entry of one version.
+    pub fn version(&self, stream: &str, version: u64) -> Result<Option<VersionEntry>, IndexError> {
+        Ok(self.versions.get(version_key(stream, version)).map_err(err)?.map(|v| decode_version(&v)))
+    }
+
+    /// Versions `from..to` of `stream` present in the index, ascending.
+    pub fn versions(&self, stream: &str, from: u64, to: u64) -> Result<Vec<(u64, VersionEntry)>, IndexError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for guard in self.versions.range(version_key(stream, from)..version_key(stream, to)) {
+            let (key, value) = guard.into_inner().map_err(err)?;
+            let version = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8 bytes"));
+            out.push((version, decode_version(&value)));
+        }
+        Ok(out)
+    }
+
+    /// Where `id` lives, if indexed.
+    pub fn id(&self, id: &EventId) -> Result<Option<IdEntry>, IndexError> {
+        Ok(self.ids.get(id.as_bytes()).map_err(err)?.map(|v| IdEntry {
+            position: u64::from_le_bytes(v[0..8].try_into().expect("8 bytes")),
+            version: u64::from_le_bytes(v[8..16].try_into().expect("8 bytes")),
+        }))
+    }
+
+    /// Positions of events of `event_type` in `from..to`, ascending, at most `limit`.
+    pub fn type_positions(&self, event_type: &str, from: u64, to: u64, limit: usize) -> Result<Vec<u64>, IndexError> {
+        let mut out = Vec::new();
+        if from >= to {
+            return Ok(out);
+        }
+        for guard in self.types.range(type_key(event_type, from)..type_key(event_type, to)).take(limit) {
+            let key = guard.key().map_err(err)?;
+            out.push(u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8 bytes")));
+        }
+        Ok(out)
+    }
+
+    /// Snapshots in `[start, end)` of the snapshot key space, as `(source, stream, version, position)`.
+    pub fn snapshots(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, String, u64, u64)>, IndexError> {
+        let iter = match end {
+            Some(end) => self.snapshots.range::<&[u8], _>(start..end),
+            None => self.snapshots.range::<&[u8], _>(start..),
+        };
+        let mut out = Vec::new();
+        let mut push = |guard: fjall::Guard| -> Result<(), IndexError> {
+            let (key, value) = guard.into_inner().map_err(err)?;
+            let (source, stream, version) = parse_snapshot_key(&key).ok_or("bad snapshot key")?;
+            out.push((source, stream, version, u64::from_le_bytes(value.as_ref().try_into().map_err(err)?)));
+            Ok(())
+        };
+        if reverse {
+            for guard in iter.rev().take(limit) {
+                push(guard)?;
+            }
+        } else {
+            for guard in iter.take(limit) {
+                push(guard)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops every entry (before a full rebuild).
+    pub fn clear(&self) -> Result<(), IndexError> {
+        for keyspace in [&self.streams, &self.versions, &self.ids, &self.types, &self.snapshots, &self.meta] {
+            keyspace.clear().map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+fn decode_version(v: &[u8]) -> VersionEntry {
+    VersionEntry {
+        position: u64::from_le_bytes(v[0..8].try_into().expect("8 bytes")),
+        content_hash: u64::from_le_bytes(v[8..16].try_into().expect("8 bytes")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_and_keys_round_trip() {
+        let state = StreamState {
+            next_version: 9,
+            deleted_before: 3,
+            deleted: true,
+            tombstoned: false,
+            metadata: StreamMetadata { max_age_ms: Some(5), max_count: None, truncate_before: Some(2) },
+            last_position: 77,
+        };
+        assert_eq!(StreamState::decode(&state.encode()), Some(state));
+        let key = snapshot_key("src", "a.b", 42);
+        assert_eq!(parse_snapshot_key(&key), Some(("src".to_owned(), "a.b".to_owned(), 42)));
+        assert!(version_key("a", 1) < version_key("a", 2));
+        assert!(version_key("a", u64::MAX) < version_key("a.b", 0), "a stream's versions sort before longer names");
+    }
+}

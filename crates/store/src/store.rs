@@ -1,0 +1,1315 @@
+//! The store: streams with versions and expected-version checks, idempotent
+//! appends, exists-or-write, reads, deletes, metadata and snapshots over the
+//! log, with the index kept in step.
+//!
+//! Lifecycle: [`Store::open`] opens the log and the index, replays the log
+//! from the index checkpoint into the tail, and starts the indexer thread.
+//! Writes validate and submit under one lock (so validation and position
+//! assignment are one atomic step), apply the state machine to the tail, and
+//! wait for durability outside the lock. [`Store::close`] flushes the index
+//! and closes the log; drop does the same.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use edgebus_log::{AppendError, AppendOutcome, Log, LogConfig};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName, StreamPattern};
+
+use crate::error::{ReadError, StoreOpenError, WriteError};
+use crate::index::{Index, StreamState, VersionEntry, snapshot_key};
+use crate::record::{self, Command, SNAPSHOTS_PREFIX, STREAMS_STREAM, StreamMetadata};
+use crate::tail::{Applied, Tail};
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The log's settings.
+    pub log: LogConfig,
+    /// Block cache of the on-disk index.
+    pub index_cache_bytes: u64,
+    /// Index changes the in-memory tail may hold; writers wait beyond it.
+    pub tail_events_max: usize,
+    /// The indexer flushes once the tail holds this many changes...
+    pub index_flush_events: usize,
+    /// ...or this long after the last flush.
+    pub index_flush_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            log: LogConfig::default(),
+            index_cache_bytes: 32 * 1024 * 1024,
+            tail_events_max: 262_144,
+            index_flush_events: 32_768,
+            index_flush_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Where a write landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendResult {
+    /// Version of the first event written.
+    pub first_version: u64,
+    /// Position of the first event written; the others follow densely.
+    pub first_position: u64,
+    /// Number of events.
+    pub count: u32,
+    /// True if this was an idempotent retry and nothing new was written.
+    pub already_written: bool,
+}
+
+impl AppendResult {
+    /// Version of the last event written: the stream's new current version.
+    pub fn last_version(&self) -> u64 {
+        self.first_version + u64::from(self.count) - 1
+    }
+}
+
+/// Outcome of [`Store::exists_or_write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExistsOrWrite {
+    /// The event was written at `index`.
+    Written {
+        /// Its position.
+        position: u64,
+    },
+    /// An event already sits at `index`.
+    Exists {
+        /// Its position.
+        position: u64,
+        /// Whether its content hash equals the offered event's.
+        same: bool,
+    },
+}
+
+/// Where a stream read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFrom {
+    /// The first visible version (forward) / the last (backward).
+    Start,
+    /// The last version (backward) / past the end (forward).
+    End,
+    /// This version, inclusive.
+    Version(u64),
+}
+
+/// Read direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Ascending versions or positions.
+    Forward,
+    /// Descending.
+    Backward,
+}
+
+/// A stream's visible state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The stream.
+    pub stream: StreamName,
+    /// Version of the last event (`None`: no events, or soft-deleted since).
+    pub current_version: Option<u64>,
+    /// First version reads return (before `max_age`).
+    pub first_visible_version: u64,
+    /// Soft-deleted and not written to since.
+    pub deleted: bool,
+    /// Hard-deleted.
+    pub tombstoned: bool,
+    /// Retention settings.
+    pub metadata: StreamMetadata,
+}
+
+/// Filter for [`Store::read_all`].
+#[derive(Debug, Clone, Default)]
+pub struct AllFilter {
+    /// Only streams matching this pattern.
+    pub stream: Option<StreamPattern>,
+    /// Only these event types (any of them); empty means all.
+    pub event_types: Vec<EventType>,
+    /// Include system (`$`) streams.
+    pub include_system: bool,
+}
+
+impl AllFilter {
+    /// Whether `event` passes.
+    pub fn matches(&self, event: &RecordedEvent) -> bool {
+        if event.stream.is_system() && !self.include_system {
+            return false;
+        }
+        if let Some(pattern) = &self.stream {
+            if !pattern.matches(&event.stream) {
+                return false;
+            }
+        }
+        self.event_types.is_empty() || self.event_types.contains(&event.event_type)
+    }
+}
+
+/// A page of `$all`.
+#[derive(Debug, Clone)]
+pub struct AllSlice {
+    /// Matching events.
+    pub events: Vec<RecordedEvent>,
+    /// Where to continue reading (forward: next position to scan; backward:
+    /// the position below the last scanned, `None` at the start). The
+    /// position advances over skipped events, so a filtered reader's
+    /// checkpoint moves even when nothing matches.
+    pub next_position: Option<u64>,
+    /// True when the scan reached the end (forward) or the start (backward).
+    pub end_of_log: bool,
+}
+
+/// A stored snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Who recorded it (an aggregate type, a transformer name).
+    pub source: String,
+    /// The stream it summarizes.
+    pub stream: StreamName,
+    /// The stream version it was taken at.
+    pub version: u64,
+    /// The state bytes.
+    pub state: Vec<u8>,
+    /// Its position in the log.
+    pub position: u64,
+    /// When the node accepted it.
+    pub timestamp_ms: u64,
+}
+
+/// A snapshot's key and position, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Who recorded it.
+    pub source: String,
+    /// The stream.
+    pub stream: String,
+    /// The version.
+    pub version: u64,
+    /// Its position in the log.
+    pub position: u64,
+}
+
+/// What opening found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The index checkpoint found.
+    pub checkpoint: u64,
+    /// Records replayed from the log into the index.
+    pub replayed: u64,
+    /// Why the index was rebuilt from the start, if it was.
+    pub rebuilt: Option<String>,
+}
+
+/// Events read per step when replaying the log.
+const REPLAY_BATCH: usize = 4096;
+/// Upper bound of records scanned by one `read_all` call.
+pub const READ_ALL_SCAN_MAX: usize = 65_536;
+/// Upper bound of events returned by one read.
+pub const READ_COUNT_MAX: usize = 10_000;
+
+struct Inner {
+    tail: Tail,
+    /// Next log position (only the store appends, under this lock).
+    next_position: u64,
+    closing: bool,
+}
+
+struct Shared {
+    log: Log,
+    index: Index,
+    config: StoreConfig,
+    inner: Mutex<Inner>,
+    /// Signalled when the tail shrinks or the store closes.
+    tail_space: Condvar,
+    /// Signalled when the tail grows past the flush threshold or the store closes.
+    flush_wanted: Condvar,
+    /// Set when the index could not be written: the store refuses writes.
+    poisoned: AtomicBool,
+    /// The durable end as reported by append completions, for waiters.
+    durable: Arc<(Mutex<DurableState>, Condvar)>,
+}
+
+/// The event store. `Send + Sync`; share it behind an `Arc`.
+pub struct Store {
+    shared: Arc<Shared>,
+    indexer: Mutex<Option<JoinHandle<()>>>,
+    report: OpenReport,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn index_read(e: String) -> ReadError {
+    ReadError::Index(e)
+}
+
+fn index_write(e: String) -> WriteError {
+    WriteError::InvalidArgument(format!("index failure: {e}"))
+}
+
+/// Ids of system events: a fixed prefix and the position, so they are
+/// unique and deterministic.
+fn system_event_id(position: u64) -> EventId {
+    EventId::from_u128((0xedb5_0000_0000_0000u128 << 64) | u128::from(position))
+}
+
+impl Store {
+    /// Opens the store in `dir` (`dir/log` and `dir/index`).
+    pub fn open(dir: impl AsRef<Path>, config: StoreConfig) -> Result<Self, StoreOpenError> {
+        if config.tail_events_max == 0 || config.index_flush_events == 0 {
+            return Err(StoreOpenError::InvalidConfig(
+                "tail_events_max and index_flush_events must be positive".into(),
+            ));
+        }
+        let dir = dir.as_ref().to_path_buf();
+        let log = Log::open(dir.join("log"), config.log.clone())?;
+        let index_path = dir.join("index");
+        let index = Index::open(&index_path, config.index_cache_bytes)
+            .map_err(|message| StoreOpenError::Index { path: index_path.clone(), message })?;
+        let index_error = |message: String| StoreOpenError::Index { path: index_path.clone(), message };
+        let mut report = OpenReport { checkpoint: index.checkpoint().map_err(index_error)?, ..OpenReport::default() };
+        let (start, end) = (log.start_position(), log.end_position());
+        let mut from = report.checkpoint;
+        if from > end {
+            report.rebuilt = Some(format!("index checkpoint {from} is past the log's end {end}"));
+        } else if from < start {
+            report.rebuilt = Some(format!("index checkpoint {from} is before the log's start {start}"));
+        }
+        if report.rebuilt.is_some() {
+            index.clear().map_err(index_error)?;
+            from = start;
+        }
+        let shared = Arc::new(Shared {
+            log,
+            index,
+            config,
+            inner: Mutex::new(Inner { tail: Tail::default(), next_position: end, closing: false }),
+            tail_space: Condvar::new(),
+            flush_wanted: Condvar::new(),
+            poisoned: AtomicBool::new(false),
+            durable: Arc::new((Mutex::new(DurableState { end, failed: false }), Condvar::new())),
+        });
+        report.replayed = shared.replay(from, end)?;
+        let indexer_shared = Arc::clone(&shared);
+        let indexer = std::thread::Builder::new()
+            .name("edgebus-indexer".into())
+            .spawn(move || indexer_shared.run_indexer())
+            .map_err(|e| StoreOpenError::InvalidConfig(format!("cannot start the indexer thread: {e}")))?;
+        Ok(Self { shared, indexer: Mutex::new(Some(indexer)), report, dir })
+    }
+
+    /// What opening found and did.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// The underlying log (for reads by position and statistics).
+    pub fn log(&self) -> &Log {
+        &self.shared.log
+    }
+
+    /// Appends `events` to `stream` atomically if `expected` holds. Retrying
+    /// the same events (same ids, same content) after a lost acknowledgement
+    /// returns the original result and writes nothing.
+    pub fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, WriteError> {
+        if stream.is_system() {
+            return Err(WriteError::ReservedStream { stream: stream.clone() });
+        }
+        self.shared.append(stream, expected, events)
+    }
+
+    /// Writes `event` at version `index` of `stream` iff `index` equals the
+    /// number of events in the stream; if an event already sits there, says
+    /// so and whether it has the same content; `index` beyond the end is a
+    /// [`WriteError::Gap`].
+    pub fn exists_or_write(
+        &self,
+        stream: &StreamName,
+        index: u64,
+        event: NewEvent,
+    ) -> Result<ExistsOrWrite, WriteError> {
+        if stream.is_system() {
+            return Err(WriteError::ReservedStream { stream: stream.clone() });
+        }
+        event.validate()?;
+        let shared = &self.shared;
+        let inner = shared.lock_for_write()?;
+        let state = inner.tail.state(&shared.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
+        if state.tombstoned {
+            return Err(WriteError::StreamDeleted { stream: stream.clone() });
+        }
+        let count = state.next_version;
+        if index < count {
+            let entry = inner.tail.version(&shared.index, stream.as_str(), index).map_err(index_write)?;
+            let entry =
+                entry.unwrap_or_else(|| panic!("version {index} of {stream} below its count {count} is indexed"));
+            drop(inner);
+            shared.wait_durable(entry.position + 1)?;
+            return Ok(ExistsOrWrite::Exists {
+                position: entry.position,
+                same: entry.content_hash == event.content_hash(),
+            });
+        }
+        if index > count {
+            return Err(WriteError::Gap { stream: stream.clone(), index, count });
+        }
+        shared.check_ids_unused(&inner, std::slice::from_ref(&event))?;
+        let result = shared.write_locked(inner, stream, vec![event], index)?;
+        Ok(ExistsOrWrite::Written { position: result.first_position })
+    }
+
+    /// Sets the retention metadata of `stream` (which need not exist yet).
+    pub fn set_stream_metadata(
+        &self,
+        stream: &StreamName,
+        metadata: StreamMetadata,
+        timestamp_ms: u64,
+    ) -> Result<u64, WriteError> {
+        if stream.is_system() {
+            return Err(WriteError::ReservedStream { stream: stream.clone() });
+        }
+        self.shared.command(Command::Metadata { stream: stream.clone(), metadata }, timestamp_ms, |_| Ok(()))
+    }
+
+    /// Deletes `stream`: soft (`hard == false`: reads see nothing until it is
+    /// written again, and versions continue) or hard (tombstone: every later
+    /// write fails with [`WriteError::StreamDeleted`]).
+    pub fn delete_stream(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        hard: bool,
+        timestamp_ms: u64,
+    ) -> Result<u64, WriteError> {
+        if stream.is_system() {
+            return Err(WriteError::ReservedStream { stream: stream.clone() });
+        }
+        let check = |state: &StreamState| {
+            if state.tombstoned {
+                return Err(WriteError::StreamDeleted { stream: stream.clone() });
+            }
+            expected
+                .check(state.current_version())
+                .map_err(|source| WriteError::WrongExpectedVersion { stream: stream.clone(), source })?;
+            if !hard && state.current_version().is_none() {
+                return Err(WriteError::StreamNotFound { stream: stream.clone() });
+            }
+            Ok(())
+        };
+        let state = self.shared.state(stream.as_str()).map_err(index_write)?.unwrap_or_default();
+        let command = if hard {
+            Command::Tombstoned { stream: stream.clone() }
+        } else {
+            Command::Deleted { stream: stream.clone(), truncate_before: state.next_version }
+        };
+        // The command is rebuilt under the lock if the stream moved meanwhile.
+        self.shared.command(command, timestamp_ms, |current| {
+            check(current)?;
+            if !hard && current.next_version != state.next_version {
+                return Err(WriteError::WrongExpectedVersion {
+                    stream: stream.clone(),
+                    source: edgebus_types::WrongExpectedVersion { expected, current: current.current_version() },
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// The visible state of `stream`, or `None` if it was never written.
+    pub fn stream_info(&self, stream: &StreamName) -> Result<Option<StreamInfo>, ReadError> {
+        let state = self.shared.state(stream.as_str()).map_err(index_read)?;
+        Ok(state.map(|s| StreamInfo {
+            stream: stream.clone(),
+            current_version: s.current_version(),
+            first_visible_version: s.first_visible_version(),
+            deleted: s.deleted,
+            tombstoned: s.tombstoned,
+            metadata: s.metadata,
+        }))
+    }
+
+    /// Reads up to `max_count` events of `stream`. `now_ms` is the reader's
+    /// clock, used only to apply `max_age`.
+    pub fn read_stream(
+        &self,
+        stream: &StreamName,
+        from: StreamFrom,
+        direction: Direction,
+        max_count: usize,
+        now_ms: u64,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        let max_count = max_count.min(READ_COUNT_MAX);
+        let shared = &self.shared;
+        let state = shared.state(stream.as_str()).map_err(index_read)?;
+        let Some(state) = state else { return Err(ReadError::StreamNotFound { stream: stream.clone() }) };
+        if state.tombstoned {
+            return Err(ReadError::StreamDeleted { stream: stream.clone() });
+        }
+        if state.current_version().is_none() {
+            return Err(ReadError::StreamNotFound { stream: stream.clone() });
+        }
+        let first = state.first_visible_version();
+        let next = state.next_version;
+        let min_timestamp = state.metadata.max_age_ms.map_or(0, |age| now_ms.saturating_sub(age));
+        let mut out = Vec::new();
+        if max_count == 0 || first >= next {
+            return Ok(out);
+        }
+        match direction {
+            Direction::Forward => {
+                let mut at = match from {
+                    StreamFrom::Start => first,
+                    StreamFrom::End => next,
+                    StreamFrom::Version(v) => v.max(first),
+                };
+                while at < next && out.len() < max_count {
+                    let to = next.min(at + (max_count - out.len()) as u64);
+                    let page = shared.read_versions(stream, at, to)?;
+                    out.extend(page.into_iter().filter(|e| e.timestamp_ms >= min_timestamp));
+                    at = to;
+                }
+            }
+            Direction::Backward => {
+                let mut upper = match from {
+                    StreamFrom::Start | StreamFrom::End => next,
+                    StreamFrom::Version(v) => v.saturating_add(1).min(next),
+                };
+                while upper > first && out.len() < max_count {
+                    let lower = upper.saturating_sub((max_count - out.len()) as u64).max(first);
+                    let page = shared.read_versions(stream, lower, upper)?;
+                    let before = out.len();
+                    out.extend(page.into_iter().rev().filter(|e| e.timestamp_ms >= min_timestamp));
+                    if out.len() == before && page_is_all_too_old(min_timestamp) {
+                        // Older events are older still: nothing below can pass max_age.
+                        break;
+                    }
+                    upper = lower;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads `$all` from `from` (inclusive), returning matching events and
+    /// where to continue. Scans at most [`READ_ALL_SCAN_MAX`] records.
+    pub fn read_all(
+        &self,
+        from: u64,
+        direction: Direction,
+        max_count: usize,
+        filter: &AllFilter,
+    ) -> Result<AllSlice, ReadError> {
+        let max_count = max_count.min(READ_COUNT_MAX);
+        let log = &self.shared.log;
+        let end = log.end_position();
+        let mut events = Vec::new();
+        let mut scanned = 0usize;
+        match direction {
+            Direction::Forward => {
+                let mut at = from.max(log.start_position());
+                if !filter.event_types.is_empty() {
+                    // The type index covers positions below its checkpoint.
+                    let indexed_end = self.shared.index.checkpoint().map_err(index_read)?.min(end);
+                    while at < indexed_end && events.len() < max_count && scanned < READ_ALL_SCAN_MAX {
+                        let mut candidates = Vec::new();
+                        for event_type in &filter.event_types {
+                            candidates.extend(
+                                self.shared
+                                    .index
+                                    .type_positions(event_type.as_str(), at, indexed_end, READ_COUNT_MAX)
+                                    .map_err(index_read)?,
+                            );
+                        }
+                        candidates.sort_unstable();
+                        candidates.truncate(READ_COUNT_MAX);
+                        let Some(&last_candidate) = candidates.last() else {
+                            at = indexed_end;
+                            break;
+                        };
+                        let full_page = candidates.len() == READ_COUNT_MAX;
+                        for position in candidates {
+                            scanned += 1;
+                            at = position + 1;
+                            let event = self.shared.read_position(position)?;
+                            if filter.matches(&event) && self.is_visible(&event)? {
+                                events.push(event);
+                                if events.len() >= max_count {
+                                    break;
+                                }
+                            }
+                        }
+                        if !full_page && at > last_candidate && events.len() < max_count {
+                            at = indexed_end;
+                        }
+                    }
+                }
+                while at < end && events.len() < max_count && scanned < READ_ALL_SCAN_MAX {
+                    let records = log.read(at, (READ_ALL_SCAN_MAX - scanned).min(1024), 4 * 1024 * 1024)?;
+                    let Some(last) = records.last() else { break };
+                    let last_position = last.position;
+                    for record in records {
+                        scanned += 1;
+                        at = record.position + 1;
+                        let event = record::decode_event(&record.payload, record.position)?;
+                        if filter.matches(&event) && self.is_visible(&event)? {
+                            events.push(event);
+                            if events.len() >= max_count {
+                                break;
+                            }
+                        }
+                    }
+                    debug_assert!(at <= last_position + 1);
+                }
+                Ok(AllSlice { events, end_of_log: at >= end, next_position: Some(at) })
+            }
+            Direction::Backward => {
+                let start = log.start_position();
+                let mut upper = from.saturating_add(1).min(end); // exclusive
+                while upper > start && events.len() < max_count && scanned < READ_ALL_SCAN_MAX {
+                    let records =
+                        log.read_backward(upper - 1, (READ_ALL_SCAN_MAX - scanned).min(1024), 4 * 1024 * 1024)?;
+                    if records.is_empty() {
+                        break;
+                    }
+                    for record in records {
+                        scanned += 1;
+                        upper = record.position;
+                        let event = record::decode_event(&record.payload, record.position)?;
+                        if filter.matches(&event) && self.is_visible(&event)? {
+                            events.push(event);
+                            if events.len() >= max_count {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let end_of_log = upper <= start;
+                Ok(AllSlice { events, end_of_log, next_position: (!end_of_log).then(|| upper - 1) })
+            }
+        }
+    }
+
+    /// Whether a stream's retention still shows `event` (clock-free rules only).
+    fn is_visible(&self, event: &RecordedEvent) -> Result<bool, ReadError> {
+        if event.stream.is_system() {
+            return Ok(true);
+        }
+        let state = self.shared.state(event.stream.as_str()).map_err(index_read)?.unwrap_or_default();
+        Ok(!state.tombstoned && event.version >= state.first_visible_version())
+    }
+
+    /// Records a snapshot of `stream` at `version` from `source`.
+    pub fn record_snapshot(
+        &self,
+        source: &str,
+        stream: &StreamName,
+        version: u64,
+        state: Vec<u8>,
+        timestamp_ms: u64,
+    ) -> Result<u64, WriteError> {
+        let _ = snapshot_stream(source)?;
+        let command = Command::Snapshot { stream: stream.clone(), version, state };
+        self.shared.command_in(snapshot_stream(source)?, command, timestamp_ms, |_| Ok(()))
+    }
+
+    /// The latest snapshot of `stream` from `source` at or below `at_or_below`
+    /// (any version if `None`).
+    pub fn read_snapshot(
+        &self,
+        source: &str,
+        stream: &StreamName,
+        at_or_below: Option<u64>,
+    ) -> Result<Snapshot, ReadError> {
+        let not_found = || ReadError::SnapshotNotFound { source_name: source.to_owned(), stream: stream.clone() };
+        snapshot_stream(source).map_err(|e| ReadError::InvalidArgument(e.to_string()))?;
+        let upper = at_or_below.unwrap_or(u64::MAX);
+        let shared = &self.shared;
+        // Tail candidates (they override the index for equal keys).
+        let (tail_best, tail_keys) = {
+            let inner = lock(&shared.inner);
+            let low = (source.into(), stream.as_str().into(), 0u64);
+            let high = (source.into(), stream.as_str().into(), upper);
+            let entries: Vec<(u64, Option<u64>)> =
+                inner.tail.snapshots.range(low..=high).map(|((_, _, v), (_, p))| (*v, *p)).collect();
+            let best = entries.iter().rev().find_map(|(v, p)| p.map(|p| (*v, p)));
+            let keys: HashSet<u64> = entries.iter().map(|(v, _)| *v).collect();
+            (best, keys)
+        };
+        let start = snapshot_key(source, stream.as_str(), 0);
+        // Keys are the prefix and the big-endian version; appending a zero
+        // byte makes the exclusive end include `upper` itself.
+        let mut end = snapshot_key(source, stream.as_str(), upper);
+        end.push(0);
+        let mut index_best = None;
+        loop {
+            let page = shared.index.snapshots(&start, Some(&end), true, 64).map_err(index_read)?;
+            let Some(last) = page.last() else { break };
+            if let Some(found) = page.iter().find(|(_, _, v, _)| !tail_keys.contains(v)) {
+                index_best = Some((found.2, found.3));
+                break;
+            }
+            end = snapshot_key(source, stream.as_str(), last.2);
+        }
+        let best = match (tail_best, index_best) {
+            (Some(t), Some(i)) => Some(if t.0 >= i.0 { t } else { i }),
+            (t, i) => t.or(i),
+        };
+        let Some((version, position)) = best else { return Err(not_found()) };
+        let event = shared.read_position(position)?;
+        match Command::decode(&event)? {
+            Some(Command::Snapshot { stream: s, version: v, state }) if s == *stream && v == version => Ok(Snapshot {
+                source: source.to_owned(),
+                stream: stream.clone(),
+                version,
+                state,
+                position,
+                timestamp_ms: event.timestamp_ms,
+            }),
+            _ => Err(ReadError::Index(format!(
+                "snapshot index points at position {position}, which is not that snapshot"
+            ))),
+        }
+    }
+
+    /// Deletes the snapshot of `stream` at `version` from `source`.
+    pub fn delete_snapshot(
+        &self,
+        source: &str,
+        stream: &StreamName,
+        version: u64,
+        timestamp_ms: u64,
+    ) -> Result<u64, WriteError> {
+        let snapshots_stream = snapshot_stream(source)?;
+        match self.read_snapshot(source, stream, Some(version)) {
+            Ok(s) if s.version == version => {}
+            _ => {
+                return Err(WriteError::SnapshotNotFound {
+                    source_name: source.to_owned(),
+                    stream: stream.clone(),
+                    version,
+                });
+            }
+        }
+        let command = Command::SnapshotDeleted { stream: stream.clone(), version };
+        self.shared.command_in(snapshots_stream, command, timestamp_ms, |_| Ok(()))
+    }
+
+    /// Lists snapshots, optionally of one source and of streams matching a
+    /// pattern, in (source, stream, version) order, at most `limit`.
+    pub fn list_snapshots(
+        &self,
+        source: Option<&str>,
+        stream: Option<&StreamPattern>,
+        limit: usize,
+    ) -> Result<Vec<SnapshotInfo>, ReadError> {
+        let shared = &self.shared;
+        let tail: Vec<((String, String, u64), Option<u64>)> = {
+            let inner = lock(&shared.inner);
+            inner.tail.snapshots.iter().map(|((s, t, v), (_, p))| ((s.to_string(), t.to_string(), *v), *p)).collect()
+        };
+        let tail_keys: HashSet<(String, String, u64)> = tail.iter().map(|(k, _)| k.clone()).collect();
+        let prefix = source.map(|s| {
+            let mut p = s.as_bytes().to_vec();
+            p.push(0);
+            p
+        });
+        let mut merged = std::collections::BTreeMap::new();
+        let start = prefix.clone().unwrap_or_default();
+        let end = prefix.map(|mut p| {
+            *p.last_mut().expect("non-empty") = 1;
+            p
+        });
+        let mut cursor = start;
+        loop {
+            let page = shared.index.snapshots(&cursor, end.as_deref(), false, 1024).map_err(index_read)?;
+            let Some(last) = page.last().cloned() else { break };
+            for (s, t, v, p) in page {
+                if !tail_keys.contains(&(s.clone(), t.clone(), v)) {
+                    merged.insert((s, t, v), p);
+                }
+            }
+            cursor = snapshot_key(&last.0, &last.1, last.2);
+            cursor.push(0);
+            if merged.len() > limit.saturating_mul(4).max(4096) {
+                break;
+            }
+        }
+        for (key, position) in tail {
+            if let Some(position) = position {
+                merged.insert(key, position);
+            }
+        }
+        Ok(merged
+            .into_iter()
+            .filter(|((s, t, _), _)| source.is_none_or(|want| want == s) && stream.is_none_or(|p| p.matches_str(t)))
+            .take(limit)
+            .map(|((source, stream, version), position)| SnapshotInfo { source, stream, version, position })
+            .collect())
+    }
+
+    /// Streams and their states, in name order, after `after`, at most `limit`
+    /// (system streams only if `include_system`).
+    pub fn list_streams(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        include_system: bool,
+    ) -> Result<Vec<StreamInfo>, ReadError> {
+        let shared = &self.shared;
+        let mut merged = std::collections::BTreeMap::new();
+        {
+            let inner = lock(&shared.inner);
+            for (name, tail) in &inner.tail.streams {
+                if after.is_none_or(|a| name.as_ref() > a) {
+                    merged.insert(name.to_string(), tail.state);
+                }
+            }
+        }
+        let mut cursor = after.map(str::to_owned);
+        let mut from_index = 0;
+        while from_index < limit.saturating_mul(2) {
+            let page = shared.index.stream_states(cursor.as_deref(), 1024).map_err(index_read)?;
+            let Some((last, _)) = page.last().cloned() else { break };
+            for (name, state) in page {
+                from_index += 1;
+                merged.entry(name).or_insert(state);
+            }
+            cursor = Some(last);
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(name, s)| {
+                let stream = StreamName::system(&name).ok()?;
+                (include_system || !stream.is_system()).then_some(StreamInfo {
+                    stream,
+                    current_version: s.current_version(),
+                    first_visible_version: s.first_visible_version(),
+                    deleted: s.deleted,
+                    tombstoned: s.tombstoned,
+                    metadata: s.metadata,
+                })
+            })
+            .take(limit)
+            .collect())
+    }
+
+    /// Moves everything durable into the on-disk index now.
+    pub fn flush_index(&self) -> Result<(), ReadError> {
+        self.shared.flush().map_err(ReadError::Index)
+    }
+
+    /// A digest of the whole index state (after a flush): equal digests mean
+    /// equal states. For tests of determinism and recovery.
+    pub fn index_digest(&self) -> Result<u64, ReadError> {
+        self.flush_index()?;
+        let streams = self.list_streams(None, usize::MAX, true)?;
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        let mut mix = |bytes: &[u8]| {
+            for b in bytes {
+                hash = (hash ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        for info in &streams {
+            mix(info.stream.as_str().as_bytes());
+            mix(format!("{info:?}").as_bytes());
+            let state = self.shared.state(info.stream.as_str()).map_err(index_read)?.unwrap_or_default();
+            mix(&state.next_version.to_le_bytes());
+            for (version, entry) in
+                self.shared.index.versions(info.stream.as_str(), 0, state.next_version).map_err(index_read)?
+            {
+                mix(&version.to_le_bytes());
+                mix(&entry.position.to_le_bytes());
+                mix(&entry.content_hash.to_le_bytes());
+            }
+        }
+        for snapshot in self.list_snapshots(None, None, usize::MAX)? {
+            mix(format!("{snapshot:?}").as_bytes());
+        }
+        Ok(hash)
+    }
+
+    /// Flushes the index and closes the log. Idempotent.
+    pub fn close(&self) -> Result<(), WriteError> {
+        {
+            let mut inner = lock(&self.shared.inner);
+            inner.closing = true;
+        }
+        self.shared.flush_wanted.notify_all();
+        self.shared.tail_space.notify_all();
+        if let Some(handle) = lock(&self.indexer).take() {
+            handle.join().expect("indexer thread panicked");
+        }
+        self.shared.log.close().map_err(|e| WriteError::Unavailable(AppendError::Io(e)))?;
+        self.shared.flush().map_err(index_write)?;
+        self.shared.index.persist().map_err(index_write)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+/// With a `max_age`, versions are written in time order only by convention;
+/// we stop at the first all-too-old page only when every event in it failed.
+fn page_is_all_too_old(min_timestamp: u64) -> bool {
+    min_timestamp > 0
+}
+
+fn snapshot_stream(source: &str) -> Result<StreamName, WriteError> {
+    if source.is_empty() || source.contains('$') {
+        return Err(WriteError::InvalidArgument(format!(
+            "snapshot source {source:?} must be a non-empty name without '$'"
+        )));
+    }
+    StreamName::system(&format!("{SNAPSHOTS_PREFIX}{source}"))
+        .map_err(|e| WriteError::InvalidArgument(format!("snapshot source {source:?} is not a valid name: {e}")))
+}
+
+impl Shared {
+    fn lock_for_write(&self) -> Result<MutexGuard<'_, Inner>, WriteError> {
+        let mut inner = lock(&self.inner);
+        loop {
+            if self.poisoned.load(Ordering::Acquire) {
+                return Err(WriteError::Unavailable(AppendError::Closed));
+            }
+            if inner.closing {
+                return Err(WriteError::Unavailable(AppendError::Closed));
+            }
+            if inner.tail.ops.len() < self.config.tail_events_max {
+                return Ok(inner);
+            }
+            self.flush_wanted.notify_one();
+            inner = self.tail_space.wait(inner).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn state(&self, stream: &str) -> Result<Option<StreamState>, String> {
+        let inner = lock(&self.inner);
+        inner.tail.state(&self.index, stream)
+    }
+
+    fn check_ids_unused(&self, inner: &Inner, events: &[NewEvent]) -> Result<(), WriteError> {
+        let mut seen = HashSet::with_capacity(events.len());
+        for event in events {
+            if !seen.insert(event.id) {
+                return Err(WriteError::InvalidArgument(format!("event id {} appears twice in one append", event.id)));
+            }
+            if let Some(entry) = inner.tail.id(&self.index, &event.id).map_err(index_write)? {
+                let stored = self.read_position(entry.position).map_err(|e| index_write(e.to_string()))?;
+                return Err(WriteError::DuplicateEventId {
+                    id: event.id,
+                    position: entry.position,
+                    stream: stored.stream,
+                    version: entry.version,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, WriteError> {
+        if events.is_empty() {
+            return Err(WriteError::EmptyAppend);
+        }
+        let events_max = self.config.log.append_records_max;
+        if events.len() > events_max as usize {
+            return Err(WriteError::BatchTooLarge {
+                events: events.len(),
+                bytes: 0,
+                events_max,
+                bytes_max: self.config.log.append_bytes_max,
+            });
+        }
+        for event in &events {
+            event.validate()?;
+        }
+        let inner = self.lock_for_write()?;
+        let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
+        if state.tombstoned {
+            return Err(WriteError::StreamDeleted { stream: stream.clone() });
+        }
+        if let Some(existing) = inner.tail.id(&self.index, &events[0].id).map_err(index_write)? {
+            return self.idempotent_retry(inner, stream, expected, &events, existing.position, existing.version);
+        }
+        self.check_ids_unused(&inner, &events)?;
+        expected
+            .check(state.current_version())
+            .map_err(|source| WriteError::WrongExpectedVersion { stream: stream.clone(), source })?;
+        self.write_locked(inner, stream, events, state.next_version)
+    }
+
+    /// The first id of an append is already in the log: succeed without
+    /// writing if the whole append is already there, identically.
+    fn idempotent_retry(
+        &self,
+        inner: MutexGuard<'_, Inner>,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+        first_position: u64,
+        first_version: u64,
+    ) -> Result<AppendResult, WriteError> {
+        let conflict = || WriteError::IdempotencyConflict { id: events[0].id, stream: stream.clone() };
+        for (i, event) in events.iter().enumerate() {
+            let version = first_version + i as u64;
+            let entry = inner.tail.version(&self.index, stream.as_str(), version).map_err(index_write)?;
+            let id_entry = inner.tail.id(&self.index, &event.id).map_err(index_write)?;
+            let (Some(entry), Some(id_entry)) = (entry, id_entry) else {
+                if i == 0 {
+                    // The id lives in another stream.
+                    drop(inner);
+                    let stored = self.read_position(first_position).map_err(|e| index_write(e.to_string()))?;
+                    return Err(WriteError::DuplicateEventId {
+                        id: event.id,
+                        position: first_position,
+                        stream: stored.stream,
+                        version: first_version,
+                    });
+                }
+                return Err(conflict());
+            };
+            if id_entry.position != entry.position || entry.content_hash != event.content_hash() {
+                if i == 0 && id_entry.position != entry.position {
+                    drop(inner);
+                    let stored = self.read_position(first_position).map_err(|e| index_write(e.to_string()))?;
+                    return Err(WriteError::DuplicateEventId {
+                        id: event.id,
+                        position: first_position,
+                        stream: stored.stream,
+                        version: first_version,
+                    });
+                }
+                return Err(conflict());
+            }
+        }
+        // The original append must have been made under the same expectation.
+        let before = first_version.checked_sub(1);
+        let consistent = match expected {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => first_version == 0,
+            ExpectedVersion::StreamExists => before.is_some(),
+            ExpectedVersion::Exact(v) => before == Some(v),
+        };
+        if !consistent {
+            let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
+            return Err(WriteError::WrongExpectedVersion {
+                stream: stream.clone(),
+                source: edgebus_types::WrongExpectedVersion { expected, current: state.current_version() },
+            });
+        }
+        drop(inner);
+        let count = u32::try_from(events.len()).expect("bounded by append_records_max");
+        self.wait_durable(first_position + u64::from(count))?;
+        Ok(AppendResult { first_version, first_position, count, already_written: true })
+    }
+
+    /// Encodes, submits and applies `events` at `first_version` of `stream`;
+    /// releases the lock and waits for durability.
+    fn write_locked(
+        &self,
+        mut inner: MutexGuard<'_, Inner>,
+        stream: &StreamName,
+        events: Vec<NewEvent>,
+        first_version: u64,
+    ) -> Result<AppendResult, WriteError> {
+        let records: Vec<Vec<u8>> =
+            events.iter().enumerate().map(|(i, e)| record::encode_event(stream, first_version + i as u64, e)).collect();
+        let (sender, receiver) = sync_channel(1);
+        let shared_durable = self.durable_signal();
+        let outcome = self.shared_log_submit(&records, move |result| {
+            shared_durable(result.as_ref().ok().map(|outcome| outcome.positions().end));
+            let _ = sender.send(result);
+        })?;
+        assert_eq!(outcome.first_position, inner.next_position, "only the store appends to its log");
+        inner.next_position = outcome.positions().end;
+        for (i, event) in events.iter().enumerate() {
+            let command = if stream.is_system() {
+                let recorded = RecordedEvent::new(
+                    stream.clone(),
+                    first_version + i as u64,
+                    outcome.first_position + i as u64,
+                    event.clone(),
+                );
+                Command::decode(&recorded).map_err(|e| WriteError::InvalidArgument(e.to_string()))?
+            } else {
+                None
+            };
+            let applied = Applied {
+                stream,
+                version: first_version + i as u64,
+                position: outcome.first_position + i as u64,
+                id: event.id,
+                event_type: event.event_type.as_str(),
+                content_hash: event.content_hash(),
+                command: command.as_ref(),
+            };
+            if let Err(e) = inner.tail.apply(&self.index, &applied) {
+                self.poisoned.store(true, Ordering::Release);
+                return Err(index_write(e));
+            }
+        }
+        if inner.tail.ops.len() >= self.config.index_flush_events {
+            self.flush_wanted.notify_one();
+        }
+        drop(inner);
+        let result = receiver.recv().map_err(|_| WriteError::Unavailable(AppendError::Closed))??;
+        Ok(AppendResult {
+            first_version,
+            first_position: result.first_position,
+            count: result.count,
+            already_written: false,
+        })
+    }
+
+    fn shared_log_submit(
+        &self,
+        records: &[Vec<u8>],
+        done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
+    ) -> Result<AppendOutcome, WriteError> {
+        self.log.submit(records, done).map_err(|e| match e {
+            AppendError::AppendTooLarge { bytes, max } => WriteError::BatchTooLarge {
+                events: records.len(),
+                bytes,
+                events_max: self.config.log.append_records_max,
+                bytes_max: max,
+            },
+            other => WriteError::from(other),
+        })
+    }
+
+    /// A callback that records a newly durable end (or a failure) and wakes
+    /// waiters. The log calls it from its writer thread, in log order.
+    fn durable_signal(&self) -> impl Fn(Option<u64>) + Send + 'static {
+        let signal = Arc::clone(&self.durable);
+        move |end| {
+            let (state, condvar) = &*signal;
+            let mut state = lock(state);
+            match end {
+                Some(end) => state.end = state.end.max(end),
+                None => state.failed = true,
+            }
+            condvar.notify_all();
+        }
+    }
+
+    /// Waits until every position below `end` is durable.
+    fn wait_durable(&self, end: u64) -> Result<(), WriteError> {
+        let (state, condvar) = &*self.durable;
+        let mut guard = lock(state);
+        loop {
+            if guard.end >= end || self.log.end_position() >= end {
+                return Ok(());
+            }
+            if guard.failed {
+                return Err(WriteError::Unavailable(AppendError::Closed));
+            }
+            guard = condvar.wait(guard).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Appends a system command event to `$sys.streams`.
+    fn command(
+        &self,
+        command: Command,
+        timestamp_ms: u64,
+        check: impl FnOnce(&StreamState) -> Result<(), WriteError>,
+    ) -> Result<u64, WriteError> {
+        let stream = StreamName::system(STREAMS_STREAM).expect("valid system name");
+        self.command_in(stream, command, timestamp_ms, check)
+    }
+
+    fn command_in(
+        &self,
+        stream: StreamName,
+        command: Command,
+        timestamp_ms: u64,
+        check: impl FnOnce(&StreamState) -> Result<(), WriteError>,
+    ) -> Result<u64, WriteError> {
+        let inner = self.lock_for_write()?;
+        let target = match &command {
+            Command::Metadata { stream, .. }
+            | Command::Deleted { stream, .. }
+            | Command::Tombstoned { stream }
+            | Command::Snapshot { stream, .. }
+            | Command::SnapshotDeleted { stream, .. } => stream.clone(),
+        };
+        let target_state = inner.tail.state(&self.index, target.as_str()).map_err(index_write)?.unwrap_or_default();
+        check(&target_state)?;
+        let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
+        let event = NewEvent {
+            id: system_event_id(inner.next_position),
+            event_type: EventType::new(command.event_type()).expect("valid system type"),
+            data: command.encode(),
+            metadata: Vec::new(),
+            timestamp_ms,
+        };
+        event.validate()?;
+        let result = self.write_locked(inner, &stream, vec![event], state.next_version)?;
+        Ok(result.first_position)
+    }
+
+    /// Reads and decodes the event at `position`.
+    fn read_position(&self, position: u64) -> Result<RecordedEvent, ReadError> {
+        let records = self.log.read(position, 1, u64::MAX)?;
+        let record = records
+            .into_iter()
+            .next()
+            .filter(|r| r.position == position)
+            .ok_or_else(|| ReadError::Index(format!("position {position} is not in the log")))?;
+        Ok(record::decode_event(&record.payload, position)?)
+    }
+
+    /// Reads versions `from..to` of `stream` (durable ones only).
+    fn read_versions(&self, stream: &StreamName, from: u64, to: u64) -> Result<Vec<RecordedEvent>, ReadError> {
+        let (tail_entries, tail_first) = {
+            let inner = lock(&self.inner);
+            inner.tail.versions(stream.as_str(), from, to)
+        };
+        let mut entries: Vec<(u64, VersionEntry)> =
+            self.index.versions(stream.as_str(), from, tail_first).map_err(index_read)?;
+        entries.extend(tail_entries);
+        let end = self.log.end_position();
+        let mut out = Vec::with_capacity(entries.len());
+        let mut i = 0;
+        while i < entries.len() {
+            let (_, first) = entries[i];
+            if first.position >= end {
+                break;
+            }
+            // Read runs of consecutive positions with one log read.
+            let mut run = 1;
+            while i + run < entries.len()
+                && entries[i + run].1.position == first.position + run as u64
+                && entries[i + run].1.position < end
+            {
+                run += 1;
+            }
+            let records = self.log.read(first.position, run, u64::MAX)?;
+            for (record, (version, entry)) in records.iter().zip(&entries[i..i + run]) {
+                assert_eq!(record.position, entry.position, "log read returns the positions asked for");
+                let event = record::decode_event(&record.payload, record.position)?;
+                if event.stream != *stream || event.version != *version {
+                    return Err(ReadError::Index(format!(
+                        "index says {stream}@{version} is at position {}, but the log holds {}@{} there",
+                        entry.position, event.stream, event.version
+                    )));
+                }
+                out.push(event);
+            }
+            i += run;
+        }
+        Ok(out)
+    }
+
+    /// Replays log records `from..end` into the tail, flushing as it goes.
+    fn replay(&self, from: u64, end: u64) -> Result<u64, StoreOpenError> {
+        let mut at = from;
+        let mut replayed = 0;
+        while at < end {
+            let records = self.log.read(at, REPLAY_BATCH, 16 * 1024 * 1024).map_err(ReadError::from)?;
+            let Some(last) = records.last() else { break };
+            at = last.position + 1;
+            let mut inner = lock(&self.inner);
+            for record in &records {
+                let event = record::decode_event(&record.payload, record.position).map_err(ReadError::from)?;
+                let command = Command::decode(&event).map_err(ReadError::from)?;
+                let applied = Applied {
+                    stream: &event.stream,
+                    version: event.version,
+                    position: event.position,
+                    id: event.id,
+                    event_type: event.event_type.as_str(),
+                    content_hash: event.content_hash(),
+                    command: command.as_ref(),
+                };
+                inner.tail.apply(&self.index, &applied).map_err(|e| ReadError::Index(e))?;
+                replayed += 1;
+            }
+            let full = inner.tail.ops.len() >= self.config.index_flush_events;
+            drop(inner);
+            if full {
+                self.flush().map_err(ReadError::Index)?;
+            }
+        }
+        self.flush().map_err(ReadError::Index)?;
+        Ok(replayed)
+    }
+
+    /// Moves the durable prefix of the tail into the index.
+    fn flush(&self) -> Result<(), String> {
+        let (ops, checkpoint) = {
+            let inner = lock(&self.inner);
+            let durable_end = self.log.end_position();
+            let count = inner.tail.ops.iter().take_while(|op| op.position < durable_end).count();
+            let checkpoint = inner.tail.ops.get(count).map_or(durable_end, |op| op.position);
+            (inner.tail.ops.iter().take(count).cloned().collect::<Vec<_>>(), checkpoint)
+        };
+        if ops.is_empty() && checkpoint == self.index.checkpoint()? {
+            return Ok(());
+        }
+        if let Err(e) = self.index.commit(Tail::writes(&ops).into_iter(), checkpoint) {
+            self.poisoned.store(true, Ordering::Release);
+            return Err(e);
+        }
+        let mut inner = lock(&self.inner);
+        inner.tail.drop_flushed(ops.len(), checkpoint);
+        drop(inner);
+        self.tail_space.notify_all();
+        Ok(())
+    }
+
+    fn run_indexer(&self) {
+        loop {
+            {
+                let inner = lock(&self.inner);
+                if inner.closing {
+                    return;
+                }
+                if inner.tail.ops.len() < self.config.index_flush_events {
+                    let _ = self
+                        .flush_wanted
+                        .wait_timeout(inner, self.config.index_flush_interval)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+            }
+            if self.flush().is_err() {
+                // The store is poisoned; writers see it. Nothing more to do.
+                self.tail_space.notify_all();
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct DurableState {
+    end: u64,
+    failed: bool,
+}

@@ -1,0 +1,131 @@
+//! The store's main behaviours, one small scenario each.
+
+use edgebus_store::{
+    AllFilter, Direction, ErrorCode, ExistsOrWrite, Store, StoreConfig, StreamFrom, StreamMetadata, WriteError,
+};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
+
+fn event(id: u128, data: &str) -> NewEvent {
+    NewEvent {
+        id: EventId::from_u128(id),
+        event_type: EventType::new("Happened").unwrap(),
+        data: data.as_bytes().to_vec(),
+        metadata: Vec::new(),
+        timestamp_ms: 1_000 + id as u64,
+    }
+}
+
+fn name(s: &str) -> StreamName {
+    StreamName::new(s).unwrap()
+}
+
+#[test]
+fn append_with_expected_versions_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let s = name("orders.o-1");
+    let r = store.append(&s, ExpectedVersion::NoStream, vec![event(1, "a"), event(2, "b")]).unwrap();
+    assert_eq!((r.first_version, r.last_version(), r.first_position), (0, 1, 0));
+    let err = store.append(&s, ExpectedVersion::NoStream, vec![event(3, "c")]).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::WrongExpectedVersion, "{err}");
+    assert!(err.to_string().contains("stream is at 1"), "{err}");
+    store.append(&s, ExpectedVersion::Exact(1), vec![event(3, "c")]).unwrap();
+    store.append(&name("other"), ExpectedVersion::Any, vec![event(4, "x")]).unwrap();
+    let events = store.read_stream(&s, StreamFrom::Start, Direction::Forward, 100, 0).unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.data.clone()).collect::<Vec<_>>(),
+        [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
+    );
+    let back = store.read_stream(&s, StreamFrom::End, Direction::Backward, 2, 0).unwrap();
+    assert_eq!(back.iter().map(|e| e.version).collect::<Vec<_>>(), [2, 1]);
+    let all = store.read_all(0, Direction::Forward, 100, &AllFilter::default()).unwrap();
+    assert_eq!(all.events.len(), 4);
+    assert!(all.end_of_log);
+}
+
+#[test]
+fn idempotent_retry_returns_original_and_conflicts_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let s = name("a.b");
+    let first = store.append(&s, ExpectedVersion::NoStream, vec![event(1, "a"), event(2, "b")]).unwrap();
+    let again = store.append(&s, ExpectedVersion::NoStream, vec![event(1, "a"), event(2, "b")]).unwrap();
+    assert!(again.already_written);
+    assert_eq!((again.first_position, again.first_version, again.count), (first.first_position, 0, 2));
+    assert_eq!(store.log().end_position(), 2, "nothing written by the retry");
+    let changed = store.append(&s, ExpectedVersion::NoStream, vec![event(1, "a"), event(2, "DIFFERENT")]).unwrap_err();
+    assert_eq!(changed.code(), ErrorCode::IdempotencyConflict, "{changed}");
+    let elsewhere = store.append(&name("c"), ExpectedVersion::Any, vec![event(2, "b")]).unwrap_err();
+    assert_eq!(elsewhere.code(), ErrorCode::DuplicateEventId, "{elsewhere}");
+}
+
+#[test]
+fn exists_or_write_semantics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let s = name("out");
+    assert!(matches!(store.exists_or_write(&s, 0, event(1, "x")).unwrap(), ExistsOrWrite::Written { position: 0 }));
+    assert_eq!(store.exists_or_write(&s, 0, event(1, "x")).unwrap(), ExistsOrWrite::Exists { position: 0, same: true });
+    assert_eq!(
+        store.exists_or_write(&s, 0, event(9, "y")).unwrap(),
+        ExistsOrWrite::Exists { position: 0, same: false }
+    );
+    let gap = store.exists_or_write(&s, 5, event(2, "z")).unwrap_err();
+    assert!(matches!(gap, WriteError::Gap { index: 5, count: 1, .. }), "{gap}");
+}
+
+#[test]
+fn deletes_metadata_snapshots_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = name("acct.1");
+    {
+        let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+        store.append(&s, ExpectedVersion::Any, (1..=5).map(|i| event(i, "e")).collect()).unwrap();
+        store.set_stream_metadata(&s, StreamMetadata { max_count: Some(2), ..Default::default() }, 0).unwrap();
+        let visible = store.read_stream(&s, StreamFrom::Start, Direction::Forward, 100, 0).unwrap();
+        assert_eq!(visible.iter().map(|e| e.version).collect::<Vec<_>>(), [3, 4]);
+        store.record_snapshot("acct", &s, 2, b"state@2".to_vec(), 0).unwrap();
+        store.record_snapshot("acct", &s, 4, b"state@4".to_vec(), 0).unwrap();
+        assert_eq!(store.read_snapshot("acct", &s, Some(3)).unwrap().state, b"state@2");
+        assert_eq!(store.read_snapshot("acct", &s, None).unwrap().version, 4);
+        store.delete_stream(&s, ExpectedVersion::Exact(4), false, 0).unwrap();
+        assert_eq!(
+            store.read_stream(&s, StreamFrom::Start, Direction::Forward, 10, 0).unwrap_err().code(),
+            ErrorCode::StreamNotFound
+        );
+        let r = store.append(&s, ExpectedVersion::NoStream, vec![event(6, "again")]).unwrap();
+        assert_eq!(r.first_version, 5, "versions continue after a soft delete");
+        store.delete_stream(&name("gone"), ExpectedVersion::Any, true, 0).unwrap();
+        let err = store.append(&name("gone"), ExpectedVersion::Any, vec![event(7, "x")]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::StreamDeleted);
+        store.close().unwrap();
+    }
+    let digest_before;
+    {
+        let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+        assert_eq!(store.open_report().replayed, 0, "a clean close leaves nothing to replay");
+        let events = store.read_stream(&s, StreamFrom::Start, Direction::Forward, 10, 0).unwrap();
+        assert_eq!(events.iter().map(|e| e.version).collect::<Vec<_>>(), [5]);
+        assert_eq!(store.read_snapshot("acct", &s, Some(3)).unwrap().state, b"state@2");
+        store.delete_snapshot("acct", &s, 2, 0).unwrap();
+        assert!(store.read_snapshot("acct", &s, Some(3)).is_err());
+        assert_eq!(store.list_snapshots(Some("acct"), None, 10).unwrap().len(), 1);
+        digest_before = store.index_digest().unwrap();
+        store.close().unwrap();
+    }
+    // A full rebuild from the log gives the same state.
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    assert!(store.open_report().replayed > 0);
+    assert_eq!(store.index_digest().unwrap(), digest_before);
+}
+
+#[test]
+fn clients_cannot_write_system_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let sys = StreamName::system("$sys.streams").unwrap();
+    let err = store.append(&sys, ExpectedVersion::Any, vec![event(1, "x")]).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::ReservedStream);
+    assert_eq!(store.log().end_position(), 0);
+}
