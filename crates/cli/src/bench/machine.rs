@@ -1,0 +1,203 @@
+//! What a benchmark ran on: cores, CPU, memory, kernel, the filesystem under
+//! a directory, and the date, so that every figure printed carries its context.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+/// The machine a benchmark runs on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// CPUs this process may run on.
+    pub cores: usize,
+    /// `model name` from `/proc/cpuinfo`, or `unknown`.
+    pub cpu_model: String,
+    /// `MemTotal` from `/proc/meminfo`, if readable.
+    pub memory_bytes: Option<u64>,
+    /// `uname -srm`, or `/proc/sys/kernel/osrelease` where `uname` is missing.
+    pub kernel: String,
+}
+
+impl Machine {
+    /// Looks at this machine; parts that cannot be read are reported as unknown.
+    pub fn detect() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = proc_field(&cpuinfo, "model name").unwrap_or("unknown").to_owned();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_bytes = proc_field(&meminfo, "MemTotal")
+            .and_then(|v| v.strip_suffix(" kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024);
+        let kernel = Command::new("uname")
+            .arg("-srm")
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|r| format!("Linux {}", r.trim()))
+            })
+            .unwrap_or_else(|| "unknown".to_owned());
+        Self { cores, cpu_model, memory_bytes, kernel }
+    }
+
+    /// One line for a report: `2 cores (model), 24 GiB, Linux 6.1 x86_64`.
+    pub fn describe(&self) -> String {
+        let memory = self.memory_bytes.map_or_else(
+            || "unknown memory".to_owned(),
+            |bytes| format!("{:.0} GiB", bytes as f64 / (1u64 << 30) as f64),
+        );
+        format!("{} cores ({}), {memory}, {}", self.cores, self.cpu_model, self.kernel)
+    }
+}
+
+/// The value of the first `key : value` line of a `/proc` file.
+fn proc_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        (k.trim() == key).then(|| v.trim())
+    })
+}
+
+/// The mounted filesystem a path lives on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Filesystem {
+    /// Type as the kernel names it: `ext4`, `xfs`, `tmpfs`, ...
+    pub fs_type: String,
+    /// The mounted device or source.
+    pub source: String,
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+}
+
+impl Filesystem {
+    /// Finds the filesystem under `dir` from `/proc/self/mountinfo`.
+    pub fn of(dir: &Path) -> anyhow::Result<Self> {
+        let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
+        find_mount(&mountinfo, &dir)
+            .with_context(|| format!("no mount in /proc/self/mountinfo holds {}", dir.display()))
+    }
+
+    /// Whether `fdatasync` here reaches no disk, so durable figures mean nothing.
+    pub fn is_memory_backed(&self) -> bool {
+        matches!(self.fs_type.as_str(), "tmpfs" | "ramfs")
+    }
+
+    /// One line for a report: `ext4 on /dev/vda, mounted at /`.
+    pub fn describe(&self) -> String {
+        format!("{} on {}, mounted at {}", self.fs_type, self.source, self.mount_point.display())
+    }
+}
+
+/// The mount whose mount point is the longest prefix of `dir`; among equal
+/// ones the last, because a later mount hides an earlier one at the same place.
+fn find_mount(mountinfo: &str, dir: &Path) -> Option<Filesystem> {
+    let mut best: Option<(usize, Filesystem)> = None;
+    for line in mountinfo.lines() {
+        // `36 35 98:0 /root /mnt rw,noatime master:1 - ext4 /dev/vda rw`: the
+        // fifth field is the mount point; type and source follow the `-`.
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some(mount_point) = left.split(' ').nth(4) else { continue };
+        let mut right = right.split(' ');
+        let (Some(fs_type), Some(source)) = (right.next(), right.next()) else { continue };
+        let mount_point = PathBuf::from(unescape_octal(mount_point));
+        if !dir.starts_with(&mount_point) {
+            continue;
+        }
+        let depth = mount_point.components().count();
+        if best.as_ref().is_none_or(|(best_depth, _)| depth >= *best_depth) {
+            let filesystem = Filesystem { fs_type: fs_type.to_owned(), source: unescape_octal(source), mount_point };
+            best = Some((depth, filesystem));
+        }
+    }
+    best.map(|(_, filesystem)| filesystem)
+}
+
+/// Undoes the `\040`-style escapes of `/proc/self/mountinfo`.
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape =
+            bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match escape.and_then(|digits| u8::from_str_radix(std::str::from_utf8(digits).ok()?, 8).ok()) {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The 1, 5 and 15 minute load averages from `/proc/loadavg`: other work on
+/// the machine makes `fdatasync` figures noisy, so reports print them.
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut fields = text.split_whitespace().map(str::parse::<f64>);
+    Some([fields.next()?.ok()?, fields.next()?.ok()?, fields.next()?.ok()?])
+}
+
+/// Now, in UTC, as `2026-05-04 13:07 UTC`.
+pub fn utc_now() -> String {
+    let seconds = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let days = i64::try_from(seconds / 86_400).expect("the date fits");
+    let (year, month, day) = civil_from_days(days);
+    let minute_of_day = seconds % 86_400 / 60;
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", minute_of_day / 60, minute_of_day % 60)
+}
+
+/// Year, month and day of a count of days since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, for the proleptic Gregorian calendar).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = u32::try_from(day_of_year - (153 * month_index + 2) / 5 + 1).expect("1..=31");
+    let month = u32::try_from(if month_index < 10 { month_index + 3 } else { month_index - 9 }).expect("1..=12");
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deepest_and_latest_mount_holds_a_path() {
+        let mountinfo = "\
+22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+30 22 0:25 / /tmp rw - tmpfs tmpfs rw
+31 22 0:26 / /data\\040disk rw - xfs /dev/vdb rw
+32 22 0:27 / /tmp rw - ext4 /dev/vdc rw
+";
+        let fs = find_mount(mountinfo, Path::new("/work/main/target")).expect("root holds it");
+        assert_eq!((fs.fs_type.as_str(), fs.mount_point.as_path()), ("ext4", Path::new("/")));
+        let fs = find_mount(mountinfo, Path::new("/tmp/x")).expect("/tmp holds it");
+        assert_eq!((fs.fs_type.as_str(), fs.source.as_str()), ("ext4", "/dev/vdc"));
+        let fs = find_mount(mountinfo, Path::new("/data disk/log")).expect("the escaped mount holds it");
+        assert_eq!(fs.fs_type, "xfs");
+        let fs = find_mount(mountinfo, Path::new("/tmpfoo")).expect("root holds it");
+        assert_eq!(fs.fs_type, "ext4", "/tmp is not a prefix of /tmpfoo");
+    }
+
+    #[test]
+    fn dates_are_civil() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+    }
+}
