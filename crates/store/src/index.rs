@@ -124,6 +124,12 @@ impl std::fmt::Debug for Index {
 }
 
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+/// Largest in-memory table of one keyspace before it is flushed to disk.
+/// Six keyspaces, of which three take writes at the event rate, keep the
+/// index's write buffers under ~64 MiB together.
+const MEMTABLE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// Largest journal of the index before fjall flushes memtables to reclaim it.
+const JOURNAL_BYTES_MAX: u64 = 128 * 1024 * 1024;
 
 /// An index error, as text: fjall's errors are not part of our API.
 pub type IndexError = String;
@@ -251,9 +257,14 @@ impl Index {
         batch.commit().map_err(err)
     }
 
-    /// Makes everything committed so far durable (on close).
+    /// Makes everything committed so far durable and flushes the in-memory
+    /// tables, so the next open neither replays a journal nor holds them (on close).
     pub fn persist(&self) -> Result<(), IndexError> {
-        self.db.persist(PersistMode::SyncAll).map_err(err)
+        self.db.persist(PersistMode::SyncAll).map_err(err)?;
+        for keyspace in [&self.streams, &self.versions, &self.ids, &self.types, &self.snapshots, &self.meta] {
+            keyspace.rotate_memtable_and_wait().map_err(err)?;
+        }
+        Ok(())
     }
 
     /// The state of `stream`, if the index has it.

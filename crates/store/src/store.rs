@@ -11,9 +11,11 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -251,7 +253,7 @@ impl std::fmt::Debug for Store {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    m.lock()
 }
 
 fn index_read(e: String) -> ReadError {
@@ -901,7 +903,7 @@ impl Shared {
                 return Ok(inner);
             }
             self.flush_wanted.notify_one();
-            inner = self.tail_space.wait(inner).unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.tail_space.wait(&mut inner);
         }
     }
 
@@ -1130,7 +1132,7 @@ impl Shared {
             if guard.failed {
                 return Err(WriteError::Unavailable(AppendError::Closed));
             }
-            guard = condvar.wait(guard).unwrap_or_else(std::sync::PoisonError::into_inner);
+            condvar.wait(&mut guard);
         }
     }
 
@@ -1288,15 +1290,12 @@ impl Shared {
     fn run_indexer(&self) {
         loop {
             {
-                let inner = lock(&self.inner);
+                let mut inner = lock(&self.inner);
                 if inner.closing {
                     return;
                 }
                 if inner.tail.ops.len() < self.config.index_flush_events {
-                    let _ = self
-                        .flush_wanted
-                        .wait_timeout(inner, self.config.index_flush_interval)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let _ = self.flush_wanted.wait_for(&mut inner, self.config.index_flush_interval);
                 }
             }
             if self.flush().is_err() {
