@@ -195,8 +195,14 @@ pub enum IndexWrite<'a> {
 impl Index {
     /// Opens (creating if needed) the index in `path` with a block cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, IndexError> {
-        let db = Database::builder(path).cache_size(cache_bytes).manual_journal_persist(true).open().map_err(err)?;
-        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(err);
+        let db = Database::builder(path)
+            .cache_size(cache_bytes)
+            .manual_journal_persist(true)
+            .max_journaling_size(JOURNAL_BYTES_MAX)
+            .open()
+            .map_err(err)?;
+        let options = || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES_MAX);
+        let open = |name: &str| db.keyspace(name, options).map_err(err);
         Ok(Self {
             path: path.to_path_buf(),
             streams: open("streams")?,

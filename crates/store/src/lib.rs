@@ -11,6 +11,7 @@ mod index;
 pub mod record;
 mod store;
 mod tail;
+mod writer;
 
 pub use error::{ErrorCode, ReadError, StoreOpenError, WriteError};
 pub use index::StreamState;

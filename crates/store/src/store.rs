@@ -13,19 +13,19 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use edgebus_log::{AppendError, AppendOutcome, Log, LogConfig};
-use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName, StreamPattern};
+use edgebus_log::{AppendError, Log, LogConfig};
+use edgebus_types::{EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName, StreamPattern};
 
 use crate::error::{ReadError, StoreOpenError, WriteError};
 use crate::index::{Index, StreamState, VersionEntry, snapshot_key};
 use crate::record::{self, Command, SNAPSHOTS_PREFIX, STREAMS_STREAM, StreamMetadata};
 use crate::tail::{Applied, Tail};
+use crate::writer::{CommandBuilder, Outcome, Request, Requests};
 
 /// Store settings.
 #[derive(Debug, Clone)]
@@ -216,31 +216,39 @@ pub const READ_ALL_SCAN_MAX: usize = 65_536;
 /// Upper bound of events returned by one read.
 pub const READ_COUNT_MAX: usize = 10_000;
 
-struct Inner {
-    tail: Tail,
-    /// Next log position (only the store appends, under this lock).
-    next_position: u64,
-    closing: bool,
+/// State guarded by the store lock: the index tail and the next position.
+pub(crate) struct Inner {
+    pub(crate) tail: Tail,
+    /// Next log position (only the sequencer appends, under this lock).
+    pub(crate) next_position: u64,
+    pub(crate) closing: bool,
 }
 
-struct Shared {
-    log: Log,
-    index: Index,
-    config: StoreConfig,
-    inner: Mutex<Inner>,
+pub(crate) struct Shared {
+    pub(crate) log: Log,
+    pub(crate) index: Index,
+    pub(crate) config: StoreConfig,
+    pub(crate) inner: Mutex<Inner>,
     /// Signalled when the tail shrinks or the store closes.
-    tail_space: Condvar,
+    pub(crate) tail_space: Condvar,
     /// Signalled when the tail grows past the flush threshold or the store closes.
-    flush_wanted: Condvar,
+    pub(crate) flush_wanted: Condvar,
     /// Set when the index could not be written: the store refuses writes.
-    poisoned: AtomicBool,
+    pub(crate) poisoned: AtomicBool,
     /// The durable end as reported by append completions, for waiters.
-    durable: Arc<(Mutex<DurableState>, Condvar)>,
+    pub(crate) durable: Arc<(Mutex<DurableState>, Condvar)>,
+    /// Writes waiting for the sequencer.
+    pub(crate) requests: Mutex<Requests>,
+    /// Signalled when a request is queued or the store closes.
+    pub(crate) requests_ready: Condvar,
+    /// Signalled when the sequencer takes the queue.
+    pub(crate) requests_space: Condvar,
 }
 
 /// The event store. `Send + Sync`; share it behind an `Arc`.
 pub struct Store {
     shared: Arc<Shared>,
+    sequencer: Mutex<Option<JoinHandle<()>>>,
     indexer: Mutex<Option<JoinHandle<()>>>,
     report: OpenReport,
     dir: PathBuf,
@@ -260,14 +268,8 @@ fn index_read(e: String) -> ReadError {
     ReadError::Index(e)
 }
 
-fn index_write(e: String) -> WriteError {
+pub(crate) fn index_write(e: String) -> WriteError {
     WriteError::InvalidArgument(format!("index failure: {e}"))
-}
-
-/// Ids of system events: a fixed prefix and the position, so they are
-/// unique and deterministic.
-fn system_event_id(position: u64) -> EventId {
-    EventId::from_u128((0xedb5_0000_0000_0000u128 << 64) | u128::from(position))
 }
 
 impl Store {
@@ -305,6 +307,9 @@ impl Store {
             flush_wanted: Condvar::new(),
             poisoned: AtomicBool::new(false),
             durable: Arc::new((Mutex::new(DurableState { end, failed: false }), Condvar::new())),
+            requests: Mutex::new(Requests::default()),
+            requests_ready: Condvar::new(),
+            requests_space: Condvar::new(),
         });
         report.replayed = shared.replay(from, end)?;
         let indexer_shared = Arc::clone(&shared);
@@ -312,7 +317,12 @@ impl Store {
             .name("edgebus-indexer".into())
             .spawn(move || indexer_shared.run_indexer())
             .map_err(|e| StoreOpenError::InvalidConfig(format!("cannot start the indexer thread: {e}")))?;
-        Ok(Self { shared, indexer: Mutex::new(Some(indexer)), report, dir })
+        let sequencer_shared = Arc::clone(&shared);
+        let sequencer = std::thread::Builder::new()
+            .name("edgebus-sequencer".into())
+            .spawn(move || sequencer_shared.run_sequencer())
+            .map_err(|e| StoreOpenError::InvalidConfig(format!("cannot start the sequencer thread: {e}")))?;
+        Ok(Self { shared, sequencer: Mutex::new(Some(sequencer)), indexer: Mutex::new(Some(indexer)), report, dir })
     }
 
     /// What opening found and did.
@@ -337,7 +347,11 @@ impl Store {
         if stream.is_system() {
             return Err(WriteError::ReservedStream { stream: stream.clone() });
         }
-        self.shared.append(stream, expected, events)
+        self.shared.check_append(&events)?;
+        match self.shared.execute(Request::Append { stream: stream.clone(), expected, events })? {
+            Outcome::Append(result) => Ok(result),
+            other => unreachable!("append answered {other:?}"),
+        }
     }
 
     /// Writes `event` at version `index` of `stream` iff `index` equals the
@@ -354,30 +368,10 @@ impl Store {
             return Err(WriteError::ReservedStream { stream: stream.clone() });
         }
         event.validate()?;
-        let shared = &self.shared;
-        let inner = shared.lock_for_write()?;
-        let state = inner.tail.state(&shared.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
-        if state.tombstoned {
-            return Err(WriteError::StreamDeleted { stream: stream.clone() });
+        match self.shared.execute(Request::ExistsOrWrite { stream: stream.clone(), index, event })? {
+            Outcome::ExistsOrWrite(result) => Ok(result),
+            other => unreachable!("exists_or_write answered {other:?}"),
         }
-        let count = state.next_version;
-        if index < count {
-            let entry = inner.tail.version(&shared.index, stream.as_str(), index).map_err(index_write)?;
-            let entry =
-                entry.unwrap_or_else(|| panic!("version {index} of {stream} below its count {count} is indexed"));
-            drop(inner);
-            shared.wait_durable(entry.position + 1)?;
-            return Ok(ExistsOrWrite::Exists {
-                position: entry.position,
-                same: entry.content_hash == event.content_hash(),
-            });
-        }
-        if index > count {
-            return Err(WriteError::Gap { stream: stream.clone(), index, count });
-        }
-        shared.check_ids_unused(&inner, std::slice::from_ref(&event))?;
-        let result = shared.write_locked(inner, stream, vec![event], index)?;
-        Ok(ExistsOrWrite::Written { position: result.first_position })
     }
 
     /// Sets the retention metadata of `stream` (which need not exist yet).
@@ -390,7 +384,13 @@ impl Store {
         if stream.is_system() {
             return Err(WriteError::ReservedStream { stream: stream.clone() });
         }
-        self.shared.command(Command::Metadata { stream: stream.clone(), metadata }, timestamp_ms, |_| Ok(()))
+        let target = stream.clone();
+        self.command(
+            STREAMS_STREAM,
+            stream,
+            timestamp_ms,
+            Box::new(move |_| Ok(Command::Metadata { stream: target, metadata })),
+        )
     }
 
     /// Deletes `stream`: soft (`hard == false`: reads see nothing until it is
@@ -406,35 +406,38 @@ impl Store {
         if stream.is_system() {
             return Err(WriteError::ReservedStream { stream: stream.clone() });
         }
-        let check = |state: &StreamState| {
+        let target = stream.clone();
+        let build = move |state: &StreamState| {
             if state.tombstoned {
-                return Err(WriteError::StreamDeleted { stream: stream.clone() });
+                return Err(WriteError::StreamDeleted { stream: target });
             }
             expected
                 .check(state.current_version())
-                .map_err(|source| WriteError::WrongExpectedVersion { stream: stream.clone(), source })?;
-            if !hard && state.current_version().is_none() {
-                return Err(WriteError::StreamNotFound { stream: stream.clone() });
+                .map_err(|source| WriteError::WrongExpectedVersion { stream: target.clone(), source })?;
+            if hard {
+                Ok(Command::Tombstoned { stream: target })
+            } else if state.current_version().is_none() {
+                Err(WriteError::StreamNotFound { stream: target })
+            } else {
+                Ok(Command::Deleted { stream: target, truncate_before: state.next_version })
             }
-            Ok(())
         };
-        let state = self.shared.state(stream.as_str()).map_err(index_write)?.unwrap_or_default();
-        let command = if hard {
-            Command::Tombstoned { stream: stream.clone() }
-        } else {
-            Command::Deleted { stream: stream.clone(), truncate_before: state.next_version }
-        };
-        // The command is rebuilt under the lock if the stream moved meanwhile.
-        self.shared.command(command, timestamp_ms, |current| {
-            check(current)?;
-            if !hard && current.next_version != state.next_version {
-                return Err(WriteError::WrongExpectedVersion {
-                    stream: stream.clone(),
-                    source: edgebus_types::WrongExpectedVersion { expected, current: current.current_version() },
-                });
-            }
-            Ok(())
-        })
+        self.command(STREAMS_STREAM, stream, timestamp_ms, Box::new(build))
+    }
+
+    fn command(
+        &self,
+        system_stream: &str,
+        target: &StreamName,
+        timestamp_ms: u64,
+        build: CommandBuilder,
+    ) -> Result<u64, WriteError> {
+        let stream = StreamName::system(system_stream).map_err(|e| WriteError::InvalidArgument(e.to_string()))?;
+        let request = Request::Command { stream, target: target.clone(), timestamp_ms, build };
+        match self.shared.execute(request)? {
+            Outcome::Position(position) => Ok(position),
+            other => unreachable!("command answered {other:?}"),
+        }
     }
 
     /// The visible state of `stream`, or `None` if it was never written.
@@ -629,9 +632,10 @@ impl Store {
         state: Vec<u8>,
         timestamp_ms: u64,
     ) -> Result<u64, WriteError> {
-        let _ = snapshot_stream(source)?;
-        let command = Command::Snapshot { stream: stream.clone(), version, state };
-        self.shared.command_in(snapshot_stream(source)?, command, timestamp_ms, |_| Ok(()))
+        let snapshots = snapshot_stream(source)?;
+        let target = stream.clone();
+        let build = move |_: &StreamState| Ok(Command::Snapshot { stream: target, version, state });
+        self.command(snapshots.as_str(), stream, timestamp_ms, Box::new(build))
     }
 
     /// The latest snapshot of `stream` from `source` at or below `at_or_below`
@@ -712,8 +716,9 @@ impl Store {
                 });
             }
         }
-        let command = Command::SnapshotDeleted { stream: stream.clone(), version };
-        self.shared.command_in(snapshots_stream, command, timestamp_ms, |_| Ok(()))
+        let target = stream.clone();
+        let build = move |_: &StreamState| Ok(Command::SnapshotDeleted { stream: target, version });
+        self.command(snapshots_stream.as_str(), stream, timestamp_ms, Box::new(build))
     }
 
     /// Lists snapshots, optionally of one source and of streams matching a
@@ -852,6 +857,12 @@ impl Store {
 
     /// Flushes the index and closes the log. Idempotent.
     pub fn close(&self) -> Result<(), WriteError> {
+        self.shared.requests.lock().closing = true;
+        self.shared.requests_ready.notify_all();
+        self.shared.requests_space.notify_all();
+        if let Some(handle) = lock(&self.sequencer).take() {
+            handle.join().expect("sequencer thread panicked");
+        }
         {
             let mut inner = lock(&self.shared.inner);
             inner.closing = true;
@@ -890,295 +901,13 @@ fn snapshot_stream(source: &str) -> Result<StreamName, WriteError> {
 }
 
 impl Shared {
-    fn lock_for_write(&self) -> Result<MutexGuard<'_, Inner>, WriteError> {
-        let mut inner = lock(&self.inner);
-        loop {
-            if self.poisoned.load(Ordering::Acquire) {
-                return Err(WriteError::Unavailable(AppendError::Closed));
-            }
-            if inner.closing {
-                return Err(WriteError::Unavailable(AppendError::Closed));
-            }
-            if inner.tail.ops.len() < self.config.tail_events_max {
-                return Ok(inner);
-            }
-            self.flush_wanted.notify_one();
-            self.tail_space.wait(&mut inner);
-        }
-    }
-
-    fn state(&self, stream: &str) -> Result<Option<StreamState>, String> {
+    pub(crate) fn state(&self, stream: &str) -> Result<Option<StreamState>, String> {
         let inner = lock(&self.inner);
         inner.tail.state(&self.index, stream)
     }
 
-    fn check_ids_unused(&self, inner: &Inner, events: &[NewEvent]) -> Result<(), WriteError> {
-        let mut seen = HashSet::with_capacity(events.len());
-        for event in events {
-            if !seen.insert(event.id) {
-                return Err(WriteError::InvalidArgument(format!("event id {} appears twice in one append", event.id)));
-            }
-            if let Some(entry) = inner.tail.id(&self.index, &event.id).map_err(index_write)? {
-                let stored = self.read_position(entry.position).map_err(|e| index_write(e.to_string()))?;
-                return Err(WriteError::DuplicateEventId {
-                    id: event.id,
-                    position: entry.position,
-                    stream: stored.stream,
-                    version: entry.version,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn append(
-        &self,
-        stream: &StreamName,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, WriteError> {
-        if events.is_empty() {
-            return Err(WriteError::EmptyAppend);
-        }
-        let events_max = self.config.log.append_records_max;
-        if events.len() > events_max as usize {
-            return Err(WriteError::BatchTooLarge {
-                events: events.len(),
-                bytes: 0,
-                events_max,
-                bytes_max: self.config.log.append_bytes_max,
-            });
-        }
-        for event in &events {
-            event.validate()?;
-        }
-        let inner = self.lock_for_write()?;
-        let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
-        if state.tombstoned {
-            return Err(WriteError::StreamDeleted { stream: stream.clone() });
-        }
-        if let Some(existing) = inner.tail.id(&self.index, &events[0].id).map_err(index_write)? {
-            return self.idempotent_retry(inner, stream, expected, &events, existing.position, existing.version);
-        }
-        self.check_ids_unused(&inner, &events)?;
-        expected
-            .check(state.current_version())
-            .map_err(|source| WriteError::WrongExpectedVersion { stream: stream.clone(), source })?;
-        self.write_locked(inner, stream, events, state.next_version)
-    }
-
-    /// The first id of an append is already in the log: succeed without
-    /// writing if the whole append is already there, identically.
-    fn idempotent_retry(
-        &self,
-        inner: MutexGuard<'_, Inner>,
-        stream: &StreamName,
-        expected: ExpectedVersion,
-        events: &[NewEvent],
-        first_position: u64,
-        first_version: u64,
-    ) -> Result<AppendResult, WriteError> {
-        let conflict = || WriteError::IdempotencyConflict { id: events[0].id, stream: stream.clone() };
-        for (i, event) in events.iter().enumerate() {
-            let version = first_version + i as u64;
-            let entry = inner.tail.version(&self.index, stream.as_str(), version).map_err(index_write)?;
-            let id_entry = inner.tail.id(&self.index, &event.id).map_err(index_write)?;
-            let (Some(entry), Some(id_entry)) = (entry, id_entry) else {
-                if i == 0 {
-                    // The id lives in another stream.
-                    drop(inner);
-                    let stored = self.read_position(first_position).map_err(|e| index_write(e.to_string()))?;
-                    return Err(WriteError::DuplicateEventId {
-                        id: event.id,
-                        position: first_position,
-                        stream: stored.stream,
-                        version: first_version,
-                    });
-                }
-                return Err(conflict());
-            };
-            if id_entry.position != entry.position || entry.content_hash != event.content_hash() {
-                if i == 0 && id_entry.position != entry.position {
-                    drop(inner);
-                    let stored = self.read_position(first_position).map_err(|e| index_write(e.to_string()))?;
-                    return Err(WriteError::DuplicateEventId {
-                        id: event.id,
-                        position: first_position,
-                        stream: stored.stream,
-                        version: first_version,
-                    });
-                }
-                return Err(conflict());
-            }
-        }
-        // The original append must have been made under the same expectation.
-        let before = first_version.checked_sub(1);
-        let consistent = match expected {
-            ExpectedVersion::Any => true,
-            ExpectedVersion::NoStream => first_version == 0,
-            ExpectedVersion::StreamExists => before.is_some(),
-            ExpectedVersion::Exact(v) => before == Some(v),
-        };
-        if !consistent {
-            let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
-            return Err(WriteError::WrongExpectedVersion {
-                stream: stream.clone(),
-                source: edgebus_types::WrongExpectedVersion { expected, current: state.current_version() },
-            });
-        }
-        drop(inner);
-        let count = u32::try_from(events.len()).expect("bounded by append_records_max");
-        self.wait_durable(first_position + u64::from(count))?;
-        Ok(AppendResult { first_version, first_position, count, already_written: true })
-    }
-
-    /// Encodes, submits and applies `events` at `first_version` of `stream`;
-    /// releases the lock and waits for durability.
-    fn write_locked(
-        &self,
-        mut inner: MutexGuard<'_, Inner>,
-        stream: &StreamName,
-        events: Vec<NewEvent>,
-        first_version: u64,
-    ) -> Result<AppendResult, WriteError> {
-        let records: Vec<Vec<u8>> =
-            events.iter().enumerate().map(|(i, e)| record::encode_event(stream, first_version + i as u64, e)).collect();
-        let (sender, receiver) = sync_channel(1);
-        let shared_durable = self.durable_signal();
-        let outcome = self.shared_log_submit(&records, move |result| {
-            shared_durable(result.as_ref().ok().map(|outcome| outcome.positions().end));
-            let _ = sender.send(result);
-        })?;
-        assert_eq!(outcome.first_position, inner.next_position, "only the store appends to its log");
-        inner.next_position = outcome.positions().end;
-        for (i, event) in events.iter().enumerate() {
-            let command = if stream.is_system() {
-                let recorded = RecordedEvent::new(
-                    stream.clone(),
-                    first_version + i as u64,
-                    outcome.first_position + i as u64,
-                    event.clone(),
-                );
-                Command::decode(&recorded).map_err(|e| WriteError::InvalidArgument(e.to_string()))?
-            } else {
-                None
-            };
-            let applied = Applied {
-                stream,
-                version: first_version + i as u64,
-                position: outcome.first_position + i as u64,
-                id: event.id,
-                event_type: event.event_type.as_str(),
-                content_hash: event.content_hash(),
-                command: command.as_ref(),
-            };
-            if let Err(e) = inner.tail.apply(&self.index, &applied) {
-                self.poisoned.store(true, Ordering::Release);
-                return Err(index_write(e));
-            }
-        }
-        if inner.tail.ops.len() >= self.config.index_flush_events {
-            self.flush_wanted.notify_one();
-        }
-        drop(inner);
-        let result = receiver.recv().map_err(|_| WriteError::Unavailable(AppendError::Closed))??;
-        Ok(AppendResult {
-            first_version,
-            first_position: result.first_position,
-            count: result.count,
-            already_written: false,
-        })
-    }
-
-    fn shared_log_submit(
-        &self,
-        records: &[Vec<u8>],
-        done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
-    ) -> Result<AppendOutcome, WriteError> {
-        self.log.submit(records, done).map_err(|e| match e {
-            AppendError::AppendTooLarge { bytes, max } => WriteError::BatchTooLarge {
-                events: records.len(),
-                bytes,
-                events_max: self.config.log.append_records_max,
-                bytes_max: max,
-            },
-            other => WriteError::from(other),
-        })
-    }
-
-    /// A callback that records a newly durable end (or a failure) and wakes
-    /// waiters. The log calls it from its writer thread, in log order.
-    fn durable_signal(&self) -> impl Fn(Option<u64>) + Send + 'static {
-        let signal = Arc::clone(&self.durable);
-        move |end| {
-            let (state, condvar) = &*signal;
-            let mut state = lock(state);
-            match end {
-                Some(end) => state.end = state.end.max(end),
-                None => state.failed = true,
-            }
-            condvar.notify_all();
-        }
-    }
-
-    /// Waits until every position below `end` is durable.
-    fn wait_durable(&self, end: u64) -> Result<(), WriteError> {
-        let (state, condvar) = &*self.durable;
-        let mut guard = lock(state);
-        loop {
-            if guard.end >= end || self.log.end_position() >= end {
-                return Ok(());
-            }
-            if guard.failed {
-                return Err(WriteError::Unavailable(AppendError::Closed));
-            }
-            condvar.wait(&mut guard);
-        }
-    }
-
-    /// Appends a system command event to `$sys.streams`.
-    fn command(
-        &self,
-        command: Command,
-        timestamp_ms: u64,
-        check: impl FnOnce(&StreamState) -> Result<(), WriteError>,
-    ) -> Result<u64, WriteError> {
-        let stream = StreamName::system(STREAMS_STREAM).expect("valid system name");
-        self.command_in(stream, command, timestamp_ms, check)
-    }
-
-    fn command_in(
-        &self,
-        stream: StreamName,
-        command: Command,
-        timestamp_ms: u64,
-        check: impl FnOnce(&StreamState) -> Result<(), WriteError>,
-    ) -> Result<u64, WriteError> {
-        let inner = self.lock_for_write()?;
-        let target = match &command {
-            Command::Metadata { stream, .. }
-            | Command::Deleted { stream, .. }
-            | Command::Tombstoned { stream }
-            | Command::Snapshot { stream, .. }
-            | Command::SnapshotDeleted { stream, .. } => stream.clone(),
-        };
-        let target_state = inner.tail.state(&self.index, target.as_str()).map_err(index_write)?.unwrap_or_default();
-        check(&target_state)?;
-        let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
-        let event = NewEvent {
-            id: system_event_id(inner.next_position),
-            event_type: EventType::new(command.event_type()).expect("valid system type"),
-            data: command.encode(),
-            metadata: Vec::new(),
-            timestamp_ms,
-        };
-        event.validate()?;
-        let result = self.write_locked(inner, &stream, vec![event], state.next_version)?;
-        Ok(result.first_position)
-    }
-
     /// Reads and decodes the event at `position`.
-    fn read_position(&self, position: u64) -> Result<RecordedEvent, ReadError> {
+    pub(crate) fn read_position(&self, position: u64) -> Result<RecordedEvent, ReadError> {
         let records = self.log.read(position, 1, u64::MAX)?;
         let record = records
             .into_iter()
@@ -1308,7 +1037,7 @@ impl Shared {
 }
 
 #[derive(Debug, Default)]
-struct DurableState {
-    end: u64,
-    failed: bool,
+pub(crate) struct DurableState {
+    pub(crate) end: u64,
+    pub(crate) failed: bool,
 }

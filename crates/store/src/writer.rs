@@ -1,0 +1,451 @@
+//! The write path: a bounded request queue and one sequencer thread that
+//! validates requests against the state machine and submits them to the log.
+//!
+//! Why a sequencer: validation (expected versions, ids, exists-or-write) and
+//! position assignment must be one atomic step per write. Taking a lock per
+//! write makes hundreds of concurrent writers convoy on it; instead writers
+//! queue their request (a short lock), park, and the sequencer processes
+//! everything queued in one pass under the state lock, submitting to the log
+//! as it goes. The log's writer thread completes each request once it is
+//! durable. Lifecycle: started by `Store::open`, stopped by `Store::close`
+//! after it has drained the queue.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::Thread;
+
+use edgebus_log::{AppendError, AppendOutcome};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName, WrongExpectedVersion};
+use parking_lot::Mutex;
+
+use crate::error::WriteError;
+use crate::index::StreamState;
+use crate::record::{self, Command};
+use crate::store::{AppendResult, ExistsOrWrite, Inner, Shared, index_write};
+use crate::tail::Applied;
+
+/// Requests that may wait in the queue; writers beyond it wait for space.
+pub(crate) const REQUESTS_QUEUED_MAX: usize = 4096;
+
+/// Builds a system command from the current state of its target stream, or refuses.
+pub(crate) type CommandBuilder = Box<dyn FnOnce(&StreamState) -> Result<Command, WriteError> + Send>;
+
+/// One write, as queued for the sequencer.
+pub(crate) enum Request {
+    Append {
+        stream: StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    },
+    ExistsOrWrite {
+        stream: StreamName,
+        index: u64,
+        event: NewEvent,
+    },
+    /// A command event in the system stream `stream` about `target`.
+    Command {
+        stream: StreamName,
+        target: StreamName,
+        timestamp_ms: u64,
+        build: CommandBuilder,
+    },
+}
+
+/// What a write returns.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    Append(AppendResult),
+    ExistsOrWrite(ExistsOrWrite),
+    Position(u64),
+}
+
+enum Reply {
+    Done(Result<Outcome, WriteError>),
+    /// The answer is known, but refers to positions that may not be durable
+    /// yet: the writer waits for them before returning it.
+    AfterDurable {
+        end: u64,
+        outcome: Outcome,
+    },
+}
+
+/// Where the sequencer or the log's writer thread leaves a request's reply.
+pub(crate) struct Slot {
+    thread: Thread,
+    reply: Mutex<Option<Reply>>,
+}
+
+impl Slot {
+    fn complete(&self, reply: Reply) {
+        *self.reply.lock() = Some(reply);
+        self.thread.unpark();
+    }
+
+    fn wait(&self) -> Reply {
+        loop {
+            if let Some(reply) = self.reply.lock().take() {
+                return reply;
+            }
+            std::thread::park();
+        }
+    }
+}
+
+/// The queue between writers and the sequencer.
+#[derive(Default)]
+pub(crate) struct Requests {
+    pub(crate) items: Vec<(Request, Arc<Slot>)>,
+    pub(crate) closing: bool,
+}
+
+/// Ids of system events: a fixed prefix and the position, so they are
+/// unique and deterministic.
+fn system_event_id(position: u64) -> EventId {
+    EventId::from_u128((0xedb5_0000_0000_0000u128 << 64) | u128::from(position))
+}
+
+impl Shared {
+    /// Queues `request`, waits for its reply, and for durability where needed.
+    pub(crate) fn execute(&self, request: Request) -> Result<Outcome, WriteError> {
+        let slot = Arc::new(Slot { thread: std::thread::current(), reply: Mutex::new(None) });
+        {
+            let mut requests = self.requests.lock();
+            loop {
+                if requests.closing || self.poisoned.load(Ordering::Acquire) {
+                    return Err(WriteError::Unavailable(AppendError::Closed));
+                }
+                if requests.items.len() < REQUESTS_QUEUED_MAX {
+                    break;
+                }
+                self.requests_space.wait(&mut requests);
+            }
+            let wake = requests.items.is_empty();
+            requests.items.push((request, Arc::clone(&slot)));
+            if wake {
+                self.requests_ready.notify_one();
+            }
+        }
+        match slot.wait() {
+            Reply::Done(result) => result,
+            Reply::AfterDurable { end, outcome } => {
+                self.wait_durable(end)?;
+                Ok(outcome)
+            }
+        }
+    }
+
+    /// The sequencer thread: takes everything queued and processes it in one
+    /// pass under the state lock. Returns once closing and drained.
+    pub(crate) fn run_sequencer(&self) {
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut requests = self.requests.lock();
+                while requests.items.is_empty() && !requests.closing {
+                    self.requests_ready.wait(&mut requests);
+                }
+                if requests.items.is_empty() {
+                    return;
+                }
+                std::mem::swap(&mut requests.items, &mut batch);
+            }
+            self.requests_space.notify_all();
+            let mut inner = self.inner.lock();
+            for (request, slot) in batch.drain(..) {
+                while inner.tail.ops.len() >= self.config.tail_events_max && !self.poisoned.load(Ordering::Acquire) {
+                    // The index is behind: wait for the indexer to catch up.
+                    self.flush_wanted.notify_one();
+                    self.tail_space.wait(&mut inner);
+                }
+                if self.poisoned.load(Ordering::Acquire) {
+                    slot.complete(Reply::Done(Err(WriteError::Unavailable(AppendError::Closed))));
+                    continue;
+                }
+                match self.process(&mut inner, request, &slot) {
+                    Ok(Some(reply)) => slot.complete(reply),
+                    Ok(None) => {} // submitted: the log's writer thread completes it
+                    Err(error) => slot.complete(Reply::Done(Err(error))),
+                }
+            }
+            if inner.tail.ops.len() >= self.config.index_flush_events {
+                self.flush_wanted.notify_one();
+            }
+        }
+    }
+
+    fn process(&self, inner: &mut Inner, request: Request, slot: &Arc<Slot>) -> Result<Option<Reply>, WriteError> {
+        match request {
+            Request::Append { stream, expected, events } => self.process_append(inner, &stream, expected, events, slot),
+            Request::ExistsOrWrite { stream, index, event } => {
+                self.process_exists_or_write(inner, &stream, index, event, slot)
+            }
+            Request::Command { stream, target, timestamp_ms, build } => {
+                let target_state =
+                    inner.tail.state(&self.index, target.as_str()).map_err(index_write)?.unwrap_or_default();
+                let command = build(&target_state)?;
+                let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
+                let event = NewEvent {
+                    id: system_event_id(inner.next_position),
+                    event_type: EventType::new(command.event_type()).expect("valid system type"),
+                    data: command.encode(),
+                    metadata: Vec::new(),
+                    timestamp_ms,
+                };
+                event.validate()?;
+                self.submit(inner, &stream, vec![event], state.next_version, slot, |result| {
+                    Outcome::Position(result.first_position)
+                })?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn process_append(
+        &self,
+        inner: &mut Inner,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        slot: &Arc<Slot>,
+    ) -> Result<Option<Reply>, WriteError> {
+        let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
+        if state.tombstoned {
+            return Err(WriteError::StreamDeleted { stream: stream.clone() });
+        }
+        if let Some(existing) = inner.tail.id(&self.index, &events[0].id).map_err(index_write)? {
+            return self
+                .idempotent_retry(inner, stream, expected, &events, existing.position, existing.version)
+                .map(Some);
+        }
+        self.check_ids_unused(inner, &events[1..])?;
+        expected
+            .check(state.current_version())
+            .map_err(|source| WriteError::WrongExpectedVersion { stream: stream.clone(), source })?;
+        self.submit(inner, stream, events, state.next_version, slot, Outcome::Append)?;
+        Ok(None)
+    }
+
+    fn process_exists_or_write(
+        &self,
+        inner: &mut Inner,
+        stream: &StreamName,
+        index: u64,
+        event: NewEvent,
+        slot: &Arc<Slot>,
+    ) -> Result<Option<Reply>, WriteError> {
+        let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
+        if state.tombstoned {
+            return Err(WriteError::StreamDeleted { stream: stream.clone() });
+        }
+        let count = state.next_version;
+        if index < count {
+            let entry = inner.tail.version(&self.index, stream.as_str(), index).map_err(index_write)?;
+            let entry =
+                entry.unwrap_or_else(|| panic!("version {index} of {stream} below its count {count} is indexed"));
+            let outcome =
+                ExistsOrWrite::Exists { position: entry.position, same: entry.content_hash == event.content_hash() };
+            // The winner's write may still be in flight: answer once it is durable.
+            return Ok(Some(Reply::AfterDurable { end: entry.position + 1, outcome: Outcome::ExistsOrWrite(outcome) }));
+        }
+        if index > count {
+            return Err(WriteError::Gap { stream: stream.clone(), index, count });
+        }
+        self.check_ids_unused(inner, std::slice::from_ref(&event))?;
+        self.submit(inner, stream, vec![event], index, slot, |result| {
+            Outcome::ExistsOrWrite(ExistsOrWrite::Written { position: result.first_position })
+        })?;
+        Ok(None)
+    }
+
+    fn check_ids_unused(&self, inner: &Inner, events: &[NewEvent]) -> Result<(), WriteError> {
+        for event in events {
+            if let Some(entry) = inner.tail.id(&self.index, &event.id).map_err(index_write)? {
+                let stored = self.read_position(entry.position).map_err(|e| index_write(e.to_string()))?;
+                return Err(WriteError::DuplicateEventId {
+                    id: event.id,
+                    position: entry.position,
+                    stream: stored.stream,
+                    version: entry.version,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The first id of an append is already in the log: succeed without
+    /// writing if the whole append is already there, identically and under
+    /// the same expectation.
+    fn idempotent_retry(
+        &self,
+        inner: &Inner,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+        first_position: u64,
+        first_version: u64,
+    ) -> Result<Reply, WriteError> {
+        let duplicate = || -> WriteError {
+            match self.read_position(first_position) {
+                Ok(stored) => WriteError::DuplicateEventId {
+                    id: events[0].id,
+                    position: first_position,
+                    stream: stored.stream,
+                    version: first_version,
+                },
+                Err(e) => index_write(e.to_string()),
+            }
+        };
+        for (i, event) in events.iter().enumerate() {
+            let version = first_version + i as u64;
+            let entry = inner.tail.version(&self.index, stream.as_str(), version).map_err(index_write)?;
+            let id_entry = inner.tail.id(&self.index, &event.id).map_err(index_write)?;
+            let same_place = matches!((entry, id_entry), (Some(e), Some(id)) if e.position == id.position);
+            if !same_place {
+                // The first id lives in another stream or at another version: a duplicate.
+                return Err(if i == 0 {
+                    duplicate()
+                } else {
+                    WriteError::IdempotencyConflict { id: event.id, stream: stream.clone() }
+                });
+            }
+            if entry.is_some_and(|e| e.content_hash != event.content_hash()) {
+                return Err(WriteError::IdempotencyConflict { id: event.id, stream: stream.clone() });
+            }
+        }
+        let before = first_version.checked_sub(1);
+        let consistent = match expected {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => first_version == 0,
+            ExpectedVersion::StreamExists => before.is_some(),
+            ExpectedVersion::Exact(v) => before == Some(v),
+        };
+        if !consistent {
+            let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
+            return Err(WriteError::WrongExpectedVersion {
+                stream: stream.clone(),
+                source: WrongExpectedVersion { expected, current: state.current_version() },
+            });
+        }
+        let count = u32::try_from(events.len()).expect("bounded by append_records_max");
+        let outcome = AppendResult { first_version, first_position, count, already_written: true };
+        Ok(Reply::AfterDurable { end: first_position + u64::from(count), outcome: Outcome::Append(outcome) })
+    }
+
+    /// Encodes `events` at `first_version` of `stream`, submits them to the
+    /// log and applies them to the state machine. The log's writer thread
+    /// completes `slot` once they are durable.
+    fn submit(
+        &self,
+        inner: &mut Inner,
+        stream: &StreamName,
+        events: Vec<NewEvent>,
+        first_version: u64,
+        slot: &Arc<Slot>,
+        outcome: fn(AppendResult) -> Outcome,
+    ) -> Result<(), WriteError> {
+        let records: Vec<Vec<u8>> =
+            events.iter().enumerate().map(|(i, e)| record::encode_event(stream, first_version + i as u64, e)).collect();
+        let signal = Arc::clone(&self.durable);
+        let slot = Arc::clone(slot);
+        let done = move |result: Result<AppendOutcome, AppendError>| {
+            {
+                let (state, condvar) = &*signal;
+                let mut state = state.lock();
+                match &result {
+                    Ok(o) => state.end = state.end.max(o.positions().end),
+                    Err(_) => state.failed = true,
+                }
+                condvar.notify_all();
+            }
+            let reply = result
+                .map(|o| {
+                    outcome(AppendResult {
+                        first_version,
+                        first_position: o.first_position,
+                        count: o.count,
+                        already_written: false,
+                    })
+                })
+                .map_err(WriteError::from);
+            slot.complete(Reply::Done(reply));
+        };
+        let submitted = self.log.submit(&records, done).map_err(|e| match e {
+            AppendError::AppendTooLarge { bytes, max } => WriteError::BatchTooLarge {
+                events: records.len(),
+                bytes,
+                events_max: self.config.log.append_records_max,
+                bytes_max: max,
+            },
+            other => WriteError::from(other),
+        })?;
+        assert_eq!(submitted.first_position, inner.next_position, "only the store appends to its log");
+        inner.next_position = submitted.positions().end;
+        for (i, event) in events.into_iter().enumerate() {
+            let version = first_version + i as u64;
+            let position = submitted.first_position + i as u64;
+            let content_hash = event.content_hash();
+            let (id, event_type) = (event.id, event.event_type.clone());
+            let command = if stream.is_system() {
+                let recorded = RecordedEvent::new(stream.clone(), version, position, event);
+                Command::decode(&recorded).map_err(|e| WriteError::InvalidArgument(e.to_string()))?
+            } else {
+                None
+            };
+            let applied = Applied {
+                stream,
+                version,
+                position,
+                id,
+                event_type: event_type.as_str(),
+                content_hash,
+                command: command.as_ref(),
+            };
+            if let Err(e) = inner.tail.apply(&self.index, &applied) {
+                // The record is in the log but not in the state: stop writing.
+                self.poisoned.store(true, Ordering::Release);
+                return Err(index_write(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every position below `end` is durable.
+    pub(crate) fn wait_durable(&self, end: u64) -> Result<(), WriteError> {
+        let (state, condvar) = &*self.durable;
+        let mut guard = state.lock();
+        loop {
+            if guard.end >= end || self.log.end_position() >= end {
+                return Ok(());
+            }
+            if guard.failed {
+                return Err(WriteError::Unavailable(AppendError::Closed));
+            }
+            condvar.wait(&mut guard);
+        }
+    }
+
+    /// Validates an append before it is queued.
+    pub(crate) fn check_append(&self, events: &[NewEvent]) -> Result<(), WriteError> {
+        if events.is_empty() {
+            return Err(WriteError::EmptyAppend);
+        }
+        let events_max = self.config.log.append_records_max;
+        if events.len() > events_max as usize {
+            return Err(WriteError::BatchTooLarge {
+                events: events.len(),
+                bytes: 0,
+                events_max,
+                bytes_max: self.config.log.append_bytes_max,
+            });
+        }
+        let mut seen = HashSet::with_capacity(events.len());
+        for event in events {
+            event.validate()?;
+            if !seen.insert(event.id) {
+                return Err(WriteError::InvalidArgument(format!("event id {} appears twice in one append", event.id)));
+            }
+        }
+        Ok(())
+    }
+}
