@@ -112,10 +112,10 @@ impl Storage for FaultStorage {
         {
             let plan = self.plan();
             for fault in &plan.faults {
-                if let Fault::FailOpen { file_suffix, kind } = fault {
-                    if file_name_ends_with(path, file_suffix) {
-                        return Err(io::Error::new(*kind, "injected fault: open refused"));
-                    }
+                if let Fault::FailOpen { file_suffix, kind } = fault
+                    && file_name_ends_with(path, file_suffix)
+                {
+                    return Err(io::Error::new(*kind, "injected fault: open refused"));
                 }
             }
         }
@@ -151,10 +151,12 @@ impl StorageFile for FaultFile {
         let n = self.inner.read_at(buf, offset)?;
         let plan = lock(&self.plan);
         for fault in &plan.faults {
-            if let Fault::FlipBitOnRead { file_suffix, offset: at, bit } = fault {
-                if file_name_ends_with(&self.path, file_suffix) && *at >= offset && *at < offset + n as u64 {
-                    buf[(*at - offset) as usize] ^= 1 << (bit % 8);
-                }
+            if let Fault::FlipBitOnRead { file_suffix, offset: at, bit } = fault
+                && file_name_ends_with(&self.path, file_suffix)
+                && *at >= offset
+                && *at < offset + n as u64
+            {
+                buf[(*at - offset) as usize] ^= 1 << (bit % 8);
             }
         }
         Ok(n)
@@ -208,5 +210,80 @@ impl StorageFile for FaultFile {
 
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_in(dir: &Path, name: &str, storage: &FaultStorage) -> Arc<dyn StorageFile> {
+        storage.open_file(&dir.join(name), OpenMode::CreateNew).unwrap()
+    }
+
+    #[test]
+    fn counters_restart_when_a_fault_is_armed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FaultStorage::default();
+        let file = file_in(dir.path(), "a.seg", &storage);
+        file.write_all_at(b"one", 0).unwrap();
+        file.sync_data().unwrap();
+        assert_eq!((storage.writes(), storage.syncs()), (1, 1));
+        storage.arm(Fault::FailWrite { nth: 2, kind: io::ErrorKind::StorageFull });
+        assert_eq!((storage.writes(), storage.syncs()), (0, 0));
+        file.write_all_at(b"two", 3).unwrap();
+        let err = file.write_all_at(b"three", 6).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
+        assert_eq!(file.len().unwrap(), 6, "a failed write writes nothing");
+        file.write_all_at(b"four", 6).unwrap();
+    }
+
+    #[test]
+    fn a_torn_write_keeps_its_prefix_and_kills_the_storage_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FaultStorage::default();
+        let file = file_in(dir.path(), "a.seg", &storage);
+        storage.arm(Fault::TearWrite { nth: 1, keep_bytes: 3 });
+        assert!(file.write_all_at(b"abcdef", 0).is_err());
+        assert_eq!(std::fs::read(dir.path().join("a.seg")).unwrap(), b"abc");
+        assert!(file.write_all_at(b"x", 0).is_err());
+        assert!(file.sync_data().is_err());
+        assert!(file.set_len(0).is_err());
+        assert!(storage.sync_dir(dir.path()).is_err());
+        storage.clear();
+        file.write_all_at(b"x", 0).unwrap();
+        file.sync_data().unwrap();
+    }
+
+    #[test]
+    fn fsync_failures_count_from_arming() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FaultStorage::default();
+        let file = file_in(dir.path(), "a.seg", &storage);
+        storage.arm(Fault::FailSync { nth: 2 });
+        file.sync_data().unwrap();
+        assert!(file.sync_data().is_err());
+        file.sync_data().unwrap();
+        assert_eq!(storage.syncs(), 3);
+    }
+
+    #[test]
+    fn bit_flips_on_read_leave_the_disk_alone_and_opens_fail_by_suffix() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FaultStorage::default();
+        let file = file_in(dir.path(), "a.seg", &storage);
+        file.write_all_at(&[0u8; 16], 0).unwrap();
+        storage.arm(Fault::FlipBitOnRead { file_suffix: "a.seg".to_owned(), offset: 9, bit: 2 });
+        let mut buf = [0u8; 8];
+        assert_eq!(file.read_at(&mut buf, 8).unwrap(), 8);
+        assert_eq!(buf, [0, 4, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(file.read_at(&mut buf, 0).unwrap(), 8);
+        assert_eq!(buf, [0; 8], "reads that do not cover the byte are untouched");
+        assert_eq!(std::fs::read(dir.path().join("a.seg")).unwrap(), [0u8; 16]);
+
+        storage.arm(Fault::FailOpen { file_suffix: ".idx".to_owned(), kind: io::ErrorKind::PermissionDenied });
+        let err = storage.open_file(&dir.path().join("a.idx"), OpenMode::CreateNew).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(storage.open_file(&dir.path().join("b.seg"), OpenMode::CreateNew).is_ok());
     }
 }

@@ -19,7 +19,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::Instant;
 
 use bytes::Bytes;
-use edgebus_types::limits::{LOG_INDEX_STRIDE_BYTES, LOG_SEGMENT_HEADER_BYTES};
+use edgebus_types::limits::{LOG_FRAME_ALIGN_BYTES, LOG_INDEX_STRIDE_BYTES, LOG_SEGMENT_HEADER_BYTES};
 
 use crate::config::{FsyncPolicy, LogConfig};
 use crate::error::{AppendError, Corruption, IoFailure, OpenError, ReadError, RemoveError};
@@ -170,13 +170,16 @@ struct Shared {
     counters: Counters,
 }
 
+/// The writer thread; it returns the failure that poisoned the log, if any.
+type WriterHandle = JoinHandle<Result<(), Arc<IoFailure>>>;
+
 /// A durable, totally ordered, append-only log of opaque records.
 ///
 /// `Log` is `Send + Sync`: share it behind an `Arc` and append and read from
 /// any thread.
 pub struct Log {
     shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<Result<(), Arc<IoFailure>>>>>,
+    writer: Mutex<Option<WriterHandle>>,
     recovery: RecoveryReport,
     _lock: Box<dyn Send + Sync + fmt::Debug>,
 }
@@ -421,7 +424,9 @@ impl Log {
                     }
                     bytes += len;
                     out.push(Record { position: frame.info.position, payload: frame.payload() });
-                    true
+                    // Stop here rather than at the next frame: a read must not
+                    // fail on damage past the records it was asked for.
+                    out.len() < max_records
                 },
             )?;
             if let Some((offset, reason)) = corrupt {
@@ -447,7 +452,8 @@ impl Log {
     }
 
     /// Reads backward from `from` (inclusive; clamped to the last visible
-    /// record) toward the start, newest first, with the same limits as [`Log::read`].
+    /// record) toward the start, newest first, with the same limits as
+    /// [`Log::read`]. Fails with [`ReadError::Removed`] if `from` is below the start.
     pub fn read_backward(&self, from: u64, max_records: usize, max_bytes: u64) -> Result<Vec<Record>, ReadError> {
         let end = self.end_position();
         let mut out: Vec<Record> = Vec::new();
@@ -455,6 +461,12 @@ impl Log {
             return Ok(out);
         }
         let mut upper = from.min(end - 1) + 1; // exclusive
+        let start = self.start_position();
+        if upper <= start {
+            // Like a forward read: say the records were removed rather than
+            // answer as if the log were empty.
+            return Err(ReadError::Removed { position: upper - 1, start });
+        }
         let mut bytes = 0u64;
         while out.len() < max_records {
             let start = self.start_position();
@@ -864,30 +876,49 @@ fn prepare_dir(storage: &dyn Storage, dir: &Path) -> Result<Box<dyn Send + Sync 
         .map(|n| n.to_string_lossy().into_owned())
         .collect();
     entries.sort();
+    let mut marker_torn = false;
     if entries.iter().any(|e| e == format::MARKER_FILE) {
         let file = storage.open_file(&marker, OpenMode::ReadOnly).map_err(|e| io_failure("open", &marker, 0, e))?;
         let len = file.len().map_err(|e| io_failure("stat", &marker, 0, e))?.min(4096);
         let mut contents = vec![0u8; len as usize];
         read_exact_at(file.as_ref(), &mut contents, 0).map_err(|e| io_failure("read", &marker, 0, e))?;
         if contents != format::MARKER_CONTENTS {
-            return Err(OpenError::UnsupportedFormat {
-                path: marker,
-                found: String::from_utf8_lossy(&contents).into_owned(),
-            });
+            // The marker is created, written and synced before anything else
+            // goes into the directory. A marker that holds only a prefix of
+            // its contents (often nothing) next to no segment is a creation
+            // that a crash or a failed write cut short, not another format.
+            let has_segments = entries.iter().any(|e| format::parse_segment_file_name(e).is_some());
+            if has_segments || !format::MARKER_CONTENTS.starts_with(&contents) {
+                return Err(OpenError::UnsupportedFormat {
+                    path: marker,
+                    found: String::from_utf8_lossy(&contents).into_owned(),
+                });
+            }
+            marker_torn = true;
         }
     } else if let Some(entry) = entries.into_iter().next() {
         return Err(OpenError::NotALogDirectory { path: dir.to_path_buf(), entry });
     } else {
         let file = storage.open_file(&marker, OpenMode::CreateNew).map_err(|e| io_failure("create", &marker, 0, e))?;
-        file.write_all_at(format::MARKER_CONTENTS, 0).map_err(|e| io_failure("write", &marker, 0, e))?;
-        file.sync_data().map_err(|e| io_failure("fdatasync", &marker, 0, e))?;
-        storage.sync_dir(dir).map_err(|e| io_failure("sync directory", dir, 0, e))?;
+        write_marker(storage, dir, &marker, file.as_ref())?;
     }
     let lock_path = dir.join(format::LOCK_FILE);
-    storage.lock_file(&lock_path).map_err(|e| match e.kind() {
+    let lock_guard = storage.lock_file(&lock_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock => OpenError::Locked { path: lock_path.clone() },
         _ => OpenError::Io(io_failure("lock", &lock_path, 0, e)),
-    })
+    })?;
+    if marker_torn {
+        // Finished under the lock, so that two openers cannot both repair it.
+        let file = storage.open_file(&marker, OpenMode::ReadWrite).map_err(|e| io_failure("open", &marker, 0, e))?;
+        write_marker(storage, dir, &marker, file.as_ref())?;
+    }
+    Ok(lock_guard)
+}
+
+fn write_marker(storage: &dyn Storage, dir: &Path, marker: &Path, file: &dyn StorageFile) -> Result<(), IoFailure> {
+    file.write_all_at(format::MARKER_CONTENTS, 0).map_err(|e| io_failure("write", marker, 0, e))?;
+    file.sync_data().map_err(|e| io_failure("fdatasync", marker, 0, e))?;
+    storage.sync_dir(dir).map_err(|e| io_failure("sync directory", dir, 0, e))
 }
 
 /// Loads every segment, checks continuity, and recovers the tail.
@@ -924,18 +955,18 @@ fn recover(
         let mode = if i == last { OpenMode::ReadWrite } else { OpenMode::ReadOnly };
         let file = storage.open_file(&path, mode).map_err(|e| io_failure("open", &path, 0, e))?;
         let file_len = file.len().map_err(|e| io_failure("stat", &path, 0, e))?;
-        if let Some(previous) = segments.last() {
-            if previous.end_position != base {
-                return Err(corruption(
-                    &path,
-                    0,
-                    format!(
-                        "segment starts at position {base} but the previous segment ends at {} (a segment file is missing or damaged)",
-                        previous.end_position
-                    ),
-                )
-                .into());
-            }
+        if let Some(previous) = segments.last()
+            && previous.end_position != base
+        {
+            return Err(corruption(
+                &path,
+                0,
+                format!(
+                    "segment starts at position {base} but the previous segment ends at {} (a segment file is missing or damaged)",
+                    previous.end_position
+                ),
+            )
+            .into());
         }
         let header_ok = check_segment_header(file.as_ref(), &path, base, file_len)?;
         let meta = if i < last {
@@ -1162,6 +1193,15 @@ fn recover_tail(
                 reason: torn_reason.unwrap_or_else(|| "trailing bytes after the last record".to_owned()),
             });
         }
+    }
+    if kept_bytes > file_len {
+        // The write was torn inside the padding of its last frame, which no
+        // checksum covers: every frame is whole. Put the padding back, or
+        // reads (which read whole frames) would run past the end of the file.
+        assert_eq!(report.truncated, None, "a tail is either cut or padded, never both");
+        assert!(kept_bytes - file_len < LOG_FRAME_ALIGN_BYTES, "only padding can be missing");
+        file.set_len(kept_bytes).map_err(|e| io_failure("extend", &path, file_len, e))?;
+        file.sync_data().map_err(|e| io_failure("fdatasync", &path, kept_bytes, e))?;
     }
     builder.entries.truncate(kept_index_len);
     Ok(SegmentMeta {

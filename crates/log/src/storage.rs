@@ -43,6 +43,7 @@ pub trait Storage: Send + Sync + Debug {
 }
 
 /// One open file.
+#[expect(clippy::len_without_is_empty, reason = "a file's length is an I/O call; nothing asks whether it is empty")]
 pub trait StorageFile: Send + Sync + Debug {
     /// Read up to `buf.len()` bytes at `offset`; returns how many were read (0 at end of file).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
