@@ -396,7 +396,7 @@ impl Log {
         while position < end && out.len() < max_records {
             let segment = self.segment_for(position)?;
             let limit = end.min(segment.end_position);
-            let (seek_position, seek_offset) = segment.seek(position);
+            let (seek_position, seek_offset) = (segment.seek_position, segment.seek_offset);
             let record_bytes_max = self.shared.config.record_bytes_max;
             let mut expected = seek_position;
             let mut corrupt = None;
@@ -473,8 +473,7 @@ impl Log {
             if upper <= start {
                 break;
             }
-            let segment = self.segment_for(upper - 1)?;
-            let (seek_position, _) = segment.seek(upper - 1);
+            let seek_position = self.segment_for(upper - 1)?.seek_position;
             let step = self.read(seek_position, (upper - seek_position) as usize, u64::MAX)?;
             for record in step.into_iter().rev() {
                 let len = record.payload.len() as u64;
@@ -489,7 +488,9 @@ impl Log {
         Ok(out)
     }
 
-    fn segment_for(&self, position: u64) -> Result<SegmentMeta, ReadError> {
+    /// The segment holding `position`, and the indexed record to scan from.
+    /// Cheap: copies no index, only handles and offsets.
+    fn segment_for(&self, position: u64) -> Result<SegmentView, ReadError> {
         let segments = self.shared.segments.read().expect("segments lock");
         let start = segments.first().map_or(0, |s| s.base_position);
         if position < start {
@@ -497,7 +498,16 @@ impl Log {
         }
         let at = segments.partition_point(|s| s.base_position <= position);
         assert!(at > 0, "position {position} at or above start {start} must have a segment");
-        Ok(segments[at - 1].clone())
+        let segment = &segments[at - 1];
+        let (seek_position, seek_offset) = segment.seek(position);
+        Ok(SegmentView {
+            file: Arc::clone(&segment.file),
+            path: Arc::clone(&segment.path),
+            end_position: segment.end_position,
+            valid_bytes: segment.valid_bytes,
+            seek_position,
+            seek_offset,
+        })
     }
 
     /// Reads and checks every record of every segment; returns how many there are.
@@ -562,6 +572,18 @@ impl Drop for Log {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// What a reader needs of one segment, taken under the segments lock
+/// without copying its index.
+struct SegmentView {
+    file: Arc<dyn StorageFile>,
+    path: Arc<Path>,
+    end_position: u64,
+    valid_bytes: u64,
+    /// The last indexed record at or before the position asked for.
+    seek_position: u64,
+    seek_offset: u64,
 }
 
 fn shared_dir(active: &SegmentMeta) -> PathBuf {
@@ -711,13 +733,6 @@ impl Writer {
                 self.roll()?;
                 chunk_first_position = None;
             }
-            let group_offset = self.bytes + self.buf.len() as u64;
-            let index_due = self.last_indexed_offset.is_none_or(|last| group_offset - last >= LOG_INDEX_STRIDE_BYTES);
-            if index_due {
-                self.last_indexed_offset = Some(group_offset);
-                let offset = u32::try_from(group_offset).expect("segment size fits in u32");
-                self.new_index.push((group.outcome.first_position, offset));
-            }
             assert_eq!(group.outcome.first_position, self.next_position, "positions are assigned densely");
             let chunk_first = *chunk_first_position.get_or_insert(self.next_position);
             for i in 0..group.count() {
@@ -726,6 +741,11 @@ impl Writer {
                 let payload = &batch.payload[payload_at..payload_at + len];
                 let flags = if i + 1 == group.count() { FLAG_GROUP_END } else { 0 };
                 let delta = u32::try_from(position - chunk_first).expect("a batch holds fewer than 2^32 records");
+                let offset = self.bytes + self.buf.len() as u64;
+                if self.last_indexed_offset.is_none_or(|last| offset - last >= LOG_INDEX_STRIDE_BYTES) {
+                    self.last_indexed_offset = Some(offset);
+                    self.new_index.push((position, u32::try_from(offset).expect("segment size fits in u32")));
+                }
                 let at = format::push_frame(&mut self.buf, position, flags, delta, payload);
                 self.frame_offsets.push(at);
                 self.next_position += 1;
@@ -1021,16 +1041,16 @@ fn check_segment_header(
 struct IndexBuilder {
     entries: Vec<(u64, u32)>,
     last_offset: Option<u64>,
-    in_group: bool,
 }
 
 impl IndexBuilder {
-    fn frame(&mut self, position: u64, offset: u64, flags: u16) {
-        if !self.in_group && self.last_offset.is_none_or(|last| offset - last >= LOG_INDEX_STRIDE_BYTES) {
+    /// Indexes the record at `offset` if the last entry is a stride behind,
+    /// by the same rule as the writer.
+    fn frame(&mut self, position: u64, offset: u64) {
+        if self.last_offset.is_none_or(|last| offset - last >= LOG_INDEX_STRIDE_BYTES) {
             self.entries.push((position, u32::try_from(offset).expect("segment size fits in u32")));
             self.last_offset = Some(offset);
         }
-        self.in_group = flags & FLAG_GROUP_END == 0;
     }
 }
 
@@ -1078,7 +1098,7 @@ fn load_sealed(
                 out_of_sequence = Some(frame.offset);
                 return false;
             }
-            builder.frame(expected, frame.offset, frame.info.flags);
+            builder.frame(expected, frame.offset);
             last_flags = frame.info.flags;
             expected += 1;
             true
@@ -1144,7 +1164,7 @@ fn recover_tail(
                 return false;
             }
             batch_first = first;
-            builder.frame(expected, frame.offset, info.flags);
+            builder.frame(expected, frame.offset);
             expected += 1;
             if info.flags & FLAG_GROUP_END != 0 {
                 kept_bytes = frame.offset + info.frame_len as u64;

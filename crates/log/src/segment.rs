@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use edgebus_types::limits::{LOG_FRAME_ALIGN_BYTES, LOG_READ_CHUNK_BYTES};
+use edgebus_types::limits::{LOG_FRAME_ALIGN_BYTES, LOG_READ_CHUNK_BYTES, LOG_READ_CHUNK_MIN_BYTES};
 
 use crate::error::IoFailure;
 use crate::format::{self, FrameCheck, FrameInfo};
@@ -91,6 +91,9 @@ pub(crate) fn scan(
     let mut offset = start_offset;
     let mut chunk = Bytes::new();
     let mut chunk_offset = start_offset;
+    // Short reads (one record after an index seek) read little; long scans
+    // double their chunk up to the maximum.
+    let mut chunk_bytes = LOG_READ_CHUNK_MIN_BYTES / 2;
     loop {
         if offset >= end_offset {
             return Ok(ScanStop::End { offset });
@@ -100,7 +103,8 @@ pub(crate) fn scan(
             if offset + 8 > end_offset {
                 return Ok(ScanStop::Bad { offset, reason: "frame runs past the end", incomplete: true });
             }
-            let want = LOG_READ_CHUNK_BYTES.min(end_offset - offset);
+            chunk_bytes = (chunk_bytes * 2).min(LOG_READ_CHUNK_BYTES);
+            let want = chunk_bytes.min(end_offset - offset);
             chunk = read_chunk(file, path, offset, want as usize)?;
             chunk_offset = offset;
             continue;
@@ -111,7 +115,8 @@ pub(crate) fn scan(
             if offset + 8 + len > end_offset {
                 return Ok(ScanStop::Bad { offset, reason: "frame runs past the end", incomplete: true });
             }
-            let want = (8 + len).max(LOG_READ_CHUNK_BYTES).min(end_offset - offset);
+            chunk_bytes = (chunk_bytes * 2).min(LOG_READ_CHUNK_BYTES);
+            let want = (8 + len).max(chunk_bytes).min(end_offset - offset);
             chunk = read_chunk(file, path, offset, want as usize)?;
             chunk_offset = offset;
             continue;

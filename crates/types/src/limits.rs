@@ -35,12 +35,18 @@ pub const LOG_QUEUE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 /// Default number of appends that may wait in the append queue.
 pub const LOG_QUEUE_APPENDS_DEFAULT: u32 = 65_536;
 
-/// Bytes between two entries of a segment's sparse position index.
-pub const LOG_INDEX_STRIDE_BYTES: u64 = 64 * 1024;
-/// Bytes a sequential reader asks the storage for in one call.
+/// Bytes between two entries of a segment's sparse position index: a read
+/// of one record scans at most this much before it. Costs 16 bytes of
+/// memory per stride of log (1/256 of the log's size).
+pub const LOG_INDEX_STRIDE_BYTES: u64 = 4 * 1024;
+/// Bytes a scan asks the storage for in its first call; it doubles per call.
+pub const LOG_READ_CHUNK_MIN_BYTES: u64 = 16 * 1024;
+/// Bytes a sequential reader asks the storage for in one call, at most.
 pub const LOG_READ_CHUNK_BYTES: u64 = 1024 * 1024;
 
 const _: () = assert!(LOG_SEGMENT_BYTES_MIN <= LOG_SEGMENT_BYTES_DEFAULT);
+const _: () = assert!(LOG_INDEX_STRIDE_BYTES + LOG_FRAME_OVERHEAD_BYTES <= LOG_READ_CHUNK_MIN_BYTES);
+const _: () = assert!(LOG_READ_CHUNK_MIN_BYTES <= LOG_READ_CHUNK_BYTES);
 const _: () = assert!(LOG_SEGMENT_BYTES_DEFAULT <= LOG_SEGMENT_BYTES_MAX);
 const _: () = assert!(LOG_SEGMENT_BYTES_MAX <= u32::MAX as u64);
 const _: () = assert!(LOG_RECORD_BYTES_DEFAULT <= LOG_RECORD_BYTES_MAX);
