@@ -78,6 +78,19 @@ pub struct TornTail {
     pub reason: String,
 }
 
+/// One segment as [`Log::segments`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentSummary {
+    /// Position of its first record.
+    pub base_position: u64,
+    /// One past the position of its last visible record.
+    pub end_position: u64,
+    /// Bytes of the segment file, header included.
+    pub bytes: u64,
+    /// Sealed segments are never written again and may be removed.
+    pub sealed: bool,
+}
+
 /// Counters since open.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogStats {
@@ -508,6 +521,21 @@ impl Log {
             seek_position,
             seek_offset,
         })
+    }
+
+    /// The segments, oldest first: their position ranges, sizes and whether sealed.
+    pub fn segments(&self) -> Vec<SegmentSummary> {
+        let end = self.end_position();
+        let segments = self.shared.segments.read().expect("segments lock");
+        segments
+            .iter()
+            .map(|s| SegmentSummary {
+                base_position: s.base_position,
+                end_position: s.end_position.min(end),
+                bytes: s.valid_bytes,
+                sealed: s.sealed,
+            })
+            .collect()
     }
 
     /// Reads and checks every record of every segment; returns how many there are.

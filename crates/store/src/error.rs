@@ -43,6 +43,8 @@ pub enum ErrorCode {
     Corrupt = 15,
     /// A position below the log's start was asked for.
     PositionRemoved = 16,
+    /// The index failed; the store stops taking writes.
+    IndexFailure = 17,
 }
 
 /// Errors of writes: append, exists-or-write, metadata, delete, snapshots.
@@ -146,6 +148,9 @@ pub enum WriteError {
     /// The log cannot write.
     #[error("store unavailable: {0}")]
     Unavailable(AppendError),
+    /// The index failed to read or write.
+    #[error("index failure: {0}")]
+    Index(String),
 }
 
 impl WriteError {
@@ -166,6 +171,7 @@ impl WriteError {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::Busy => ErrorCode::Busy,
             Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Index(_) => ErrorCode::IndexFailure,
         }
     }
 }

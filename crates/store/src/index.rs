@@ -230,7 +230,7 @@ impl Index {
         for write in writes {
             match write {
                 IndexWrite::State(stream, state) => {
-                    batch.insert(&self.streams, stream.as_bytes(), state.encode().as_slice())
+                    batch.insert(&self.streams, stream.as_bytes(), state.encode().as_slice());
                 }
                 IndexWrite::Version(stream, version, entry) => {
                     let mut value = [0u8; 16];

@@ -18,5 +18,5 @@ pub use index::StreamState;
 pub use record::StreamMetadata;
 pub use store::{
     AllFilter, AllSlice, AppendResult, Direction, ExistsOrWrite, OpenReport, READ_ALL_SCAN_MAX, READ_COUNT_MAX,
-    Snapshot, SnapshotInfo, Store, StoreConfig, StreamFrom, StreamInfo,
+    ReclaimReport, Snapshot, SnapshotInfo, Store, StoreConfig, StreamFrom, StreamInfo,
 };

@@ -145,10 +145,10 @@ impl AllFilter {
         if event.stream.is_system() && !self.include_system {
             return false;
         }
-        if let Some(pattern) = &self.stream {
-            if !pattern.matches(&event.stream) {
-                return false;
-            }
+        if let Some(pattern) = &self.stream
+            && !pattern.matches(&event.stream)
+        {
+            return false;
         }
         self.event_types.is_empty() || self.event_types.contains(&event.event_type)
     }
@@ -196,6 +196,19 @@ pub struct SnapshotInfo {
     pub version: u64,
     /// Its position in the log.
     pub position: u64,
+}
+
+/// What [`Store::reclaim`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReclaimReport {
+    /// Records inspected.
+    pub scanned: u64,
+    /// Segments removed.
+    pub segments_removed: usize,
+    /// Their bytes.
+    pub bytes_removed: u64,
+    /// The log's first position afterwards.
+    pub start_position: u64,
 }
 
 /// What opening found.
@@ -264,12 +277,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock()
 }
 
-fn index_read(e: String) -> ReadError {
-    ReadError::Index(e)
+fn index_read(e: impl std::fmt::Display) -> ReadError {
+    ReadError::Index(e.to_string())
 }
 
-pub(crate) fn index_write(e: String) -> WriteError {
-    WriteError::InvalidArgument(format!("index failure: {e}"))
+pub(crate) fn index_write(e: impl std::fmt::Display) -> WriteError {
+    WriteError::Index(e.to_string())
 }
 
 impl Store {
@@ -389,7 +402,13 @@ impl Store {
             STREAMS_STREAM,
             stream,
             timestamp_ms,
-            Box::new(move |_| Ok(Command::Metadata { stream: target, metadata })),
+            // A tombstoned stream takes no writes at all, metadata included.
+            Box::new(move |state: &StreamState| {
+                if state.tombstoned {
+                    return Err(WriteError::StreamDeleted { stream: target });
+                }
+                Ok(Command::Metadata { stream: target, metadata })
+            }),
         )
     }
 
@@ -820,6 +839,72 @@ impl Store {
             .collect())
     }
 
+    /// Reclaims space: removes the oldest sealed log segments in which every
+    /// record is dead, and returns what it did. An event is dead when its
+    /// stream is tombstoned, or its version is below the stream's first
+    /// visible version, or it is older than the stream's `max_age` at
+    /// `now_ms`; a snapshot record is dead once the snapshot was deleted.
+    /// Stream commands (`$sys.streams`) are kept: they carry each stream's
+    /// retention and delete state for an index rebuild. Only a prefix of the
+    /// log can be removed, so the first live segment stops the sweep.
+    pub fn reclaim(&self, now_ms: u64) -> Result<ReclaimReport, ReadError> {
+        let mut report = ReclaimReport::default();
+        let mut remove_before = None;
+        for segment in self.shared.log.segments() {
+            if !segment.sealed {
+                break;
+            }
+            let mut at = segment.base_position;
+            let mut live = false;
+            while at < segment.end_position && !live {
+                let records = self.shared.log.read(at, 4096, 16 * 1024 * 1024)?;
+                let Some(last) = records.last() else { break };
+                at = last.position + 1;
+                for record in records.iter().take_while(|r| r.position < segment.end_position) {
+                    report.scanned += 1;
+                    let event = record::decode_event(&record.payload, record.position)?;
+                    if self.is_live(&event, now_ms)? {
+                        live = true;
+                        break;
+                    }
+                }
+            }
+            if live {
+                break;
+            }
+            remove_before = Some(segment.end_position);
+            report.segments_removed += 1;
+            report.bytes_removed += segment.bytes;
+        }
+        report.start_position = match remove_before {
+            Some(position) => self
+                .shared
+                .log
+                .remove_segments_before(position)
+                .map_err(|e| ReadError::Index(format!("removing reclaimed segments: {e}")))?,
+            None => self.shared.log.start_position(),
+        };
+        Ok(report)
+    }
+
+    fn is_live(&self, event: &RecordedEvent, now_ms: u64) -> Result<bool, ReadError> {
+        if event.stream.as_str() == STREAMS_STREAM {
+            return Ok(true);
+        }
+        if event.stream.as_str().starts_with(SNAPSHOTS_PREFIX) {
+            return Ok(match Command::decode(event)? {
+                Some(Command::Snapshot { stream, version, .. }) => {
+                    let source = &event.stream.as_str()[SNAPSHOTS_PREFIX.len()..];
+                    self.read_snapshot(source, &stream, Some(version)).is_ok_and(|s| s.position == event.position)
+                }
+                _ => false,
+            });
+        }
+        let state = self.shared.state(event.stream.as_str()).map_err(index_read)?.unwrap_or_default();
+        let too_old = state.metadata.max_age_ms.is_some_and(|age| event.timestamp_ms < now_ms.saturating_sub(age));
+        Ok(!state.tombstoned && event.version >= state.first_visible_version() && !too_old)
+    }
+
     /// Moves everything durable into the on-disk index now.
     pub fn flush_index(&self) -> Result<(), ReadError> {
         self.shared.flush().map_err(ReadError::Index)
@@ -927,6 +1012,9 @@ impl Shared {
             self.index.versions(stream.as_str(), from, tail_first).map_err(index_read)?;
         entries.extend(tail_entries);
         let end = self.log.end_position();
+        // Versions whose records were reclaimed were dead: skip them.
+        let start = self.log.start_position();
+        entries.retain(|(_, entry)| entry.position >= start);
         let mut out = Vec::with_capacity(entries.len());
         let mut i = 0;
         while i < entries.len() {
@@ -980,7 +1068,7 @@ impl Shared {
                     content_hash: event.content_hash(),
                     command: command.as_ref(),
                 };
-                inner.tail.apply(&self.index, &applied).map_err(|e| ReadError::Index(e))?;
+                inner.tail.apply(&self.index, &applied).map_err(ReadError::Index)?;
                 replayed += 1;
             }
             let full = inner.tail.ops.len() >= self.config.index_flush_events;

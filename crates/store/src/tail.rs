@@ -91,12 +91,11 @@ impl Tail {
         stream: &str,
         version: u64,
     ) -> Result<Option<VersionEntry>, IndexError> {
-        if let Some(tail) = self.streams.get(stream) {
-            if let Some((first, _)) = tail.versions.front() {
-                if version >= *first {
-                    return Ok(tail.versions.get((version - first) as usize).map(|(_, e)| *e));
-                }
-            }
+        if let Some(tail) = self.streams.get(stream)
+            && let Some((first, _)) = tail.versions.front()
+            && version >= *first
+        {
+            return Ok(tail.versions.get((version - first) as usize).map(|(_, e)| *e));
         }
         index.version(stream, version)
     }

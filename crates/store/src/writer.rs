@@ -313,15 +313,18 @@ impl Shared {
                 return Err(WriteError::IdempotencyConflict { id: event.id, stream: stream.clone() });
             }
         }
+        let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
         let before = first_version.checked_sub(1);
         let consistent = match expected {
             ExpectedVersion::Any => true,
-            ExpectedVersion::NoStream => first_version == 0,
+            // The original found no stream: none was written yet, or a soft
+            // delete had just hidden it, which leaves `deleted_before` at or
+            // past `first_version` (the state keeps no finer history).
+            ExpectedVersion::NoStream => first_version == 0 || state.deleted_before >= first_version,
             ExpectedVersion::StreamExists => before.is_some(),
             ExpectedVersion::Exact(v) => before == Some(v),
         };
         if !consistent {
-            let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
             return Err(WriteError::WrongExpectedVersion {
                 stream: stream.clone(),
                 source: WrongExpectedVersion { expected, current: state.current_version() },

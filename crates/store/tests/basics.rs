@@ -129,3 +129,39 @@ fn clients_cannot_write_system_streams() {
     assert_eq!(err.code(), ErrorCode::ReservedStream);
     assert_eq!(store.log().end_position(), 0);
 }
+
+#[test]
+fn reclaim_removes_only_dead_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig { log: edgebus_log::LogConfig::small_segments(16 * 1024), ..StoreConfig::default() };
+    let store = Store::open(dir.path(), config).unwrap();
+    let hot = name("hot");
+    let keep = name("keep");
+    // One event that stays live, then many that die by max_count.
+    store.append(&keep, ExpectedVersion::Any, vec![event(1, "keep me")]).unwrap();
+    store.set_stream_metadata(&hot, StreamMetadata { max_count: Some(3), ..Default::default() }, 0).unwrap();
+    for i in 0..600u128 {
+        store.append(&hot, ExpectedVersion::Any, vec![event(100 + i, &"x".repeat(200))]).unwrap();
+    }
+    // The first segment holds a live event and a command: nothing can go.
+    let report = store.reclaim(0).unwrap();
+    assert_eq!(report.segments_removed, 0, "{report:?}");
+    assert_eq!(store.log().start_position(), 0);
+    // A store whose first segments hold only events dead by max_count (the
+    // command that kills them comes last) gives those segments back.
+    let dir2 = tempfile::tempdir().unwrap();
+    let config = StoreConfig { log: edgebus_log::LogConfig::small_segments(16 * 1024), ..StoreConfig::default() };
+    let store2 = Store::open(dir2.path(), config).unwrap();
+    for i in 0..600u128 {
+        store2.append(&hot, ExpectedVersion::Any, vec![event(100 + i, &"x".repeat(200))]).unwrap();
+    }
+    store2.set_stream_metadata(&hot, StreamMetadata { max_count: Some(3), ..Default::default() }, 0).unwrap();
+    let segments_before = store2.log().segments().len();
+    let report = store2.reclaim(0).unwrap();
+    assert!(report.segments_removed > 0, "{report:?}");
+    assert_eq!(store2.log().segments().len(), segments_before - report.segments_removed);
+    assert!(report.start_position > 0);
+    let visible = store2.read_stream(&hot, StreamFrom::Start, Direction::Forward, 100, 0).unwrap();
+    assert_eq!(visible.iter().map(|e| e.version).collect::<Vec<_>>(), [597, 598, 599]);
+    assert_eq!(store.read_stream(&keep, StreamFrom::Start, Direction::Forward, 10, 0).unwrap().len(), 1);
+}
