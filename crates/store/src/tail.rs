@@ -61,6 +61,9 @@ pub(crate) struct Tail {
     /// Value: (op position, snapshot position or `None` if deleted).
     pub(crate) snapshots: BTreeMap<SnapshotKey, (u64, Option<u64>)>,
     pub(crate) ops: VecDeque<Op>,
+    /// The last state read from the index by [`Tail::state`], so that the
+    /// write that follows does not read it again.
+    last_index_read: Option<(Box<str>, Option<StreamState>)>,
 }
 
 /// What one record contributes, as the state machine sees it.
@@ -82,6 +85,25 @@ impl Tail {
             Some(tail) => Ok(Some(tail.state)),
             None => index.stream_state(stream),
         }
+    }
+
+    /// Forgets what [`Tail::state_for_write`] remembered; called before each
+    /// write so a remembered state never outlives the write that read it.
+    pub(crate) fn forget_index_read(&mut self) {
+        self.last_index_read = None;
+    }
+
+    /// Like [`Tail::state`], for the write path: remembers what it read
+    /// from the index so that applying the write does not read it again.
+    /// Only the state lock's holder calls it, and nothing changes the index's
+    /// copy of a stream that is not in the tail while the lock is held.
+    pub(crate) fn state_for_write(&mut self, index: &Index, stream: &str) -> Result<Option<StreamState>, IndexError> {
+        if let Some(tail) = self.streams.get(stream) {
+            return Ok(Some(tail.state));
+        }
+        let state = index.stream_state(stream)?;
+        self.last_index_read = Some((Box::from(stream), state));
+        Ok(state)
     }
 
     /// The entry of `version` of `stream`.
@@ -120,7 +142,11 @@ impl Tail {
 
     fn entry(&mut self, index: &Index, stream: &str) -> Result<(Arc<str>, &mut TailStream), IndexError> {
         if !self.streams.contains_key(stream) {
-            let state = index.stream_state(stream)?.unwrap_or_default();
+            let state = match self.last_index_read.take() {
+                Some((name, state)) if *name == *stream => state,
+                _ => index.stream_state(stream)?,
+            };
+            let state = state.unwrap_or_default();
             self.streams.insert(Arc::from(stream), TailStream { state, versions: VecDeque::new() });
         }
         let (key, _) = self.streams.get_key_value(stream).expect("inserted above");

@@ -162,6 +162,7 @@ impl Shared {
                     slot.complete(Reply::Done(Err(WriteError::Unavailable(AppendError::Closed))));
                     continue;
                 }
+                inner.tail.forget_index_read();
                 match self.process(&mut inner, request, &slot) {
                     Ok(Some(reply)) => slot.complete(reply),
                     Ok(None) => {} // submitted: the log's writer thread completes it
@@ -209,7 +210,7 @@ impl Shared {
         events: Vec<NewEvent>,
         slot: &Arc<Slot>,
     ) -> Result<Option<Reply>, WriteError> {
-        let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
+        let state = inner.tail.state_for_write(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
         if state.tombstoned {
             return Err(WriteError::StreamDeleted { stream: stream.clone() });
         }
@@ -234,7 +235,7 @@ impl Shared {
         event: NewEvent,
         slot: &Arc<Slot>,
     ) -> Result<Option<Reply>, WriteError> {
-        let state = inner.tail.state(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
+        let state = inner.tail.state_for_write(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
         if state.tombstoned {
             return Err(WriteError::StreamDeleted { stream: stream.clone() });
         }
