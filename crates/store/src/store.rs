@@ -506,8 +506,11 @@ impl Store {
                     StreamFrom::End => next,
                     StreamFrom::Version(v) => v.max(first),
                 };
-                while at < next && out.len() < max_count {
-                    let to = next.min(at + (max_count - out.len()) as u64);
+                // Events too old for max_age are skipped; the scan is bounded
+                // so one read never walks an unbounded expired prefix.
+                let scan_end = next.min(at.saturating_add(READ_ALL_SCAN_MAX as u64));
+                while at < scan_end && out.len() < max_count {
+                    let to = scan_end.min(at + (max_count - out.len()) as u64);
                     let page = shared.read_versions(stream, at, to)?;
                     out.extend(page.into_iter().filter(|e| e.timestamp_ms >= min_timestamp));
                     at = to;
@@ -523,8 +526,9 @@ impl Store {
                     let page = shared.read_versions(stream, lower, upper)?;
                     let before = out.len();
                     out.extend(page.into_iter().rev().filter(|e| e.timestamp_ms >= min_timestamp));
-                    if out.len() == before && page_is_all_too_old(min_timestamp) {
-                        // Older events are older still: nothing below can pass max_age.
+                    if out.len() == before && min_timestamp > 0 {
+                        // A whole page too old: the events below it are older
+                        // still (the node stamps time in log order).
                         break;
                     }
                     upper = lower;
@@ -967,12 +971,6 @@ impl Drop for Store {
     fn drop(&mut self) {
         let _ = self.close();
     }
-}
-
-/// With a `max_age`, versions are written in time order only by convention;
-/// we stop at the first all-too-old page only when every event in it failed.
-fn page_is_all_too_old(min_timestamp: u64) -> bool {
-    min_timestamp > 0
 }
 
 fn snapshot_stream(source: &str) -> Result<StreamName, WriteError> {
