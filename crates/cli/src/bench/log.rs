@@ -9,11 +9,16 @@
 //!    writers: an ideal group commit), with no log code at all;
 //! 2. `Log::append` under the default configuration (`fsync = always`) from
 //!    that many threads, each appending one record at a time;
+//! 3. for more than one writer, `Log::submit` from one thread keeping that
+//!    many single-record appends in flight: the same group commit without a
+//!    thread to wake per append, which tells the log's own cost apart from
+//!    the cost of the threads;
 //!
-//! and then 3. a sequential `Log::read` of the largest log written, from
+//! and then 4. a sequential `Log::read` of the largest log written, from
 //! position 0 in large batches, after the data is in the page cache.
 //!
-//! Every workload runs for a fixed time. The report states the machine, the
+//! Every workload runs for a fixed time, in turns of [`SLICE_DURATION`] with
+//! the other workloads of its shape. The report states the machine, the
 //! filesystem and the durability setting, gives each append figure as a
 //! ratio to the raw limit of the same shape, and checks the targets. It
 //! reports; it does not fail when a target is missed.
@@ -22,7 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -61,6 +66,8 @@ const READ_BATCH_RECORDS_MAX: usize = 65_536;
 const READ_BATCH_BYTES_MAX: u64 = 16 * 1024 * 1024;
 /// Passes over the log the read benchmark makes at most, whatever the time.
 const READ_PASSES_MAX: u32 = 1000;
+/// Length of one turn of a workload; see [`measure_shape`].
+const SLICE_DURATION: Duration = Duration::from_millis(250);
 /// Stack of each appender thread: they only call `Log::append`.
 const APPENDER_STACK_BYTES: usize = 256 * 1024;
 
@@ -78,8 +85,10 @@ const DURABILITY: &str = "fsync=always: every acknowledged append is fdatasync'e
 enum BenchKind {
     /// `write` + `fdatasync` on a plain file.
     RawFsync,
-    /// `Log::append`.
+    /// `Log::append`, one thread per append in flight.
     LogAppend,
+    /// `Log::submit` from one thread with many appends in flight.
+    LogSubmit,
     /// `Log::read`, sequential, from the page cache.
     LogRead,
 }
@@ -89,6 +98,7 @@ impl BenchKind {
         match self {
             Self::RawFsync => "raw write+fdatasync",
             Self::LogAppend => "log append",
+            Self::LogSubmit => "log submit",
             Self::LogRead => "log read (page cache)",
         }
     }
@@ -121,17 +131,6 @@ impl Row {
     /// Payload megabytes (10^6 bytes) per second.
     fn mb_per_s(&self) -> f64 {
         self.events_per_s() * self.payload_bytes as f64 / 1e6
-    }
-
-    /// The two halves of one measurement as one.
-    fn combine(mut self, other: &Self) -> Self {
-        assert_eq!((self.kind, self.writers, self.payload_bytes), (other.kind, other.writers, other.payload_bytes));
-        self.events += other.events;
-        self.elapsed += other.elapsed;
-        if let (Some(mine), Some(theirs)) = (&mut self.latency, &other.latency) {
-            mine.merge(theirs);
-        }
-        self
     }
 
     fn latency_us(&self, quantile: f64) -> Option<f64> {
@@ -245,34 +244,32 @@ pub fn run(args: &LogBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs every workload in order: for each shape the raw limit, then the log;
-/// then the read of the largest log.
+/// Runs every workload: for each shape the raw limit, the appender threads
+/// and the submitter take turns in slices; then the read of the largest log.
 fn measure_all(dir: &Path, duration: Duration) -> anyhow::Result<Vec<Row>> {
+    let slices = u32::try_from(duration.as_millis() / SLICE_DURATION.as_millis()).unwrap_or(u32::MAX).max(1);
     let mut rows = Vec::new();
-    // The log with the most payload bytes is kept for the read benchmark.
+    // The append log with the most payload bytes is kept for the read benchmark.
     let mut largest: Option<(u64, PathBuf, u64)> = None;
     for payload_bytes in PAYLOAD_BYTES {
         for writers in WRITERS {
-            // The raw limit is measured half before and half after the log, so
-            // that a disk that speeds up or slows down over time (other work,
-            // the device's own caching) biases the ratio less.
-            eprintln!("  {writers} writers, {payload_bytes} B: raw write+fdatasync, log append, raw again ...");
-            let raw_before = measure_raw(dir, payload_bytes, writers, duration / 2)?;
-            let log_dir = dir.join(format!("log-{writers}w-{payload_bytes}b"));
-            let mut append = measure_append(&log_dir, payload_bytes, writers, duration)?;
-            let raw = raw_before.combine(&measure_raw(dir, payload_bytes, writers, duration / 2)?);
-            append.ratio_to_raw = Some(append.events_per_s() / raw.events_per_s());
-            let bytes = append.events * payload_bytes;
+            eprintln!(
+                "  writers={writers}, payload={payload_bytes} B: raw write+fdatasync, log append{} in turns ...",
+                if writers > 1 { ", log submit" } else { "" }
+            );
+            let shape = measure_shape(dir, payload_bytes, writers, slices)?;
+            let bytes = shape.append.events * payload_bytes;
             if largest.as_ref().is_none_or(|(largest_bytes, _, _)| bytes > *largest_bytes) {
                 if let Some((_, previous, _)) = largest.take() {
                     remove_dir(&previous)?;
                 }
-                largest = Some((bytes, log_dir, payload_bytes));
+                largest = Some((bytes, shape.append_log_dir, payload_bytes));
             } else {
-                remove_dir(&log_dir)?;
+                remove_dir(&shape.append_log_dir)?;
             }
-            rows.push(raw);
-            rows.push(append);
+            rows.push(shape.raw);
+            rows.push(shape.append);
+            rows.extend(shape.submit);
         }
     }
     let (_, log_dir, payload_bytes) = largest.expect("at least one workload ran");
@@ -286,128 +283,410 @@ fn remove_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))
 }
 
-/// The raw device limit: `write` of `writers` framed records, then
-/// `fdatasync`, in a loop, on a new file.
-fn measure_raw(dir: &Path, payload_bytes: u64, writers: usize, duration: Duration) -> anyhow::Result<Row> {
-    let disk_bytes_per_event = edgebus_log::format::frame_bytes(payload_bytes);
-    let write_bytes = usize::try_from(disk_bytes_per_event).expect("small") * writers;
-    let batch = vec![0xa5u8; write_bytes];
-    let path = dir.join(format!("raw-{writers}w-{payload_bytes}b"));
-    let mut file: File = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    let mut latency = Histogram::default();
-    let mut writes = 0u64;
-    let start = Instant::now();
-    while start.elapsed() < duration {
-        let write_start = Instant::now();
-        file.write_all(&batch).with_context(|| format!("write to {}", path.display()))?;
-        file.sync_data().with_context(|| format!("fdatasync of {}", path.display()))?;
-        latency.record(write_start.elapsed());
-        writes += 1;
-    }
-    let elapsed = start.elapsed();
-    drop(file);
-    std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-    Ok(Row {
-        kind: BenchKind::RawFsync,
-        payload_bytes,
-        writers,
-        events: writes * writers as u64,
-        elapsed,
-        latency: Some(latency),
-        records_per_fsync: Some(writers as f64),
-        disk_bytes_per_event,
-        ratio_to_raw: None,
-    })
-}
-
-/// `writers` threads each calling `Log::append` with one record, as fast as
-/// acknowledgements come back, on a new log with the default configuration.
-fn measure_append(log_dir: &Path, payload_bytes: u64, writers: usize, duration: Duration) -> anyhow::Result<Row> {
+fn open_log(dir: &Path) -> anyhow::Result<Log> {
     let config = LogConfig::default();
     assert_eq!(config.fsync, FsyncPolicy::Always, "the benchmark measures the default durability");
-    let log = Log::open(log_dir, config).with_context(|| format!("cannot open a log in {}", log_dir.display()))?;
+    Log::open(dir, config).with_context(|| format!("cannot open a log in {}", dir.display()))
+}
+
+fn close_log(log: &Log) -> anyhow::Result<()> {
+    log.close().map_err(|failure| anyhow::anyhow!("closing the log in {} failed: {failure}", log.dir().display()))
+}
+
+fn records_per_fsync(stats: &LogStats) -> f64 {
+    stats.records as f64 / stats.fsyncs.max(1) as f64
+}
+
+/// The rows of one shape, and the append log it left for the read benchmark.
+#[derive(Debug)]
+struct ShapeRows {
+    raw: Row,
+    append: Row,
+    submit: Option<Row>,
+    append_log_dir: PathBuf,
+}
+
+/// Measures one shape. The workloads take `slices` turns of
+/// [`SLICE_DURATION`] each, so that other work on the machine, or a disk
+/// that speeds up or slows down over time, hits them alike and the ratios
+/// stay fair.
+fn measure_shape(dir: &Path, payload_bytes: u64, writers: usize, slices: u32) -> anyhow::Result<ShapeRows> {
     let payload = vec![0x5au8; usize::try_from(payload_bytes).expect("small")];
-    let stop = AtomicBool::new(false);
-    // Appenders wait at the gate until all are started, so they start together.
-    let gate = RwLock::new(());
-    let merged = Mutex::new((Histogram::default(), 0u64));
-    let mut first_error: Option<anyhow::Error> = None;
-    let (elapsed, stats_before_close): (Duration, LogStats) = std::thread::scope(|scope| {
-        let gate_closed = gate.write().expect("nobody else took the gate yet");
+    let mut raw = RawFsync::create(dir, payload_bytes, writers)?;
+    let append_log_dir = dir.join(format!("append-{writers}w-{payload_bytes}b"));
+    let append_log = open_log(&append_log_dir)?;
+    // One thread with as many appends in flight as there are appender threads:
+    // the same group commit without a thread to wake per append.
+    let mut submitter = if writers > 1 {
+        Some(Submitter::open(&dir.join(format!("submit-{writers}w-{payload_bytes}b")), &payload, writers)?)
+    } else {
+        None
+    };
+    let gate = Gate::default();
+    let mut append_elapsed = Duration::ZERO;
+    let (turns, appenders): (anyhow::Result<()>, Vec<anyhow::Result<(Histogram, u64)>>) = std::thread::scope(|scope| {
         let mut handles = Vec::with_capacity(writers);
+        let mut turns = Ok(());
         for index in 0..writers {
             let spawned = std::thread::Builder::new()
                 .name(format!("bench-appender-{index}"))
                 .stack_size(APPENDER_STACK_BYTES)
-                .spawn_scoped(scope, || -> anyhow::Result<()> {
-                    let mut latency = Histogram::default();
-                    let mut appends = 0u64;
-                    drop(gate.read().expect("the gate is opened, never poisoned"));
-                    let result = loop {
-                        if stop.load(Ordering::Relaxed) {
-                            break Ok(());
-                        }
-                        let append_start = Instant::now();
-                        if let Err(error) = log.append(&[&payload[..]]) {
-                            stop.store(true, Ordering::Relaxed);
-                            break Err(anyhow::Error::new(error).context("append failed"));
-                        }
-                        latency.record(append_start.elapsed());
-                        appends += 1;
-                    };
-                    let mut merged = merged.lock().expect("no appender panics while holding the lock");
-                    merged.0.merge(&latency);
-                    merged.1 += appends;
-                    result
-                });
+                .spawn_scoped(scope, || append_while_open(&gate, &append_log, &payload));
             match spawned {
                 Ok(handle) => handles.push(handle),
                 Err(error) => {
-                    // The ones started see `stop` as soon as the gate opens.
-                    stop.store(true, Ordering::Relaxed);
-                    first_error =
-                        Some(anyhow::Error::new(error).context(format!("cannot start appender thread {index}")));
+                    turns = Err(anyhow::Error::new(error).context(format!("cannot start appender thread {index}")));
                     break;
                 }
             }
         }
-        drop(gate_closed);
-        let start = Instant::now();
-        std::thread::sleep(duration);
-        stop.store(true, Ordering::Relaxed);
-        for handle in handles {
-            if let Err(error) = handle.join().expect("appender threads do not panic") {
-                first_error.get_or_insert(error);
-            }
+        if turns.is_ok() {
+            turns = (|| {
+                for _ in 0..slices {
+                    raw.run_for(SLICE_DURATION)?;
+                    append_elapsed += gate.open_for(handles.len(), SLICE_DURATION);
+                    if let Some(submitter) = &mut submitter {
+                        submitter.run_for(SLICE_DURATION)?;
+                    }
+                    ensure!(gate.all_running(handles.len()), "an appender thread stopped");
+                }
+                Ok(())
+            })();
         }
-        (start.elapsed(), log.stats())
+        gate.close_for_good();
+        let appenders = handles.into_iter().map(|h| h.join().expect("appender threads do not panic")).collect();
+        (turns, appenders)
     });
-    if let Some(error) = first_error {
-        return Err(error);
+    let append_stats = append_log.stats();
+    close_log(&append_log)?;
+    let mut append_latency = Histogram::default();
+    let mut appends = 0u64;
+    for appender in appenders {
+        let (latency, count) = appender?;
+        append_latency.merge(&latency);
+        appends += count;
     }
-    log.close().map_err(|failure| anyhow::anyhow!("closing the log failed: {failure}"))?;
-    let (latency, appends) = merged.into_inner().expect("the appenders are done");
-    assert_eq!(latency.samples(), appends, "one latency sample per append");
-    ensure!(
-        appends == stats_before_close.appends,
-        "the log counted {} appends, the appenders {appends}",
-        stats_before_close.appends
-    );
-    Ok(Row {
+    turns?;
+    assert_eq!(append_latency.samples(), appends, "one latency sample per append");
+    ensure!(appends == append_stats.appends, "the log counted {} appends, the threads {appends}", append_stats.appends);
+    let raw = raw.finish()?;
+    let mut append = Row {
         kind: BenchKind::LogAppend,
         payload_bytes,
         writers,
         events: appends,
-        elapsed,
-        latency: Some(latency),
-        records_per_fsync: Some(stats_before_close.records as f64 / stats_before_close.fsyncs.max(1) as f64),
+        elapsed: append_elapsed,
+        latency: Some(append_latency),
+        records_per_fsync: Some(records_per_fsync(&append_stats)),
         disk_bytes_per_event: edgebus_log::format::frame_bytes(payload_bytes),
         ratio_to_raw: None,
-    })
+    };
+    append.ratio_to_raw = Some(append.events_per_s() / raw.events_per_s());
+    let submit = match submitter {
+        Some(submitter) => {
+            let mut submit = submitter.finish()?;
+            submit.ratio_to_raw = Some(submit.events_per_s() / raw.events_per_s());
+            Some(submit)
+        }
+        None => None,
+    };
+    Ok(ShapeRows { raw, append, submit, append_log_dir })
+}
+
+/// The raw device limit: `write` of `writers` framed records, then
+/// `fdatasync`, in a loop, on a plain file.
+#[derive(Debug)]
+struct RawFsync {
+    file: File,
+    path: PathBuf,
+    payload_bytes: u64,
+    writers: usize,
+    batch: Vec<u8>,
+    latency: Histogram,
+    writes: u64,
+    elapsed: Duration,
+}
+
+impl RawFsync {
+    fn create(dir: &Path, payload_bytes: u64, writers: usize) -> anyhow::Result<Self> {
+        let write_bytes = usize::try_from(edgebus_log::format::frame_bytes(payload_bytes)).expect("small") * writers;
+        let path = dir.join(format!("raw-{writers}w-{payload_bytes}b"));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self {
+            file,
+            path,
+            payload_bytes,
+            writers,
+            batch: vec![0xa5u8; write_bytes],
+            latency: Histogram::default(),
+            writes: 0,
+            elapsed: Duration::ZERO,
+        })
+    }
+
+    fn run_for(&mut self, duration: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            let write_start = Instant::now();
+            self.file.write_all(&self.batch).with_context(|| format!("write to {}", self.path.display()))?;
+            self.file.sync_data().with_context(|| format!("fdatasync of {}", self.path.display()))?;
+            self.latency.record(write_start.elapsed());
+            self.writes += 1;
+        }
+        self.elapsed += start.elapsed();
+        Ok(())
+    }
+
+    fn finish(self) -> anyhow::Result<Row> {
+        drop(self.file);
+        std::fs::remove_file(&self.path).with_context(|| format!("cannot remove {}", self.path.display()))?;
+        Ok(Row {
+            kind: BenchKind::RawFsync,
+            payload_bytes: self.payload_bytes,
+            writers: self.writers,
+            events: self.writes * self.writers as u64,
+            elapsed: self.elapsed,
+            latency: Some(self.latency),
+            records_per_fsync: Some(self.writers as f64),
+            disk_bytes_per_event: edgebus_log::format::frame_bytes(self.payload_bytes),
+            ratio_to_raw: None,
+        })
+    }
+}
+
+/// Lets the appender threads run in turns: they append while it is open and
+/// wait while it is closed. The benchmark's thread opens it for a slice and
+/// then waits until every appender is back, its last append acknowledged.
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    /// Checked by the appenders before each append.
+    open: AtomicBool,
+    /// Appenders wait on this while the gate is closed.
+    opened: Condvar,
+    /// The benchmark's thread waits on this for the appenders to come back.
+    returned: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    open: bool,
+    for_good: bool,
+    /// Appenders waiting for the gate to open.
+    waiting: usize,
+    /// Appenders that ended (an append failed, or the gate closed for good).
+    ended: usize,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// For an appender: waits for the gate to open; false once it closed for good.
+    fn wait_open(&self) -> bool {
+        let mut state = self.lock();
+        state.waiting += 1;
+        self.returned.notify_one();
+        while !state.open && !state.for_good {
+            state = self.opened.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        state.waiting -= 1;
+        !state.for_good
+    }
+
+    fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// For an appender, once it stops for whatever reason.
+    fn ended(&self) {
+        self.lock().ended += 1;
+        self.returned.notify_one();
+    }
+
+    /// Opens the gate for `duration`, then waits until all `threads` appenders
+    /// are back; returns the time from opening until the last was back.
+    fn open_for(&self, threads: usize, duration: Duration) -> Duration {
+        let mut state = self.lock();
+        while state.waiting + state.ended < threads {
+            state = self.returned.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        state.open = true;
+        self.open.store(true, Ordering::Release);
+        self.opened.notify_all();
+        drop(state);
+        let start = Instant::now();
+        std::thread::sleep(duration);
+        let mut state = self.lock();
+        state.open = false;
+        self.open.store(false, Ordering::Release);
+        while state.waiting + state.ended < threads {
+            state = self.returned.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        start.elapsed()
+    }
+
+    /// Whether none of the `threads` appenders has ended.
+    fn all_running(&self, threads: usize) -> bool {
+        let state = self.lock();
+        state.ended == 0 && state.waiting == threads
+    }
+
+    fn close_for_good(&self) {
+        self.lock().for_good = true;
+        self.opened.notify_all();
+    }
+}
+
+/// Counts an appender as ended however it stops, so the gate never waits for it.
+struct EndedOnDrop<'a>(&'a Gate);
+
+impl Drop for EndedOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.ended();
+    }
+}
+
+/// One appender thread: one record per `Log::append`, back to back while the
+/// gate is open. Returns its latencies and count of appends.
+fn append_while_open(gate: &Gate, log: &Log, payload: &[u8]) -> anyhow::Result<(Histogram, u64)> {
+    let _ended = EndedOnDrop(gate);
+    let mut latency = Histogram::default();
+    let mut appends = 0u64;
+    while gate.wait_open() {
+        while gate.is_open() {
+            let append_start = Instant::now();
+            log.append(&[payload]).context("append failed")?;
+            latency.record(append_start.elapsed());
+            appends += 1;
+        }
+    }
+    Ok((latency, appends))
+}
+
+/// One thread keeping `in_flight_max` single-record appends in flight with
+/// `Log::submit`; completions arrive as callbacks on the log's writer thread.
+#[derive(Debug)]
+struct Submitter {
+    log: Log,
+    payload: Vec<u8>,
+    in_flight_max: usize,
+    shared: Arc<SubmitShared>,
+    elapsed: Duration,
+}
+
+#[derive(Debug, Default)]
+struct SubmitShared {
+    state: Mutex<SubmitState>,
+    /// Signalled when an append completes while the submitter waits.
+    completed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SubmitState {
+    in_flight: usize,
+    /// Whether the submitter waits on `completed`; callbacks signal only then,
+    /// so the writer thread does not make a system call per completion.
+    waiting: bool,
+    appends: u64,
+    latency: Histogram,
+    failure: Option<String>,
+}
+
+impl Submitter {
+    fn open(dir: &Path, payload: &[u8], in_flight_max: usize) -> anyhow::Result<Self> {
+        Ok(Self {
+            log: open_log(dir)?,
+            payload: payload.to_vec(),
+            in_flight_max,
+            shared: Arc::default(),
+            elapsed: Duration::ZERO,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SubmitState> {
+        lock_submit_state(&self.shared)
+    }
+
+    /// Submits for `duration`, then waits until everything submitted completed.
+    fn run_for(&mut self, duration: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            self.wait_in_flight_below(self.in_flight_max);
+            self.lock().in_flight += 1;
+            let shared = Arc::clone(&self.shared);
+            let submitted = Instant::now();
+            let result = self.log.submit(&[&self.payload[..]], move |result| {
+                let latency = submitted.elapsed();
+                let mut state = lock_submit_state(&shared);
+                match result {
+                    Ok(_) => {
+                        state.latency.record(latency);
+                        state.appends += 1;
+                    }
+                    Err(error) => {
+                        state.failure.get_or_insert_with(|| error.to_string());
+                    }
+                }
+                state.in_flight -= 1;
+                if state.waiting {
+                    state.waiting = false;
+                    shared.completed.notify_one();
+                }
+            });
+            if let Err(error) = result {
+                self.lock().in_flight -= 1;
+                return Err(anyhow::Error::new(error).context("submit failed"));
+            }
+        }
+        self.wait_in_flight_below(1);
+        self.elapsed += start.elapsed();
+        match self.lock().failure.take() {
+            Some(failure) => bail!("a submitted append failed: {failure}"),
+            None => Ok(()),
+        }
+    }
+
+    fn wait_in_flight_below(&self, limit: usize) {
+        let mut state = self.lock();
+        while state.in_flight >= limit {
+            state.waiting = true;
+            state = self.shared.completed.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn finish(self) -> anyhow::Result<Row> {
+        let stats = self.log.stats();
+        close_log(&self.log)?;
+        remove_dir(self.log.dir())?;
+        let state = std::mem::take(&mut *self.lock());
+        ensure!(
+            state.appends == stats.appends,
+            "the log counted {} appends, the callbacks {}",
+            stats.appends,
+            state.appends
+        );
+        Ok(Row {
+            kind: BenchKind::LogSubmit,
+            payload_bytes: self.payload.len() as u64,
+            writers: self.in_flight_max,
+            events: state.appends,
+            elapsed: self.elapsed,
+            latency: Some(state.latency),
+            records_per_fsync: Some(records_per_fsync(&stats)),
+            disk_bytes_per_event: edgebus_log::format::frame_bytes(self.payload.len() as u64),
+            ratio_to_raw: None,
+        })
+    }
+}
+
+fn lock_submit_state(shared: &SubmitShared) -> MutexGuard<'_, SubmitState> {
+    shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Sequential reads of the whole log from its start, repeated for `duration`,
@@ -577,14 +856,22 @@ fn print_report(
         );
     }
     println!();
-    println!("MB/s counts payload bytes (1 MB = 10^6 B). Raw rows write, with no log code, the bytes the log writes");
-    println!(
-        "for the shape: `writers` framed records ({} B per 100 B record, {} B per 1 KiB record) per write +",
-        edgebus_log::format::frame_bytes(100),
-        edgebus_log::format::frame_bytes(1024)
-    );
-    println!("fdatasync, i.e. an ideal group commit; their latency is per write+fdatasync. rec/sync is records per");
-    println!("fdatasync; x raw is the log's events/s (= MB/s) over the raw row of the same shape.");
+    let notes = [
+        "MB/s counts payload bytes (1 MB = 10^6 B); x raw is events/s (= MB/s) over the raw row of the same shape.".to_owned(),
+        format!(
+            "raw: no log code; per write the bytes the log writes for the shape, `writers` framed records ({} B per \
+             100 B record, {} B per 1 KiB record), then fdatasync: an ideal group commit; latency per write+fdatasync.",
+            edgebus_log::format::frame_bytes(100),
+            edgebus_log::format::frame_bytes(1024)
+        ),
+        "log append: `writers` threads, each Log::append of one record, back to back; latency per append.".to_owned(),
+        "log submit: one thread keeps `writers` single-record Log::submit appends in flight; latency submit to callback."
+            .to_owned(),
+        "rec/sync: records per fdatasync. Workloads of a shape run in turns of 250 ms.".to_owned(),
+    ];
+    for note in notes {
+        println!("{note}");
+    }
     println!();
     println!("targets:");
     for check in checks {
