@@ -3,3 +3,8 @@
 mod log_crash;
 mod log_faults;
 mod log_model;
+mod store_bad_input;
+mod store_checkpoint_crash;
+mod store_determinism;
+mod store_model;
+mod store_race;

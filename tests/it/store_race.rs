@@ -1,0 +1,233 @@
+//! Competing writers on one stream. Several threads, released together by a
+//! barrier at every step, race `exists_or_write` at the same index, as
+//! redundant transformers (or a gateway and its standby) do: exactly one
+//! write wins each index and every other sees `Exists`, with `same` telling
+//! whether its content matches the winner's. Then threads race appends with
+//! the same exact expected version: exactly one succeeds per version and
+//! the others get `WrongExpectedVersion` naming the winner's version.
+//!
+//! A little random jitter after each barrier spreads the wins over the
+//! threads; its seed is printed (set `EDGEBUS_RACE_SEED` to reuse it).
+
+use std::sync::{Arc, Barrier, mpsc};
+use std::time::Duration;
+
+use edgebus_store::{Direction, ErrorCode, ExistsOrWrite, Store, StoreConfig, StreamFrom, WriteError};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const THREADS: usize = 4;
+const INDEXES: u64 = 500;
+const VERSIONS: u64 = 200;
+/// A race that has not finished by then is stuck (for example, the store's
+/// sequencer died and its writers wait forever): fail instead of hanging.
+const RACE_DEADLINE: Duration = Duration::from_secs(60);
+
+fn seed() -> u64 {
+    let seed = std::env::var("EDGEBUS_RACE_SEED")
+        .ok()
+        .map(|s| s.parse::<u64>().expect("EDGEBUS_RACE_SEED is a number"))
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("store_race: seed {seed} (set EDGEBUS_RACE_SEED={seed} to reuse it)");
+    seed
+}
+
+/// Runs `work` on `THREADS` threads and returns their results in thread
+/// order, failing if they do not all finish within [`RACE_DEADLINE`].
+fn run_threads<T: Send + 'static>(work: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {
+    let work = Arc::new(work);
+    let (done_tx, done_rx) = mpsc::channel();
+    for thread in 0..THREADS {
+        let (work, done_tx) = (Arc::clone(&work), done_tx.clone());
+        std::thread::spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(thread)));
+            let _ = done_tx.send((thread, result));
+        });
+    }
+    let mut results: Vec<Option<T>> = (0..THREADS).map(|_| None).collect();
+    for _ in 0..THREADS {
+        let (thread, result) = done_rx
+            .recv_timeout(RACE_DEADLINE)
+            .unwrap_or_else(|_| panic!("writers still running after {RACE_DEADLINE:?}: the store is stuck"));
+        match result {
+            Ok(value) => results[thread] = Some(value),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+    results.into_iter().map(|r| r.expect("every thread reported")).collect()
+}
+
+/// Spins for a random moment so that no thread always wins.
+fn jitter(rng: &mut StdRng) {
+    for _ in 0..rng.random_range(0..4) {
+        std::thread::yield_now();
+    }
+}
+
+fn config() -> StoreConfig {
+    StoreConfig { index_flush_events: 64, ..StoreConfig::default() }
+}
+
+/// The event a deterministic transformer produces at `index`: the same id,
+/// content and timestamp every time; `odd` gives a transformer with other output.
+fn output(index: u64, odd: bool) -> NewEvent {
+    let data = if odd { format!("{{\"odd\":{index}}}") } else { format!("{{\"n\":{index}}}") };
+    NewEvent {
+        id: EventId::from_u128(0x0_7a45_0000_0000_0000_0000_0000_0000 | u128::from(index)),
+        event_type: EventType::new("Derived").expect("valid event type"),
+        data: data.into_bytes(),
+        metadata: Vec::new(),
+        timestamp_ms: 1_000 + index,
+    }
+}
+
+/// Runs `THREADS` transformers over indexes `0..INDEXES` of one stream;
+/// thread 0 has other output if `odd_thread`. Returns each thread's results.
+fn race_exists_or_write(
+    store: &Arc<Store>,
+    stream: &StreamName,
+    odd_thread: bool,
+    seed: u64,
+) -> Vec<Vec<ExistsOrWrite>> {
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let (store, stream) = (Arc::clone(store), stream.clone());
+    run_threads(move |thread| {
+        let mut rng = StdRng::seed_from_u64(seed ^ thread as u64);
+        let odd = odd_thread && thread == 0;
+        (0..INDEXES)
+            .map(|index| {
+                barrier.wait();
+                jitter(&mut rng);
+                store
+                    .exists_or_write(&stream, index, output(index, odd))
+                    .unwrap_or_else(|e| panic!("thread {thread} at index {index}: {e}"))
+            })
+            .collect::<Vec<_>>()
+    })
+}
+
+/// Checks one race: exactly one winner per index, everyone else told where
+/// the winner's event is and whether it equals theirs, and the stream holds
+/// exactly the winners' events, densely, in order. Returns the winners.
+fn check_race(store: &Store, stream: &StreamName, results: &[Vec<ExistsOrWrite>], odd_thread: bool) -> Vec<usize> {
+    let content_of = |thread: usize, index: u64| output(index, odd_thread && thread == 0).data;
+    let events = store.read_stream(stream, StreamFrom::Start, Direction::Forward, 10_000, 0).expect("read the stream");
+    assert_eq!(events.len() as u64, INDEXES, "the stream holds one event per index");
+    let mut winners = Vec::new();
+    for index in 0..INDEXES {
+        let at = |thread: usize| results[thread][index as usize];
+        let written: Vec<usize> = (0..THREADS).filter(|&t| matches!(at(t), ExistsOrWrite::Written { .. })).collect();
+        assert_eq!(written.len(), 1, "index {index}: exactly one writer wins, got {written:?}");
+        let winner = written[0];
+        let ExistsOrWrite::Written { position } = at(winner) else { unreachable!() };
+        let stored = &events[index as usize];
+        assert_eq!((stored.version, stored.position), (index, position), "index {index}: the winner's event");
+        assert_eq!(stored.data, content_of(winner, index), "index {index}: the winner's content");
+        for thread in (0..THREADS).filter(|&t| t != winner) {
+            let same = content_of(thread, index) == content_of(winner, index);
+            assert_eq!(
+                at(thread),
+                ExistsOrWrite::Exists { position, same },
+                "index {index}: thread {thread} lost to thread {winner}"
+            );
+        }
+        winners.push(winner);
+    }
+    winners
+}
+
+fn wins_per_thread(winners: &[usize]) -> [usize; THREADS] {
+    let mut wins = [0; THREADS];
+    for &w in winners {
+        wins[w] += 1;
+    }
+    wins
+}
+
+#[test]
+fn identical_writers_race_exists_or_write_and_exactly_one_wins_each_index() {
+    let seed = seed();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(Store::open(dir.path(), config()).expect("open"));
+    let stream = StreamName::new("derived.totals").expect("valid name");
+    let end_before = store.log().end_position();
+    let results = race_exists_or_write(&store, &stream, false, seed);
+    let winners = check_race(&store, &stream, &results, false);
+    eprintln!("store_race: identical writers, wins per thread {:?}", wins_per_thread(&winners));
+    assert_eq!(store.log().end_position(), end_before + INDEXES, "nothing but the winners was written");
+    let info = store.stream_info(&stream).expect("info").expect("exists");
+    assert_eq!(info.current_version, Some(INDEXES - 1));
+}
+
+#[test]
+fn a_writer_with_other_output_is_told_so_wherever_it_lost_or_won() {
+    let seed = seed();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(Store::open(dir.path(), config()).expect("open"));
+    let stream = StreamName::new("derived.totals").expect("valid name");
+    let results = race_exists_or_write(&store, &stream, true, seed);
+    let winners = check_race(&store, &stream, &results, true);
+    let wins = wins_per_thread(&winners);
+    eprintln!("store_race: one odd writer (thread 0), wins per thread {wins:?}");
+    // The odd thread must both win and lose somewhere, or half the check was idle.
+    assert!(wins[0] > 0, "the odd writer never won an index: {wins:?}");
+    assert!(wins[0] < INDEXES as usize, "the odd writer never lost an index: {wins:?}");
+    let odd_saw_different =
+        results[0].iter().filter(|r| matches!(r, ExistsOrWrite::Exists { same: false, .. })).count();
+    assert_eq!(odd_saw_different, INDEXES as usize - wins[0], "the odd writer sees same: false wherever it lost");
+}
+
+#[test]
+fn appends_racing_on_one_expected_version_have_exactly_one_winner() {
+    let seed = seed();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(Store::open(dir.path(), config()).expect("open"));
+    let stream = StreamName::new("accounts.a-1").expect("valid name");
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let (racing_store, racing_stream) = (Arc::clone(&store), stream.clone());
+    let results: Vec<Vec<Result<_, WriteError>>> = run_threads(move |thread| {
+        let mut rng = StdRng::seed_from_u64(seed ^ thread as u64);
+        (0..VERSIONS)
+            .map(|round| {
+                // Everyone saw the previous round end: the stream is at `round - 1`.
+                barrier.wait();
+                jitter(&mut rng);
+                let expected = round.checked_sub(1).map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+                let event = NewEvent {
+                    id: EventId::from_u128((u128::from(round) << 8) | thread as u128),
+                    event_type: EventType::new("Debited").expect("valid event type"),
+                    data: format!("{{\"thread\":{thread},\"round\":{round}}}").into_bytes(),
+                    metadata: Vec::new(),
+                    timestamp_ms: round,
+                };
+                racing_store.append(&racing_stream, expected, vec![event])
+            })
+            .collect::<Vec<_>>()
+    });
+    let events = store.read_stream(&stream, StreamFrom::Start, Direction::Forward, 10_000, 0).expect("read");
+    assert_eq!(events.len() as u64, VERSIONS, "one event per round");
+    let mut wins = [0usize; THREADS];
+    for round in 0..VERSIONS {
+        let winners: Vec<usize> = (0..THREADS).filter(|&t| results[t][round as usize].is_ok()).collect();
+        assert_eq!(winners.len(), 1, "round {round}: exactly one append succeeds, got {winners:?}");
+        let winner = winners[0];
+        wins[winner] += 1;
+        let result = results[winner][round as usize].as_ref().expect("winner");
+        assert_eq!((result.first_version, result.count, result.already_written), (round, 1, false), "round {round}");
+        let stored = &events[round as usize];
+        assert_eq!(stored.version, round, "versions are dense");
+        assert_eq!(stored.position, result.first_position, "round {round}: the winner's position");
+        assert_eq!(stored.id, EventId::from_u128((u128::from(round) << 8) | winner as u128), "round {round}");
+        for thread in (0..THREADS).filter(|&t| t != winner) {
+            let error = results[thread][round as usize].as_ref().expect_err("loser");
+            assert_eq!(error.code(), ErrorCode::WrongExpectedVersion, "round {round}, thread {thread}: {error}");
+            assert!(
+                matches!(error, WriteError::WrongExpectedVersion { source, .. } if source.current == Some(round)),
+                "round {round}, thread {thread}: the error names the winner's version: {error:?}"
+            );
+        }
+    }
+    eprintln!("store_race: exact expected versions, wins per thread {wins:?}");
+    assert_eq!(store.log().end_position(), VERSIONS, "losers wrote nothing");
+}
