@@ -194,7 +194,8 @@ pub struct Log {
     shared: Arc<Shared>,
     writer: Mutex<Option<WriterHandle>>,
     recovery: RecoveryReport,
-    _lock: Box<dyn Send + Sync + fmt::Debug>,
+    /// The directory lock, released by [`Log::close`] once the writer has stopped.
+    dir_lock: Mutex<Option<Box<dyn Send + Sync + fmt::Debug>>>,
 }
 
 impl fmt::Debug for Log {
@@ -257,7 +258,7 @@ impl Log {
             .name("edgebus-log-writer".to_owned())
             .spawn(move || writer.run())
             .map_err(|e| OpenError::Io(io_failure("spawn writer thread", &shared_dir(&active), 0, e)))?;
-        Ok(Self { shared, writer: Mutex::new(Some(handle)), recovery, _lock: lock_guard })
+        Ok(Self { shared, writer: Mutex::new(Some(handle)), recovery, dir_lock: Mutex::new(Some(lock_guard)) })
     }
 
     /// What recovery found when this log was opened.
@@ -589,10 +590,13 @@ impl Log {
             self.shared.space_ready.notify_all();
         }
         let handle = lock(&self.writer).take();
-        match handle {
+        let result = match handle {
             Some(handle) => handle.join().expect("log writer thread panicked"),
             None => Ok(()),
-        }
+        };
+        // Nothing writes any more: another opener may have the directory.
+        drop(lock(&self.dir_lock).take());
+        result
     }
 }
 

@@ -151,6 +151,19 @@ pub enum WriteError {
     /// The index failed to read or write.
     #[error("index failure: {0}")]
     Index(String),
+    /// `exists_or_write` below the end at a version whose record was
+    /// reclaimed and is no longer indexed (after an index rebuild).
+    #[error(
+        "version {index} of {stream} (which holds {count} events) was reclaimed; whether it matched cannot be told any more"
+    )]
+    VersionRemoved {
+        /// The stream.
+        stream: StreamName,
+        /// The requested index.
+        index: u64,
+        /// Events in the stream.
+        count: u64,
+    },
 }
 
 impl WriteError {
@@ -172,6 +185,7 @@ impl WriteError {
             Self::Busy => ErrorCode::Busy,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Index(_) => ErrorCode::IndexFailure,
+            Self::VersionRemoved { .. } => ErrorCode::PositionRemoved,
         }
     }
 }

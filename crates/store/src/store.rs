@@ -944,7 +944,8 @@ impl Store {
         Ok(hash)
     }
 
-    /// Flushes the index and closes the log. Idempotent.
+    /// Stops taking writes, flushes the index and closes the log. Idempotent.
+    /// The directory stays locked until the `Store` is dropped.
     pub fn close(&self) -> Result<(), WriteError> {
         self.shared.requests.lock().closing = true;
         self.shared.requests_ready.notify_all();

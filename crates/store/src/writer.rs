@@ -11,6 +11,7 @@
 //! after it has drained the queue.
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::Thread;
@@ -152,7 +153,8 @@ impl Shared {
             }
             self.requests_space.notify_all();
             let mut inner = self.inner.lock();
-            for (request, slot) in batch.drain(..) {
+            let mut pending = batch.drain(..);
+            while let Some((request, slot)) = pending.next() {
                 while inner.tail.ops.len() >= self.config.tail_events_max && !self.poisoned.load(Ordering::Acquire) {
                     // The index is behind: wait for the indexer to catch up.
                     self.flush_wanted.notify_one();
@@ -163,16 +165,51 @@ impl Shared {
                     continue;
                 }
                 inner.tail.forget_index_read();
-                match self.process(&mut inner, request, &slot) {
-                    Ok(Some(reply)) => slot.complete(reply),
-                    Ok(None) => {} // submitted: the log's writer thread completes it
-                    Err(error) => slot.complete(Reply::Done(Err(error))),
+                let processed = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(&mut inner, request, &slot)));
+                match processed {
+                    Ok(Ok(Some(reply))) => slot.complete(reply),
+                    Ok(Ok(None)) => {} // submitted: the log's writer thread completes it
+                    Ok(Err(error)) => slot.complete(Reply::Done(Err(error))),
+                    Err(panic) => {
+                        // A bug: stop taking writes and answer everyone
+                        // waiting rather than leave them hanging.
+                        drop(inner);
+                        self.stop_after_panic(&slot, panic.as_ref(), &mut pending);
+                        return;
+                    }
                 }
             }
             if inner.tail.ops.len() >= self.config.index_flush_events {
                 self.flush_wanted.notify_one();
             }
         }
+    }
+
+    /// After a panic while processing: poison the store and fail the
+    /// request that panicked, the rest of its batch and everything queued.
+    fn stop_after_panic(
+        &self,
+        slot: &Slot,
+        panic: &(dyn std::any::Any + Send),
+        pending: &mut std::vec::Drain<'_, (Request, Arc<Slot>)>,
+    ) {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        self.poisoned.store(true, Ordering::Release);
+        let failure = || WriteError::Index(format!("the store stopped after an internal error: {message}"));
+        slot.complete(Reply::Done(Err(failure())));
+        for (_, waiting) in pending.by_ref() {
+            waiting.complete(Reply::Done(Err(failure())));
+        }
+        let queued = std::mem::take(&mut self.requests.lock().items);
+        for (_, waiting) in queued {
+            waiting.complete(Reply::Done(Err(failure())));
+        }
+        self.requests_space.notify_all();
+        self.tail_space.notify_all();
     }
 
     fn process(&self, inner: &mut Inner, request: Request, slot: &Arc<Slot>) -> Result<Option<Reply>, WriteError> {
@@ -242,8 +279,10 @@ impl Shared {
         let count = state.next_version;
         if index < count {
             let entry = inner.tail.version(&self.index, stream.as_str(), index).map_err(index_write)?;
-            let entry =
-                entry.unwrap_or_else(|| panic!("version {index} of {stream} below its count {count} is indexed"));
+            // An index rebuilt after its record was reclaimed no longer knows it.
+            let Some(entry) = entry else {
+                return Err(WriteError::VersionRemoved { stream: stream.clone(), index, count });
+            };
             let outcome =
                 ExistsOrWrite::Exists { position: entry.position, same: entry.content_hash == event.content_hash() };
             // The winner's write may still be in flight: answer once it is durable.

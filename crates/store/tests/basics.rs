@@ -165,3 +165,30 @@ fn reclaim_removes_only_dead_segments() {
     assert_eq!(visible.iter().map(|e| e.version).collect::<Vec<_>>(), [597, 598, 599]);
     assert_eq!(store.read_stream(&keep, StreamFrom::Start, Direction::Forward, 10, 0).unwrap().len(), 1);
 }
+
+/// Found by the model tests: after `reclaim` and an index rebuild the index
+/// no longer knows reclaimed versions; `exists_or_write` there used to panic
+/// the sequencer and hang every writer.
+#[test]
+fn exists_or_write_at_a_reclaimed_version_after_rebuild_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || StoreConfig { log: edgebus_log::LogConfig::small_segments(8 * 1024), ..StoreConfig::default() };
+    let s = name("a");
+    {
+        let store = Store::open(dir.path(), config()).unwrap();
+        for i in 0..200u128 {
+            store.append(&s, ExpectedVersion::Any, vec![event(i + 1, &"y".repeat(100))]).unwrap();
+        }
+        store.set_stream_metadata(&s, StreamMetadata { truncate_before: Some(150), ..Default::default() }, 0).unwrap();
+        assert!(store.reclaim(0).unwrap().segments_removed > 0);
+        store.close().unwrap();
+    }
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = Store::open(dir.path(), config()).unwrap();
+    let err = store.exists_or_write(&s, 10, event(999, "late")).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::PositionRemoved, "{err}");
+    assert!(err.to_string().contains("reclaimed"), "{err}");
+    // The store still takes writes.
+    let r = store.append(&s, ExpectedVersion::Exact(199), vec![event(1000, "next")]).unwrap();
+    assert_eq!(r.first_version, 200);
+}
