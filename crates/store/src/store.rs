@@ -250,6 +250,8 @@ pub(crate) struct Shared {
     pub(crate) poisoned: AtomicBool,
     /// The durable end as reported by append completions, for waiters.
     pub(crate) durable: Arc<(Mutex<DurableState>, Condvar)>,
+    /// Serializes flushes of the tail into the index.
+    pub(crate) flush_lock: Mutex<()>,
     /// Writes waiting for the sequencer.
     pub(crate) requests: Mutex<Requests>,
     /// Signalled when a request is queued or the store closes.
@@ -320,6 +322,7 @@ impl Store {
             flush_wanted: Condvar::new(),
             poisoned: AtomicBool::new(false),
             durable: Arc::new((Mutex::new(DurableState { end, failed: false }), Condvar::new())),
+            flush_lock: Mutex::new(()),
             requests: Mutex::new(Requests::default()),
             requests_ready: Condvar::new(),
             requests_space: Condvar::new(),
@@ -1082,6 +1085,9 @@ impl Shared {
 
     /// Moves the durable prefix of the tail into the index.
     fn flush(&self) -> Result<(), String> {
+        // One flush at a time: the indexer and `flush_index` both flush, and
+        // each drops from the tail exactly the ops it committed.
+        let _flushing = self.flush_lock.lock();
         let (ops, checkpoint) = {
             let inner = lock(&self.inner);
             let durable_end = self.log.end_position();
