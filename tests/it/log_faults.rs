@@ -325,6 +325,7 @@ fn bit_flipped_on_disk_mid_active_segment_fails_open_naming_file_and_offset() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         closed_log_of_twenty(dir.path());
+        as_after_a_crash(dir.path());
         let seg = segment(dir.path(), 0);
         let damaged_frame = HEADER + 10 * SEALED_FRAME;
         flip_bit_on_disk(&seg, damaged_frame + at_in_frame, bit);
@@ -351,6 +352,7 @@ fn bit_flipped_on_disk_mid_active_segment_fails_open_naming_file_and_offset() {
 fn bit_flipped_in_the_last_record_is_indistinguishable_from_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let records = closed_log_of_twenty(dir.path());
+    as_after_a_crash(dir.path());
     let seg = segment(dir.path(), 0);
     let last_frame = HEADER + 19 * SEALED_FRAME;
     flip_bit_on_disk(&seg, last_frame + 50, 3);
@@ -362,6 +364,38 @@ fn bit_flipped_in_the_last_record_is_indistinguishable_from_a_torn_tail() {
     assert!(torn.reason.contains("checksum"), "{}", torn.reason);
     assert_holds(&log, &records[..19]);
     assert_eq!(file_len(&seg), last_frame);
+}
+
+/// After a clean close there is no torn tail to explain damage: the next
+/// open trusts the index the close left and does not cut anything; the
+/// damaged record is refused on read, naming the file and offset.
+#[test]
+fn after_a_clean_close_a_flipped_bit_in_the_last_record_is_refused_on_read_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = closed_log_of_twenty(dir.path());
+    let seg = segment(dir.path(), 0);
+    let last_frame = HEADER + 19 * SEALED_FRAME;
+    flip_bit_on_disk(&seg, last_frame + 50, 3);
+    let log = guarded::open(dir.path(), LogConfig::default()).unwrap();
+    assert!(log.recovery_report().clean_close);
+    assert_eq!(log.recovery_report().truncated, None);
+    assert_eq!(log.end_position(), 20);
+    let first: Vec<_> = log.read(0, 19, u64::MAX).unwrap().into_iter().map(|r| r.payload.to_vec()).collect();
+    assert_eq!(first, records[..19]);
+    match log.read(19, 1, u64::MAX) {
+        Err(ReadError::Corrupt(c)) => {
+            assert_eq!(c.file, seg);
+            assert_eq!(c.offset, last_frame);
+        }
+        other => panic!("expected ReadError::Corrupt, got {other:?}"),
+    }
+}
+
+/// Removes the index a clean close leaves for the active segment, so the
+/// next open recovers the directory as it would after a crash.
+fn as_after_a_crash(dir: &Path) {
+    std::fs::remove_file(dir.join(format::index_file_name(0)))
+        .expect("a clean close leaves the active segment's index");
 }
 
 #[test]
@@ -591,7 +625,8 @@ fn fsync_never_and_interval_acknowledge_before_syncing_and_survive_reopen() {
         assert_eq!(log.stats().fsyncs, 0, "{fsync}: no fdatasync on the append path");
         assert_eq!(storage.syncs(), syncs_at_open, "{fsync}");
         log.close().unwrap();
-        assert_eq!(storage.syncs(), syncs_at_open + 1, "{fsync}: close syncs once");
+        // Close syncs the segment once, and the index it leaves for the next open.
+        assert_eq!(storage.syncs(), syncs_at_open + 2, "{fsync}: close syncs the segment and its index");
         let expected: Vec<Vec<u8>> = read_all(&log).into_iter().map(|r| r.payload.to_vec()).collect();
         drop(log);
         let log = guarded::open(dir.path(), config).unwrap();

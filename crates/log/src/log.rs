@@ -63,6 +63,9 @@ pub struct RecoveryReport {
     pub rebuilt_indexes: usize,
     /// A torn tail that was cut off, if any.
     pub truncated: Option<TornTail>,
+    /// The log was closed cleanly: the active segment's index was loaded
+    /// instead of scanning the segment.
+    pub clean_close: bool,
 }
 
 /// A torn tail removed by recovery: bytes of a write that never completed.
@@ -683,6 +686,10 @@ impl Writer {
                     if self.unsynced {
                         self.sync()?;
                     }
+                    // A clean close leaves the active segment's index behind,
+                    // so the next open need not scan the segment.
+                    write_index_file(self.shared.storage.as_ref(), &self.shared.dir, &self.active_index())
+                        .map_err(Arc::new)?;
                     return Ok(());
                 }
                 queue.writer_idle = true;
@@ -837,22 +844,24 @@ impl Writer {
         Ok(())
     }
 
+    /// The index of the active segment as it stands.
+    fn active_index(&self) -> format::SealedIndex {
+        let segments = self.shared.segments.read().expect("segments lock");
+        let active = segments.last().expect("one active segment");
+        format::SealedIndex {
+            base_position: active.base_position,
+            end_position: active.end_position,
+            segment_bytes: active.valid_bytes,
+            entries: active.index.clone(),
+        }
+    }
+
     /// Seals the active segment (sync, index file) and starts a new one.
     fn roll(&mut self) -> Result<(), Arc<IoFailure>> {
         self.sync()?;
         let storage = Arc::clone(&self.shared.storage);
         let dir = self.shared.dir.clone();
-        let sealed = {
-            let segments = self.shared.segments.read().expect("segments lock");
-            let active = segments.last().expect("one active segment");
-            format::SealedIndex {
-                base_position: active.base_position,
-                end_position: active.end_position,
-                segment_bytes: active.valid_bytes,
-                entries: active.index.clone(),
-            }
-        };
-        write_index_file(storage.as_ref(), &dir, &sealed).map_err(Arc::new)?;
+        write_index_file(storage.as_ref(), &dir, &self.active_index()).map_err(Arc::new)?;
         let (file, path) = create_segment(storage.as_ref(), &dir, self.next_position).map_err(Arc::new)?;
         {
             let mut segments = self.shared.segments.write().expect("segments lock");
@@ -882,6 +891,20 @@ impl QueuedGroup {
     fn count(&self) -> u32 {
         self.outcome.count
     }
+}
+
+/// Reads an index file; `None` if it is missing or does not decode (the
+/// caller then scans the segment instead).
+fn read_index_file(storage: &dyn Storage, index_path: &Path) -> Result<Option<format::SealedIndex>, IoFailure> {
+    let index_file = match storage.open_file(index_path, OpenMode::ReadOnly) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_failure("open", index_path, 0, e)),
+    };
+    let len = index_file.len().map_err(|e| io_failure("stat", index_path, 0, e))?;
+    let mut bytes = vec![0u8; len.min(64 * 1024 * 1024) as usize];
+    read_exact_at(index_file.as_ref(), &mut bytes, 0).map_err(|e| io_failure("read", index_path, 0, e))?;
+    Ok(format::decode_index(&bytes))
 }
 
 fn write_index_file(storage: &dyn Storage, dir: &Path, sealed: &format::SealedIndex) -> Result<(), IoFailure> {
@@ -1038,14 +1061,32 @@ fn recover(
                     .map_err(|e| io_failure("write", &path, 0, e))?;
                 file.sync_data().map_err(|e| io_failure("fdatasync", &path, 0, e))?;
             }
-            // An index file for the active segment is stale by definition.
+            // A clean close left an index for the active segment; it is
+            // good only while the segment is exactly as long as it says.
+            // Either way it goes: the segment will grow past it.
             let index_path = dir.join(format::index_file_name(base));
+            let clean = read_index_file(storage, &index_path)?
+                .filter(|i| i.base_position == base && i.segment_bytes == file_len);
             match storage.remove_file(&index_path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_failure("remove stale index", &index_path, 0, e).into()),
             }
-            recover_tail(config, file, path, base, file_len.max(LOG_SEGMENT_HEADER_BYTES), &mut report)?
+            match clean {
+                Some(index) => {
+                    report.clean_close = true;
+                    SegmentMeta {
+                        base_position: base,
+                        end_position: index.end_position,
+                        valid_bytes: index.segment_bytes,
+                        file,
+                        path,
+                        index: index.entries,
+                        sealed: false,
+                    }
+                }
+                None => recover_tail(config, file, path, base, file_len.max(LOG_SEGMENT_HEADER_BYTES), &mut report)?,
+            }
         };
         segments.push(meta);
     }
@@ -1098,16 +1139,8 @@ fn load_sealed(
     report: &mut RecoveryReport,
 ) -> Result<SegmentMeta, OpenError> {
     let index_path = dir.join(format::index_file_name(base));
-    let stored = match storage.open_file(&index_path, OpenMode::ReadOnly) {
-        Ok(index_file) => {
-            let len = index_file.len().map_err(|e| io_failure("stat", &index_path, 0, e))?;
-            let mut bytes = vec![0u8; len.min(64 * 1024 * 1024) as usize];
-            read_exact_at(index_file.as_ref(), &mut bytes, 0).map_err(|e| io_failure("read", &index_path, 0, e))?;
-            format::decode_index(&bytes).filter(|i| i.base_position == base && i.segment_bytes == file_len)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io_failure("open", &index_path, 0, e).into()),
-    };
+    let stored =
+        read_index_file(storage, &index_path)?.filter(|i| i.base_position == base && i.segment_bytes == file_len);
     if let Some(index) = stored {
         return Ok(SegmentMeta {
             base_position: base,
