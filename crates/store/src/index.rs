@@ -226,41 +226,53 @@ impl Index {
 
     /// Writes `writes` and the new checkpoint as one atomic batch.
     pub fn commit<'a>(&self, writes: impl Iterator<Item = IndexWrite<'a>>, checkpoint: u64) -> Result<(), IndexError> {
-        let mut batch = self.db.batch();
+        // Each keyspace's share is sorted and written as one new table
+        // (fjall ingestion): no journal and no memtable, so the index costs
+        // one sequential write per flush and opening it replays nothing.
+        // Keyspaces are ingested one after the other and the checkpoint last:
+        // a crash in between leaves data ahead of the checkpoint, which the
+        // replay from the checkpoint rewrites with the same values.
+        let mut streams = Vec::new();
+        let mut versions = Vec::new();
+        let mut ids = Vec::new();
+        let mut types = Vec::new();
+        let mut snapshots = Vec::new();
         for write in writes {
             match write {
                 IndexWrite::State(stream, state) => {
-                    batch.insert(&self.streams, stream.as_bytes(), state.encode().as_slice());
+                    streams.push((stream.as_bytes().to_vec(), Some(state.encode().to_vec())))
                 }
                 IndexWrite::Version(stream, version, entry) => {
                     let mut value = [0u8; 16];
                     value[0..8].copy_from_slice(&entry.position.to_le_bytes());
                     value[8..16].copy_from_slice(&entry.content_hash.to_le_bytes());
-                    batch.insert(&self.versions, version_key(stream, version), value.as_slice());
+                    versions.push((version_key(stream, version), Some(value.to_vec())));
                 }
                 IndexWrite::Id(id, entry) => {
                     let mut value = [0u8; 16];
                     value[0..8].copy_from_slice(&entry.position.to_le_bytes());
                     value[8..16].copy_from_slice(&entry.version.to_le_bytes());
-                    batch.insert(&self.ids, id.as_bytes().as_slice(), value.as_slice());
+                    ids.push((id.as_bytes().to_vec(), Some(value.to_vec())));
                 }
                 IndexWrite::Type(event_type, position) => {
-                    batch.insert(&self.types, type_key(event_type, position), [].as_slice());
+                    types.push((type_key(event_type, position), Some(Vec::new())))
                 }
-                IndexWrite::Snapshot(source, stream, version, Some(position)) => {
-                    batch.insert(
-                        &self.snapshots,
-                        snapshot_key(source, stream, version),
-                        position.to_le_bytes().as_slice(),
-                    );
-                }
-                IndexWrite::Snapshot(source, stream, version, None) => {
-                    batch.remove(&self.snapshots, snapshot_key(source, stream, version));
+                IndexWrite::Snapshot(source, stream, version, position) => {
+                    snapshots.push((snapshot_key(source, stream, version), position.map(|p| p.to_le_bytes().to_vec())));
                 }
             }
         }
-        batch.insert(&self.meta, CHECKPOINT_KEY, checkpoint.to_le_bytes().as_slice());
-        batch.commit().map_err(err)
+        for (keyspace, entries) in [
+            (&self.streams, streams),
+            (&self.versions, versions),
+            (&self.ids, ids),
+            (&self.types, types),
+            (&self.snapshots, snapshots),
+            (&self.meta, vec![(CHECKPOINT_KEY.to_vec(), Some(checkpoint.to_le_bytes().to_vec()))]),
+        ] {
+            ingest(keyspace, entries)?;
+        }
+        Ok(())
     }
 
     /// Makes everything committed so far durable and flushes the in-memory
@@ -379,6 +391,31 @@ impl Index {
         }
         Ok(())
     }
+}
+
+/// Writes `entries` (`None`: delete) into `keyspace` as one sorted table;
+/// for a key given more than once, the last one wins.
+fn ingest(keyspace: &Keyspace, mut entries: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), IndexError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    // A stable sort keeps equal keys in write order; keep the last of each.
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut ingestion = keyspace.start_ingestion().map_err(err)?;
+    let mut at = 0;
+    while at < entries.len() {
+        let mut last = at;
+        while last + 1 < entries.len() && entries[last + 1].0 == entries[at].0 {
+            last += 1;
+        }
+        let (key, value) = std::mem::take(&mut entries[last]);
+        match value {
+            Some(value) => ingestion.write(key, value).map_err(err)?,
+            None => ingestion.write_tombstone(key).map_err(err)?,
+        }
+        at = last + 1;
+    }
+    ingestion.finish().map_err(err)
 }
 
 fn decode_version(v: &[u8]) -> VersionEntry {
