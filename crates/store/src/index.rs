@@ -240,7 +240,7 @@ impl Index {
         for write in writes {
             match write {
                 IndexWrite::State(stream, state) => {
-                    streams.push((stream.as_bytes().to_vec(), Some(state.encode().to_vec())))
+                    streams.push((stream.as_bytes().to_vec(), Some(state.encode().to_vec())));
                 }
                 IndexWrite::Version(stream, version, entry) => {
                     let mut value = [0u8; 16];
@@ -255,7 +255,7 @@ impl Index {
                     ids.push((id.as_bytes().to_vec(), Some(value.to_vec())));
                 }
                 IndexWrite::Type(event_type, position) => {
-                    types.push((type_key(event_type, position), Some(Vec::new())))
+                    types.push((type_key(event_type, position), Some(Vec::new())));
                 }
                 IndexWrite::Snapshot(source, stream, version, position) => {
                     snapshots.push((snapshot_key(source, stream, version), position.map(|p| p.to_le_bytes().to_vec())));
