@@ -66,7 +66,9 @@ mod tests {
     #[test]
     fn bench_log_quick_json_parses() {
         let cli = Cli::try_parse_from(["edgebus", "bench", "log", "--quick", "--json"]).expect("parses");
-        let Command::Bench(bench::BenchArgs { target: bench::BenchTarget::Log(args) }) = cli.command;
+        let Command::Bench(bench::BenchArgs { target: bench::BenchTarget::Log(args) }) = cli.command else {
+            panic!("expected bench log");
+        };
         assert!(args.quick);
         assert!(args.json);
         assert_eq!(args.dir, None);
@@ -75,7 +77,9 @@ mod tests {
     #[test]
     fn bench_log_defaults_to_the_full_human_run() {
         let cli = Cli::try_parse_from(["edgebus", "bench", "log", "--dir", "/data"]).expect("parses");
-        let Command::Bench(bench::BenchArgs { target: bench::BenchTarget::Log(args) }) = cli.command;
+        let Command::Bench(bench::BenchArgs { target: bench::BenchTarget::Log(args) }) = cli.command else {
+            panic!("expected bench log");
+        };
         assert!(!args.quick);
         assert!(!args.json);
         assert_eq!(args.dir.as_deref(), Some(std::path::Path::new("/data")));
