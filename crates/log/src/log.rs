@@ -600,11 +600,7 @@ impl Log {
         for segment in &victims {
             storage.remove_file(&segment.path).map_err(|e| io_failure("remove segment", &segment.path, 0, e))?;
             let index_path = self.shared.dir.join(format::index_file_name(segment.base_position));
-            match storage.remove_file(&index_path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_failure("remove index", &index_path, 0, e).into()),
-            }
+            remove_if_exists(storage, &index_path, "remove index")?;
             // Removals become durable oldest first, so a crash never leaves a gap.
             storage.sync_dir(&self.shared.dir).map_err(|e| io_failure("sync directory", &self.shared.dir, 0, e))?;
         }
@@ -953,13 +949,17 @@ fn read_index_file(storage: &dyn Storage, index_path: &Path) -> Result<Option<fo
     Ok(format::decode_index(&bytes))
 }
 
+/// Removes `path`; a file that is already gone is fine.
+fn remove_if_exists(storage: &dyn Storage, path: &Path, op: &'static str) -> Result<(), IoFailure> {
+    match storage.remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_failure(op, path, 0, e)),
+        _ => Ok(()),
+    }
+}
+
 fn write_index_file(storage: &dyn Storage, dir: &Path, sealed: &format::SealedIndex) -> Result<(), IoFailure> {
     let path = dir.join(format::index_file_name(sealed.base_position));
-    match storage.remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_failure("remove stale index", &path, 0, e)),
-    }
+    remove_if_exists(storage, &path, "remove stale index")?;
     let file = storage.open_file(&path, OpenMode::CreateNew).map_err(|e| io_failure("create index", &path, 0, e))?;
     file.write_all_at(&format::encode_index(sealed), 0).map_err(|e| io_failure("write", &path, 0, e))?;
     file.sync_data().map_err(|e| io_failure("fdatasync", &path, 0, e))
@@ -1113,11 +1113,7 @@ fn recover(
             let index_path = dir.join(format::index_file_name(base));
             let clean = read_index_file(storage, &index_path)?
                 .filter(|i| i.base_position == base && i.segment_bytes == file_len);
-            match storage.remove_file(&index_path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_failure("remove stale index", &index_path, 0, e).into()),
-            }
+            remove_if_exists(storage, &index_path, "remove stale index")?;
             match clean {
                 Some(index) => {
                     report.clean_close = true;

@@ -175,18 +175,7 @@ struct Check {
 
 /// Runs the log benchmark and prints the report.
 pub fn run(args: &LogBenchArgs) -> anyhow::Result<()> {
-    let parent = match &args.dir {
-        Some(dir) => {
-            ensure!(dir.is_dir(), "--dir {} is not a directory", dir.display());
-            dir.clone()
-        }
-        None if Path::new("target").is_dir() => PathBuf::from("target"),
-        None => std::env::temp_dir(),
-    };
-    let scratch = tempfile::Builder::new()
-        .prefix("edgebus-bench-log-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("cannot create a scratch directory in {}", parent.display()))?;
+    let scratch = super::scratch_dir(args.dir.as_deref(), "edgebus-bench-log-")?;
     let dir = scratch.path().canonicalize().context("cannot resolve the scratch directory")?;
     let machine = Machine::detect();
     let filesystem = Filesystem::of(&dir)?;

@@ -33,3 +33,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Store(args) => store::run(&args),
     }
 }
+
+/// A fresh scratch directory for one benchmark run, removed when dropped: in
+/// `dir` if given (put it on the filesystem of the real data directory), else
+/// under `./target` if it exists, else under `$TMPDIR`.
+fn scratch_dir(dir: Option<&std::path::Path>, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    use anyhow::Context as _;
+    let parent = match dir {
+        Some(dir) => {
+            anyhow::ensure!(dir.is_dir(), "--dir {} is not a directory", dir.display());
+            dir.to_path_buf()
+        }
+        None if std::path::Path::new("target").is_dir() => std::path::PathBuf::from("target"),
+        None => std::env::temp_dir(),
+    };
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&parent)
+        .with_context(|| format!("cannot create a scratch directory in {}", parent.display()))
+}

@@ -144,18 +144,7 @@ pub fn run(args: &StoreBenchArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.open_probe {
         return open_probe(dir);
     }
-    let parent = match &args.dir {
-        Some(dir) => {
-            ensure!(dir.is_dir(), "--dir {} is not a directory", dir.display());
-            dir.clone()
-        }
-        None if Path::new("target").is_dir() => PathBuf::from("target"),
-        None => std::env::temp_dir(),
-    };
-    let scratch = tempfile::Builder::new()
-        .prefix("edgebus-bench-store-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("cannot create a scratch directory in {}", parent.display()))?;
+    let scratch = super::scratch_dir(args.dir.as_deref(), "edgebus-bench-store-")?;
     let dir = scratch.path().canonicalize().context("cannot resolve the scratch directory")?;
     let machine = Machine::detect();
     let filesystem = Filesystem::of(&dir)?;
