@@ -37,10 +37,9 @@ use edgebus_types::{
 
 use crate::v1;
 
-/// Longest subscription predicate (CEL source text) accepted, in bytes.
-pub const PREDICATE_BYTES_MAX: usize = 4096;
-/// Most event types one filter (a `$all` read or a subscription) may list.
-pub const FILTER_EVENT_TYPES_MAX: usize = 64;
+// The filter limits live with every other limit in `edgebus-types`; they are
+// re-exported here because the wire checks them first.
+pub use edgebus_types::limits::{FILTER_EVENT_TYPES_MAX, FILTER_PREDICATE_BYTES_MAX};
 
 /// A wire message that does not convert: which field, and what is wrong.
 ///
@@ -134,7 +133,7 @@ pub enum Problem {
         /// The number received.
         value: i32,
     },
-    /// A predicate longer than [`PREDICATE_BYTES_MAX`].
+    /// A predicate longer than [`FILTER_PREDICATE_BYTES_MAX`].
     #[error("predicate is {len_bytes} bytes, more than the maximum of {max_bytes}")]
     PredicateTooLong {
         /// Length of the rejected predicate.
@@ -984,7 +983,7 @@ pub struct SubscriptionFilter {
     pub streams: StreamSelector,
     /// Only these event types (any of them); empty: all.
     pub event_types: Vec<EventType>,
-    /// CEL source over the event, at most [`PREDICATE_BYTES_MAX`] bytes; the
+    /// CEL source over the event, at most [`FILTER_PREDICATE_BYTES_MAX`] bytes; the
     /// node compiles it (and answers `INVALID_FILTER` if it does not).
     pub predicate: Option<String>,
     /// Include system streams.
@@ -1064,10 +1063,10 @@ impl TryFrom<v1::subscribe_request::Start> for SubscribeStart {
                 SubscribeFrom::StreamVersion(version)
             }
         };
-        if start.predicate.len() > PREDICATE_BYTES_MAX {
+        if start.predicate.len() > FILTER_PREDICATE_BYTES_MAX {
             return Err(ConvertError::new(
                 "predicate",
-                Problem::PredicateTooLong { len_bytes: start.predicate.len(), max_bytes: PREDICATE_BYTES_MAX },
+                Problem::PredicateTooLong { len_bytes: start.predicate.len(), max_bytes: FILTER_PREDICATE_BYTES_MAX },
             ));
         }
         Ok(Self {

@@ -399,7 +399,7 @@ fn bad_subscriptions_name_their_field() {
 
     let mut start = subscribe_start();
     start.start_at = Some(v1::subscribe_request::start::StartAt::End(v1::Empty {}));
-    start.predicate = "x".repeat(PREDICATE_BYTES_MAX + 1);
+    start.predicate = "x".repeat(FILTER_PREDICATE_BYTES_MAX + 1);
     let error = start_error(start);
     assert_eq!(error.field(), "start.predicate");
     assert_eq!(error.code(), v1::ErrorCode::InvalidFilter);

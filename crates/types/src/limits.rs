@@ -79,3 +79,29 @@ const _: () = assert!(
     (EVENT_DATA_BYTES_MAX + EVENT_METADATA_BYTES_MAX + EVENT_TYPE_BYTES_MAX + STREAM_NAME_BYTES_MAX) as u64 + 4096
         <= LOG_RECORD_BYTES_DEFAULT
 );
+
+/// Longest subscription payload predicate (CEL source text), in bytes
+/// (default 4 KiB). Checked on the wire and again when the node compiles it.
+pub const FILTER_PREDICATE_BYTES_MAX: usize = 4096;
+/// Most event types one filter (a `$all` read or a subscription) may list
+/// (default 64); an event passes if its type is any of them.
+pub const FILTER_EVENT_TYPES_MAX: usize = 64;
+/// Most expression nodes in a compiled predicate, counted after macros such
+/// as `exists` are expanded (default 2048). Bounds the work of one
+/// evaluation outside comprehensions (which the cost budget bounds). Source
+/// text averages more than two bytes a node, so the byte limit usually
+/// binds first; this one stops macros from multiplying the nodes.
+pub const FILTER_PREDICATE_NODES_MAX: usize = 2048;
+/// Deepest nesting of a compiled predicate's expression tree (default 64).
+/// The interpreter recurses once per level, so this bounds the stack one
+/// evaluation needs (a few hundred KiB at most).
+pub const FILTER_PREDICATE_DEPTH_MAX: usize = 64;
+/// Cost units one evaluation of a predicate may spend (default 250k) before
+/// it stops with an error (the event does not match). A unit is one
+/// expression node run in a comprehension, or one list or map element or 64
+/// bytes of string that an operation reads or copies. The worst use of the
+/// whole budget (copying lists) takes about 20 ms; filters over payloads of
+/// a few thousand elements spend well under a tenth of it.
+pub const FILTER_PREDICATE_COST_MAX: u64 = 250_000;
+
+const _: () = assert!(FILTER_PREDICATE_DEPTH_MAX <= FILTER_PREDICATE_NODES_MAX);
