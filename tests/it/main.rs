@@ -3,6 +3,7 @@
 mod log_crash;
 mod log_faults;
 mod log_model;
+mod node_serve;
 mod store_bad_input;
 mod store_checkpoint_crash;
 mod store_determinism;

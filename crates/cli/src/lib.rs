@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod serve;
 
 /// The parsed command line.
 #[derive(Debug, Parser)]
@@ -25,6 +26,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a site node: the event store with its gRPC and HTTP APIs.
+    Serve(serve::ServeArgs),
     /// Measure a component of edgebus on this machine and report the figures.
     Bench(bench::BenchArgs),
 }
@@ -32,6 +35,7 @@ pub enum Command {
 /// Runs a parsed command line to completion.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => serve::run(&args),
         Command::Bench(args) => bench::run(args),
     }
 }

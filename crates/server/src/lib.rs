@@ -1,7 +1,11 @@
-//! edgebus-server: the node runtime. For now it holds only the subscription
-//! filter ([`filter`]): which recorded events a subscription delivers, by
-//! stream, stream pattern, event type and a CEL predicate over the JSON
-//! payload. The gRPC and HTTP services, subscriptions and consumer groups
-//! will live here too, on top of `edgebus-store` and `edgebus-proto`.
+//! edgebus-server: the node runtime. [`node::run`] opens the store and
+//! serves the `edgebus.v1` gRPC service ([`grpc`]) and the HTTP side
+//! ([`http`]) until shutdown; [`filter`] decides which recorded events a
+//! subscription delivers, by stream, stream pattern, event type and a CEL
+//! predicate over the JSON payload. Subscriptions, consumer groups and the
+//! rest of the HTTP API come next.
 
 pub mod filter;
+pub mod grpc;
+pub mod http;
+pub mod node;

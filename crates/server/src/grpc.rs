@@ -1,0 +1,190 @@
+//! The `edgebus.v1.EventStore` gRPC service over the store: each request is
+//! validated by `edgebus-proto` (errors name the field), run on the blocking
+//! pool (the store's calls block until durable), and answered with the
+//! store's result or a status carrying the stable error code.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use edgebus_proto::convert::{
+    self, AppendArgs, DeleteSnapshotArgs, DeleteStreamArgs, ExistsOrWriteArgs, ListSnapshotsArgs, ListStreamsArgs,
+    ReadAllArgs, ReadSnapshotArgs, ReadStreamArgs, RecordSnapshotArgs, SetStreamMetadataArgs, StreamInfoArgs,
+};
+use edgebus_proto::v1;
+use edgebus_proto::v1::event_store_server::EventStore;
+use edgebus_store::{ReadError, Store, WriteError};
+use tonic::{Request, Response, Status};
+
+/// Milliseconds since the Unix epoch: the node stamps events before they are
+/// logged, so the store itself never reads a clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The service; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EventStoreService {
+    store: Arc<Store>,
+}
+
+impl EventStoreService {
+    /// A service over `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+
+    /// Runs a blocking store write on the blocking pool.
+    async fn write<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&Store) -> Result<T, WriteError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = Arc::clone(&self.store);
+        match tokio::task::spawn_blocking(move || call(&store)).await {
+            Ok(result) => result.map_err(|e| convert::status_from_write_error(&e)),
+            Err(join) => Err(Status::internal(format!("store call failed: {join}"))),
+        }
+    }
+
+    /// Runs a blocking store read on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&Store) -> Result<T, ReadError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = Arc::clone(&self.store);
+        match tokio::task::spawn_blocking(move || call(&store)).await {
+            Ok(result) => result.map_err(|e| convert::status_from_read_error(&e)),
+            Err(join) => Err(Status::internal(format!("store call failed: {join}"))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl EventStore for EventStoreService {
+    async fn append(&self, request: Request<v1::AppendRequest>) -> Result<Response<v1::AppendResponse>, Status> {
+        let args = AppendArgs::from_wire(request.into_inner(), now_ms())?;
+        let result = self.write(move |store| store.append(&args.stream, args.expected, args.events)).await?;
+        Ok(Response::new(result.into()))
+    }
+
+    async fn exists_or_write(
+        &self,
+        request: Request<v1::ExistsOrWriteRequest>,
+    ) -> Result<Response<v1::ExistsOrWriteResponse>, Status> {
+        let args = ExistsOrWriteArgs::from_wire(request.into_inner(), now_ms())?;
+        let result = self.write(move |store| store.exists_or_write(&args.stream, args.index, args.event)).await?;
+        Ok(Response::new(result.into()))
+    }
+
+    async fn read_stream(
+        &self,
+        request: Request<v1::ReadStreamRequest>,
+    ) -> Result<Response<v1::ReadStreamResponse>, Status> {
+        let args = ReadStreamArgs::try_from(request.into_inner())?;
+        let now = now_ms();
+        let events = self
+            .read(move |store| store.read_stream(&args.stream, args.from, args.direction, args.max_count, now))
+            .await?;
+        Ok(Response::new(events.into()))
+    }
+
+    async fn read_all(&self, request: Request<v1::ReadAllRequest>) -> Result<Response<v1::ReadAllResponse>, Status> {
+        let args = ReadAllArgs::try_from(request.into_inner())?;
+        let slice =
+            self.read(move |store| store.read_all(args.from, args.direction, args.max_count, &args.filter)).await?;
+        Ok(Response::new(slice.into()))
+    }
+
+    async fn stream_info(
+        &self,
+        request: Request<v1::StreamInfoRequest>,
+    ) -> Result<Response<v1::StreamInfoResponse>, Status> {
+        let args = StreamInfoArgs::try_from(request.into_inner())?;
+        let info = self.read(move |store| store.stream_info(&args.stream)).await?;
+        Ok(Response::new(info.into()))
+    }
+
+    async fn delete_stream(
+        &self,
+        request: Request<v1::DeleteStreamRequest>,
+    ) -> Result<Response<v1::DeleteStreamResponse>, Status> {
+        let args = DeleteStreamArgs::try_from(request.into_inner())?;
+        let now = now_ms();
+        let position =
+            self.write(move |store| store.delete_stream(&args.stream, args.expected, args.hard, now)).await?;
+        Ok(Response::new(v1::DeleteStreamResponse { position }))
+    }
+
+    async fn set_stream_metadata(
+        &self,
+        request: Request<v1::SetStreamMetadataRequest>,
+    ) -> Result<Response<v1::SetStreamMetadataResponse>, Status> {
+        let args = SetStreamMetadataArgs::try_from(request.into_inner())?;
+        let now = now_ms();
+        let position = self.write(move |store| store.set_stream_metadata(&args.stream, args.metadata, now)).await?;
+        Ok(Response::new(v1::SetStreamMetadataResponse { position }))
+    }
+
+    async fn record_snapshot(
+        &self,
+        request: Request<v1::RecordSnapshotRequest>,
+    ) -> Result<Response<v1::RecordSnapshotResponse>, Status> {
+        let args = RecordSnapshotArgs::try_from(request.into_inner())?;
+        let now = now_ms();
+        let position = self
+            .write(move |store| store.record_snapshot(&args.source, &args.stream, args.version, args.state, now))
+            .await?;
+        Ok(Response::new(v1::RecordSnapshotResponse { position }))
+    }
+
+    async fn read_snapshot(
+        &self,
+        request: Request<v1::ReadSnapshotRequest>,
+    ) -> Result<Response<v1::ReadSnapshotResponse>, Status> {
+        let args = ReadSnapshotArgs::try_from(request.into_inner())?;
+        let snapshot =
+            self.read(move |store| store.read_snapshot(&args.source, &args.stream, args.at_or_below)).await?;
+        Ok(Response::new(snapshot.into()))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<v1::DeleteSnapshotRequest>,
+    ) -> Result<Response<v1::DeleteSnapshotResponse>, Status> {
+        let args = DeleteSnapshotArgs::try_from(request.into_inner())?;
+        let now = now_ms();
+        let position =
+            self.write(move |store| store.delete_snapshot(&args.source, &args.stream, args.version, now)).await?;
+        Ok(Response::new(v1::DeleteSnapshotResponse { position }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<v1::ListSnapshotsRequest>,
+    ) -> Result<Response<v1::ListSnapshotsResponse>, Status> {
+        let args = ListSnapshotsArgs::try_from(request.into_inner())?;
+        let snapshots = self
+            .read(move |store| store.list_snapshots(args.source.as_deref(), args.stream.as_ref(), args.limit))
+            .await?;
+        Ok(Response::new(snapshots.into()))
+    }
+
+    async fn list_streams(
+        &self,
+        request: Request<v1::ListStreamsRequest>,
+    ) -> Result<Response<v1::ListStreamsResponse>, Status> {
+        let args = ListStreamsArgs::from(request.into_inner());
+        let streams =
+            self.read(move |store| store.list_streams(args.after.as_deref(), args.limit, args.include_system)).await?;
+        Ok(Response::new(streams.into()))
+    }
+
+    type SubscribeStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::SubscribeResponse, Status>> + Send + 'static>>;
+
+    async fn subscribe(
+        &self,
+        _request: Request<tonic::Streaming<v1::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(Status::unimplemented("subscriptions are not served yet (issue: the site node)"))
+    }
+}

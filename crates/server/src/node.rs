@@ -1,0 +1,149 @@
+//! Running a site node: open the store, serve gRPC and HTTP, announce
+//! readiness, drain on shutdown.
+//!
+//! Lifecycle: [`run`] opens the store (which recovers the log and replays
+//! the index), binds both listeners, calls `on_ready` with the bound
+//! addresses, and serves until `shutdown` resolves. Then it stops accepting,
+//! lets in-flight requests finish (each write is acknowledged only once
+//! durable), and closes the store, which flushes the index and syncs the log.
+
+use std::future::{Future, IntoFuture as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use edgebus_proto::v1::event_store_server::EventStoreServer;
+use edgebus_store::{Store, StoreConfig};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::grpc::EventStoreService;
+
+/// Default gRPC address: loopback only, so a node started with no arguments
+/// is not reachable from other hosts.
+pub const GRPC_LISTEN_DEFAULT: &str = "127.0.0.1:7290";
+/// Default HTTP address (health, metrics, JSON API).
+pub const HTTP_LISTEN_DEFAULT: &str = "127.0.0.1:7291";
+/// Default data directory, relative to the working directory.
+pub const DATA_DIR_DEFAULT: &str = "edgebus-data";
+/// Largest gRPC message the node accepts: one maximal append (the log's
+/// default append limit) plus framing.
+pub const GRPC_MESSAGE_BYTES_MAX: usize = 8 * 1024 * 1024;
+const _: () = assert!(edgebus_types::limits::LOG_APPEND_BYTES_DEFAULT as usize <= GRPC_MESSAGE_BYTES_MAX);
+
+/// How long a stopping node waits for open connections to finish their
+/// requests before it closes them. Writes already handed to the store
+/// complete either way: closing the store drains its queue.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A server that stopped before it was asked to.
+fn server_ended<E: std::fmt::Display>(
+    name: &str,
+    result: Result<Result<(), E>, tokio::task::JoinError>,
+) -> anyhow::Error {
+    match result {
+        Ok(Ok(())) => anyhow::anyhow!("the {name} server stopped on its own"),
+        Ok(Err(e)) => anyhow::anyhow!("the {name} server failed: {e}"),
+        Err(e) => anyhow::anyhow!("the {name} server task failed: {e}"),
+    }
+}
+
+/// What a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Where the log and the index live.
+    pub data_dir: PathBuf,
+    /// gRPC listen address (port 0: any free port).
+    pub grpc_listen: SocketAddr,
+    /// HTTP listen address (port 0: any free port).
+    pub http_listen: SocketAddr,
+    /// Store settings (fsync policy, limits).
+    pub store: StoreConfig,
+}
+
+/// The addresses a started node listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// Bound gRPC address.
+    pub grpc: SocketAddr,
+    /// Bound HTTP address.
+    pub http: SocketAddr,
+}
+
+/// Runs a node until `shutdown` resolves; see the module docs.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(Ready),
+) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let store_config = config.store.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, store_config))
+        .await
+        .context("the store's open task failed")?
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let store = Arc::new(store);
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
+    let ready = Ready { grpc: grpc_listener.local_addr()?, http: http_listener.local_addr()? };
+
+    // One shutdown signal, fanned out to both servers.
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_sender.send(true);
+    });
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+
+    let service = EventStoreServer::new(EventStoreService::new(Arc::clone(&store)))
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let mut grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped(stop.clone())),
+    );
+    let mut http = tokio::spawn(
+        axum::serve(http_listener, crate::http::router()).with_graceful_shutdown(stopped(stop.clone())).into_future(),
+    );
+
+    on_ready(ready);
+    // Serve until shutdown (or until a server fails), then give open
+    // connections a bounded time to finish their requests: a client that
+    // keeps an idle connection open must not hold the node up for ever.
+    tokio::select! {
+        // Biased: the servers end only after a stop was asked for, so when
+        // one of them has ended, a stop asked for is seen first.
+        biased;
+        () = stopped(stop.clone()) => {}
+        result = &mut grpc => return Err(server_ended("gRPC", result)),
+        result = &mut http => return Err(server_ended("HTTP", result)),
+    }
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { tokio::join!(&mut grpc, &mut http) }).await;
+    match drained {
+        Ok((grpc_result, http_result)) => {
+            grpc_result.context("the gRPC server task failed")?.context("the gRPC server failed")?;
+            http_result.context("the HTTP server task failed")?.context("the HTTP server failed")?;
+        }
+        Err(_) => {
+            eprintln!("edgebus: connections still open after {} s of draining; closing them", DRAIN_TIMEOUT.as_secs());
+            grpc.abort();
+            http.abort();
+        }
+    }
+
+    // Every request has finished: close the store (index flush, log sync).
+    let closing = Arc::clone(&store);
+    tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .context("the store's close task failed")?
+        .context("closing the store")?;
+    Ok(())
+}

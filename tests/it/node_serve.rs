@@ -1,0 +1,163 @@
+//! `edgebus serve` end to end: it starts on 127.0.0.1:0, says where it
+//! listens, serves gRPC and HTTP, drains on SIGTERM, and loses nothing
+//! acknowledged across a restart.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use edgebus_proto::convert::{self, AppendArgs, ReadStreamArgs};
+use edgebus_proto::v1::event_store_client::EventStoreClient;
+use edgebus_store::{Direction, StreamFrom};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
+
+/// How long a node may take to start or to stop before the test fails.
+const NODE_DEADLINE: Duration = Duration::from_secs(60);
+
+struct Node {
+    child: Child,
+    grpc: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Node {
+    fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgebus-node"))
+            .args(["serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start edgebus serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = lines.recv_timeout(NODE_DEADLINE).expect("the node prints its ready line");
+        let field = |name: &str| -> SocketAddr {
+            let prefix = format!("{name}=");
+            ready
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no {name}= in {ready:?}"))
+                .parse()
+                .expect("an address")
+        };
+        assert!(ready.starts_with("edgebus ready "), "{ready:?}");
+        assert!(ready.contains(&format!("data={}", data_dir.display())), "{ready:?}");
+        Self { grpc: field("grpc"), http: field("http"), child }
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit.
+    fn stop(mut self) {
+        assert!(send_sigterm(self.child.id()), "SIGTERM delivered");
+        let (sender, exited) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(self.child.wait());
+        });
+        let status = exited.recv_timeout(NODE_DEADLINE).expect("the node exits after SIGTERM").expect("wait");
+        assert!(status.success(), "a drained node exits 0, got {status}");
+    }
+}
+
+/// Sends SIGTERM through the `kill` command, keeping `unsafe` out of the tests.
+fn send_sigterm(pid: u32) -> bool {
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().is_ok_and(|s| s.success())
+}
+
+async fn connect(addr: SocketAddr) -> EventStoreClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("a valid URI")
+        .connect()
+        .await
+        .expect("connect to the node");
+    EventStoreClient::new(channel)
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect to HTTP");
+    stream.set_read_timeout(Some(NODE_DEADLINE)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: edgebus\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the HTTP response");
+    response
+}
+
+fn event(id: u128, data: &str) -> NewEvent {
+    NewEvent {
+        id: EventId::from_u128(id),
+        event_type: EventType::new("Noted").unwrap(),
+        data: data.as_bytes().to_vec(),
+        metadata: Vec::new(),
+        timestamp_ms: 0,
+    }
+}
+
+#[test]
+fn serve_answers_grpc_and_http_drains_on_sigterm_and_keeps_what_it_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let stream = StreamName::new("notes.n-1").unwrap();
+    // Each phase has its own runtime, dropped before the node is stopped, so
+    // the client's connection closes as a real client's would.
+    let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+
+    let node = Node::start(&data_dir);
+    assert!(http_get(node.http, "/healthz").starts_with("HTTP/1.1 200"), "healthz");
+    runtime().block_on(async {
+        let mut client = connect(node.grpc).await;
+        let append = AppendArgs {
+            stream: stream.clone(),
+            expected: ExpectedVersion::NoStream,
+            events: vec![event(1, "a"), event(2, "b"), event(3, "c")],
+        };
+        let result = client.append(edgebus_proto::v1::AppendRequest::from(append)).await.expect("append").into_inner();
+        assert_eq!((result.first_version, result.count), (0, 3));
+
+        // A conflict carries the stable code and the versions.
+        let conflict =
+            AppendArgs { stream: stream.clone(), expected: ExpectedVersion::NoStream, events: vec![event(4, "d")] };
+        let status = client.append(edgebus_proto::v1::AppendRequest::from(conflict)).await.unwrap_err();
+        let detail = convert::error_detail_from_status(&status).expect("error detail in the status");
+        assert_eq!(detail.code, 1, "WrongExpectedVersion: {status:?}");
+        assert_eq!(detail.current, Some(2), "{detail:?}");
+
+        // A bad name is refused naming the field.
+        let mut bad = edgebus_proto::v1::AppendRequest::from(AppendArgs {
+            stream: stream.clone(),
+            expected: ExpectedVersion::Any,
+            events: vec![event(5, "e")],
+        });
+        bad.stream = "bad name".to_owned();
+        let status = client.append(bad).await.unwrap_err();
+        assert!(status.message().contains("stream"), "{status:?}");
+    });
+    node.stop();
+
+    // Restart on the same data: everything acknowledged is there.
+    let node = Node::start(&data_dir);
+    runtime().block_on(async {
+        let mut client = connect(node.grpc).await;
+        let read = ReadStreamArgs {
+            stream: stream.clone(),
+            from: StreamFrom::Start,
+            direction: Direction::Forward,
+            max_count: 100,
+        };
+        let response =
+            client.read_stream(edgebus_proto::v1::ReadStreamRequest::from(read)).await.expect("read").into_inner();
+        let events = convert::read_stream_events(response).expect("valid events");
+        let data: Vec<&[u8]> = events.iter().map(|e| e.data.as_slice()).collect();
+        assert_eq!(data, [b"a".as_slice(), b"b", b"c"]);
+        assert!(events.iter().all(|e| e.timestamp_ms > 0), "the node stamps time");
+    });
+    node.stop();
+}
