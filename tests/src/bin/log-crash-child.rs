@@ -13,12 +13,12 @@
 //! - `done` when every thread used up its budget (normally it is killed first);
 //! - `error MESSAGE` before exiting with status 1 on any unexpected failure.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use edgebus_log::{FsyncPolicy, Log, LogConfig};
 use edgebus_tests::crash_record::{self, KEEP_RECORDS, RecordId, SEGMENT_BYTES};
+use edgebus_tests::report;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -32,14 +32,6 @@ fn main() {
     if let Err(message) = run() {
         report(&format!("error {message}"));
         std::process::exit(1);
-    }
-}
-
-/// Writes one line to stdout and flushes it; exits quietly if the parent is gone.
-fn report(line: &str) {
-    let mut out = std::io::stdout().lock();
-    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-        std::process::exit(2);
     }
 }
 

@@ -18,13 +18,13 @@
 //!
 //! The store configuration must match the parent's `config()`.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use edgebus_log::LogConfig;
 use edgebus_store::{ExistsOrWrite, Store, StoreConfig, StreamMetadata};
+use edgebus_tests::report;
 use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -55,14 +55,6 @@ fn main() {
     if let Err(message) = run() {
         report(&format!("error {message}"));
         std::process::exit(1);
-    }
-}
-
-/// Writes one line to stdout and flushes it; exits quietly if the parent is gone.
-fn report(line: &str) {
-    let mut out = std::io::stdout().lock();
-    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-        std::process::exit(2);
     }
 }
 
