@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod client_cmds;
 pub mod serve;
 
 /// The parsed command line.
@@ -30,6 +31,12 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Measure a component of edgebus on this machine and report the figures.
     Bench(bench::BenchArgs),
+    /// Append one event to a stream on a node.
+    Publish(client_cmds::PublishArgs),
+    /// Print a stream's events from a node.
+    Read(client_cmds::ReadArgs),
+    /// List the streams on a node.
+    Streams(client_cmds::StreamsArgs),
 }
 
 /// Runs a parsed command line to completion.
@@ -37,6 +44,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Bench(args) => bench::run(args),
+        Command::Publish(args) => client_cmds::publish(&args),
+        Command::Read(args) => client_cmds::read(&args),
+        Command::Streams(args) => client_cmds::streams(&args),
     }
 }
 

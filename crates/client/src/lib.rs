@@ -47,8 +47,7 @@ impl Client {
             .map_err(|source| ClientError::InvalidAddress { addr: addr.to_owned(), source })?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT);
-        let channel =
-            endpoint.connect().await.map_err(|source| ClientError::Connect { addr: uri.clone(), source })?;
+        let channel = endpoint.connect().await.map_err(|source| ClientError::Connect { addr: uri.clone(), source })?;
         Ok(Self { inner: EventStoreClient::new(channel), addr: uri })
     }
 
@@ -113,7 +112,7 @@ impl Client {
 #[non_exhaustive]
 pub enum ClientError {
     /// The address is not a valid URI.
-    #[error("invalid server address {addr:?}: {source}")]
+    #[error("invalid server address {addr:?}")]
     InvalidAddress {
         /// The address as given.
         addr: String,
@@ -122,7 +121,7 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     /// No connection could be made.
-    #[error("cannot connect to an edgebus node at {addr}: {source} (is one running? start it with `edgebus serve`)")]
+    #[error("cannot connect to an edgebus node at {addr} (is one running? start it with `edgebus serve`)")]
     Connect {
         /// The address tried.
         addr: String,
