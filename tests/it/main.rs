@@ -3,6 +3,8 @@
 mod log_crash;
 mod log_faults;
 mod log_model;
+mod node;
+mod node_http;
 mod node_serve;
 mod store_bad_input;
 mod store_checkpoint_crash;

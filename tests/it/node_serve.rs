@@ -2,76 +2,14 @@
 //! listens, serves gRPC and HTTP, drains on SIGTERM, and loses nothing
 //! acknowledged across a restart.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use edgebus_proto::convert::{self, AppendArgs, ReadStreamArgs};
 use edgebus_proto::v1::event_store_client::EventStoreClient;
 use edgebus_store::{Direction, StreamFrom};
 use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
 
-/// How long a node may take to start or to stop before the test fails.
-const NODE_DEADLINE: Duration = Duration::from_secs(60);
-
-struct Node {
-    child: Child,
-    grpc: SocketAddr,
-    http: SocketAddr,
-}
-
-impl Node {
-    fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgebus-node"))
-            .args(["serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start edgebus serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let ready = lines.recv_timeout(NODE_DEADLINE).expect("the node prints its ready line");
-        let field = |name: &str| -> SocketAddr {
-            let prefix = format!("{name}=");
-            ready
-                .split_whitespace()
-                .find_map(|word| word.strip_prefix(&prefix))
-                .unwrap_or_else(|| panic!("no {name}= in {ready:?}"))
-                .parse()
-                .expect("an address")
-        };
-        assert!(ready.starts_with("edgebus ready "), "{ready:?}");
-        assert!(ready.contains(&format!("data={}", data_dir.display())), "{ready:?}");
-        Self { grpc: field("grpc"), http: field("http"), child }
-    }
-
-    /// SIGTERM, then wait (bounded) for a clean exit.
-    fn stop(mut self) {
-        assert!(send_sigterm(self.child.id()), "SIGTERM delivered");
-        let (sender, exited) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = sender.send(self.child.wait());
-        });
-        let status = exited.recv_timeout(NODE_DEADLINE).expect("the node exits after SIGTERM").expect("wait");
-        assert!(status.success(), "a drained node exits 0, got {status}");
-    }
-}
-
-/// Sends SIGTERM through the `kill` command, keeping `unsafe` out of the tests.
-fn send_sigterm(pid: u32) -> bool {
-    Command::new("kill").args(["-TERM", &pid.to_string()]).status().is_ok_and(|s| s.success())
-}
+use crate::node::{Node, http_get};
 
 async fn connect(addr: SocketAddr) -> EventStoreClient<tonic::transport::Channel> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -80,15 +18,6 @@ async fn connect(addr: SocketAddr) -> EventStoreClient<tonic::transport::Channel
         .await
         .expect("connect to the node");
     EventStoreClient::new(channel)
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to HTTP");
-    stream.set_read_timeout(Some(NODE_DEADLINE)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: edgebus\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read the HTTP response");
-    response
 }
 
 fn event(id: u128, data: &str) -> NewEvent {

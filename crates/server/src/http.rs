@@ -1,10 +1,379 @@
-//! The node's HTTP side. For now: `/healthz` (the process serves) and
-//! `/readyz` (the store is open: the server starts only after it is).
+//! The node's HTTP side: `/healthz` (the process serves), `/readyz` (the
+//! store is open: the server starts only after it is), and a JSON API over
+//! the store for clients without gRPC:
+//!
+//! - `POST /v1/streams/{stream}` appends. The body is one event
+//!   `{"type": "...", "data": <any JSON>, "metadata": <optional JSON>,
+//!   "id": "<optional uuid>"}`, an array of them, or a wrapper
+//!   `{"expected_version": "any|no_stream|stream_exists|N", "events": [...]}`.
+//!   Without a wrapper the expected version comes from the
+//!   `edgebus-expected-version` header (a wrapper's field wins if both are
+//!   given); the default is `any`. `data` and `metadata` are stored as their
+//!   compact JSON text (`metadata` absent or `null`: empty). An event without
+//!   an `id` gets a fresh random (version 4) one, which makes a retry of that
+//!   request a new write, not an idempotent one: producers that retry send
+//!   their own ids. The node stamps `timestamp_ms`. Answers `201` with
+//!   `{"first_version", "first_position", "count", "already_written"}`.
+//! - `GET /v1/streams/{stream}?from=start|end|N&count=N&direction=forward|backward`
+//!   reads (defaults: `start`, [`READ_COUNT_DEFAULT`], `forward`). Each
+//!   event's `data` and `metadata` are given as JSON if they parse as JSON,
+//!   otherwise as a string holding their text with invalid UTF-8 replaced
+//!   (lossy: binary payloads written over gRPC do not round-trip here);
+//!   empty metadata is `null`.
+//! - `GET /v1/stats`: the log's counters since open and its positions.
+//!
+//! Every refusal is a status and a JSON body `{"code", "message"}` whose
+//! `code` is the stable wire number of `edgebus.v1.ErrorCode` (the store's
+//! codes, `100` for an invalid name, …); a version conflict adds `expected`
+//! and `current`, `BUSY` adds `retry_after_ms` and a `Retry-After` header.
+
+use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use edgebus_proto::convert::BUSY_RETRY_AFTER_MS;
+use edgebus_proto::v1::ErrorCode as WireCode;
+use edgebus_store::{Direction, ErrorCode, ReadError, Store, StreamFrom, WriteError};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName};
+use serde_json::{Value, json};
 
-/// The HTTP routes.
-pub fn router() -> Router {
-    Router::new().route("/healthz", get(|| async { "ok\n" })).route("/readyz", get(|| async { "ready\n" }))
+/// Largest request body the JSON API accepts: one maximal append (the log's
+/// default append limit); JSON text of a batch is larger than its encoding,
+/// so a batch near the store's limit may be refused here first.
+pub const HTTP_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
+const _: () = assert!(edgebus_types::limits::LOG_APPEND_BYTES_DEFAULT as usize <= HTTP_BODY_BYTES_MAX);
+
+/// Events a read returns when the request does not say `count`.
+pub const READ_COUNT_DEFAULT: usize = 100;
+
+/// The header that carries an append's expected version.
+pub const EXPECTED_VERSION_HEADER: &str = "edgebus-expected-version";
+
+/// The HTTP routes over `store`.
+pub fn router(store: Arc<Store>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/v1/streams/{stream}", get(read_stream).post(append))
+        .route("/v1/stats", get(stats))
+        .layer(DefaultBodyLimit::max(HTTP_BODY_BYTES_MAX))
+        .with_state(store)
+}
+
+/// A refusal: status, stable code, message and extra JSON fields.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: u32,
+    message: String,
+    extra: serde_json::Map<String, Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: u32, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), extra: serde_json::Map::new() }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, WireCode::InvalidArgument as u32, message)
+    }
+
+    fn invalid_name(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, WireCode::InvalidName as u32, message)
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, WireCode::Unspecified as u32, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = self.extra;
+        body.insert("code".to_owned(), json!(self.code));
+        body.insert("message".to_owned(), json!(self.message));
+        let mut response = json_response(self.status, &Value::Object(body));
+        if self.code == WireCode::Busy as u32 {
+            let seconds = BUSY_RETRY_AFTER_MS.div_ceil(1000).max(1);
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    let text = serde_json::to_vec(body).expect("a JSON value serializes");
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], text).into_response()
+}
+
+/// The HTTP status for a stable code, mirroring the gRPC mapping in
+/// `edgebus_proto::convert::grpc_code`.
+fn http_status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::WrongExpectedVersion
+        | ErrorCode::StreamDeleted
+        | ErrorCode::DuplicateEventId
+        | ErrorCode::IdempotencyConflict
+        | ErrorCode::Gap => StatusCode::CONFLICT,
+        ErrorCode::StreamNotFound | ErrorCode::SnapshotNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::EventTooLarge | ErrorCode::BatchTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::ReservedStream | ErrorCode::EmptyAppend | ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
+        ErrorCode::PositionRemoved => StatusCode::GONE,
+        ErrorCode::Unavailable | ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Corrupt | ErrorCode::IndexFailure => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn wire(code: ErrorCode) -> u32 {
+    edgebus_proto::convert::wire_error_code(code)
+}
+
+impl From<WriteError> for ApiError {
+    fn from(error: WriteError) -> Self {
+        let mut out = Self::new(http_status(error.code()), wire(error.code()), error.to_string());
+        match &error {
+            WriteError::WrongExpectedVersion { stream, source } => {
+                out.extra.insert("stream".to_owned(), json!(stream.as_str()));
+                out.extra.insert("expected".to_owned(), json!(source.expected.to_string()));
+                out.extra.insert("current".to_owned(), json!(source.current));
+            }
+            WriteError::Busy => {
+                out.extra.insert("retry_after_ms".to_owned(), json!(BUSY_RETRY_AFTER_MS));
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(error: ReadError) -> Self {
+        // As over gRPC: a tombstoned stream is not found to a reader, and a
+        // log read that failed on I/O is unavailable rather than corrupt.
+        let status = match &error {
+            ReadError::StreamDeleted { .. } => StatusCode::NOT_FOUND,
+            ReadError::Log(edgebus_log::ReadError::Io(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => http_status(error.code()),
+        };
+        Self::new(status, wire(error.code()), error.to_string())
+    }
+}
+
+fn stream_name(raw: &str) -> Result<StreamName, ApiError> {
+    StreamName::new(raw).map_err(|e| ApiError::invalid_name(e.to_string()))
+}
+
+/// Runs a blocking store call on the blocking pool.
+async fn blocking<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+    store: &Arc<Store>,
+    call: impl FnOnce(&Store) -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || call(&store)).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(join) => Err(ApiError::internal(format!("store call failed: {join}"))),
+    }
+}
+
+/// A fresh random id in UUID version 4 form.
+fn random_event_id() -> EventId {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    EventId::from_bytes(bytes)
+}
+
+/// One event of a request body, checked and stamped.
+fn new_event(value: Value, index: usize, timestamp_ms: u64) -> Result<NewEvent, ApiError> {
+    let Value::Object(mut fields) = value else {
+        return Err(ApiError::invalid(format!("events[{index}]: an event is a JSON object")));
+    };
+    let event_type = match fields.remove("type") {
+        Some(Value::String(text)) => {
+            EventType::new(&text).map_err(|e| ApiError::invalid_name(format!("events[{index}].type: {e}")))?
+        }
+        Some(_) => return Err(ApiError::invalid(format!("events[{index}].type: a string is required"))),
+        None => return Err(ApiError::invalid(format!("events[{index}].type is missing"))),
+    };
+    let data = match fields.remove("data") {
+        Some(value) => serde_json::to_vec(&value).expect("a JSON value serializes"),
+        None => return Err(ApiError::invalid(format!("events[{index}].data is missing"))),
+    };
+    let metadata = match fields.remove("metadata") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(value) => serde_json::to_vec(&value).expect("a JSON value serializes"),
+    };
+    let id = match fields.remove("id") {
+        None | Some(Value::Null) => random_event_id(),
+        Some(Value::String(text)) => text.parse().map_err(|e| ApiError::invalid(format!("events[{index}].id: {e}")))?,
+        Some(_) => return Err(ApiError::invalid(format!("events[{index}].id: a UUID string is required"))),
+    };
+    if let Some(unknown) = fields.keys().next() {
+        return Err(ApiError::invalid(format!("events[{index}]: unknown field {unknown:?}")));
+    }
+    Ok(NewEvent { id, event_type, data, metadata, timestamp_ms })
+}
+
+fn parse_expected(text: &str, source: &str) -> Result<ExpectedVersion, ApiError> {
+    text.parse().map_err(|e| ApiError::invalid(format!("{source}: {e}")))
+}
+
+/// The expected version and the events of an append body.
+fn append_body(headers: &HeaderMap, body: &[u8]) -> Result<(ExpectedVersion, Vec<Value>), ApiError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    let mut expected = match headers.get(EXPECTED_VERSION_HEADER) {
+        None => ExpectedVersion::Any,
+        Some(header) => {
+            let text =
+                header.to_str().map_err(|_| ApiError::invalid(format!("{EXPECTED_VERSION_HEADER}: not ASCII text")))?;
+            parse_expected(text, EXPECTED_VERSION_HEADER)?
+        }
+    };
+    let events = match value {
+        Value::Array(events) => events,
+        Value::Object(mut wrapper) if wrapper.contains_key("events") => {
+            match wrapper.remove("expected_version") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(text)) => expected = parse_expected(&text, "expected_version")?,
+                Some(Value::Number(number)) => expected = parse_expected(&number.to_string(), "expected_version")?,
+                Some(_) => return Err(ApiError::invalid("expected_version: a string or a number is required")),
+            }
+            if let Some(unknown) = wrapper.keys().find(|key| *key != "events") {
+                return Err(ApiError::invalid(format!("unknown field {unknown:?}")));
+            }
+            match wrapper.remove("events") {
+                Some(Value::Array(events)) => events,
+                _ => return Err(ApiError::invalid("events: an array is required")),
+            }
+        }
+        event @ Value::Object(_) => vec![event],
+        _ => return Err(ApiError::invalid("the body is an event, an array of events or {\"events\": [...]}")),
+    };
+    Ok((expected, events))
+}
+
+async fn append(
+    State(store): State<Arc<Store>>,
+    Path(stream): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            wire(ErrorCode::BatchTooLarge)
+        } else {
+            WireCode::InvalidArgument as u32
+        };
+        ApiError::new(status, code, format!("cannot read the body: {rejection}"))
+    })?;
+    let stream = stream_name(&stream)?;
+    let (expected, values) = append_body(&headers, &body)?;
+    let timestamp_ms = crate::grpc::now_ms();
+    let events = values
+        .into_iter()
+        .enumerate()
+        .map(|(index, value)| new_event(value, index, timestamp_ms))
+        .collect::<Result<Vec<_>, _>>()?;
+    let result = blocking(&store, move |store| store.append(&stream, expected, events)).await?;
+    let body = json!({
+        "first_version": result.first_version,
+        "first_position": result.first_position,
+        "count": result.count,
+        "already_written": result.already_written,
+    });
+    Ok(json_response(StatusCode::CREATED, &body))
+}
+
+/// The `from`, `count` and `direction` of a read's query string.
+fn read_query(query: Option<&str>) -> Result<(StreamFrom, usize, Direction), ApiError> {
+    let mut from = StreamFrom::Start;
+    let mut count = READ_COUNT_DEFAULT;
+    let mut direction = Direction::Forward;
+    for pair in query.unwrap_or("").split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "from" => {
+                from = match value {
+                    "start" => StreamFrom::Start,
+                    "end" => StreamFrom::End,
+                    number => StreamFrom::Version(number.parse().map_err(|_| {
+                        ApiError::invalid(format!("from: {number:?} is not start, end or a version number"))
+                    })?),
+                };
+            }
+            "count" => {
+                count = value
+                    .parse()
+                    .map_err(|_| ApiError::invalid(format!("count: {value:?} is not a non-negative number")))?;
+            }
+            "direction" => {
+                direction = match value {
+                    "forward" => Direction::Forward,
+                    "backward" => Direction::Backward,
+                    other => {
+                        return Err(ApiError::invalid(format!("direction: {other:?} is not forward or backward")));
+                    }
+                };
+            }
+            other => return Err(ApiError::invalid(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    Ok((from, count, direction))
+}
+
+/// Stored bytes as JSON: the value they parse as, else their lossy text.
+fn payload_json(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+fn event_json(event: &RecordedEvent) -> Value {
+    json!({
+        "stream": event.stream.as_str(),
+        "version": event.version,
+        "position": event.position,
+        "id": event.id.to_string(),
+        "type": event.event_type.as_str(),
+        "data": payload_json(&event.data),
+        "metadata": if event.metadata.is_empty() { Value::Null } else { payload_json(&event.metadata) },
+        "timestamp_ms": event.timestamp_ms,
+    })
+}
+
+async fn read_stream(
+    State(store): State<Arc<Store>>,
+    Path(stream): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let stream = stream_name(&stream)?;
+    let (from, count, direction) = read_query(query.as_deref())?;
+    let now = crate::grpc::now_ms();
+    let events = blocking(&store, move |store| store.read_stream(&stream, from, direction, count, now)).await?;
+    let events: Vec<Value> = events.iter().map(event_json).collect();
+    Ok(json_response(StatusCode::OK, &json!({ "events": events })))
+}
+
+/// The log's counters since open and its positions. The append queue's depth
+/// is not exposed by the log, so no queue figures are given.
+async fn stats(State(store): State<Arc<Store>>) -> Response {
+    let log = store.log();
+    let stats = log.stats();
+    let body = json!({
+        "appends": stats.appends,
+        "records": stats.records,
+        "bytes_written": stats.bytes_written,
+        "batches": stats.batches,
+        "fsyncs": stats.fsyncs,
+        "rolls": stats.rolls,
+        "start_position": log.start_position(),
+        "end_position": log.end_position(),
+    });
+    json_response(StatusCode::OK, &body)
 }

@@ -111,7 +111,9 @@ pub async fn run(
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped(stop.clone())),
     );
     let mut http = tokio::spawn(
-        axum::serve(http_listener, crate::http::router()).with_graceful_shutdown(stopped(stop.clone())).into_future(),
+        axum::serve(http_listener, crate::http::router(Arc::clone(&store)))
+            .with_graceful_shutdown(stopped(stop.clone()))
+            .into_future(),
     );
 
     on_ready(ready);

@@ -1,0 +1,155 @@
+//! A real `edgebus serve` process for the node scenarios: started on
+//! 127.0.0.1:0 with its addresses read from the ready line, stopped with
+//! SIGTERM and a bounded wait; and a plain HTTP/1.1 client over `TcpStream`.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a node may take to start or to stop before the test fails.
+pub const NODE_DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Node {
+    child: Child,
+    /// Bound gRPC address.
+    pub grpc: SocketAddr,
+    /// Bound HTTP address.
+    pub http: SocketAddr,
+}
+
+impl Node {
+    /// Starts a node on `data_dir` and waits for its ready line.
+    pub fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgebus-node"))
+            .args(["serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start edgebus serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = lines.recv_timeout(NODE_DEADLINE).expect("the node prints its ready line");
+        let field = |name: &str| -> SocketAddr {
+            let prefix = format!("{name}=");
+            ready
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no {name}= in {ready:?}"))
+                .parse()
+                .expect("an address")
+        };
+        assert!(ready.starts_with("edgebus ready "), "{ready:?}");
+        assert!(ready.contains(&format!("data={}", data_dir.display())), "{ready:?}");
+        Self { grpc: field("grpc"), http: field("http"), child }
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit.
+    pub fn stop(mut self) {
+        assert!(send_sigterm(self.child.id()), "SIGTERM delivered");
+        let (sender, exited) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(self.child.wait());
+        });
+        let status = exited.recv_timeout(NODE_DEADLINE).expect("the node exits after SIGTERM").expect("wait");
+        assert!(status.success(), "a drained node exits 0, got {status}");
+    }
+}
+
+/// Sends SIGTERM through the `kill` command, keeping `unsafe` out of the tests.
+fn send_sigterm(pid: u32) -> bool {
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().is_ok_and(|s| s.success())
+}
+
+/// A `GET` over a fresh connection; the whole response, head and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect to HTTP");
+    stream.set_read_timeout(Some(NODE_DEADLINE)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: edgebus\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the HTTP response");
+    response
+}
+
+/// A request over a fresh connection with `Connection: close`; `extra_headers`
+/// are whole header lines. Answers the status code, the head's lines and the
+/// body.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, extra_headers: &[&str], body: &[u8]) -> HttpResponse {
+    let mut stream = TcpStream::connect(addr).expect("connect to HTTP");
+    stream.set_read_timeout(Some(NODE_DEADLINE)).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: edgebus\r\nConnection: close\r\n");
+    for line in extra_headers {
+        head.push_str(line);
+        head.push_str("\r\n");
+    }
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) before reading the whole body and close.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    HttpResponse::parse(&response)
+}
+
+/// A parsed HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header lines, as sent.
+    pub headers: Vec<String>,
+    /// Body (de-chunked).
+    pub body: String,
+}
+
+impl HttpResponse {
+    fn parse(raw: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(raw);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no end of head in {text:?}"));
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().expect("a status line");
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let headers: Vec<String> = lines.map(str::to_owned).collect();
+        let chunked = headers.iter().any(|h| h.eq_ignore_ascii_case("transfer-encoding: chunked"));
+        let body = if chunked { dechunk(body) } else { body.to_owned() };
+        Self { status, headers, body }
+    }
+
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
