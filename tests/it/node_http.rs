@@ -89,6 +89,8 @@ fn http_api_appends_reads_refuses_with_stable_codes_and_counts_appends() {
     let bad_name = post("/v1/streams/bad..name", &[], br#"{"type": "T", "data": 1}"#);
     assert_eq!(bad_name.status, 400, "{bad_name:?}");
     assert_eq!(json_body(&bad_name)["code"], 100);
+    let spaced = post("/v1/streams/bad%20name", &[], br#"{"type": "T", "data": 1}"#);
+    assert_eq!((spaced.status, json_body(&spaced)["code"].as_u64()), (400, Some(100)), "{spaced:?}");
     let bad_name_read = get("/v1/streams/bad..name");
     assert_eq!(bad_name_read.status, 400, "{bad_name_read:?}");
     assert_eq!(json_body(&bad_name_read)["code"], 100);

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -165,8 +165,11 @@ impl From<ReadError> for ApiError {
     }
 }
 
-fn stream_name(raw: &str) -> Result<StreamName, ApiError> {
-    StreamName::new(raw).map_err(|e| ApiError::invalid_name(e.to_string()))
+/// The stream named by the path; a path that does not decode is refused as
+/// an invalid name, in JSON like every other refusal.
+fn stream_name(path: Result<Path<String>, PathRejection>) -> Result<StreamName, ApiError> {
+    let Path(raw) = path.map_err(|e| ApiError::invalid_name(format!("stream name: {e}")))?;
+    StreamName::new(&raw).map_err(|e| ApiError::invalid_name(e.to_string()))
 }
 
 /// Runs a blocking store call on the blocking pool.
@@ -238,7 +241,7 @@ fn append_body(headers: &HeaderMap, body: &[u8]) -> Result<(ExpectedVersion, Vec
     };
     let events = match value {
         Value::Array(events) => events,
-        Value::Object(mut wrapper) if wrapper.contains_key("events") => {
+        Value::Object(mut wrapper) if wrapper.contains_key("events") || wrapper.contains_key("expected_version") => {
             match wrapper.remove("expected_version") {
                 None | Some(Value::Null) => {}
                 Some(Value::String(text)) => expected = parse_expected(&text, "expected_version")?,
@@ -261,7 +264,7 @@ fn append_body(headers: &HeaderMap, body: &[u8]) -> Result<(ExpectedVersion, Vec
 
 async fn append(
     State(store): State<Arc<Store>>,
-    Path(stream): Path<String>,
+    stream: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -274,7 +277,7 @@ async fn append(
         };
         ApiError::new(status, code, format!("cannot read the body: {rejection}"))
     })?;
-    let stream = stream_name(&stream)?;
+    let stream = stream_name(stream)?;
     let (expected, values) = append_body(&headers, &body)?;
     let timestamp_ms = crate::grpc::now_ms();
     let events = values
@@ -349,10 +352,10 @@ fn event_json(event: &RecordedEvent) -> Value {
 
 async fn read_stream(
     State(store): State<Arc<Store>>,
-    Path(stream): Path<String>,
+    stream: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let stream = stream_name(&stream)?;
+    let stream = stream_name(stream)?;
     let (from, count, direction) = read_query(query.as_deref())?;
     let now = crate::grpc::now_ms();
     let events = blocking(&store, move |store| store.read_stream(&stream, from, direction, count, now)).await?;
@@ -376,4 +379,78 @@ async fn stats(State(store): State<Arc<Store>>) -> Response {
         "end_position": log.end_position(),
     });
     json_response(StatusCode::OK, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use edgebus_types::WrongExpectedVersion;
+
+    use super::*;
+
+    #[test]
+    fn busy_is_503_with_retry_after_and_the_busy_code() {
+        let response = ApiError::from(WriteError::Busy).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("1"));
+        let error = ApiError::from(WriteError::Busy);
+        assert_eq!(error.code, 13);
+        assert_eq!(error.extra.get("retry_after_ms"), Some(&json!(BUSY_RETRY_AFTER_MS)));
+    }
+
+    #[test]
+    fn a_conflict_is_409_with_the_versions() {
+        let stream = StreamName::new("a.b").unwrap();
+        let source = WrongExpectedVersion { expected: ExpectedVersion::Exact(3), current: None };
+        let error = ApiError::from(WriteError::WrongExpectedVersion { stream, source });
+        assert_eq!((error.status, error.code), (StatusCode::CONFLICT, 1));
+        assert_eq!(error.extra.get("expected"), Some(&json!("3")));
+        assert_eq!(error.extra.get("current"), Some(&Value::Null));
+    }
+
+    #[test]
+    fn read_errors_mirror_the_grpc_mapping() {
+        let stream = StreamName::new("a.b").unwrap();
+        let missing = ApiError::from(ReadError::StreamNotFound { stream: stream.clone() });
+        assert_eq!((missing.status, missing.code), (StatusCode::NOT_FOUND, 3));
+        let deleted = ApiError::from(ReadError::StreamDeleted { stream });
+        assert_eq!((deleted.status, deleted.code), (StatusCode::NOT_FOUND, 2));
+    }
+
+    #[test]
+    fn bodies_take_one_event_an_array_or_a_wrapper() {
+        let headers = HeaderMap::new();
+        let (expected, events) = append_body(&headers, br#"{"type": "T", "data": 1}"#).unwrap();
+        assert_eq!((expected, events.len()), (ExpectedVersion::Any, 1));
+        let (_, events) = append_body(&headers, br#"[{"type": "T", "data": 1}, {"type": "T", "data": 2}]"#).unwrap();
+        assert_eq!(events.len(), 2);
+        let (expected, events) = append_body(&headers, br#"{"expected_version": 7, "events": []}"#).unwrap();
+        assert_eq!((expected, events.len()), (ExpectedVersion::Exact(7), 0));
+        let mut with_header = HeaderMap::new();
+        with_header.insert(EXPECTED_VERSION_HEADER, HeaderValue::from_static("stream_exists"));
+        let (expected, _) = append_body(&with_header, br#"{"type": "T", "data": 1}"#).unwrap();
+        assert_eq!(expected, ExpectedVersion::StreamExists);
+        let (expected, _) = append_body(&with_header, br#"{"expected_version": "no_stream", "events": []}"#).unwrap();
+        assert_eq!(expected, ExpectedVersion::NoStream, "the wrapper's field wins");
+        assert_eq!(append_body(&headers, b"{").unwrap_err().code, 14);
+        assert_eq!(append_body(&headers, b"3").unwrap_err().code, 14);
+    }
+
+    #[test]
+    fn events_are_checked_and_get_v4_ids() {
+        let event = new_event(json!({"type": "T", "data": {"a": 1}}), 0, 5).unwrap();
+        assert_eq!((event.data.as_slice(), event.metadata.len(), event.timestamp_ms), (br#"{"a":1}"#.as_slice(), 0, 5));
+        let bytes = event.id.as_bytes();
+        assert_eq!((bytes[6] >> 4, bytes[8] >> 6), (4, 0b10), "a version 4, RFC 4122 variant id");
+        assert_eq!(new_event(json!({"type": "bad type", "data": 1}), 0, 0).unwrap_err().code, 100);
+        assert_eq!(new_event(json!({"type": "T"}), 0, 0).unwrap_err().code, 14);
+        assert_eq!(new_event(json!({"type": "T", "data": 1, "extra": 1}), 0, 0).unwrap_err().code, 14);
+        assert_eq!(new_event(json!({"type": "T", "data": 1, "id": "nope"}), 0, 0).unwrap_err().code, 14);
+    }
+
+    #[test]
+    fn payloads_read_back_as_json_or_lossy_text() {
+        assert_eq!(payload_json(br#"{"a":1}"#), json!({"a": 1}));
+        assert_eq!(payload_json(b"not json"), json!("not json"));
+        assert_eq!(payload_json(&[0xff, b'a']), json!("\u{fffd}a"));
+    }
 }
