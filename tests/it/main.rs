@@ -1,5 +1,6 @@
 //! edgebus integration scenarios, one module per area.
 
+mod cli_publish_read;
 mod log_crash;
 mod log_faults;
 mod log_model;
