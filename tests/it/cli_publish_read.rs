@@ -60,7 +60,7 @@ fn publish_read_and_streams_round_trip_through_a_node() {
     let read = edgebus(&["read", "--server", &server, "s.one"]);
     assert!(read.status.success(), "read: {}", stderr(&read));
     let text = stdout(&read);
-    let columns: Vec<&str> = text.trim_end().split_whitespace().collect();
+    let columns: Vec<&str> = text.split_whitespace().collect();
     assert_eq!(columns.len(), 4, "{text:?}");
     assert_eq!((columns[0], columns[2]), ("0", "Event"), "{text:?}");
 
