@@ -13,7 +13,9 @@ use std::time::Duration;
 pub const NODE_DEADLINE: Duration = Duration::from_secs(60);
 
 pub struct Node {
-    child: Child,
+    /// `None` once stopped; a node still running when dropped (a failed
+    /// test) is killed, so no node outlives its test.
+    child: Option<Child>,
     /// Bound gRPC address.
     pub grpc: SocketAddr,
     /// Bound HTTP address.
@@ -51,18 +53,28 @@ impl Node {
         };
         assert!(ready.starts_with("edgebus ready "), "{ready:?}");
         assert!(ready.contains(&format!("data={}", data_dir.display())), "{ready:?}");
-        Self { grpc: field("grpc"), http: field("http"), child }
+        Self { grpc: field("grpc"), http: field("http"), child: Some(child) }
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit.
     pub fn stop(mut self) {
-        assert!(send_sigterm(self.child.id()), "SIGTERM delivered");
+        let mut child = self.child.take().expect("a node is stopped once");
+        assert!(send_sigterm(child.id()), "SIGTERM delivered");
         let (sender, exited) = mpsc::channel();
         std::thread::spawn(move || {
-            let _ = sender.send(self.child.wait());
+            let _ = sender.send(child.wait());
         });
         let status = exited.recv_timeout(NODE_DEADLINE).expect("the node exits after SIGTERM").expect("wait");
         assert!(status.success(), "a drained node exits 0, got {status}");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
