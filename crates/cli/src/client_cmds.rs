@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use edgebus_client::{Client, DEFAULT_SERVER};
 use edgebus_store::{Direction, StreamFrom, StreamInfo};
-use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
 use serde_json::{Map, Value, json};
 
 /// Events `edgebus read` prints unless told otherwise.
@@ -183,7 +183,7 @@ pub fn read(args: &ReadArgs) -> anyhow::Result<()> {
     })?;
     if args.connect.json {
         for event in &events {
-            println!("{}", event_json(event));
+            println!("{}", edgebus_proto::json::event_value(event));
         }
     } else {
         let rows: Vec<[String; 4]> = events
@@ -236,24 +236,6 @@ fn data_text(data: &[u8]) -> String {
         Ok(value) => value.to_string(),
         Err(_) => String::from_utf8_lossy(data).into_owned(),
     }
-}
-
-/// Event data for scripts: the JSON value if it is JSON, else a string.
-fn data_value(data: &[u8]) -> Value {
-    serde_json::from_slice(data).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(data).into_owned()))
-}
-
-fn event_json(event: &RecordedEvent) -> Value {
-    json!({
-        "stream": event.stream.as_str(),
-        "version": event.version,
-        "position": event.position,
-        "id": event.id.to_string(),
-        "type": event.event_type.as_str(),
-        "data": data_value(&event.data),
-        "metadata": data_value(&event.metadata),
-        "timestamp_ms": event.timestamp_ms,
-    })
 }
 
 fn stream_json(info: &StreamInfo) -> Value {

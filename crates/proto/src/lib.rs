@@ -16,6 +16,7 @@
 //! crates bring the transport (`tonic/transport`, or `server` / `channel`).
 
 pub mod convert;
+pub mod json;
 
 /// The generated `edgebus.v1` messages, client and server. Their rustdoc is
 /// the comments of the `.proto` file.
