@@ -15,6 +15,8 @@ use edgebus_proto::v1::event_store_server::EventStore;
 use edgebus_store::{ReadError, Store, WriteError};
 use tonic::{Request, Response, Status};
 
+use crate::state::NodeState;
+
 /// Milliseconds since the Unix epoch: the node stamps events before they are
 /// logged, so the store itself never reads a clock.
 pub fn now_ms() -> u64 {
@@ -24,13 +26,13 @@ pub fn now_ms() -> u64 {
 /// The service; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct EventStoreService {
-    store: Arc<Store>,
+    state: Arc<NodeState>,
 }
 
 impl EventStoreService {
-    /// A service over `store`.
-    pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+    /// A service over the node's `state`.
+    pub fn new(state: Arc<NodeState>) -> Self {
+        Self { state }
     }
 
     /// Runs a blocking store write on the blocking pool.
@@ -38,7 +40,7 @@ impl EventStoreService {
         &self,
         call: impl FnOnce(&Store) -> Result<T, WriteError> + Send + 'static,
     ) -> Result<T, Status> {
-        let store = Arc::clone(&self.store);
+        let store = Arc::clone(&self.state.store);
         match tokio::task::spawn_blocking(move || call(&store)).await {
             Ok(result) => result.map_err(|e| convert::status_from_write_error(&e)),
             Err(join) => Err(Status::internal(format!("store call failed: {join}"))),
@@ -50,7 +52,7 @@ impl EventStoreService {
         &self,
         call: impl FnOnce(&Store) -> Result<T, ReadError> + Send + 'static,
     ) -> Result<T, Status> {
-        let store = Arc::clone(&self.store);
+        let store = Arc::clone(&self.state.store);
         match tokio::task::spawn_blocking(move || call(&store)).await {
             Ok(result) => result.map_err(|e| convert::status_from_read_error(&e)),
             Err(join) => Err(Status::internal(format!("store call failed: {join}"))),

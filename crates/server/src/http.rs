@@ -42,6 +42,8 @@ use edgebus_store::{Direction, ErrorCode, ReadError, Store, StreamFrom, WriteErr
 use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
 use serde_json::{Value, json};
 
+use crate::state::NodeState;
+
 /// Largest request body the JSON API accepts: one maximal append (the log's
 /// default append limit); JSON text of a batch is larger than its encoding,
 /// so a batch near the store's limit may be refused here first.
@@ -54,15 +56,15 @@ pub const READ_COUNT_DEFAULT: usize = 100;
 /// The header that carries an append's expected version.
 pub const EXPECTED_VERSION_HEADER: &str = "edgebus-expected-version";
 
-/// The HTTP routes over `store`.
-pub fn router(store: Arc<Store>) -> Router {
+/// The HTTP routes over the node's `state`.
+pub fn router(state: Arc<NodeState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
         .route("/v1/streams/{stream}", get(read_stream).post(append))
         .route("/v1/stats", get(stats))
         .layer(DefaultBodyLimit::max(HTTP_BODY_BYTES_MAX))
-        .with_state(store)
+        .with_state(state)
 }
 
 /// A refusal: status, stable code, message and extra JSON fields.
@@ -263,7 +265,7 @@ fn append_body(headers: &HeaderMap, body: &[u8]) -> Result<(ExpectedVersion, Vec
 }
 
 async fn append(
-    State(store): State<Arc<Store>>,
+    State(state): State<Arc<NodeState>>,
     stream: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -285,7 +287,7 @@ async fn append(
         .enumerate()
         .map(|(index, value)| new_event(value, index, timestamp_ms))
         .collect::<Result<Vec<_>, _>>()?;
-    let result = blocking(&store, move |store| store.append(&stream, expected, events)).await?;
+    let result = blocking(&state.store, move |store| store.append(&stream, expected, events)).await?;
     let body = json!({
         "first_version": result.first_version,
         "first_position": result.first_position,
@@ -333,22 +335,22 @@ fn read_query(query: Option<&str>) -> Result<(StreamFrom, usize, Direction), Api
 }
 
 async fn read_stream(
-    State(store): State<Arc<Store>>,
+    State(state): State<Arc<NodeState>>,
     stream: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let stream = stream_name(stream)?;
     let (from, count, direction) = read_query(query.as_deref())?;
     let now = crate::grpc::now_ms();
-    let events = blocking(&store, move |store| store.read_stream(&stream, from, direction, count, now)).await?;
+    let events = blocking(&state.store, move |store| store.read_stream(&stream, from, direction, count, now)).await?;
     let events: Vec<Value> = events.iter().map(edgebus_proto::json::event_value).collect();
     Ok(json_response(StatusCode::OK, &json!({ "events": events })))
 }
 
 /// The log's counters since open and its positions. The append queue's depth
 /// is not exposed by the log, so no queue figures are given.
-async fn stats(State(store): State<Arc<Store>>) -> Response {
-    let log = store.log();
+async fn stats(State(state): State<Arc<NodeState>>) -> Response {
+    let log = state.store.log();
     let stats = log.stats();
     let body = json!({
         "appends": stats.appends,

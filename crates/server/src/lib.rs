@@ -8,4 +8,6 @@
 pub mod filter;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod node;
+pub mod state;

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::grpc::EventStoreService;
+use crate::state::NodeState;
 
 /// Default gRPC address: loopback only, so a node started with no arguments
 /// is not reachable from other hosts.
@@ -84,6 +85,7 @@ pub async fn run(
         .context("the store's open task failed")?
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let store = Arc::new(store);
+    let state = NodeState::new(Arc::clone(&store));
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
@@ -102,7 +104,7 @@ pub async fn run(
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
 
-    let service = EventStoreServer::new(EventStoreService::new(Arc::clone(&store)))
+    let service = EventStoreServer::new(EventStoreService::new(Arc::clone(&state)))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let mut grpc = tokio::spawn(
@@ -111,7 +113,7 @@ pub async fn run(
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped(stop.clone())),
     );
     let mut http = tokio::spawn(
-        axum::serve(http_listener, crate::http::router(Arc::clone(&store)))
+        axum::serve(http_listener, crate::http::router(Arc::clone(&state)))
             .with_graceful_shutdown(stopped(stop.clone()))
             .into_future(),
     );
