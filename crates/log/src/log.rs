@@ -13,7 +13,7 @@
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::{JoinHandle, Thread};
@@ -190,7 +190,24 @@ struct Shared {
     segments: RwLock<Vec<SegmentMeta>>,
     /// One past the last position readers may see (durable under `always`).
     visible_end: AtomicU64,
+    /// Threads in [`Log::wait_for_end`]; the writer signals `end_moved`
+    /// only when there is one, so that a log nobody follows pays nothing.
+    end_waiters: AtomicUsize,
+    end_lock: Mutex<()>,
+    end_moved: Condvar,
     counters: Counters,
+}
+
+impl Shared {
+    /// Moves the visible end to `end` and wakes the threads in
+    /// [`Log::wait_for_end`], if any.
+    fn publish_end(&self, end: u64) {
+        self.visible_end.store(end, Ordering::SeqCst);
+        if self.end_waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = lock(&self.end_lock);
+            self.end_moved.notify_all();
+        }
+    }
 }
 
 /// The writer thread; it returns the failure that poisoned the log, if any.
@@ -263,6 +280,9 @@ impl Log {
             space_ready: Condvar::new(),
             segments: RwLock::new(segments),
             visible_end: AtomicU64::new(next_position),
+            end_waiters: AtomicUsize::new(0),
+            end_lock: Mutex::new(()),
+            end_moved: Condvar::new(),
             counters: Counters::default(),
         });
         // The completer wakes appenders and runs callbacks, in log order,
@@ -318,6 +338,34 @@ impl Log {
     /// every position below it is durable.
     pub fn end_position(&self) -> u64 {
         self.shared.visible_end.load(Ordering::Acquire)
+    }
+
+    /// Waits until the visible end is beyond `position` (some record at or
+    /// after `position` can be read) or `timeout` passes, and returns the
+    /// visible end. Returns at once if it already is. This is how a follower
+    /// of the log (the node's live feed) learns of new records without
+    /// polling.
+    pub fn wait_for_end(&self, position: u64, timeout: std::time::Duration) -> u64 {
+        let shared = &self.shared;
+        let end = shared.visible_end.load(Ordering::SeqCst);
+        if end > position {
+            return end;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut guard = lock(&shared.end_lock);
+        // Registered before the end is read again: either the writer sees
+        // the waiter and signals under the lock, or this read sees the end.
+        shared.end_waiters.fetch_add(1, Ordering::SeqCst);
+        let end = loop {
+            let end = shared.visible_end.load(Ordering::SeqCst);
+            let now = std::time::Instant::now();
+            if end > position || now >= deadline {
+                break end;
+            }
+            guard = shared.end_moved.wait_timeout(guard, deadline - now).expect("end lock").0;
+        };
+        shared.end_waiters.fetch_sub(1, Ordering::SeqCst);
+        end
     }
 
     /// Counters since open.
@@ -841,7 +889,7 @@ impl Writer {
             FsyncPolicy::Interval(interval) if self.last_sync.elapsed() >= interval => self.sync()?,
             FsyncPolicy::Interval(_) | FsyncPolicy::Never => {}
         }
-        self.shared.visible_end.store(self.next_position, Ordering::Release);
+        self.shared.publish_end(self.next_position);
         Ok(())
     }
 

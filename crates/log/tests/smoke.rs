@@ -101,3 +101,31 @@ fn a_clean_close_lets_the_next_open_skip_the_scan_and_a_crash_does_not() {
     assert!(log.recovery_report().scanned_bytes > 0);
     assert_eq!(log.end_position(), 101);
 }
+
+#[test]
+fn a_follower_waiting_for_the_end_wakes_on_each_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), LogConfig::default()).unwrap());
+    // Nothing to wait for: the timeout ends the wait with the end unchanged.
+    assert_eq!(log.wait_for_end(0, std::time::Duration::from_millis(1)), 0);
+    let follower = {
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let mut seen = 0;
+            while seen < 100 {
+                // A lost wake-up would cost a whole 120 s wait.
+                seen = log.wait_for_end(seen, std::time::Duration::from_secs(120));
+            }
+            (seen, started.elapsed())
+        })
+    };
+    for i in 0..100u64 {
+        log.append(&[payload(i)]).unwrap();
+    }
+    // The follower's waits are long: it returns because appends woke it.
+    let (seen, waited) = follower.join().unwrap();
+    assert_eq!(seen, 100);
+    assert!(waited < std::time::Duration::from_secs(100), "a wake-up was lost: the follower waited {waited:?}");
+    assert_eq!(log.wait_for_end(5, std::time::Duration::from_secs(60)), 100, "already beyond: returns at once");
+}
