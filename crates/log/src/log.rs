@@ -112,6 +112,22 @@ pub struct LogStats {
     pub rolls: u64,
 }
 
+/// The append queue at one moment ([`Log::append_queue`]): what was
+/// accepted but is not yet acknowledged, for metrics and backpressure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppendQueue {
+    /// Appends waiting for the writer thread; at most `queue_appends_max`.
+    pub appends: usize,
+    /// Payload bytes of those appends; at most `queue_bytes_max`.
+    pub bytes: u64,
+    /// Records that have positions but are not yet visible to readers: the
+    /// queued ones and the batch the writer is writing (and syncing); 0 once
+    /// the log is poisoned (those appends failed).
+    pub records_unacknowledged: u64,
+    /// Whether appends are taken: false once the log is closing or poisoned.
+    pub accepting: bool,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     appends: AtomicU64,
@@ -378,6 +394,24 @@ impl Log {
             batches: c.batches.load(Ordering::Relaxed),
             fsyncs: c.fsyncs.load(Ordering::Relaxed),
             rolls: c.rolls.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The append queue right now. Takes the queue's lock for a moment, so
+    /// it suits a metrics scrape, not a per-append call.
+    pub fn append_queue(&self) -> AppendQueue {
+        let queue = lock(&self.shared.queue);
+        let visible_end = self.shared.visible_end.load(Ordering::Acquire);
+        AppendQueue {
+            appends: queue.batch.groups.len(),
+            bytes: queue.queued_bytes,
+            // The writer publishes the visible end at most up to the
+            // positions assigned so far; a poisoned log failed the rest.
+            records_unacknowledged: match queue.state {
+                QueueState::Poisoned(_) => 0,
+                QueueState::Open | QueueState::Closing => queue.next_position.saturating_sub(visible_end),
+            },
+            accepting: matches!(queue.state, QueueState::Open),
         }
     }
 

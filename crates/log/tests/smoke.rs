@@ -129,3 +129,31 @@ fn a_follower_waiting_for_the_end_wakes_on_each_append() {
     assert!(waited < std::time::Duration::from_secs(100), "a wake-up was lost: the follower waited {waited:?}");
     assert_eq!(log.wait_for_end(5, std::time::Duration::from_secs(60)), 100, "already beyond: returns at once");
 }
+
+#[test]
+fn the_append_queue_shows_what_waits_for_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    let idle = log.append_queue();
+    assert_eq!((idle.appends, idle.bytes, idle.records_unacknowledged, idle.accepting), (0, 0, 0, true));
+    // A completion callback runs on the writer's side: holding it holds the
+    // writer, so the next append stays queued until it is released.
+    let (entered, held) = std::sync::mpsc::channel();
+    let (release, wait) = std::sync::mpsc::channel::<()>();
+    log.submit(&[payload(0)], move |result| {
+        result.unwrap();
+        entered.send(()).unwrap();
+        wait.recv().unwrap();
+    })
+    .unwrap();
+    held.recv().unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    log.submit(&[b"ab".to_vec(), b"cde".to_vec()], move |result| done.send(result.map(|o| o.count)).unwrap()).unwrap();
+    let queued = log.append_queue();
+    assert_eq!((queued.appends, queued.bytes, queued.records_unacknowledged), (1, 5, 2), "{queued:?}");
+    release.send(()).unwrap();
+    assert_eq!(finished.recv().unwrap().unwrap(), 2);
+    assert_eq!(log.append_queue().records_unacknowledged, 0);
+    log.close().unwrap();
+    assert!(!log.append_queue().accepting, "a closed log takes no appends");
+}
