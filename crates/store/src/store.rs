@@ -947,6 +947,27 @@ impl Store {
         Ok(hash)
     }
 
+    /// Most write requests that wait for the sequencer at once; writers
+    /// beyond it wait for room.
+    pub const QUEUE_REQUESTS_MAX: usize = crate::writer::REQUESTS_QUEUED_MAX;
+
+    /// Write requests (appends, exists-or-writes, commands) waiting for the
+    /// sequencer right now, at most [`Store::QUEUE_REQUESTS_MAX`]. What the
+    /// sequencer has passed on waits in the log's
+    /// [`append_queue`](edgebus_log::Log::append_queue).
+    pub fn queue_depth(&self) -> usize {
+        self.shared.requests.lock().items.len()
+    }
+
+    /// Whether the store takes writes: false once it is closing, after an
+    /// index failure or a panic in the sequencer, and once its log takes no
+    /// appends (closed, or poisoned by a failed write or `fdatasync`).
+    pub fn accepts_writes(&self) -> bool {
+        !self.shared.poisoned.load(Ordering::Acquire)
+            && !self.shared.requests.lock().closing
+            && self.shared.log.append_queue().accepting
+    }
+
     /// Stops taking writes, flushes the index and closes the log. Idempotent.
     /// The directory stays locked until the `Store` is dropped.
     pub fn close(&self) -> Result<(), WriteError> {

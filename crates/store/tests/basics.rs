@@ -229,3 +229,15 @@ fn flush_index_while_the_indexer_flushes() {
     let events = store.read_stream(&name("busy"), StreamFrom::Start, Direction::Forward, 50_000, 0).unwrap();
     assert_eq!(events.len(), 10_000);
 }
+
+#[test]
+fn the_write_queue_is_empty_when_idle_and_a_closed_store_takes_no_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    assert!(store.accepts_writes());
+    store.append(&name("s.a"), ExpectedVersion::Any, vec![event(1, "a")]).unwrap();
+    // An answered write has left the queue.
+    assert_eq!(store.queue_depth(), 0);
+    store.close().unwrap();
+    assert!(!store.accepts_writes(), "closed");
+}
