@@ -4,7 +4,7 @@
 //! store's result or a status carrying the stable error code.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use edgebus_proto::convert::{
     self, AppendArgs, DeleteSnapshotArgs, DeleteStreamArgs, ExistsOrWriteArgs, ListSnapshotsArgs, ListStreamsArgs,
@@ -12,15 +12,26 @@ use edgebus_proto::convert::{
 };
 use edgebus_proto::v1;
 use edgebus_proto::v1::event_store_server::EventStore;
-use edgebus_store::{ReadError, Store, WriteError};
+use edgebus_store::{ExistsOrWrite, ReadError, Store, WriteError};
 use tonic::{Request, Response, Status};
 
+use crate::metrics::{NodeStats, Outcome};
 use crate::state::NodeState;
 
 /// Milliseconds since the Unix epoch: the node stamps events before they are
 /// logged, so the store itself never reads a clock.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Payload bytes (data and metadata) of a wire event, for the metrics.
+fn wire_payload_bytes(event: &v1::NewEvent) -> u64 {
+    (event.data.len() + event.metadata.len()) as u64
+}
+
+/// The outcome label of a refusal: its stable code (0 if it carries none).
+fn refused(status: &Status) -> Outcome {
+    Outcome::Refused(convert::error_detail_from_status(status).map_or(0, |detail| detail.code))
 }
 
 /// The service; cheap to clone.
@@ -63,18 +74,41 @@ impl EventStoreService {
 #[tonic::async_trait]
 impl EventStore for EventStoreService {
     async fn append(&self, request: Request<v1::AppendRequest>) -> Result<Response<v1::AppendResponse>, Status> {
-        let args = AppendArgs::from_wire(request.into_inner(), now_ms())?;
-        let result = self.write(move |store| store.append(&args.stream, args.expected, args.events)).await?;
-        Ok(Response::new(result.into()))
+        let events = request.get_ref().events.len() as u64;
+        let bytes = request.get_ref().events.iter().map(wire_payload_bytes).sum();
+        let result = async {
+            let args = AppendArgs::from_wire(request.into_inner(), now_ms())?;
+            let started = Instant::now();
+            let result = self.write(move |store| store.append(&args.stream, args.expected, args.events)).await;
+            self.state.metrics.record_append_latency(started.elapsed());
+            result
+        }
+        .await;
+        self.state.metrics.record_append(result.as_ref().map_or_else(refused, |_| Outcome::Ok), events, bytes);
+        Ok(Response::new(result?.into()))
     }
 
     async fn exists_or_write(
         &self,
         request: Request<v1::ExistsOrWriteRequest>,
     ) -> Result<Response<v1::ExistsOrWriteResponse>, Status> {
-        let args = ExistsOrWriteArgs::from_wire(request.into_inner(), now_ms())?;
-        let result = self.write(move |store| store.exists_or_write(&args.stream, args.index, args.event)).await?;
-        Ok(Response::new(result.into()))
+        let bytes = request.get_ref().event.as_ref().map_or(0, wire_payload_bytes);
+        let result = async {
+            let args = ExistsOrWriteArgs::from_wire(request.into_inner(), now_ms())?;
+            let started = Instant::now();
+            let result = self.write(move |store| store.exists_or_write(&args.stream, args.index, args.event)).await;
+            self.state.metrics.record_append_latency(started.elapsed());
+            result
+        }
+        .await;
+        let outcome = match &result {
+            Ok(ExistsOrWrite::Written { .. }) => Outcome::Written,
+            Ok(ExistsOrWrite::Exists { same: true, .. }) => Outcome::ExistsSame,
+            Ok(ExistsOrWrite::Exists { same: false, .. }) => Outcome::ExistsDifferent,
+            Err(status) => refused(status),
+        };
+        self.state.metrics.record_exists_or_write(outcome, bytes);
+        Ok(Response::new(result?.into()))
     }
 
     async fn read_stream(
@@ -85,15 +119,17 @@ impl EventStore for EventStoreService {
         let now = now_ms();
         let events = self
             .read(move |store| store.read_stream(&args.stream, args.from, args.direction, args.max_count, now))
-            .await?;
-        Ok(Response::new(events.into()))
+            .await;
+        self.state.metrics.record_read(events.as_ref().ok().map(|events| events.len() as u64));
+        Ok(Response::new(events?.into()))
     }
 
     async fn read_all(&self, request: Request<v1::ReadAllRequest>) -> Result<Response<v1::ReadAllResponse>, Status> {
         let args = ReadAllArgs::try_from(request.into_inner())?;
         let slice =
-            self.read(move |store| store.read_all(args.from, args.direction, args.max_count, &args.filter)).await?;
-        Ok(Response::new(slice.into()))
+            self.read(move |store| store.read_all(args.from, args.direction, args.max_count, &args.filter)).await;
+        self.state.metrics.record_read(slice.as_ref().ok().map(|slice| slice.events.len() as u64));
+        Ok(Response::new(slice?.into()))
     }
 
     async fn stream_info(
@@ -178,6 +214,15 @@ impl EventStore for EventStoreService {
         let streams =
             self.read(move |store| store.list_streams(args.after.as_deref(), args.limit, args.include_system)).await?;
         Ok(Response::new(streams.into()))
+    }
+
+    async fn stats(&self, _request: Request<v1::StatsRequest>) -> Result<Response<v1::StatsResponse>, Status> {
+        let state = Arc::clone(&self.state);
+        // Gathering takes the log's and the store's queue locks: off the async workers.
+        match tokio::task::spawn_blocking(move || NodeStats::gather(&state)).await {
+            Ok(stats) => Ok(Response::new(stats.into())),
+            Err(join) => Err(Status::internal(format!("gathering the stats failed: {join}"))),
+        }
     }
 
     type SubscribeStream =

@@ -20,7 +20,17 @@
 //!   otherwise as a string holding their text with invalid UTF-8 replaced
 //!   (lossy: binary payloads written over gRPC do not round-trip here);
 //!   empty metadata is `null`.
-//! - `GET /v1/stats`: the log's counters since open and its positions.
+//! - `GET /v1/stats`: the node's figures as one JSON object (the same as
+//!   the gRPC `Stats` rpc and `edgebus stats --json`, from
+//!   [`NodeStats::gather`]): `local_queue` (events accepted but not yet
+//!   durable), `wan_queue` and `dropped` (0 until gateways exist),
+//!   `backpressure` (`healthy`, `throttling` when a write queue is above 80%
+//!   of its capacity, `blocked` when the store takes no writes; see
+//!   [`Backpressure`](crate::metrics::Backpressure)), `subscriptions`,
+//!   `uptime_s`, the log's counters and positions, the queues one by one and
+//!   append latency `append_latency_ms_p50`/`_p99`.
+//! - `GET /metrics`: Prometheus text format 0.0.4, every metric prefixed
+//!   `edgebus_` (see [`crate::metrics`]).
 //!
 //! Every refusal is a status and a JSON body `{"code", "message"}` whose
 //! `code` is the stable wire number of `edgebus.v1.ErrorCode` (the store's
@@ -28,6 +38,7 @@
 //! and `current`, `BUSY` adds `retry_after_ms` and a `Retry-After` header.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -42,6 +53,7 @@ use edgebus_store::{Direction, ErrorCode, ReadError, Store, StreamFrom, WriteErr
 use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
 use serde_json::{Value, json};
 
+use crate::metrics::{NodeStats, Outcome, PROMETHEUS_CONTENT_TYPE};
 use crate::state::NodeState;
 
 /// Largest request body the JSON API accepts: one maximal append (the log's
@@ -63,6 +75,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/readyz", get(|| async { "ready\n" }))
         .route("/v1/streams/{stream}", get(read_stream).post(append))
         .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(HTTP_BODY_BYTES_MAX))
         .with_state(state)
 }
@@ -264,11 +277,27 @@ fn append_body(headers: &HeaderMap, body: &[u8]) -> Result<(ExpectedVersion, Vec
     Ok((expected, events))
 }
 
+/// Appends, counting the request in the metrics whatever its outcome.
 async fn append(
     State(state): State<Arc<NodeState>>,
     stream: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    // Events and payload bytes as far as the body was read.
+    let mut carried = (0, 0);
+    let result = append_counted(&state, stream, &headers, body, &mut carried).await;
+    let outcome = result.as_ref().map_or_else(|error| Outcome::Refused(error.code), |_| Outcome::Ok);
+    state.metrics.record_append(outcome, carried.0, carried.1);
+    result
+}
+
+async fn append_counted(
+    state: &NodeState,
+    stream: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    carried: &mut (u64, u64),
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
         let status = rejection.status();
@@ -280,14 +309,19 @@ async fn append(
         ApiError::new(status, code, format!("cannot read the body: {rejection}"))
     })?;
     let stream = stream_name(stream)?;
-    let (expected, values) = append_body(&headers, &body)?;
+    let (expected, values) = append_body(headers, &body)?;
+    carried.0 = values.len() as u64;
     let timestamp_ms = crate::grpc::now_ms();
     let events = values
         .into_iter()
         .enumerate()
         .map(|(index, value)| new_event(value, index, timestamp_ms))
         .collect::<Result<Vec<_>, _>>()?;
-    let result = blocking(&state.store, move |store| store.append(&stream, expected, events)).await?;
+    carried.1 = events.iter().map(|event| (event.data.len() + event.metadata.len()) as u64).sum();
+    let started = Instant::now();
+    let result = blocking(&state.store, move |store| store.append(&stream, expected, events)).await;
+    state.metrics.record_append_latency(started.elapsed());
+    let result = result?;
     let body = json!({
         "first_version": result.first_version,
         "first_position": result.first_position,
@@ -342,27 +376,28 @@ async fn read_stream(
     let stream = stream_name(stream)?;
     let (from, count, direction) = read_query(query.as_deref())?;
     let now = crate::grpc::now_ms();
-    let events = blocking(&state.store, move |store| store.read_stream(&stream, from, direction, count, now)).await?;
+    let events = blocking(&state.store, move |store| store.read_stream(&stream, from, direction, count, now)).await;
+    state.metrics.record_read(events.as_ref().ok().map(|events| events.len() as u64));
+    let events = events?;
     let events: Vec<Value> = events.iter().map(edgebus_proto::json::event_value).collect();
     Ok(json_response(StatusCode::OK, &json!({ "events": events })))
 }
 
-/// The log's counters since open and its positions. The append queue's depth
-/// is not exposed by the log, so no queue figures are given.
-async fn stats(State(state): State<Arc<NodeState>>) -> Response {
-    let log = state.store.log();
-    let stats = log.stats();
-    let body = json!({
-        "appends": stats.appends,
-        "records": stats.records,
-        "bytes_written": stats.bytes_written,
-        "batches": stats.batches,
-        "fsyncs": stats.fsyncs,
-        "rolls": stats.rolls,
-        "start_position": log.start_position(),
-        "end_position": log.end_position(),
-    });
-    json_response(StatusCode::OK, &body)
+/// The node's figures as JSON; gathering takes the log's and the store's
+/// queue locks, so it runs off the async workers.
+async fn stats(State(state): State<Arc<NodeState>>) -> Result<Response, ApiError> {
+    let stats = tokio::task::spawn_blocking(move || NodeStats::gather(&state))
+        .await
+        .map_err(|join| ApiError::internal(format!("gathering the stats failed: {join}")))?;
+    Ok(json_response(StatusCode::OK, &stats.to_json()))
+}
+
+/// Every metric in Prometheus text format 0.0.4.
+async fn metrics(State(state): State<Arc<NodeState>>) -> Result<Response, ApiError> {
+    let text = tokio::task::spawn_blocking(move || state.metrics.render(&state))
+        .await
+        .map_err(|join| ApiError::internal(format!("rendering the metrics failed: {join}")))?;
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE))], text).into_response())
 }
 
 #[cfg(test)]
