@@ -10,6 +10,12 @@
 //! error code and, for a failed expectation, what was expected and where the
 //! stream is, so that a caller can branch on [`ClientError::code`] rather
 //! than on message text.
+//!
+//! A call the node refuses as `BUSY` (its write queue is full; the request
+//! was not accepted) is sent again after the node's advised pause, with
+//! jittered exponential backoff, within the bounds of the client's
+//! [`RetryPolicy`] (by default at most 5 attempts and 10 s of waiting; see
+//! [`Client::with_retry`]).
 
 use std::time::Duration;
 
@@ -36,6 +42,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Client {
     inner: EventStoreClient<Channel>,
     addr: String,
+    retry: RetryPolicy,
 }
 
 impl Client {
@@ -48,7 +55,16 @@ impl Client {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT);
         let channel = endpoint.connect().await.map_err(|source| ClientError::Connect { addr: uri.clone(), source })?;
-        Ok(Self { inner: EventStoreClient::new(channel), addr: uri })
+        Ok(Self { inner: EventStoreClient::new(channel), addr: uri, retry: RetryPolicy::default() })
+    }
+
+    /// This client with `policy` for calls the node refuses as `BUSY`
+    /// ([`RetryPolicy::default`] unless set; [`RetryPolicy::none`] to never
+    /// retry).
+    #[must_use]
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
     }
 
     /// The address this client connected to, as a URI.
@@ -64,7 +80,7 @@ impl Client {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, ClientError> {
         let request = v1::AppendRequest::from(AppendArgs { stream, expected, events });
-        let response = self.inner.clone().append(request).await.map_err(|s| self.status(s))?;
+        let response = self.retrying(request, |mut inner, r| async move { inner.append(r).await }).await?;
         Ok(AppendResult::from(response.into_inner()))
     }
 
@@ -78,14 +94,14 @@ impl Client {
         max_count: usize,
     ) -> Result<Vec<RecordedEvent>, ClientError> {
         let request = v1::ReadStreamRequest::from(ReadStreamArgs { stream, from, direction, max_count });
-        let response = self.inner.clone().read_stream(request).await.map_err(|s| self.status(s))?;
+        let response = self.retrying(request, |mut inner, r| async move { inner.read_stream(r).await }).await?;
         Ok(convert::read_stream_events(response.into_inner())?)
     }
 
     /// What the node knows of `stream`; `None` if it never had events.
     pub async fn stream_info(&self, stream: StreamName) -> Result<Option<StreamInfo>, ClientError> {
         let request = v1::StreamInfoRequest::from(StreamInfoArgs { stream });
-        let response = self.inner.clone().stream_info(request).await.map_err(|s| self.status(s))?;
+        let response = self.retrying(request, |mut inner, r| async move { inner.stream_info(r).await }).await?;
         Ok(response.into_inner().info.map(StreamInfo::try_from).transpose()?)
     }
 
@@ -98,13 +114,131 @@ impl Client {
         include_system: bool,
     ) -> Result<Vec<StreamInfo>, ClientError> {
         let request = v1::ListStreamsRequest::from(ListStreamsArgs { after, limit, include_system });
-        let response = self.inner.clone().list_streams(request).await.map_err(|s| self.status(s))?;
+        let response = self.retrying(request, |mut inner, r| async move { inner.list_streams(r).await }).await?;
         Ok(convert::list_streams(response.into_inner())?)
+    }
+
+    /// The node's figures now: queues, backpressure, log counters and
+    /// positions, subscriptions, append latency. The wire message itself, a
+    /// flat record of numbers documented in `edgebus.proto`; the same figures
+    /// as the node's `GET /v1/stats`.
+    pub async fn stats(&self) -> Result<v1::StatsResponse, ClientError> {
+        let response = self.inner.clone().stats(v1::StatsRequest {}).await.map_err(|s| self.status(s))?;
+        Ok(response.into_inner())
     }
 
     fn status(&self, status: tonic::Status) -> ClientError {
         ClientError::from_status(&self.addr, status)
     }
+
+    /// Runs `call` with `request`, again after a pause while the node
+    /// answers `BUSY` and the retry policy allows (a `BUSY` request was not
+    /// accepted, so sending it again is safe). The request is cloned only
+    /// for attempts that may be followed by another.
+    async fn retrying<Req: Clone, T, Fut>(
+        &self,
+        request: Req,
+        call: impl Fn(EventStoreClient<Channel>, Req) -> Fut,
+    ) -> Result<tonic::Response<T>, ClientError>
+    where
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut request = Some(request);
+        let mut waited = Duration::ZERO;
+        for attempt in 1u32.. {
+            let last = attempt >= self.retry.max_attempts;
+            let this_request = if last { request.take() } else { request.clone() };
+            let status = match call(self.inner.clone(), this_request.expect("a request per attempt")).await {
+                Ok(response) => return Ok(response),
+                Err(status) => status,
+            };
+            let advised = match convert::error_detail_from_status(&status) {
+                Some(detail) if detail.code == v1::ErrorCode::Busy as u32 => {
+                    Duration::from_millis(detail.retry_after_ms.unwrap_or(0))
+                }
+                _ => return Err(self.status(status)),
+            };
+            match self.retry.delay_before_retry(attempt, advised, waited, jitter()) {
+                Some(delay) => {
+                    tokio::time::sleep(delay).await;
+                    waited += delay;
+                }
+                None => return Err(self.status(status)),
+            }
+        }
+        unreachable!("the policy stops the attempts before u32::MAX")
+    }
+}
+
+/// How a [`Client`] retries a call that the node refused as `BUSY` (its
+/// write queue was full, so the request was not accepted).
+///
+/// Before retry `n` (1 for the first) it waits the larger of what the node
+/// advised (`retry_after_ms`) and `base_delay × 2^(n-1)` (at most
+/// `max_delay`), plus a random 0–50 % of that, so that clients refused
+/// together do not return together. It gives up, returning the `BUSY`
+/// error, after `max_attempts` attempts or when the next wait would bring
+/// the total waited above `max_total_delay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Most attempts of one call, the first included; 1 never retries.
+    pub max_attempts: u32,
+    /// Backoff before the first retry; it doubles with each retry.
+    pub base_delay: Duration,
+    /// Longest backoff before one retry (the node's advice may be longer).
+    pub max_delay: Duration,
+    /// Longest total wait over all retries of one call.
+    pub max_total_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// Five attempts within ten seconds, starting at 100 ms.
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+            max_total_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Never retry: a `BUSY` refusal is returned at once.
+    pub fn none() -> Self {
+        Self { max_attempts: 1, ..Self::default() }
+    }
+
+    /// The wait before the attempt after `attempt` (1 for the first), given
+    /// the node's `advised` wait, the total `waited` so far and `jitter` in
+    /// `[0, 1)`; `None` when the policy gives up.
+    pub fn delay_before_retry(
+        &self,
+        attempt: u32,
+        advised: Duration,
+        waited: Duration,
+        jitter: f64,
+    ) -> Option<Duration> {
+        if attempt >= self.max_attempts {
+            return None;
+        }
+        let doublings = attempt.saturating_sub(1).min(31);
+        let backoff = self.base_delay.saturating_mul(1 << doublings).min(self.max_delay);
+        let floor = backoff.max(advised);
+        let delay = floor.saturating_add(floor.mul_f64(jitter.clamp(0.0, 1.0) * 0.5));
+        (waited.saturating_add(delay) <= self.max_total_delay).then_some(delay)
+    }
+}
+
+/// A number in `[0, 1)` that differs between calls and processes, for
+/// jitter: the hash of a counter under std's randomly keyed hasher.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Why a call failed.
@@ -233,6 +367,114 @@ mod tests {
         );
         let wrong = error.wrong_expected_version().expect("a wrong expected version");
         assert_eq!((wrong.expected, wrong.current), (ExpectedVersion::NoStream, Some(2)));
+    }
+
+    #[test]
+    fn busy_retries_back_off_exponentially_above_the_advice_and_stop_at_the_bounds() {
+        let policy = RetryPolicy::default();
+        let ms = Duration::from_millis;
+        let advised = ms(100);
+        // Without jitter: 100, 200, 400, 800 ms, then the fifth attempt is the last.
+        let waits: Vec<Option<Duration>> =
+            (1..=5).map(|attempt| policy.delay_before_retry(attempt, advised, Duration::ZERO, 0.0)).collect();
+        assert_eq!(waits, [Some(ms(100)), Some(ms(200)), Some(ms(400)), Some(ms(800)), None]);
+        // Jitter adds up to half, never less than the advice.
+        assert_eq!(policy.delay_before_retry(1, advised, Duration::ZERO, 0.5), Some(ms(125)));
+        assert_eq!(
+            policy.delay_before_retry(1, advised, Duration::ZERO, 0.999_999),
+            Some(ms(149) + Duration::from_nanos(999_950))
+        );
+        // A longer advice wins over the backoff, and over max_delay.
+        assert_eq!(policy.delay_before_retry(2, ms(3000), Duration::ZERO, 0.0), Some(ms(3000)));
+        // The backoff is capped at max_delay.
+        let many = RetryPolicy { max_attempts: 100, max_total_delay: Duration::from_secs(3600), ..policy.clone() };
+        assert_eq!(many.delay_before_retry(40, Duration::ZERO, Duration::ZERO, 0.0), Some(Duration::from_secs(2)));
+        // The total wait stays within max_total_delay.
+        assert_eq!(policy.delay_before_retry(2, advised, ms(9_800), 0.0), Some(ms(200)));
+        assert_eq!(policy.delay_before_retry(2, advised, ms(9_801), 0.0), None);
+        assert_eq!(policy.delay_before_retry(1, Duration::from_secs(11), Duration::ZERO, 0.0), None);
+        // none() never retries.
+        assert_eq!(RetryPolicy::none().delay_before_retry(1, advised, Duration::ZERO, 0.0), None);
+    }
+
+    #[test]
+    fn the_default_schedule_waits_at_most_the_total_bound() {
+        let policy = RetryPolicy::default();
+        for jitter in [0.0, 0.3, 0.999] {
+            let mut waited = Duration::ZERO;
+            let mut attempts = 1;
+            while let Some(delay) = policy.delay_before_retry(attempts, Duration::from_millis(100), waited, jitter) {
+                waited += delay;
+                attempts += 1;
+            }
+            assert!(attempts <= policy.max_attempts, "{attempts}");
+            assert!(waited <= policy.max_total_delay, "{waited:?}");
+        }
+    }
+
+    #[test]
+    fn jitter_is_in_the_unit_interval_and_varies() {
+        let samples: Vec<f64> = (0..100).map(|_| jitter()).collect();
+        assert!(samples.iter().all(|j| (0.0..1.0).contains(j)), "{samples:?}");
+        assert!(samples.windows(2).any(|pair| pair[0] != pair[1]), "{samples:?}");
+    }
+
+    /// A client whose channel never connects: the calls under test answer
+    /// without it.
+    fn unconnected(retry: RetryPolicy) -> Client {
+        let channel = Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        Client { inner: EventStoreClient::new(channel), addr: "http://127.0.0.1:9".to_owned(), retry }
+    }
+
+    /// Runs `retrying` over a call that answers `answers[i]` at attempt `i`
+    /// (the last answer repeats); returns the outcome and the attempts made.
+    async fn attempts_with(retry: RetryPolicy, answers: &[Option<u32>]) -> (Result<(), ClientError>, usize) {
+        let client = unconnected(retry);
+        let attempts = std::sync::atomic::AtomicUsize::new(0);
+        let result = client
+            .retrying("request".to_owned(), |_inner, request| {
+                assert_eq!(request, "request");
+                let attempt = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let answer = answers[attempt.min(answers.len() - 1)];
+                async move {
+                    match answer {
+                        None => Ok(tonic::Response::new(())),
+                        Some(code) => Err(convert::status_from_error_detail(v1::ErrorDetail {
+                            code,
+                            message: "refused".to_owned(),
+                            retry_after_ms: Some(1),
+                            ..v1::ErrorDetail::default()
+                        })),
+                    }
+                }
+            })
+            .await;
+        (result.map(|_| ()), attempts.into_inner())
+    }
+
+    #[tokio::test]
+    async fn busy_calls_are_retried_within_the_policy_and_other_refusals_are_not() {
+        const BUSY: u32 = v1::ErrorCode::Busy as u32;
+        let fast = RetryPolicy {
+            max_attempts: 4,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            max_total_delay: Duration::from_secs(1),
+        };
+        let (result, attempts) = attempts_with(fast.clone(), &[Some(BUSY), Some(BUSY), None]).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(attempts, 3);
+        // Always busy: the last refusal is returned after max_attempts.
+        let (result, attempts) = attempts_with(fast.clone(), &[Some(BUSY)]).await;
+        assert_eq!(result.unwrap_err().code(), Some(BUSY));
+        assert_eq!(attempts, 4);
+        // Any other refusal is returned at once.
+        let (result, attempts) = attempts_with(fast, &[Some(1), None]).await;
+        assert_eq!(result.unwrap_err().code(), Some(1));
+        assert_eq!(attempts, 1);
+        let (result, attempts) = attempts_with(RetryPolicy::none(), &[Some(BUSY), None]).await;
+        assert_eq!(result.unwrap_err().code(), Some(BUSY));
+        assert_eq!(attempts, 1);
     }
 
     #[tokio::test]
