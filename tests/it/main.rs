@@ -7,6 +7,7 @@ mod log_model;
 mod node;
 mod node_http;
 mod node_serve;
+mod node_stats;
 mod store_bad_input;
 mod store_checkpoint_crash;
 mod store_determinism;

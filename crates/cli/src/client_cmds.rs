@@ -1,5 +1,5 @@
-//! The client subcommands: `edgebus publish`, `edgebus read` and
-//! `edgebus streams`, thin over `edgebus-client`.
+//! The client subcommands: `edgebus publish`, `edgebus read`,
+//! `edgebus streams` and `edgebus stats`, thin over `edgebus-client`.
 //!
 //! Each connects to one node (`--server`, or `EDGEBUS_SERVER`), makes one
 //! call and prints the answer: aligned columns for people, or one JSON
@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use edgebus_client::{Client, DEFAULT_SERVER};
+use edgebus_server::metrics::NodeStats;
 use edgebus_store::{Direction, StreamFrom, StreamInfo};
 use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
 use serde_json::{Map, Value, json};
@@ -108,6 +109,14 @@ pub struct StreamsArgs {
     /// Only streams whose names sort after this one (the last name of the previous page).
     #[arg(long, value_name = "STREAM")]
     pub after: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: ConnectArgs,
+}
+
+/// `edgebus stats`.
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub connect: ConnectArgs,
@@ -225,6 +234,50 @@ pub fn streams(args: &StreamsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `edgebus stats`: the summary line, then a few aligned figures; with
+/// `--json`, the object of the node's `GET /v1/stats`.
+pub fn stats(args: &StatsArgs) -> anyhow::Result<()> {
+    let response = block_on(async {
+        let client = Client::connect(&args.connect.server).await?;
+        client.stats().await
+    })?;
+    let stats = NodeStats::from(response);
+    if args.connect.json {
+        println!("{}", stats.to_json());
+    } else {
+        print!("{}", stats_text(&stats));
+    }
+    Ok(())
+}
+
+/// The summary line (the shape every edgebus node and gateway prints), then
+/// one aligned figure per line.
+fn stats_text(stats: &NodeStats) -> String {
+    let mut out = format!(
+        "local_queue={} wan_queue={} dropped={} backpressure={}\n",
+        stats.local_queue,
+        stats.wan_queue,
+        stats.dropped,
+        stats.backpressure.as_str()
+    );
+    let rows = [
+        ["positions".to_owned(), format!("start={} end={}", stats.start_position, stats.end_position)],
+        [
+            "appends".to_owned(),
+            format!("{} ({} records, {} bytes written)", stats.appends, stats.records, stats.bytes_written),
+        ],
+        ["fsyncs".to_owned(), format!("{} ({} batches)", stats.fsyncs, stats.batches)],
+        ["subscriptions".to_owned(), stats.subscriptions.to_string()],
+        [
+            "append latency".to_owned(),
+            format!("p50={:.2}ms p99={:.2}ms", stats.append_latency_ms_p50, stats.append_latency_ms_p99),
+        ],
+        ["uptime".to_owned(), format!("{}s", stats.uptime_s)],
+    ];
+    out.push_str(&aligned(&rows));
+    out
+}
+
 fn block_on<T>(future: impl Future<Output = Result<T, edgebus_client::ClientError>>) -> anyhow::Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the runtime")?;
     Ok(runtime.block_on(future)?)
@@ -306,6 +359,25 @@ mod tests {
     fn data_is_compact_json_or_lossy_text() {
         assert_eq!(data_text(br#"{ "a" : 1 }"#), r#"{"a":1}"#);
         assert_eq!(data_text(b"plain \xff"), "plain \u{fffd}");
+    }
+
+    #[test]
+    fn stats_open_with_the_summary_line_then_aligned_figures() {
+        let stats = NodeStats {
+            local_queue: 2,
+            end_position: 7,
+            appends: 5,
+            records: 7,
+            fsyncs: 5,
+            append_latency_ms_p99: 1.234,
+            ..NodeStats::default()
+        };
+        let text = stats_text(&stats);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "local_queue=2 wan_queue=0 dropped=0 backpressure=healthy");
+        assert_eq!(lines[1], "positions       start=0 end=7");
+        assert!(lines.contains(&"append latency  p50=0.00ms p99=1.23ms"), "{text}");
+        assert!(lines.contains(&"subscriptions   0"), "{text}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum Command {
     Read(client_cmds::ReadArgs),
     /// List the streams on a node.
     Streams(client_cmds::StreamsArgs),
+    /// Print a node's figures: queues, backpressure, log counters, latency.
+    Stats(client_cmds::StatsArgs),
 }
 
 /// Runs a parsed command line to completion.
@@ -47,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Publish(args) => client_cmds::publish(&args),
         Command::Read(args) => client_cmds::read(&args),
         Command::Streams(args) => client_cmds::streams(&args),
+        Command::Stats(args) => client_cmds::stats(&args),
     }
 }
 
