@@ -6,6 +6,7 @@ mod log_faults;
 mod log_model;
 mod node;
 mod node_http;
+mod node_limits;
 mod node_serve;
 mod node_stats;
 mod store_bad_input;

@@ -56,6 +56,44 @@ impl Node {
         Self { grpc: field("grpc"), http: field("http"), child: Some(child) }
     }
 
+    /// Starts `edgebus serve ARGS` with the environment variables `envs`
+    /// (and no other `EDGEBUS_*` variable) and waits for its ready line,
+    /// which it also answers. Unlike [`Node::start`], it adds no arguments:
+    /// the caller says where to listen and where the data goes.
+    pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> (Self, String) {
+        let mut command = serve_command(args, envs);
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start edgebus serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = match lines.recv_timeout(NODE_DEADLINE) {
+            Ok(ready) => ready,
+            Err(error) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("the node prints its ready line ({error}; exit: {status:?}; args {args:?}, env {envs:?})")
+            }
+        };
+        assert!(ready.starts_with("edgebus ready "), "{ready:?}");
+        let field = |name: &str| -> SocketAddr {
+            let prefix = format!("{name}=");
+            ready
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no {name}= in {ready:?}"))
+                .parse()
+                .expect("an address")
+        };
+        let node = Self { grpc: field("grpc"), http: field("http"), child: Some(child) };
+        (node, ready)
+    }
+
     /// SIGTERM, then wait (bounded) for a clean exit.
     pub fn stop(mut self) {
         let mut child = self.child.take().expect("a node is stopped once");
@@ -76,6 +114,20 @@ impl Drop for Node {
             let _ = child.wait();
         }
     }
+}
+
+/// `edgebus serve ARGS` with the variables `envs` and no other `EDGEBUS_*`
+/// variable, so that the test's own environment cannot change the outcome.
+pub fn serve_command(args: &[&str], envs: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edgebus-node"));
+    command.arg("serve").args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("EDGEBUS_") {
+            command.env_remove(name);
+        }
+    }
+    command.envs(envs.iter().copied());
+    command
 }
 
 /// Sends SIGTERM through the `kill` command, keeping `unsafe` out of the tests.

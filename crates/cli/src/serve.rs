@@ -14,8 +14,10 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use edgebus_log::FsyncPolicy;
+use edgebus_server::limits::NodeLimits;
 use edgebus_server::node::{self, NodeConfig};
 use edgebus_store::StoreConfig;
+use edgebus_types::limits::{NODE_CONNECTIONS_MAX_DEFAULT, NODE_SUBSCRIPTIONS_MAX_DEFAULT};
 
 /// Arguments of `edgebus serve`.
 #[derive(Debug, Clone, Args)]
@@ -33,6 +35,14 @@ pub struct ServeArgs {
     /// durable), `interval(MSms)` or `never` (see docs/log-format.md).
     #[arg(long, env = "EDGEBUS_FSYNC", default_value = "always")]
     pub fsync: FsyncPolicy,
+    /// Most connections each listener (gRPC, HTTP) serves at once; more are
+    /// refused (HTTP 503, code 103).
+    #[arg(long, env = "EDGEBUS_MAX_CONNECTIONS", default_value_t = NODE_CONNECTIONS_MAX_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// Most subscriptions the node serves at once.
+    #[arg(long, env = "EDGEBUS_MAX_SUBSCRIPTIONS", default_value_t = NODE_SUBSCRIPTIONS_MAX_DEFAULT)]
+    pub max_subscriptions: usize,
 }
 
 /// Runs a node until SIGTERM or Ctrl-C.
@@ -49,6 +59,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         grpc_listen: args.grpc_listen,
         http_listen: args.http_listen,
         store,
+        limits: NodeLimits {
+            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+            max_subscriptions: args.max_subscriptions,
+        },
     };
     let data_dir = args.data_dir.display().to_string();
     runtime.block_on(node::run(config, shutdown_signal(), move |ready| {

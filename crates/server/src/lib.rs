@@ -8,6 +8,7 @@
 pub mod filter;
 pub mod grpc;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod state;

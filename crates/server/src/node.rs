@@ -16,9 +16,9 @@ use anyhow::Context as _;
 use edgebus_proto::v1::event_store_server::EventStoreServer;
 use edgebus_store::{Store, StoreConfig};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::grpc::EventStoreService;
+use crate::limits::{ConnectionLimiter, LimitedIncoming, LimitedListener, NodeLimits, Protocol};
 use crate::state::NodeState;
 
 /// Default gRPC address: loopback only, so a node started with no arguments
@@ -61,6 +61,8 @@ pub struct NodeConfig {
     pub http_listen: SocketAddr,
     /// Store settings (fsync policy, limits).
     pub store: StoreConfig,
+    /// The node's own limits: connections per listener, subscriptions.
+    pub limits: NodeLimits,
 }
 
 /// The addresses a started node listens on.
@@ -107,13 +109,17 @@ pub async fn run(
     let service = EventStoreServer::new(EventStoreService::new(Arc::clone(&state)))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    // Each listener admits at most `max_connections` at once and refuses
+    // the rest in its own protocol (see `limits`).
+    let grpc_limiter = ConnectionLimiter::new(Protocol::Grpc, config.limits.max_connections);
+    let http_limiter = ConnectionLimiter::new(Protocol::Http, config.limits.max_connections);
     let mut grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped(stop.clone())),
+            .serve_with_incoming_shutdown(LimitedIncoming::new(grpc_listener, grpc_limiter), stopped(stop.clone())),
     );
     let mut http = tokio::spawn(
-        axum::serve(http_listener, crate::http::router(Arc::clone(&state)))
+        axum::serve(LimitedListener::new(http_listener, http_limiter), crate::http::router(Arc::clone(&state)))
             .with_graceful_shutdown(stopped(stop.clone()))
             .into_future(),
     );

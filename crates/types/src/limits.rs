@@ -105,3 +105,21 @@ pub const FILTER_PREDICATE_DEPTH_MAX: usize = 64;
 pub const FILTER_PREDICATE_COST_MAX: u64 = 250_000;
 
 const _: () = assert!(FILTER_PREDICATE_DEPTH_MAX <= FILTER_PREDICATE_NODES_MAX);
+
+// ---- node -------------------------------------------------------------------
+
+/// Default most TCP connections one node listener (gRPC or HTTP) serves at
+/// once (default 1024; `edgebus serve --max-connections`). A connection
+/// over the limit is refused at once (HTTP: `503` with JSON code 103; gRPC:
+/// an HTTP/2 `GOAWAY`) while the others keep being served. Bounds the
+/// memory and file descriptors that idle or slow clients can hold.
+pub const NODE_CONNECTIONS_MAX_DEFAULT: usize = 1024;
+/// Most refusals of connections over the cap that one listener writes at
+/// once (default 64). Each takes a task and a socket for up to a second;
+/// beyond this, an extra connection is closed without an answer.
+pub const NODE_CONNECTION_REFUSALS_MAX: usize = 64;
+/// Default most subscriptions one node serves at once, over all its
+/// connections (default 10 000; `edgebus serve --max-subscriptions`).
+pub const NODE_SUBSCRIPTIONS_MAX_DEFAULT: usize = 10_000;
+
+const _: () = assert!(NODE_CONNECTIONS_MAX_DEFAULT >= 1);
