@@ -17,6 +17,11 @@
 //! [`RetryPolicy`] (by default at most 5 attempts and 10 s of waiting; see
 //! [`Client::with_retry`]).
 
+mod subscription;
+
+pub use edgebus_proto::convert::{StreamSelector, SubscribeFrom, SubscriptionFilter};
+pub use subscription::{CREDIT_WINDOW_DEFAULT, Credit, Subscription, SubscriptionItem};
+
 use std::time::Duration;
 
 use edgebus_proto::convert::{self, AppendArgs, ConvertError, ListStreamsArgs, ReadStreamArgs, StreamInfoArgs};

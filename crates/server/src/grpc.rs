@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use edgebus_proto::convert::ClientMessage;
 use edgebus_proto::convert::{
     self, AppendArgs, DeleteSnapshotArgs, DeleteStreamArgs, ExistsOrWriteArgs, ListSnapshotsArgs, ListStreamsArgs,
     ReadAllArgs, ReadSnapshotArgs, ReadStreamArgs, RecordSnapshotArgs, SetStreamMetadataArgs, StreamInfoArgs,
@@ -13,10 +14,15 @@ use edgebus_proto::convert::{
 use edgebus_proto::v1;
 use edgebus_proto::v1::event_store_server::EventStore;
 use edgebus_store::{ExistsOrWrite, ReadError, Store, WriteError};
+use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::{NodeStats, Outcome};
 use crate::state::NodeState;
+use crate::subscription::{self, Credit, Opened};
+
+/// How long a new subscription may take to send its `start` message.
+pub const SUBSCRIBE_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Milliseconds since the Unix epoch: the node stamps events before they are
 /// logged, so the store itself never reads a clock.
@@ -228,10 +234,64 @@ impl EventStore for EventStoreService {
     type SubscribeStream =
         std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::SubscribeResponse, Status>> + Send + 'static>>;
 
+    /// Reads the `start` message, opens the subscription (refusals are the
+    /// call's status), then forwards the subscriber's credit grants while
+    /// the delivered messages stream back.
     async fn subscribe(
         &self,
-        _request: Request<tonic::Streaming<v1::SubscribeRequest>>,
+        request: Request<tonic::Streaming<v1::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(Status::unimplemented("subscriptions are not served yet (issue: the site node)"))
+        let mut inbound = request.into_inner();
+        let invalid = |message: String| {
+            convert::status_from_error_detail(v1::ErrorDetail {
+                code: v1::ErrorCode::InvalidArgument as u32,
+                message,
+                ..v1::ErrorDetail::default()
+            })
+        };
+        let first = match tokio::time::timeout(SUBSCRIBE_START_TIMEOUT, inbound.message()).await {
+            Err(_) => {
+                return Err(invalid(format!(
+                    "no start message within {} s of opening the subscription",
+                    SUBSCRIBE_START_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Err(invalid("the subscription ended before its start message".to_owned())),
+            Ok(Ok(Some(first))) => first,
+        };
+        let start = match ClientMessage::try_from(first)? {
+            ClientMessage::Start(start) => start,
+            ClientMessage::Credit { .. } => {
+                return Err(invalid("the first message of a subscription must be `start`, not `credit`".to_owned()));
+            }
+        };
+        let credit = Credit::new(start.initial_grant_events);
+        let opened = subscription::open(&self.state, start, credit)
+            .await
+            .map_err(|detail| convert::status_from_error_detail(*detail))?;
+        let Opened { credit, messages, abort } = opened;
+        tokio::spawn(async move {
+            // Ends when the subscriber half-closes or the call ends.
+            while let Ok(Some(message)) = inbound.message().await {
+                let violation = match ClientMessage::try_from(message) {
+                    Ok(ClientMessage::Credit { grant_events }) => {
+                        credit.grant(grant_events);
+                        continue;
+                    }
+                    Ok(ClientMessage::Start(_)) => "a subscription takes one start message; a second one came".into(),
+                    Err(e) => format!("invalid subscription message: {e}"),
+                };
+                let _ = abort.send(v1::ErrorDetail {
+                    code: v1::ErrorCode::InvalidArgument as u32,
+                    message: violation,
+                    ..v1::ErrorDetail::default()
+                });
+                break;
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(messages)
+            .map(|message| Ok(v1::SubscribeResponse::from(message)));
+        Ok(Response::new(Box::pin(stream)))
     }
 }

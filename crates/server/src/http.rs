@@ -31,6 +31,8 @@
 //!   append latency `append_latency_ms_p50`/`_p99`.
 //! - `GET /metrics`: Prometheus text format 0.0.4, every metric prefixed
 //!   `edgebus_` (see [`crate::metrics`]).
+//! - `GET /v1/subscribe?stream=|pattern=&type=&predicate=&from=`: a
+//!   subscription as server-sent events (see the `sse` module).
 //!
 //! Every refusal is a status and a JSON body `{"code", "message"}` whose
 //! `code` is the stable wire number of `edgebus.v1.ErrorCode` (the store's
@@ -56,6 +58,8 @@ use serde_json::{Value, json};
 use crate::metrics::{NodeStats, Outcome, PROMETHEUS_CONTENT_TYPE};
 use crate::state::NodeState;
 
+mod sse;
+
 /// Largest request body the JSON API accepts: one maximal append (the log's
 /// default append limit); JSON text of a batch is larger than its encoding,
 /// so a batch near the store's limit may be refused here first.
@@ -76,6 +80,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/streams/{stream}", get(read_stream).post(append))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
+        .route("/v1/subscribe", get(sse::subscribe))
         .layer(DefaultBodyLimit::max(HTTP_BODY_BYTES_MAX))
         .with_state(state)
 }

@@ -9,6 +9,8 @@ pub mod filter;
 pub mod grpc;
 pub mod http;
 pub mod limits;
+pub mod live;
 pub mod metrics;
 pub mod node;
 pub mod state;
+pub mod subscription;

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 
 use crate::grpc::EventStoreService;
 use crate::limits::{ConnectionLimiter, LimitedIncoming, LimitedListener, NodeLimits, Protocol};
+use crate::live::LiveFeed;
 use crate::state::NodeState;
 
 /// Default gRPC address: loopback only, so a node started with no arguments
@@ -87,7 +88,6 @@ pub async fn run(
         .context("the store's open task failed")?
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let store = Arc::new(store);
-    let state = NodeState::new(Arc::clone(&store));
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_listen))?;
@@ -96,12 +96,14 @@ pub async fn run(
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
     let ready = Ready { grpc: grpc_listener.local_addr()?, http: http_listener.local_addr()? };
 
-    // One shutdown signal, fanned out to both servers.
+    // One shutdown signal, fanned out to both servers and every subscription.
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_sender.send(true);
     });
+    let live = LiveFeed::start(Arc::clone(&store)).context("cannot start the live feed thread")?;
+    let state = NodeState::new(Arc::clone(&store), live, stop.clone(), config.limits.max_subscriptions);
     let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
@@ -149,7 +151,10 @@ pub async fn run(
         }
     }
 
-    // Every request has finished: close the store (index flush, log sync).
+    // Every request has finished: stop following the log, then close the
+    // store (index flush, log sync).
+    let feed_state = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || feed_state.live.stop()).await.context("the live feed's stop task failed")?;
     let closing = Arc::clone(&store);
     tokio::task::spawn_blocking(move || closing.close())
         .await

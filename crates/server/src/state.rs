@@ -2,9 +2,11 @@
 //! feed of committed events. One [`NodeState`] per node, behind an `Arc`.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use edgebus_store::Store;
 
+use crate::live::LiveFeed;
 use crate::metrics::Metrics;
 
 /// The node's shared state.
@@ -14,11 +16,31 @@ pub struct NodeState {
     pub store: Arc<Store>,
     /// Counters, gauges and histograms for `/metrics` and `/v1/stats`.
     pub metrics: Metrics,
+    /// The feed of committed events for live subscriptions.
+    pub live: LiveFeed,
+    /// Becomes true when the node starts to stop; subscriptions end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Subscriptions open now (all transports).
+    pub subscriptions_open: Arc<AtomicUsize>,
+    /// Most subscriptions open at once.
+    pub subscriptions_max: usize,
 }
 
 impl NodeState {
-    /// The state of a node over `store`.
-    pub fn new(store: Arc<Store>) -> Arc<Self> {
-        Arc::new(Self { store, metrics: Metrics::default() })
+    /// The state of a node over `store`, fed by `live`.
+    pub fn new(
+        store: Arc<Store>,
+        live: LiveFeed,
+        stopping: tokio::sync::watch::Receiver<bool>,
+        subscriptions_max: usize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            metrics: Metrics::default(),
+            live,
+            stopping,
+            subscriptions_open: Arc::new(AtomicUsize::new(0)),
+            subscriptions_max,
+        })
     }
 }

@@ -351,6 +351,20 @@ impl Store {
         &self.shared.log
     }
 
+    /// Reads the events at log positions from `from` on, as they were
+    /// written: at most `max_records` of them and, past the first, at most
+    /// `max_bytes` of record payload. Unlike [`Store::read_all`] this applies
+    /// no filter and no retention, and its positions are contiguous: this is
+    /// how the node's live feed follows the log.
+    pub fn read_log(&self, from: u64, max_records: usize, max_bytes: u64) -> Result<Vec<RecordedEvent>, ReadError> {
+        let records = self.shared.log.read(from, max_records, max_bytes)?;
+        let mut events = Vec::with_capacity(records.len());
+        for record in records {
+            events.push(record::decode_event(&record.payload, record.position)?);
+        }
+        Ok(events)
+    }
+
     /// Appends `events` to `stream` atomically if `expected` holds. Retrying
     /// the same events (same ids, same content) after a lost acknowledgement
     /// returns the original result and writes nothing.

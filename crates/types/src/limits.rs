@@ -123,3 +123,33 @@ pub const NODE_CONNECTION_REFUSALS_MAX: usize = 64;
 pub const NODE_SUBSCRIPTIONS_MAX_DEFAULT: usize = 10_000;
 
 const _: () = assert!(NODE_CONNECTIONS_MAX_DEFAULT >= 1);
+
+// ---- subscriptions ----------------------------------------------------------
+
+/// Batches of committed records the node's live feed keeps for subscribers
+/// in live mode (default 256). A subscriber that falls further behind than
+/// this reads the log instead until it catches up, so slow subscribers cost
+/// no memory beyond this one shared ring.
+pub const LIVE_FEED_BATCHES: usize = 256;
+/// Most records in one live-feed batch (default 256).
+pub const LIVE_BATCH_RECORDS_MAX: usize = 256;
+/// Most payload bytes in one live-feed batch (default 256 KiB; a batch holds
+/// at least one record). With [`LIVE_EVENT_INLINE_BYTES_MAX`] this bounds
+/// the ring to [`LIVE_FEED_BATCHES`] × (this + one inline event): 80 MiB.
+pub const LIVE_BATCH_BYTES_MAX: usize = 256 * 1024;
+/// Largest event (data plus metadata) the live feed carries inline (default
+/// 64 KiB); a larger one is carried as its position, and each subscriber
+/// that wants it reads it from the log.
+pub const LIVE_EVENT_INLINE_BYTES_MAX: usize = 64 * 1024;
+/// Most events one subscription's catch-up reads from the log at a time
+/// (default 256).
+pub const SUBSCRIPTION_PAGE_EVENTS_MAX: usize = 256;
+/// Most credit a subscriber may hold (default 1M events): grants beyond it
+/// are capped, never an error.
+pub const SUBSCRIPTION_CREDIT_MAX: u64 = 1_000_000;
+/// A filtered subscription reports its progress over skipped events with a
+/// checkpoint at least every this many log positions (default 4096).
+pub const SUBSCRIPTION_CHECKPOINT_INTERVAL: u64 = 4096;
+/// Messages queued towards one subscriber's connection (default 64); the
+/// transport's own flow control holds the rest back.
+pub const SUBSCRIPTION_OUTBOX_MESSAGES: usize = 64;

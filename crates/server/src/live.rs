@@ -1,0 +1,170 @@
+//! The live feed: one thread follows the end of the log and broadcasts each
+//! new run of committed events to every subscription in live mode.
+//!
+//! # Lifecycle
+//!
+//! [`LiveFeed::start`] is called once by the node after the store opens; it
+//! starts the feed at the log's end (older events are read from the log by
+//! the subscriptions that want them). The thread sleeps in
+//! [`edgebus_log::Log::wait_for_end`] until new records are visible, reads
+//! them once, decodes them once, and sends them as one [`LiveBatch`] into a
+//! `tokio::sync::broadcast` ring of [`LIVE_FEED_BATCHES`] batches. The node
+//! calls [`LiveFeed::stop`] before it closes the store.
+//!
+//! # Invariants
+//!
+//! - Batches are contiguous: each starts at the position where the previous
+//!   one ended, and holds every record of that range, in order, unfiltered.
+//!   A subscriber checks this to detect that it missed a batch.
+//! - Memory is bounded by the ring, not by the subscribers: a batch holds at
+//!   most [`LIVE_BATCH_RECORDS_MAX`] records and about
+//!   [`LIVE_BATCH_BYTES_MAX`] bytes, and an event larger than
+//!   [`LIVE_EVENT_INLINE_BYTES_MAX`] travels without its payload (its
+//!   subscribers read it from the log). A subscriber that falls further
+//!   behind than the ring is told so (`Lagged`) and reads the log instead.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use edgebus_store::Store;
+use edgebus_types::RecordedEvent;
+use edgebus_types::limits::{
+    LIVE_BATCH_BYTES_MAX, LIVE_BATCH_RECORDS_MAX, LIVE_EVENT_INLINE_BYTES_MAX, LIVE_FEED_BATCHES,
+};
+use tokio::sync::broadcast;
+
+/// How long the feed thread sleeps at most before it looks at its stop flag.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+/// How long the feed waits before it retries a failed read of the log.
+const READ_RETRY: Duration = Duration::from_secs(1);
+
+/// One event of a [`LiveBatch`].
+#[derive(Debug)]
+pub struct LiveEvent {
+    /// The event; without `data` and `metadata` when `inline` is false.
+    pub event: RecordedEvent,
+    /// Whether the payload is here. When it is not (a large event), the
+    /// stream, type, version and position still are, so cheap filters run
+    /// without reading the log.
+    pub inline: bool,
+}
+
+/// A contiguous run of committed events, as the log holds them.
+#[derive(Debug)]
+pub struct LiveBatch {
+    /// Position of the first event.
+    pub first_position: u64,
+    /// The events at `first_position..first_position + events.len()`.
+    pub events: Vec<LiveEvent>,
+}
+
+impl LiveBatch {
+    /// One past the last position of the batch.
+    pub fn end_position(&self) -> u64 {
+        self.first_position + self.events.len() as u64
+    }
+}
+
+/// The node's live feed; see the module docs.
+#[derive(Debug)]
+pub struct LiveFeed {
+    sender: broadcast::Sender<Arc<LiveBatch>>,
+    /// One past the last position broadcast.
+    published_end: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl LiveFeed {
+    /// Starts following `store`'s log from its current end.
+    pub fn start(store: Arc<Store>) -> std::io::Result<Self> {
+        let (sender, _) = broadcast::channel(LIVE_FEED_BATCHES);
+        let start = store.log().end_position();
+        let published_end = Arc::new(AtomicU64::new(start));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (sender, published_end, stop) = (sender.clone(), Arc::clone(&published_end), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("edgebus-live-feed".to_owned())
+                .spawn(move || follow(&store, start, &sender, &published_end, &stop))?
+        };
+        Ok(Self { sender, published_end, stop, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// A receiver of every batch broadcast from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LiveBatch>> {
+        self.sender.subscribe()
+    }
+
+    /// One past the last position broadcast.
+    pub fn end_position(&self) -> u64 {
+        self.published_end.load(Ordering::Acquire)
+    }
+
+    /// Stops the thread and waits for it. Idempotent.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.lock().expect("live feed lock").take();
+        if let Some(thread) = thread {
+            thread.join().expect("the live feed thread panicked");
+        }
+    }
+}
+
+impl Drop for LiveFeed {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The feed thread: waits for new records, reads, decodes and broadcasts them.
+fn follow(
+    store: &Store,
+    mut next: u64,
+    sender: &broadcast::Sender<Arc<LiveBatch>>,
+    published_end: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    let mut failing = false;
+    while !stop.load(Ordering::Acquire) {
+        if store.log().wait_for_end(next, WAIT_SLICE) <= next {
+            continue;
+        }
+        let events = match store.read_log(next, LIVE_BATCH_RECORDS_MAX, LIVE_BATCH_BYTES_MAX as u64) {
+            Ok(events) => events,
+            Err(e) => {
+                // The subscriptions wait; the same read would fail for them.
+                if !failing {
+                    eprintln!("edgebus: live feed cannot read the log at position {next}: {e}; retrying");
+                    failing = true;
+                }
+                std::thread::sleep(READ_RETRY);
+                continue;
+            }
+        };
+        failing = false;
+        let Some(last) = events.last() else { continue };
+        assert_eq!(events[0].position, next, "the live feed reads from where it stopped");
+        assert_eq!(last.position, next + events.len() as u64 - 1, "log positions are contiguous");
+        let batch = LiveBatch {
+            first_position: next,
+            events: events
+                .into_iter()
+                .map(|mut event| {
+                    let inline = event.data.len() + event.metadata.len() <= LIVE_EVENT_INLINE_BYTES_MAX;
+                    if !inline {
+                        event.data = Vec::new();
+                        event.metadata = Vec::new();
+                    }
+                    LiveEvent { event, inline }
+                })
+                .collect(),
+        };
+        next = batch.end_position();
+        published_end.store(next, Ordering::Release);
+        // No receivers is not an error: nobody is live right now.
+        let _ = sender.send(Arc::new(batch));
+    }
+}
