@@ -95,6 +95,11 @@ impl Node {
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit.
+    /// The node's process id (for `/proc` figures such as its RSS).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("a running node").id()
+    }
+
     pub fn stop(mut self) {
         let mut child = self.child.take().expect("a node is stopped once");
         assert!(send_sigterm(child.id()), "SIGTERM delivered");
@@ -128,6 +133,29 @@ pub fn serve_command(args: &[&str], envs: &[(&str, &str)]) -> Command {
     }
     command.envs(envs.iter().copied());
     command
+}
+
+/// Runs `edgebus serve ARGS` with `envs`, expecting it to fail before it is
+/// ready; answers its exit status and its stderr. Kills it and fails the
+/// test if it is still running after [`NODE_DEADLINE`].
+pub fn serve_fails(args: &[&str], envs: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let mut child =
+        serve_command(args, envs).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start edgebus serve");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let (sender, read) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        let _ = sender.send(text);
+    });
+    let Ok(stderr) = read.recv_timeout(NODE_DEADLINE) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("edgebus serve {args:?} kept running; it was expected to fail");
+    };
+    // stderr closed: the process has exited or is exiting.
+    let status = child.wait().expect("wait for edgebus serve");
+    (status, stderr)
 }
 
 /// Sends SIGTERM through the `kill` command, keeping `unsafe` out of the tests.

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod client_cmds;
+pub mod config;
 pub mod serve;
 
 /// The parsed command line.

@@ -1,8 +1,9 @@
 //! `edgebus serve`: run a site node in the foreground.
 //!
-//! Settings come from flags, else `EDGEBUS_*` environment variables, else the
-//! defaults (data in `./edgebus-data`, gRPC on 127.0.0.1:7290, HTTP on
-//! 127.0.0.1:7291). Once both listeners are bound and the store is open it
+//! Each setting comes from a flag, else its `EDGEBUS_*` environment
+//! variable, else the config file (`--config`), else the default (data in
+//! `./edgebus-data`, gRPC on 127.0.0.1:7290, HTTP on 127.0.0.1:7291); see
+//! [`crate::config`]. Once both listeners are bound and the store is open it
 //! prints one line, `edgebus ready grpc=ADDR http=ADDR data=DIR`, so scripts
 //! and tests can wait for it. SIGTERM or Ctrl-C drains and exits 0; a second
 //! signal exits at once with status 130.
@@ -14,57 +15,93 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use edgebus_log::FsyncPolicy;
-use edgebus_server::limits::NodeLimits;
-use edgebus_server::node::{self, NodeConfig};
-use edgebus_store::StoreConfig;
-use edgebus_types::limits::{NODE_CONNECTIONS_MAX_DEFAULT, NODE_SUBSCRIPTIONS_MAX_DEFAULT};
+use edgebus_server::node;
 
-/// Arguments of `edgebus serve`.
+use crate::config::{self, Settings};
+
+/// The end of `edgebus serve --help`: precedence and every config key.
+const SERVE_AFTER_LONG_HELP: &str = "\
+Where settings come from, first match wins:
+  1. a command-line flag (--data-dir, ...)
+  2. its environment variable (EDGEBUS_DATA_DIR, ...)
+  3. the TOML config file named by --config or EDGEBUS_CONFIG
+  4. the built-in default
+A config file is strict: an unknown key or a bad value stops the node with an
+error naming the file, the key and the line.
+
+Config file keys (every key is optional):
+  data_dir = \"edgebus-data\"        directory of the log and the index
+  grpc_listen = \"127.0.0.1:7290\"   gRPC listen address (port 0: any free port)
+  http_listen = \"127.0.0.1:7291\"   HTTP listen address (port 0: any free port)
+  fsync = \"always\"                 always | never | interval(MSms)
+  [limits]
+  max_connections = 1024           most connections each listener serves at once
+  max_subscriptions = 10000        most subscriptions the node serves at once
+
+Once listening, the node prints `edgebus ready grpc=ADDR http=ADDR data=DIR`.
+SIGTERM or Ctrl-C drains and exits 0; a second signal exits at once (130).";
+
+/// Arguments of `edgebus serve`. Every setting is optional here: one that
+/// is neither given nor in the environment comes from the config file or
+/// the defaults ([`crate::config`]).
 #[derive(Debug, Clone, Args)]
+#[command(after_long_help = SERVE_AFTER_LONG_HELP)]
 pub struct ServeArgs {
-    /// Directory of the log and the index (created if missing).
-    #[arg(long, env = "EDGEBUS_DATA_DIR", default_value = node::DATA_DIR_DEFAULT)]
-    pub data_dir: PathBuf,
-    /// gRPC listen address; port 0 picks a free port.
-    #[arg(long, env = "EDGEBUS_GRPC_LISTEN", default_value = node::GRPC_LISTEN_DEFAULT)]
-    pub grpc_listen: SocketAddr,
-    /// HTTP listen address (health, metrics, JSON API); port 0 picks a free port.
-    #[arg(long, env = "EDGEBUS_HTTP_LISTEN", default_value = node::HTTP_LISTEN_DEFAULT)]
-    pub http_listen: SocketAddr,
+    /// TOML config file (keys in --help); flags and EDGEBUS_* variables
+    /// override it.
+    #[arg(long, env = "EDGEBUS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of the log and the index (created if missing) [default: edgebus-data].
+    #[arg(long, env = "EDGEBUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address; port 0 picks a free port [default: 127.0.0.1:7290].
+    #[arg(long, env = "EDGEBUS_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// HTTP listen address (health, metrics, JSON API); port 0 picks a free
+    /// port [default: 127.0.0.1:7291].
+    #[arg(long, env = "EDGEBUS_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// When the log calls fdatasync: `always` (every acknowledged write is
-    /// durable), `interval(MSms)` or `never` (see docs/log-format.md).
-    #[arg(long, env = "EDGEBUS_FSYNC", default_value = "always")]
-    pub fsync: FsyncPolicy,
+    /// durable), `interval(MSms)` or `never` (see docs/log-format.md) [default: always].
+    #[arg(long, env = "EDGEBUS_FSYNC")]
+    pub fsync: Option<FsyncPolicy>,
     /// Most connections each listener (gRPC, HTTP) serves at once; more are
-    /// refused (HTTP 503, code 103).
-    #[arg(long, env = "EDGEBUS_MAX_CONNECTIONS", default_value_t = NODE_CONNECTIONS_MAX_DEFAULT as u64,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_connections: u64,
-    /// Most subscriptions the node serves at once.
-    #[arg(long, env = "EDGEBUS_MAX_SUBSCRIPTIONS", default_value_t = NODE_SUBSCRIPTIONS_MAX_DEFAULT)]
-    pub max_subscriptions: usize,
+    /// refused (HTTP 503, code 103) [default: 1024].
+    #[arg(long, env = "EDGEBUS_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: Option<u64>,
+    /// Most subscriptions the node serves at once [default: 10000].
+    #[arg(long, env = "EDGEBUS_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
+}
+
+impl ServeArgs {
+    /// The settings given by flags and environment variables (clap has
+    /// already let each flag win over its variable).
+    pub fn settings(&self) -> Settings {
+        Settings {
+            data_dir: self.data_dir.clone(),
+            grpc_listen: self.grpc_listen,
+            http_listen: self.http_listen,
+            fsync: self.fsync,
+            max_connections: self.max_connections.map(|max| usize::try_from(max).unwrap_or(usize::MAX)),
+            max_subscriptions: self.max_subscriptions,
+        }
+    }
 }
 
 /// Runs a node until SIGTERM or Ctrl-C.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => config::load(path)?,
+        None => Settings::default(),
+    };
+    let config = args.settings().or(file).resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("edgebus-node")
         .build()
         .context("cannot start the async runtime")?;
-    let mut store = StoreConfig::default();
-    store.log.fsync = args.fsync;
-    let config = NodeConfig {
-        data_dir: args.data_dir.clone(),
-        grpc_listen: args.grpc_listen,
-        http_listen: args.http_listen,
-        store,
-        limits: NodeLimits {
-            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
-            max_subscriptions: args.max_subscriptions,
-        },
-    };
-    let data_dir = args.data_dir.display().to_string();
+    let data_dir = config.data_dir.display().to_string();
     runtime.block_on(node::run(config, shutdown_signal(), move |ready| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "edgebus ready grpc={} http={} data={data_dir}", ready.grpc, ready.http);

@@ -1,0 +1,395 @@
+//! The settings of `edgebus serve` and where they come from.
+//!
+//! Each setting is taken from the first of these that sets it:
+//!
+//! 1. a command-line flag (`--data-dir`, …);
+//! 2. an `EDGEBUS_*` environment variable (`EDGEBUS_DATA_DIR`, …);
+//! 3. the TOML config file named by `--config` or `EDGEBUS_CONFIG`;
+//! 4. the built-in default.
+//!
+//! Flags and variables are read by clap into one [`Settings`] layer (clap
+//! already prefers a flag to its variable); the file is another layer
+//! ([`load`]); [`Settings::or`] stacks them and [`Settings::resolve`] fills
+//! in the defaults. A config file is strict: an unknown key, a value of the
+//! wrong type or a value that does not parse is an error naming the file,
+//! the key, and the line and column, so that a typo never silently falls
+//! back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use edgebus_log::FsyncPolicy;
+use edgebus_server::limits::NodeLimits;
+use edgebus_server::node::{self, NodeConfig};
+use edgebus_store::StoreConfig;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A config file too large for a config file: most likely the wrong file.
+const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
+
+/// One layer of settings: each is `None` where this layer leaves it to the
+/// next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Directory of the log and the index.
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address.
+    pub grpc_listen: Option<SocketAddr>,
+    /// HTTP listen address.
+    pub http_listen: Option<SocketAddr>,
+    /// When the log calls `fdatasync`.
+    pub fsync: Option<FsyncPolicy>,
+    /// Most connections each listener serves at once.
+    pub max_connections: Option<usize>,
+    /// Most subscriptions the node serves at once.
+    pub max_subscriptions: Option<usize>,
+}
+
+impl Settings {
+    /// This layer, with `lower` filling in what this one leaves unset.
+    #[must_use]
+    pub fn or(self, lower: Settings) -> Settings {
+        Settings {
+            data_dir: self.data_dir.or(lower.data_dir),
+            grpc_listen: self.grpc_listen.or(lower.grpc_listen),
+            http_listen: self.http_listen.or(lower.http_listen),
+            fsync: self.fsync.or(lower.fsync),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
+        }
+    }
+
+    /// The node's configuration: these settings, the defaults for the rest.
+    pub fn resolve(self) -> anyhow::Result<NodeConfig> {
+        let default_limits = NodeLimits::default();
+        let limits = NodeLimits {
+            max_connections: self.max_connections.unwrap_or(default_limits.max_connections),
+            max_subscriptions: self.max_subscriptions.unwrap_or(default_limits.max_subscriptions),
+        };
+        anyhow::ensure!(limits.max_connections >= 1, "max_connections must be at least 1");
+        let mut store = StoreConfig::default();
+        if let Some(fsync) = self.fsync {
+            store.log.fsync = fsync;
+        }
+        Ok(NodeConfig {
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(node::DATA_DIR_DEFAULT)),
+            grpc_listen: self.grpc_listen.unwrap_or_else(|| default_address(node::GRPC_LISTEN_DEFAULT)),
+            http_listen: self.http_listen.unwrap_or_else(|| default_address(node::HTTP_LISTEN_DEFAULT)),
+            store,
+            limits,
+        })
+    }
+}
+
+fn default_address(text: &str) -> SocketAddr {
+    text.parse().expect("the default addresses parse")
+}
+
+/// Why a config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than any config file should be.
+    #[error("config file {} is {len_bytes} bytes, more than the maximum of {max_bytes}", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len_bytes: u64,
+        /// The limit.
+        max_bytes: u64,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the
+    /// wrong type or that does not parse.
+    #[error(
+        "invalid config file {}, line {line}, column {column}: {}{message}",
+        path.display(),
+        key.as_deref().map(|key| format!("{key}: ")).unwrap_or_default()
+    )]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Line of the problem, from 1.
+        line: usize,
+        /// Column of the problem, from 1, in characters.
+        column: usize,
+        /// The key whose value is wrong, e.g. `grpc_listen` or
+        /// `limits.max_connections`, when the problem is a value.
+        key: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The file as written; values that need parsing keep their position.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLayer {
+    data_dir: Option<PathBuf>,
+    grpc_listen: Option<Spanned<String>>,
+    http_listen: Option<Spanned<String>>,
+    fsync: Option<Spanned<String>>,
+    limits: Option<FileLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_connections: Option<Spanned<usize>>,
+    max_subscriptions: Option<usize>,
+}
+
+/// Reads the config file at `path`.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let read = |source| ConfigError::Read { path: path.to_owned(), source };
+    let len_bytes = std::fs::metadata(path).map_err(read)?.len();
+    if len_bytes > CONFIG_FILE_BYTES_MAX {
+        return Err(ConfigError::TooLarge { path: path.to_owned(), len_bytes, max_bytes: CONFIG_FILE_BYTES_MAX });
+    }
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    parse(&text, path)
+}
+
+/// Parses `text`, the contents of the config file at `path` (which errors name).
+pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+    let invalid = |key: Option<&str>, offset: usize, message: String| {
+        let (line, column) = line_and_column(text, offset);
+        ConfigError::Invalid { path: path.to_owned(), line, column, key: key.map(str::to_owned), message }
+    };
+    let file: FileLayer = toml::from_str(text).map_err(|error| {
+        let offset = error.span().map_or(0, |span| span.start);
+        invalid(key_of_value_at(text, offset).as_deref(), offset, error.message().trim().to_owned())
+    })?;
+    let bad_value = |key: &str, span: std::ops::Range<usize>, message: String| invalid(Some(key), span.start, message);
+    let address = |key: &str, value: Option<Spanned<String>>| {
+        value
+            .map(|value| {
+                value.get_ref().parse::<SocketAddr>().map_err(|_| {
+                    let message = format!("{:?} is not a socket address such as \"127.0.0.1:7290\"", value.get_ref());
+                    bad_value(key, value.span(), message)
+                })
+            })
+            .transpose()
+    };
+    let grpc_listen = address("grpc_listen", file.grpc_listen)?;
+    let http_listen = address("http_listen", file.http_listen)?;
+    let fsync = file
+        .fsync
+        .map(|value| {
+            value.get_ref().parse::<FsyncPolicy>().map_err(|message| bad_value("fsync", value.span(), message))
+        })
+        .transpose()?;
+    let limits = file.limits.unwrap_or(FileLimits { max_connections: None, max_subscriptions: None });
+    let max_connections = limits
+        .max_connections
+        .map(|value| match *value.get_ref() {
+            0 => Err(bad_value("limits.max_connections", value.span(), "must be at least 1".to_owned())),
+            max => Ok(max),
+        })
+        .transpose()?;
+    Ok(Settings {
+        data_dir: file.data_dir,
+        grpc_listen,
+        http_listen,
+        fsync,
+        max_connections,
+        max_subscriptions: limits.max_subscriptions,
+    })
+}
+
+/// The dotted key whose value starts at byte `offset` of `text`, such as
+/// `limits.max_connections`; `None` if `offset` is not in a `key = value`
+/// line's value. Good enough for error messages about this file's flat
+/// layout (top-level keys and one level of tables).
+fn key_of_value_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |newline| newline + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |newline| offset + newline);
+    let (key, _) = text[line_start..line_end].split_once('=')?;
+    if line_start + key.len() >= offset {
+        return None;
+    }
+    let key = key.trim();
+    let table = text[..line_start].lines().rev().find_map(|line| {
+        let line = line.trim();
+        line.strip_prefix('[').and_then(|rest| rest.split(']').next()).map(str::trim)
+    });
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    (before.matches('\n').count() + 1, before[line_start..].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn file(text: &str) -> Result<Settings, ConfigError> {
+        parse(text, Path::new("/etc/edgebus.toml"))
+    }
+
+    fn error(text: &str) -> String {
+        file(text).expect_err("the file is refused").to_string()
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let settings = file(
+            r#"
+            data_dir = "/var/lib/edgebus"
+            grpc_listen = "0.0.0.0:7290"
+            http_listen = "[::1]:8080"
+            fsync = "interval(5ms)"
+
+            [limits]
+            max_connections = 16
+            max_subscriptions = 0
+            "#,
+        )
+        .expect("a valid file");
+        assert_eq!(
+            settings,
+            Settings {
+                data_dir: Some(PathBuf::from("/var/lib/edgebus")),
+                grpc_listen: Some("0.0.0.0:7290".parse().unwrap()),
+                http_listen: Some("[::1]:8080".parse().unwrap()),
+                fsync: Some(FsyncPolicy::Interval(Duration::from_millis(5))),
+                max_connections: Some(16),
+                max_subscriptions: Some(0),
+            }
+        );
+        assert_eq!(file("").expect("an empty file is valid"), Settings::default());
+    }
+
+    #[test]
+    fn nothing_set_resolves_to_the_defaults() {
+        let config = Settings::default().resolve().expect("defaults are valid");
+        assert_eq!(config.data_dir, PathBuf::from("edgebus-data"));
+        assert_eq!(config.grpc_listen.to_string(), "127.0.0.1:7290");
+        assert_eq!(config.http_listen.to_string(), "127.0.0.1:7291");
+        assert_eq!(config.store.log.fsync, FsyncPolicy::Always);
+        assert_eq!(config.limits, NodeLimits { max_connections: 1024, max_subscriptions: 10_000 });
+    }
+
+    #[test]
+    fn a_higher_layer_wins_key_by_key() {
+        let flags = Settings { data_dir: Some("flag".into()), ..Settings::default() };
+        let env = Settings { data_dir: Some("env".into()), max_connections: Some(7), ..Settings::default() };
+        let file = Settings {
+            data_dir: Some("file".into()),
+            max_connections: Some(9),
+            fsync: Some(FsyncPolicy::Never),
+            ..Settings::default()
+        };
+        let config = flags.or(env).or(file).resolve().expect("valid");
+        assert_eq!(config.data_dir, PathBuf::from("flag"));
+        assert_eq!(config.limits.max_connections, 7);
+        assert_eq!(config.store.log.fsync, FsyncPolicy::Never);
+        assert_eq!(config.limits.max_subscriptions, 10_000);
+        let zero = Settings { max_connections: Some(0), ..Settings::default() }.resolve().unwrap_err();
+        assert_eq!(zero.to_string(), "max_connections must be at least 1");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_the_file_and_line() {
+        assert_eq!(
+            error("data_dir = \"d\"\ngrpc_lisen = \"127.0.0.1:1\"\n"),
+            "invalid config file /etc/edgebus.toml, line 2, column 1: unknown field `grpc_lisen`, expected one of \
+             `data_dir`, `grpc_listen`, `http_listen`, `fsync`, `limits`"
+        );
+        let message = error("[limits]\nmax_conections = 3\n");
+        assert!(message.contains("line 2, column 1: unknown field `max_conections`"), "{message}");
+        let message = error("[limit]\nmax_connections = 3\n");
+        assert!(message.contains("line 1, column 2: unknown field `limit`"), "{message}");
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_file_line_and_column() {
+        let message = error("data_dir = \"d\"\nfsync = always\n");
+        assert!(message.starts_with("invalid config file /etc/edgebus.toml, line 2, column 9: "), "{message}");
+        let message = error("data_dir = \"d\"\n[limits\n");
+        assert!(message.starts_with("invalid config file /etc/edgebus.toml, line 2, column "), "{message}");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key_and_where_it_is() {
+        assert_eq!(
+            error("\n  grpc_listen = \"nope\""),
+            "invalid config file /etc/edgebus.toml, line 2, column 17: grpc_listen: \"nope\" is not a socket \
+             address such as \"127.0.0.1:7290\""
+        );
+        let message = error("http_listen = \"localhost\"");
+        assert!(message.contains("column 15: http_listen: \"localhost\""), "{message}");
+        let message = error("fsync = \"sometimes\"");
+        assert!(message.contains("line 1, column 9: fsync: unknown fsync policy"), "{message}");
+        let message = error("[limits]\nmax_connections = 0");
+        assert!(message.ends_with("line 2, column 19: limits.max_connections: must be at least 1"), "{message}");
+        // Values of the wrong type.
+        assert_eq!(
+            error("data_dir = \"d\"\n[limits]\nmax_connections = \"many\""),
+            "invalid config file /etc/edgebus.toml, line 3, column 19: limits.max_connections: invalid type: \
+             string \"many\", expected usize"
+        );
+        let message = error("[limits]\nmax_subscriptions = -1");
+        assert!(message.contains("line 2, column 21: limits.max_subscriptions: "), "{message}");
+        let message = error("grpc_listen = 7290");
+        assert!(message.contains("line 1, column 15: grpc_listen: invalid type: integer"), "{message}");
+        let message = error("data_dir = [1]");
+        assert!(message.contains("data_dir: invalid type"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let message = load(Path::new("/nonexistent/edgebus.toml")).unwrap_err().to_string();
+        assert_eq!(message, "cannot read config file /nonexistent/edgebus.toml");
+    }
+
+    #[test]
+    fn the_key_of_a_value_is_found_by_its_offset() {
+        let text = "a = 1\n[limits]\n  b = \"x\"\n";
+        assert_eq!(key_of_value_at(text, 4).as_deref(), Some("a"));
+        assert_eq!(key_of_value_at(text, 0), None, "on the key itself");
+        assert_eq!(key_of_value_at(text, 21).as_deref(), Some("limits.b"));
+        assert_eq!(key_of_value_at(text, 7), None, "a table header");
+        assert_eq!(key_of_value_at(text, 1000), None);
+    }
+
+    #[test]
+    fn the_readme_example_is_a_valid_config_file() {
+        let readme = include_str!("../../../README.md");
+        let (_, rest) = readme.split_once("```toml\n").expect("the README has a TOML example");
+        let (example, _) = rest.split_once("```").expect("the example ends");
+        let settings = file(example).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(settings.data_dir, Some(PathBuf::from("/var/lib/edgebus")));
+        assert_eq!(settings.max_connections, Some(1024));
+        assert_eq!(settings.max_subscriptions, Some(10_000));
+        assert_eq!(settings.fsync, Some(FsyncPolicy::Always));
+    }
+
+    #[test]
+    fn line_and_column_count_characters() {
+        assert_eq!(line_and_column("abc", 0), (1, 1));
+        assert_eq!(line_and_column("a\nbc", 3), (2, 2));
+        assert_eq!(line_and_column("é = 1\nx", 7), (2, 1));
+        assert_eq!(line_and_column("é = 1", 5), (1, 5));
+    }
+}
