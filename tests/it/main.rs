@@ -10,6 +10,7 @@ mod node_http;
 mod node_limits;
 mod node_serve;
 mod node_stats;
+mod node_subscribe;
 mod store_bad_input;
 mod store_checkpoint_crash;
 mod store_determinism;
