@@ -95,11 +95,6 @@ impl Node {
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit.
-    /// The node's process id (for `/proc` figures such as its RSS).
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("a running node").id()
-    }
-
     pub fn stop(mut self) {
         let mut child = self.child.take().expect("a node is stopped once");
         assert!(send_sigterm(child.id()), "SIGTERM delivered");
