@@ -11,6 +11,7 @@ mod node_limits;
 mod node_serve;
 mod node_stats;
 mod node_subscribe;
+mod node_subscribe_load;
 mod store_bad_input;
 mod store_checkpoint_crash;
 mod store_determinism;

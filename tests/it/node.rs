@@ -94,6 +94,11 @@ impl Node {
         (node, ready)
     }
 
+    /// The node's process id (for `/proc` figures such as its RSS).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("a running node").id()
+    }
+
     /// SIGTERM, then wait (bounded) for a clean exit.
     pub fn stop(mut self) {
         let mut child = self.child.take().expect("a node is stopped once");
