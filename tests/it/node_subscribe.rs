@@ -223,13 +223,18 @@ fn server_sent_events_catch_up_go_live_and_resume_after_the_last_id() {
     let node = Node::start(dir.path());
     let rt = runtime();
     let client = rt.block_on(Client::connect(&node.grpc.to_string())).unwrap();
-    rt.block_on(publish(&client, "sensor.1", (0..5).map(|i| event("reading", &format!("{{\"temp\":{}}}", 60 + 5 * i)))));
+    rt.block_on(publish(
+        &client,
+        "sensor.1",
+        (0..5).map(|i| event("reading", &format!("{{\"temp\":{}}}", 60 + 5 * i))),
+    ));
 
     let open = |query: &str, last_event_id: Option<u64>| {
         let mut socket = std::net::TcpStream::connect(node.http).unwrap();
         socket.set_read_timeout(Some(ITEM_DEADLINE)).unwrap();
         let resume = last_event_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
-        write!(socket, "GET /v1/subscribe?{query} HTTP/1.1\r\nHost: edgebus\r\nConnection: close\r\n{resume}\r\n").unwrap();
+        write!(socket, "GET /v1/subscribe?{query} HTTP/1.1\r\nHost: edgebus\r\nConnection: close\r\n{resume}\r\n")
+            .unwrap();
         let mut reader = BufReader::new(socket);
         let mut status = String::new();
         std::io::BufRead::read_line(&mut reader, &mut status).unwrap();
@@ -262,5 +267,86 @@ fn server_sent_events_catch_up_go_live_and_resume_after_the_last_id() {
     let _ = std::io::Read::read_to_string(&mut refused, &mut rest);
     assert!(rest.contains("\"code\":101") && rest.contains("does not compile"), "{rest}");
     drop((hot, resumed));
+    node.stop();
+}
+
+#[test]
+fn a_subscriber_overtaken_by_the_live_ring_reads_the_log_and_rejoins_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path());
+    runtime().block_on(async {
+        let client = Client::connect(&node.grpc.to_string()).await.unwrap();
+        let pattern = StreamSelector::Pattern(StreamPattern::new("ring.>").unwrap());
+        // Credit to spare, but the application does not read: the node's
+        // sends block on the connection, and the live ring (256 batches)
+        // overtakes the subscription.
+        let mut slow = client.subscribe(filter(pattern), SubscribeFrom::End, Credit::Window(100_000)).await.unwrap();
+        caught_up(&mut slow).await;
+        let payload = "x".repeat(8 * 1024);
+        for i in 0..600 {
+            publish(&client, "ring.a", [event("e", &format!("{i:04}{payload}"))]).await;
+        }
+        let got = events(&mut slow, 600).await;
+        let seqs: Vec<String> = datas(&got).iter().map(|d| d[..4].to_owned()).collect();
+        assert_eq!(seqs, (0..600).map(|i| format!("{i:04}")).collect::<Vec<_>>(), "in order, none lost or repeated");
+        // Live again: the next event arrives without a new subscription.
+        publish(&client, "ring.a", [event("e", "after")]).await;
+        assert_eq!(datas(&events(&mut slow, 1).await), ["after"]);
+    });
+    let metrics = crate::node::http_get(node.http, "/metrics");
+    let fell_behind = metrics
+        .lines()
+        .find(|line| line.starts_with("edgebus_subscription_fell_behind_total{") && line.contains("pattern=\"ring.>\""))
+        .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no fell_behind figure for ring.> in {metrics}"));
+    assert!(fell_behind >= 1.0, "the subscription went back to the log at least once");
+    node.stop();
+}
+
+#[test]
+fn subscriptions_over_the_node_limit_are_refused_until_one_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _) = Node::start_with(
+        &[
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--max-subscriptions",
+            "2",
+        ],
+        &[],
+    );
+    runtime().block_on(async {
+        let client = Client::connect(&node.grpc.to_string()).await.unwrap();
+        let open = || client.subscribe(filter(StreamSelector::All), SubscribeFrom::End, Credit::default());
+        let mut first = open().await.unwrap();
+        let mut second = open().await.unwrap();
+        caught_up(&mut first).await;
+        caught_up(&mut second).await;
+        let error = match open().await {
+            Ok(_) => panic!("a third subscription was accepted over a limit of 2"),
+            Err(e) => e,
+        };
+        assert_eq!(error.code_name(), Some("RESOURCE_EXHAUSTED"), "{error}");
+        assert!(error.to_string().contains("too many subscriptions"), "{error}");
+        assert!(error.detail().unwrap().retry_after_ms.is_some());
+        // The node frees the place once it sees the subscriber leave.
+        drop(first);
+        let deadline = tokio::time::Instant::now() + ITEM_DEADLINE;
+        let mut third = loop {
+            match open().await {
+                Ok(subscription) => break subscription,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    assert_eq!(e.code_name(), Some("RESOURCE_EXHAUSTED"), "{e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the place of a closed subscription was never freed: {e}"),
+            }
+        };
+        caught_up(&mut third).await;
+    });
     node.stop();
 }
