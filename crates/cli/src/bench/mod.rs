@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 mod histogram;
 pub mod log;
 mod machine;
+pub mod node;
 pub mod store;
 
 /// Arguments of `edgebus bench`.
@@ -24,6 +25,8 @@ pub enum BenchTarget {
     Log(log::LogBenchArgs),
     /// The event store: appends with expected versions, exists-or-write races, stream reads, open time and memory.
     Store(store::StoreBenchArgs),
+    /// A real node over loopback against NATS JetStream and PostgreSQL: publish with ack, end-to-end latency, fan-out.
+    Node(node::NodeBenchArgs),
 }
 
 /// Runs one benchmark.
@@ -31,6 +34,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.target {
         BenchTarget::Log(args) => log::run(&args),
         BenchTarget::Store(args) => store::run(&args),
+        BenchTarget::Node(args) => node::run(&args),
     }
 }
 
