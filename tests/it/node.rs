@@ -196,6 +196,26 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str, extra_headers: &
     HttpResponse::parse(&response)
 }
 
+/// Sends `request`, a whole raw HTTP/1.1 request that asks for
+/// `Connection: close`, over a fresh connection and reads the response
+/// until the server closes; an error (never a panic) if the connection
+/// fails, no answer comes within `timeout`, or the answer is not HTTP.
+pub fn http_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> Result<HttpResponse, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    // The server may answer before reading the whole request and close.
+    let _ = stream.write_all(request);
+    let mut response = Vec::new();
+    if let Err(error) = stream.read_to_end(&mut response) {
+        // A reset after a complete answer still counts as that answer.
+        if response.is_empty() {
+            return Err(format!("no answer within {timeout:?}: {error}"));
+        }
+    }
+    HttpResponse::try_parse(&response)
+}
+
 /// A parsed HTTP/1.1 response.
 #[derive(Debug)]
 pub struct HttpResponse {
@@ -224,6 +244,23 @@ impl HttpResponse {
         Self { status, headers, body }
     }
 
+    /// Parses `raw`, or says why it is not an HTTP/1.1 response.
+    pub fn try_parse(raw: &[u8]) -> Result<Self, String> {
+        let text = String::from_utf8_lossy(raw);
+        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("no end of head in {text:?}"))?;
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+        let headers: Vec<String> = lines.map(str::to_owned).collect();
+        let chunked = headers.iter().any(|h| h.eq_ignore_ascii_case("transfer-encoding: chunked"));
+        let body = if chunked { try_dechunk(body)? } else { body.to_owned() };
+        Ok(Self { status, headers, body })
+    }
+
     /// The value of header `name` (case-insensitive), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find_map(|line| {
@@ -243,5 +280,18 @@ fn dechunk(mut body: &str) -> String {
         }
         out.push_str(&rest[..size]);
         body = &rest[size + 2..];
+    }
+}
+
+fn try_dechunk(mut body: &str) -> Result<String, String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").ok_or("no chunk size line")?;
+        let size = usize::from_str_radix(size.trim(), 16).map_err(|e| format!("chunk size {size:?}: {e}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(rest.get(..size).ok_or("a chunk shorter than its size")?);
+        body = rest.get(size + 2..).ok_or("no end of chunk")?;
     }
 }
