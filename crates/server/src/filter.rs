@@ -71,6 +71,9 @@ const COMPILE_STACK_BYTES: usize = 8 * 1024 * 1024;
 /// Longest message carried by [`Evaluation::Error`] and by a compile error:
 /// interpreter errors may print whole values, which come from the payload.
 const MESSAGE_BYTES_MAX: usize = 1024;
+/// Longest name (a variable or a type name) that a compile error quotes: a
+/// name may be as long as the whole source.
+const NAME_IN_MESSAGE_BYTES_MAX: usize = 128;
 
 // ---- the filter -------------------------------------------------------------
 
@@ -220,7 +223,7 @@ pub enum FilterError {
          type, version and position"
     )]
     UnknownVariable {
-        /// The unknown name.
+        /// The unknown name, cut to 128 bytes (then ending in `...`).
         name: String,
     },
     /// The predicate uses a construct that filters do not support.
@@ -508,7 +511,8 @@ fn check<'e>(expr: &'e IdedExpr, scope: &mut Vec<&'e str>, uses_data: &mut bool)
     match &expr.expr {
         Expr::Unspecified => Err(FilterError::Unsupported { construct: "an unspecified expression".to_owned() }),
         Expr::Struct(message) => {
-            Err(FilterError::Unsupported { construct: format!("a message literal `{}{{...}}`", message.type_name) })
+            let type_name = name_in_message(&message.type_name);
+            Err(FilterError::Unsupported { construct: format!("a message literal `{type_name}{{...}}`") })
         }
         Expr::Map(map) => {
             if map.entries.iter().any(|entry| matches!(entry.expr, EntryExpr::StructField(_))) {
@@ -569,7 +573,9 @@ fn check_name<'e>(
     }
     let context = Context::with_env(Arc::clone(&ENV));
     match Value::resolve(expr, &context) {
-        Err(ExecutionError::UndeclaredReference(_)) => Err(FilterError::UnknownVariable { name: root.to_owned() }),
+        Err(ExecutionError::UndeclaredReference(_)) => {
+            Err(FilterError::UnknownVariable { name: name_in_message(root) })
+        }
         _ => Ok(()),
     }
 }
@@ -1082,6 +1088,19 @@ fn bounded_message(args: fmt::Arguments<'_>) -> String {
         bounded.text.push_str("...");
     }
     bounded.text
+}
+
+/// `name`, cut to [`NAME_IN_MESSAGE_BYTES_MAX`] bytes (then ending in
+/// `...`), to quote in a compile error.
+fn name_in_message(name: &str) -> String {
+    if name.len() <= NAME_IN_MESSAGE_BYTES_MAX {
+        return name.to_owned();
+    }
+    let mut cut = NAME_IN_MESSAGE_BYTES_MAX;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}...", &name[..cut])
 }
 
 /// The message of a panic payload.

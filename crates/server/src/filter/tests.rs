@@ -322,6 +322,23 @@ fn unknown_variables_and_message_literals_are_refused() {
     predicate("type(data) == map && optional.none() == optional.none()");
 }
 
+/// Found by fuzzing: an unknown identifier or message type name as long
+/// as the source (4 KiB) was quoted whole, making a 4 KiB error message.
+#[test]
+fn long_unknown_names_are_quoted_cut_short() {
+    let long = "z".repeat(4000);
+    let error = compile_error(&format!("{long} == 1"));
+    assert_eq!(error, FilterError::UnknownVariable { name: format!("{}...", "z".repeat(128)) });
+    assert!(error.to_string().len() < 400, "{error}");
+    let error = compile_error(&format!("{}{{a: 1}} == data", "M".repeat(4000)));
+    assert!(matches!(error, FilterError::Unsupported { .. }), "{error}");
+    assert!(error.to_string().len() < 400, "{error}");
+    assert!(error.to_string().contains(&format!("`{}...{{...}}`", "M".repeat(128))), "{error}");
+    // Names are cut on a character boundary.
+    assert_eq!(name_in_message(&"é".repeat(100)), format!("{}...", "é".repeat(64)));
+    assert_eq!(name_in_message("short"), "short");
+}
+
 // ---- the cost budget --------------------------------------------------------
 
 /// `leaf op leaf op ...`, `leaves` times, as a balanced tree: a left-deep
@@ -550,5 +567,140 @@ fn evaluation_cost() {
         let started = Instant::now();
         predicate(source);
         println!("{name} ({} bytes): {:?}", source.len(), started.elapsed());
+    }
+}
+
+// ---- fuzzing ----------------------------------------------------------------
+
+/// Sources an attacker or a careless client might send: arbitrary text,
+/// runaway nesting, long identifiers, huge numbers, odd literals, macros
+/// nested in macros, and valid predicates with a character changed.
+fn hostile_source() -> impl Strategy<Value = String> {
+    let atom = prop::sample::select(vec!["true", "data", "data.a", "1", "'s'", "[]", "{}", "x", "null", ""]);
+    prop_oneof![
+        // Arbitrary text, printable or not.
+        any::<String>(),
+        "\\PC{0,300}",
+        prop::collection::vec(any::<char>(), 0..64).prop_map(|chars| chars.into_iter().collect()),
+        // Nesting, balanced or not, around the parser's and our limits.
+        (1usize..2200, atom.clone()).prop_map(|(n, a)| format!("{}{a}{}", "(".repeat(n), ")".repeat(n))),
+        (1usize..2200, atom.clone()).prop_map(|(n, a)| format!("{}{a}", "(".repeat(n))),
+        (1usize..1400, atom.clone()).prop_map(|(n, a)| format!("{}{a}{}", "[".repeat(n), "]".repeat(n))),
+        (1usize..800, atom.clone()).prop_map(|(n, a)| format!("{}{a}{}", "{1:".repeat(n), "}".repeat(n))),
+        (1usize..4000, atom.clone()).prop_map(|(n, a)| format!("{}{a}", "!".repeat(n))),
+        (1usize..4000).prop_map(|n| format!("{}1", "-".repeat(n))),
+        (1usize..1300).prop_map(|n| format!("1{}", " + 1".repeat(n))),
+        (1usize..1000).prop_map(|n| format!("true{}", " ? true : false".repeat(n))),
+        (1usize..60, prop::sample::select(vec!["all", "exists", "exists_one", "map", "filter"]))
+            .prop_map(|(n, m)| { format!("{}true{}", format!("data.l.{m}(x, ").repeat(n), ")".repeat(n)) }),
+        // Long identifiers and field chains, under and over the byte limit.
+        (1usize..5000).prop_map(|n| format!("data.{} == 1", "a".repeat(n))),
+        (1usize..5000).prop_map(|n| format!("{} == 1", "z".repeat(n))),
+        (1usize..5000).prop_map(|n| format!("{}{{a: 1}} == data", "M".repeat(n))),
+        (1usize..2500).prop_map(|n| format!("data{}", ".a".repeat(n))),
+        // Huge and odd numbers.
+        "[0-9]{19,400}".prop_map(|digits| format!("data.n == {digits}")),
+        "[0-9]{19,400}".prop_map(|digits| format!("data.n == {digits}u")),
+        "[0-9]{1,400}".prop_map(|digits| format!("data.n < 0x{digits}")),
+        "[0-9]{1,5}".prop_map(|exp| format!("data.n > 1e{exp} || data.n < -1e-{exp}")),
+        Just("-9223372036854775808 == data.n".to_owned()),
+        Just("-9223372036854775809 < data.n".to_owned()),
+        Just("18446744073709551616u > 1u".to_owned()),
+        Just("9223372036854775807 + 1 > 0".to_owned()),
+        Just("-9223372036854775808 / -1 > 0".to_owned()),
+        Just("-9223372036854775808 % -1 == 0".to_owned()),
+        Just("int(1e300) > 0".to_owned()),
+        Just("uint(-1) > 0u".to_owned()),
+        // Odd literals and escapes.
+        "[\\\\'\"rRbBu{}xU0-9a-f]{0,40}".prop_map(|s| format!("data.s == '{s}'")),
+        "[\\\\'\"a-z]{0,40}".prop_map(|s| format!("data.s == r\"{s}\"")),
+        "[\\\\'\"a-z\n]{0,40}".prop_map(|s| format!("data.s == '''{s}'''")),
+        Just(r#"data.s == "\U0010FFFF\u0000\x00\377""#.to_owned()),
+        Just(r#"data.s == "\uD800""#.to_owned()),
+        Just(r#"b"\xff\xfe" == bytes(data.s)"#.to_owned()),
+        Just("data.s.size() > 1 && size(b'') == 0".to_owned()),
+        // Macros used wrongly.
+        Just("has(data)".to_owned()),
+        Just("has(1)".to_owned()),
+        Just("data.l.exists(x)".to_owned()),
+        Just("data.l.all(x, y, z, true)".to_owned()),
+        Just("data.l.map(1, 2)".to_owned()),
+        Just("[1, 2].exists(data, data > 1)".to_owned()),
+        Just("data.l.exists(x, x.exists(y, y))".to_owned()),
+        // Valid predicates with one character changed.
+        (cel_source(), any::<prop::sample::Index>(), any::<char>()).prop_map(|(source, at, c)| {
+            let mut chars: Vec<char> = source.chars().collect();
+            let at = at.index(chars.len() + 1);
+            chars.insert(at, c);
+            chars.into_iter().collect()
+        }),
+    ]
+}
+
+/// Valid predicates that between them read every kind of value.
+const FUZZ_PREDICATES: [&str; 12] = [
+    r#"data.temp > 70 && data.site == "eu""#,
+    "has(data.alarm) || data.l.exists(x, x == 1)",
+    "size(data) > 2",
+    "data.l.all(x, type(x) == int && x >= 0)",
+    r#"data.s.startsWith("a") || data.s.contains("\u00e9")"#,
+    "data.m.k.deep == 1 || data.?m.?k.orValue(0) != 0",
+    "data.l.map(x, x * 2).filter(y, y > 10).size() > 0",
+    "string(data.n) + string(data.temp) != ''",
+    "data.n / data.d > 1.0",
+    "data.u == 18446744073709551615u || data.i == -9223372036854775808",
+    "data == {} || data == [] || data == null",
+    r#"type == "reading" && stream.startsWith("sensors.") && version < position"#,
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, max_shrink_iters: 512, ..ProptestConfig::default() })]
+
+    /// Compiling never panics or hangs; it succeeds or refuses with a
+    /// short, non-empty message.
+    #[test]
+    fn compiling_hostile_sources_refuses_with_a_short_message(source in hostile_source()) {
+        let started = Instant::now();
+        let compiled = Predicate::compile(&source);
+        prop_assert!(started.elapsed() < EVALUATION_HANG_GUARD, "compiling took {:?}", started.elapsed());
+        match compiled {
+            Ok(predicate) => {
+                // Whatever compiled also evaluates without a panic.
+                let evaluation = predicate.evaluate(&event("sensors.eu.1", "reading", r#"{"l": [1, 2], "s": "x"}"#));
+                if let Evaluation::Error(message) = &evaluation {
+                    prop_assert!(!message.contains("panicked"), "{source:?}: {message}");
+                }
+            }
+            Err(error) => {
+                prop_assert!(!matches!(error, FilterError::CompilerFailed { .. }), "{source:?}: {error}");
+                let message = error.to_string();
+                prop_assert!(!message.trim().is_empty(), "{source:?}");
+                prop_assert!(message.len() <= MESSAGE_BYTES_MAX + 256, "{} bytes for {source:.80?}: {message:.200}", message.len());
+            }
+        }
+    }
+
+    /// Evaluating valid predicates on arbitrary payloads never panics and
+    /// always answers one of the three outcomes, with a short error.
+    #[test]
+    fn valid_predicates_on_arbitrary_payloads_never_panic(
+        payload in json_payload(),
+        predicate_index in 0..FUZZ_PREDICATES.len(),
+    ) {
+        let source = FUZZ_PREDICATES[predicate_index];
+        let predicate = predicate(source);
+        let event = event_at("sensors.eu.1", "reading", &payload, 3, 7);
+        let started = Instant::now();
+        let evaluation = predicate.evaluate(&event);
+        prop_assert!(started.elapsed() < EVALUATION_HANG_GUARD, "{source:?} took {:?}", started.elapsed());
+        match &evaluation {
+            Evaluation::Match | Evaluation::NoMatch => {}
+            Evaluation::Error(message) => {
+                prop_assert!(!message.is_empty(), "{source:?}");
+                prop_assert!(!message.contains("panicked"), "{source:?} on {payload:?}: {message}");
+                prop_assert!(message.len() <= MESSAGE_BYTES_MAX + 3);
+            }
+        }
+        prop_assert_eq!(budget::remaining(), 0);
     }
 }
