@@ -114,6 +114,13 @@ fn http_api_appends_reads_refuses_with_stable_codes_and_counts_appends() {
     assert_eq!(missing.status, 404, "{missing:?}");
     assert_eq!(json_body(&missing)["code"], 3);
 
+    // Routes and methods the node does not serve are refused in JSON too.
+    let no_route = get("/v2/nothing");
+    assert_eq!((no_route.status, json_body(&no_route)["code"].as_u64()), (404, Some(14)), "{no_route:?}");
+    assert!(json_body(&no_route)["message"].as_str().is_some_and(|m| m.contains("/v2/nothing")));
+    let wrong_method = http_request(node.http, "DELETE", "/v1/stats", &[], b"");
+    assert_eq!((wrong_method.status, json_body(&wrong_method)["code"].as_u64()), (405, Some(14)), "{wrong_method:?}");
+
     // A body over the limit: 413 with a JSON error body.
     let huge = vec![b' '; 9 * 1024 * 1024];
     let too_large = post("/v1/streams/orders.o-1", &[], &huge);

@@ -81,8 +81,31 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/v1/subscribe", get(sse::subscribe))
+        .fallback(no_such_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(HTTP_BODY_BYTES_MAX))
         .with_state(state)
+}
+
+/// A path the node does not serve: JSON like every other refusal.
+async fn no_such_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        WireCode::InvalidArgument as u32,
+        format!(
+            "no such route {}: the node serves /healthz, /readyz, /metrics, /v1/stats, /v1/streams/{{stream}} and /v1/subscribe",
+            uri.path()
+        ),
+    )
+}
+
+/// A served path asked with a method it does not take.
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        WireCode::InvalidArgument as u32,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 /// A refusal: status, stable code, message and extra JSON fields.

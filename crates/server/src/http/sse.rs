@@ -67,8 +67,7 @@ pub(super) fn parse_start(query: Option<&str>, last_event_id: Option<&str>) -> R
             }
             "type" => {
                 for name in value.split(',').filter(|name| !name.is_empty()) {
-                    event_types
-                        .push(EventType::new(name).map_err(|e| ApiError::invalid_name(format!("type: {e}")))?);
+                    event_types.push(EventType::new(name).map_err(|e| ApiError::invalid_name(format!("type: {e}")))?);
                 }
             }
             "predicate" => {
@@ -97,9 +96,8 @@ pub(super) fn parse_start(query: Option<&str>, last_event_id: Option<&str>) -> R
                 };
             }
             "version" => {
-                version = Some(
-                    value.parse().map_err(|_| ApiError::invalid(format!("version: {value:?} is not a version")))?,
-                );
+                version =
+                    Some(value.parse().map_err(|_| ApiError::invalid(format!("version: {value:?} is not a version")))?);
             }
             other => return Err(ApiError::invalid(format!("unknown query parameter {other:?}"))),
         }
@@ -117,10 +115,8 @@ pub(super) fn parse_start(query: Option<&str>, last_event_id: Option<&str>) -> R
         from = SubscribeFrom::StreamVersion(version);
     }
     if let Some(id) = last_event_id {
-        let position: u64 = id
-            .trim()
-            .parse()
-            .map_err(|_| ApiError::invalid(format!("Last-Event-ID: {id:?} is not a log position")))?;
+        let position: u64 =
+            id.trim().parse().map_err(|_| ApiError::invalid(format!("Last-Event-ID: {id:?} is not a log position")))?;
         from = SubscribeFrom::Position(position.saturating_add(1));
     }
     let filter = SubscriptionFilter { streams, event_types, predicate, include_system };
@@ -159,9 +155,9 @@ fn sse_event(message: ServerMessage) -> Event {
         ServerMessage::Checkpoint { position } => {
             Event::default().event("checkpoint").data(json!({ "position": position }).to_string())
         }
-        ServerMessage::Error(detail) => Event::default()
-            .event("error")
-            .data(json!({ "code": detail.code, "message": detail.message }).to_string()),
+        ServerMessage::Error(detail) => {
+            Event::default().event("error").data(json!({ "code": detail.code, "message": detail.message }).to_string())
+        }
     }
 }
 
