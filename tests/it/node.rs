@@ -25,35 +25,11 @@ pub struct Node {
 impl Node {
     /// Starts a node on `data_dir` and waits for its ready line.
     pub fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgebus-node"))
-            .args(["serve", "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start edgebus serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let ready = lines.recv_timeout(NODE_DEADLINE).expect("the node prints its ready line");
-        let field = |name: &str| -> SocketAddr {
-            let prefix = format!("{name}=");
-            ready
-                .split_whitespace()
-                .find_map(|word| word.strip_prefix(&prefix))
-                .unwrap_or_else(|| panic!("no {name}= in {ready:?}"))
-                .parse()
-                .expect("an address")
-        };
-        assert!(ready.starts_with("edgebus ready "), "{ready:?}");
+        let data_dir_arg = data_dir.to_str().expect("a UTF-8 data dir");
+        let args = ["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir", data_dir_arg];
+        let (node, ready) = Self::start_with(&args, &[]);
         assert!(ready.contains(&format!("data={}", data_dir.display())), "{ready:?}");
-        Self { grpc: field("grpc"), http: field("http"), child: Some(child) }
+        node
     }
 
     /// Starts `edgebus serve ARGS` with the environment variables `envs`
