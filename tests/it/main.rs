@@ -1,6 +1,7 @@
 //! edgebus integration scenarios, one module per area.
 
 mod cli_publish_read;
+mod cli_subscribe;
 mod fuzz_http;
 mod log_crash;
 mod log_faults;

@@ -122,7 +122,8 @@ pub struct StatsArgs {
     pub connect: ConnectArgs,
 }
 
-fn parse_any_stream(text: &str) -> Result<StreamName, String> {
+/// A stream name, system streams allowed (for reading and subscribing).
+pub(crate) fn parse_any_stream(text: &str) -> Result<StreamName, String> {
     StreamName::system(text).map_err(|e| e.to_string())
 }
 
@@ -284,7 +285,7 @@ fn block_on<T>(future: impl Future<Output = Result<T, edgebus_client::ClientErro
 }
 
 /// Event data for people: compact JSON if it is JSON, else lossy UTF-8.
-fn data_text(data: &[u8]) -> String {
+pub(crate) fn data_text(data: &[u8]) -> String {
     match serde_json::from_slice::<Value>(data) {
         Ok(value) => value.to_string(),
         Err(_) => String::from_utf8_lossy(data).into_owned(),
@@ -312,18 +313,25 @@ fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
     }
     let mut out = String::new();
     for row in rows {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i + 1 == N {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
-            }
-        }
-        out.push_str(line.trim_end());
+        out.push_str(&aligned_line(row, &widths));
         out.push('\n');
     }
     out
+}
+
+/// One row as a line without its newline: each cell but the last padded to
+/// its column's width and followed by two spaces; trailing spaces trimmed.
+pub(crate) fn aligned_line(row: &[String], widths: &[usize]) -> String {
+    let mut line = String::new();
+    for (i, cell) in row.iter().enumerate() {
+        if i + 1 == row.len() {
+            line.push_str(cell);
+        } else {
+            let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
+        }
+    }
+    line.truncate(line.trim_end().len());
+    line
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod bench;
 pub mod client_cmds;
 pub mod config;
 pub mod serve;
+pub mod subscribe;
 
 /// The parsed command line.
 #[derive(Debug, Parser)]
@@ -40,6 +41,8 @@ pub enum Command {
     Streams(client_cmds::StreamsArgs),
     /// Print a node's figures: queues, backpressure, log counters, latency.
     Stats(client_cmds::StatsArgs),
+    /// Follow a node's events: catch up from a start, then live.
+    Subscribe(subscribe::SubscribeArgs),
 }
 
 /// Runs a parsed command line to completion.
@@ -51,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Read(args) => client_cmds::read(&args),
         Command::Streams(args) => client_cmds::streams(&args),
         Command::Stats(args) => client_cmds::stats(&args),
+        Command::Subscribe(args) => subscribe::run(&args),
     }
 }
 
