@@ -386,14 +386,14 @@ pub fn print_report(report: &Report) {
     println!();
     println!("publish with ack (ratios: ours over the peer's; * = equal durability)");
     println!(
-        "{:>7} {:>7}  {:<16} {:>7} {:>10} {:>8} {:>8} {:>8}  {:<38} p99 vs peers",
+        "{:>7} {:>7}  {:<16} {:>7} {:>10} {:>8} {:>8} {:>8}  {:<42} p99 vs peers",
         "clients", "payload", "system", "fsync", "events/s", "MB/s", "p50 µs", "p99 µs", "events/s vs peers",
     );
     let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
     for r in &report.publish {
         let ours = r.system.is_ours();
-        println!(
-            "{:>7} {:>7}  {:<16} {:>7} {:>10.0} {:>8.2} {:>8} {:>8}  {:<38} {}",
+        let line = format!(
+            "{:>7} {:>7}  {:<16} {:>7} {:>10.0} {:>8.2} {:>8} {:>8}  {:<42} {}",
             r.clients,
             payload_label(r.payload_bytes),
             r.system.name(),
@@ -405,6 +405,7 @@ pub fn print_report(report: &Report) {
             if ours { format_ratios(&r.ratios, |x| Some(x.events_per_s)) } else { String::new() },
             if ours { format_ratios(&r.ratios, |x| x.p99) } else { String::new() },
         );
+        println!("{}", line.trim_end());
     }
     println!();
     println!(
