@@ -18,10 +18,10 @@
 //! 2. end-to-end latency, publish → subscriber, on our node;
 //! 3. fan-out to 100 subscribers of one stream on our node.
 //!
-//! NATS JetStream acknowledges before it fsyncs; 2.9 cannot fsync each
-//! write (`sync_interval: always` came in 2.10). For a comparison at equal
-//! durability a second node of ours runs with fsync on the same 2-minute
-//! interval ("edgebus-relaxed"); a `nats-server` that accepts
+//! NATS JetStream acknowledges before it fsyncs; Debian's 2.9 cannot fsync
+//! each write (it refuses `sync_interval: always`, which 2.15 accepts). For
+//! a comparison at equal durability a second node of ours runs with fsync
+//! on the same 2-minute interval ("edgebus-relaxed"); a `nats-server` that accepts
 //! `sync_interval: always` (`--nats-server PATH`) is also measured that way
 //! ("nats-sync"). The targets are checked at 256 clients between equal
 //! durabilities; the report says which pairs those were.
@@ -58,7 +58,8 @@ pub struct NodeBenchArgs {
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// The nats-server binary [default: nats-server on PATH, installed with apt-get if missing]. One
-    /// that accepts `sync_interval: always` (2.10 and later) is also measured with fsync per write.
+    /// that accepts `sync_interval: always` (2.15 does; Debian's 2.9 does not) is also measured with fsync
+    /// per write.
     #[arg(long, value_name = "PATH")]
     pub nats_server: Option<PathBuf>,
     /// Do not run NATS JetStream.
@@ -156,7 +157,7 @@ impl Fleet {
         drive::prepare_nats(default.addr).await?;
         eprintln!("  nats-server {} (pid {}) on {}", binary.version, default.guard.pid(), default.addr);
         let cannot_sync =
-            "; this version cannot fsync each write (it refuses `sync_interval: always`, which came in 2.10)";
+            "; this version cannot fsync each write (it refuses `sync_interval: always`, which newer servers accept)";
         self.add(
             System::Nats,
             Target::Nats(default.addr),

@@ -258,7 +258,7 @@ pub struct NatsBinary {
     /// `v2.9.10`.
     pub version: String,
     /// Whether it accepts `jetstream { sync_interval: always }` (fsync on
-    /// every write; introduced in 2.10: 2.9 refuses the key).
+    /// every write): 2.9.10 refuses the key, 2.15.1 accepts it.
     pub sync_always_supported: bool,
 }
 
