@@ -106,7 +106,7 @@ pub fn run(args: &NodeBenchArgs) -> anyhow::Result<()> {
         tokio::select! {
             result = measure(args, &dir) => result,
             _ = tokio::signal::ctrl_c() => {
-                eprintln!("edgebus bench node: interrupted: stopping the processes and removing {}", dir.display());
+                progress(format_args!("edgebus bench node: interrupted: stopping the processes and removing {}", dir.display()));
                 Err(anyhow::anyhow!("interrupted"))
             }
         }
@@ -155,7 +155,7 @@ impl Fleet {
         })
         .await?;
         drive::prepare_nats(default.addr).await?;
-        eprintln!("  nats-server {} (pid {}) on {}", binary.version, default.guard.pid(), default.addr);
+        progress(format_args!("  nats-server {} (pid {}) on {}", binary.version, default.guard.pid(), default.addr));
         let cannot_sync =
             "; this version cannot fsync each write (it refuses `sync_interval: always`, which newer servers accept)";
         self.add(
@@ -177,12 +177,12 @@ impl Fleet {
         };
         match sync {
             Ok(server) => {
-                eprintln!(
+                progress(format_args!(
                     "  nats-server {} sync_interval=always (pid {}) on {}",
                     binary.version,
                     server.guard.pid(),
                     server.addr
-                );
+                ));
                 self.add(
                     System::NatsSync,
                     Target::Nats(server.addr),
@@ -202,7 +202,7 @@ impl Fleet {
         let fsync = FsyncPolicy::Interval(RELAXED_FSYNC_INTERVAL);
         let relaxed =
             blocking(move || peers::start_edgebus(&relaxed_dir, fsync)).await.context("edgebus serve (relaxed)")?;
-        eprintln!("  edgebus serve (fsync={fsync}, pid {}) on {}", relaxed.guard.pid(), relaxed.grpc);
+        progress(format_args!("  edgebus serve (fsync={fsync}, pid {}) on {}", relaxed.guard.pid(), relaxed.grpc));
         self.add(
             System::EdgebusRelaxed,
             Target::Edgebus(relaxed.grpc),
@@ -220,7 +220,7 @@ impl Fleet {
         let pg_dir = dir.join("postgres");
         let pg = blocking(move || peers::start_postgres(&pg_dir)).await?;
         let settings = drive::prepare_postgres(&pg.connection_string()).await?;
-        eprintln!("  {} on 127.0.0.1:{}", pg.version, pg.port);
+        progress(format_args!("  {} on 127.0.0.1:{}", pg.version, pg.port));
         let settings: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
         self.add(
             System::Postgres,
@@ -233,6 +233,14 @@ impl Fleet {
     }
 }
 
+/// Prints a progress line on stderr. Unlike `eprintln!` it never panics:
+/// a closed stderr (`edgebus bench node | head`) must not abort the
+/// process while guards are stopping the peers.
+fn progress(message: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{message}");
+}
+
 /// Runs `work` on the blocking pool (process starts and installs).
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(work).await.context("a blocking task panicked")?
@@ -243,15 +251,18 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
     let machine = Machine::detect();
     let filesystem = Filesystem::of(dir)?;
     let (warmup, window) = if args.quick { (WARMUP_QUICK, WINDOW_QUICK) } else { (WARMUP_FULL, WINDOW_FULL) };
-    eprintln!("edgebus bench node: scratch dir {} ({})", dir.display(), filesystem.describe());
+    progress(format_args!("edgebus bench node: scratch dir {} ({})", dir.display(), filesystem.describe()));
     if filesystem.is_memory_backed() {
-        eprintln!("warning: {} keeps data in memory: fsync reaches no disk; use --dir", filesystem.fs_type);
+        progress(format_args!(
+            "warning: {} keeps data in memory: fsync reaches no disk; use --dir",
+            filesystem.fs_type
+        ));
     }
     let load_average_start = load_average();
     let mut fleet = Fleet::default();
     let node_dir = dir.join("edgebus");
     let node = blocking(move || peers::start_edgebus(&node_dir, FsyncPolicy::Always)).await.context("edgebus serve")?;
-    eprintln!("  edgebus serve (fsync=always, pid {}) on {}", node.guard.pid(), node.grpc);
+    progress(format_args!("  edgebus serve (fsync=always, pid {}) on {}", node.guard.pid(), node.grpc));
     fleet.add(
         System::Edgebus,
         Target::Edgebus(node.grpc),
@@ -270,7 +281,11 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         fleet.peers.push(PeerStatus::not_run(System::Postgres, format!("{error:#}"), None));
     }
     for status in fleet.peers.iter().filter(|s| !s.ran) {
-        eprintln!("  peer {}: not run ({})", status.system.name(), status.reason.as_deref().unwrap_or("?"));
+        progress(format_args!(
+            "  peer {}: not run ({})",
+            status.system.name(),
+            status.reason.as_deref().unwrap_or("?")
+        ));
     }
 
     // The cells, each system in turn, so that drift on the machine hits them alike.
@@ -282,7 +297,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
                 if failed.contains_key(system) {
                     continue;
                 }
-                eprintln!("  {clients} clients, {}: {} ...", payload_label(payload_bytes), system.name());
+                progress(format_args!("  {clients} clients, {}: {} ...", payload_label(payload_bytes), system.name()));
                 let tag = format!("n{clients}p{payload_bytes}");
                 let result = drive::publish_cell(target, clients, payload_bytes, warmup, window, &tag).await;
                 let result = match (result, target) {
@@ -297,7 +312,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
                     Err(error) => {
                         let reason =
                             format!("failed at {clients} clients, {}: {error:#}", payload_label(payload_bytes));
-                        eprintln!("  peer {}: {reason}", system.name());
+                        progress(format_args!("  peer {}: {reason}", system.name()));
                         failed.insert(*system, reason);
                     }
                 }
@@ -313,7 +328,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
 
     let mut end_to_end = Vec::new();
     for clients in END_TO_END_CLIENTS {
-        eprintln!("  end-to-end latency, {clients} publishers, 1 subscriber ...");
+        progress(format_args!("  end-to-end latency, {clients} publishers, 1 subscriber ..."));
         let tag = format!("n{clients}");
         let measured = drive::end_to_end(grpc, clients, END_TO_END_PAYLOAD_BYTES, warmup, window, &tag)
             .await
@@ -329,7 +344,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         });
     }
     let fan_out_events = if args.quick { FAN_OUT_EVENTS_QUICK } else { FAN_OUT_EVENTS_FULL };
-    eprintln!("  fan-out, {FAN_OUT_SUBSCRIBERS} subscribers, {fan_out_events} events ...");
+    progress(format_args!("  fan-out, {FAN_OUT_SUBSCRIBERS} subscribers, {fan_out_events} events ..."));
     let fan = drive::fan_out(grpc, FAN_OUT_SUBSCRIBERS, FAN_OUT_PUBLISHERS, fan_out_events, FAN_OUT_PAYLOAD_BYTES, "a")
         .await
         .context("fan-out")?;

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use edgebus_log::FsyncPolicy;
 
+use super::progress;
+
 /// How long a peer or our node may take to start before it is reported as not run.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `apt-get install` of a missing peer may take.
@@ -116,7 +118,7 @@ impl Drop for ChildGuard {
         // drain: SIGKILL and reap.
         let _ = self.child.kill();
         let _ = self.child.wait();
-        eprintln!("  stopped {}", self.name);
+        progress(format_args!("  stopped {}", self.name));
     }
 }
 
@@ -191,7 +193,7 @@ fn find_program(names: &[&str]) -> Option<PathBuf> {
 /// fails), as root only.
 fn apt_install(package: &str) -> anyhow::Result<()> {
     ensure!(is_root(), "{package} is missing and only root may install it with apt-get");
-    eprintln!("  installing {package} with apt-get ...");
+    progress(format_args!("  installing {package} with apt-get ..."));
     let install = || {
         let mut command = Command::new("apt-get");
         command.args(["install", "-y", "--no-install-recommends", package]).env("DEBIAN_FRONTEND", "noninteractive");
@@ -347,7 +349,7 @@ impl Drop for Postgres {
         {
             let _ = run_bounded(Command::new("kill").args(["-KILL", &pid.to_string()]), Duration::from_secs(5));
         }
-        eprintln!("  stopped postgres");
+        progress(format_args!("  stopped postgres"));
     }
 }
 
