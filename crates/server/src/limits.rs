@@ -147,6 +147,10 @@ impl ConnectionLimiter {
     /// Wraps `stream` if a slot is free; otherwise refuses it (on a task of
     /// its own, see the module docs) and answers `None`.
     fn admit(self: &Arc<Self>, stream: TcpStream) -> Option<LimitedStream<TcpStream>> {
+        // Servers given their own incoming stream do not set TCP_NODELAY
+        // themselves; without it small answers wait for the peer's delayed
+        // ACK (about 40 ms). A socket that refuses it still works, slower.
+        let _ = stream.set_nodelay(true);
         if let Some(slot) = self.try_acquire() {
             return Some(LimitedStream { inner: stream, _slot: slot });
         }
@@ -426,6 +430,7 @@ mod tests {
         let first_client = TcpStream::connect(addr).await.unwrap();
         let (first, _) = axum::serve::Listener::accept(&mut limited).await;
         assert_eq!(limiter.open_connections(), 1);
+        assert!(first.inner.nodelay().unwrap(), "admitted connections send small answers at once (TCP_NODELAY)");
         // The second is refused inside accept, which then waits for another.
         let mut second_client = TcpStream::connect(addr).await.unwrap();
         let accept_next = tokio::spawn(async move {
