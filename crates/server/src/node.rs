@@ -130,15 +130,36 @@ pub async fn run(
     // Serve until shutdown (or until a server fails), then give open
     // connections a bounded time to finish their requests: a client that
     // keeps an idle connection open must not hold the node up for ever.
+    let (mut grpc_ended, mut http_ended) = (None, None);
     tokio::select! {
-        // Biased: the servers end only after a stop was asked for, so when
-        // one of them has ended, a stop asked for is seen first.
         biased;
         () = stopped(stop.clone()) => {}
-        result = &mut grpc => return Err(server_ended("gRPC", result)),
-        result = &mut http => return Err(server_ended("HTTP", result)),
+        result = &mut grpc => grpc_ended = Some(result),
+        result = &mut http => http_ended = Some(result),
     }
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { tokio::join!(&mut grpc, &mut http) }).await;
+    // A server that finished its graceful stop can be seen before the stop
+    // itself (both are woken by the same signal); it only stopped "on its
+    // own" if no stop was asked for.
+    if !*stop.borrow() {
+        if let Some(result) = grpc_ended {
+            return Err(server_ended("gRPC", result));
+        }
+        if let Some(result) = http_ended {
+            return Err(server_ended("HTTP", result));
+        }
+    }
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let grpc_result = match grpc_ended.take() {
+            Some(result) => result,
+            None => (&mut grpc).await,
+        };
+        let http_result = match http_ended.take() {
+            Some(result) => result,
+            None => (&mut http).await,
+        };
+        (grpc_result, http_result)
+    })
+    .await;
     match drained {
         Ok((grpc_result, http_result)) => {
             grpc_result.context("the gRPC server task failed")?.context("the gRPC server failed")?;
