@@ -17,15 +17,18 @@
 //! [`RetryPolicy`] (by default at most 5 attempts and 10 s of waiting; see
 //! [`Client::with_retry`]).
 
+mod group;
 mod subscription;
 
 pub use edgebus_proto::convert::{StreamSelector, SubscribeFrom, SubscriptionFilter};
+pub use group::{Consumer, ConsumerItem};
 pub use subscription::{CREDIT_WINDOW_DEFAULT, Credit, Subscription, SubscriptionItem};
 
 use std::time::Duration;
 
 use edgebus_proto::convert::{self, AppendArgs, ConvertError, ListStreamsArgs, ReadStreamArgs, StreamInfoArgs};
 use edgebus_proto::v1;
+use edgebus_proto::v1::consumer_groups_client::ConsumerGroupsClient;
 use edgebus_proto::v1::event_store_client::EventStoreClient;
 use edgebus_store::{AppendResult, Direction, StreamFrom, StreamInfo};
 use edgebus_types::{ExpectedVersion, NewEvent, RecordedEvent, StreamName};
@@ -46,6 +49,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: EventStoreClient<Channel>,
+    groups: ConsumerGroupsClient<Channel>,
     addr: String,
     retry: RetryPolicy,
 }
@@ -60,7 +64,12 @@ impl Client {
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT);
         let channel = endpoint.connect().await.map_err(|source| ClientError::Connect { addr: uri.clone(), source })?;
-        Ok(Self { inner: EventStoreClient::new(channel), addr: uri, retry: RetryPolicy::default() })
+        Ok(Self {
+            inner: EventStoreClient::new(channel.clone()),
+            groups: ConsumerGroupsClient::new(channel),
+            addr: uri,
+            retry: RetryPolicy::default(),
+        })
     }
 
     /// This client with `policy` for calls the node refuses as `BUSY`

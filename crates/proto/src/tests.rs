@@ -65,12 +65,16 @@ const STORE_CODES: [(ErrorCode, v1::ErrorCode, u32); 17] = [
 ];
 
 /// Codes of the node and the wire, from 100 up.
-const WIRE_CODES: [(v1::ErrorCode, u32); 5] = [
+const WIRE_CODES: [(v1::ErrorCode, u32); 9] = [
     (v1::ErrorCode::InvalidName, 100),
     (v1::ErrorCode::InvalidFilter, 101),
     (v1::ErrorCode::Unauthenticated, 102),
     (v1::ErrorCode::ResourceExhausted, 103),
     (v1::ErrorCode::PermissionDenied, 104),
+    (v1::ErrorCode::GroupNotFound, 105),
+    (v1::ErrorCode::GroupExists, 106),
+    (v1::ErrorCode::NotInFlight, 107),
+    (v1::ErrorCode::ConsumerExists, 108),
 ];
 
 #[test]
@@ -122,6 +126,10 @@ fn every_code_maps_to_its_grpc_code() {
         (102, Code::Unauthenticated),
         (103, Code::ResourceExhausted),
         (104, Code::PermissionDenied),
+        (105, Code::NotFound),
+        (106, Code::AlreadyExists),
+        (107, Code::FailedPrecondition),
+        (108, Code::AlreadyExists),
         // A code from a newer node: the client does not know it.
         (18, Code::Unknown),
         (u32::MAX, Code::Unknown),

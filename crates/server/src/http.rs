@@ -33,6 +33,7 @@
 //!   `edgebus_` (see [`crate::metrics`]).
 //! - `GET /v1/subscribe?stream=|pattern=&type=&predicate=&from=`: a
 //!   subscription as server-sent events (see the `sse` module).
+//! - `/v1/groups...`: consumer group management (see [`groups`]).
 //!
 //! Every refusal is a status and a JSON body `{"code", "message"}` whose
 //! `code` is the stable wire number of `edgebus.v1.ErrorCode` (the store's
@@ -48,7 +49,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use edgebus_proto::convert::BUSY_RETRY_AFTER_MS;
 use edgebus_proto::v1::ErrorCode as WireCode;
 use edgebus_store::{Direction, ErrorCode, ReadError, Store, StreamFrom, WriteError};
@@ -58,6 +59,7 @@ use serde_json::{Value, json};
 use crate::metrics::{NodeStats, Outcome, PROMETHEUS_CONTENT_TYPE};
 use crate::state::NodeState;
 
+pub mod groups;
 mod sse;
 
 /// Largest request body the JSON API accepts: one maximal append (the log's
@@ -81,6 +83,10 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/v1/subscribe", get(sse::subscribe))
+        .route("/v1/groups", get(groups::list).post(groups::create))
+        .route("/v1/groups/{name}", get(groups::describe).patch(groups::update).delete(groups::delete))
+        .route("/v1/groups/{name}/parked", get(groups::parked))
+        .route("/v1/groups/{name}/replay-parked", post(groups::replay_parked))
         .fallback(no_such_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(HTTP_BODY_BYTES_MAX))
@@ -93,7 +99,7 @@ async fn no_such_route(uri: axum::http::Uri) -> ApiError {
         StatusCode::NOT_FOUND,
         WireCode::InvalidArgument as u32,
         format!(
-            "no such route {}: the node serves /healthz, /readyz, /metrics, /v1/stats, /v1/streams/{{stream}} and /v1/subscribe",
+            "no such route {}: the node serves /healthz, /readyz, /metrics, /v1/stats, /v1/streams/{{stream}}, /v1/subscribe and /v1/groups",
             uri.path()
         ),
     )
@@ -422,9 +428,11 @@ async fn stats(State(state): State<Arc<NodeState>>) -> Result<Response, ApiError
 
 /// Every metric in Prometheus text format 0.0.4.
 async fn metrics(State(state): State<Arc<NodeState>>) -> Result<Response, ApiError> {
-    let text = tokio::task::spawn_blocking(move || state.metrics.render(&state))
+    let rendering = Arc::clone(&state);
+    let mut text = tokio::task::spawn_blocking(move || rendering.metrics.render(&rendering))
         .await
         .map_err(|join| ApiError::internal(format!("rendering the metrics failed: {join}")))?;
+    state.groups.render_metrics(&mut text).await;
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE))], text).into_response())
 }
 

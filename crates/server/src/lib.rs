@@ -2,10 +2,11 @@
 //! serves the `edgebus.v1` gRPC service ([`grpc`]) and the HTTP side
 //! ([`http`]) until shutdown; [`filter`] decides which recorded events a
 //! subscription delivers, by stream, stream pattern, event type and a CEL
-//! predicate over the JSON payload. Subscriptions, consumer groups and the
-//! rest of the HTTP API come next.
+//! predicate over the JSON payload; [`subscription`] and [`live`] serve
+//! subscriptions; [`group`] runs consumer groups.
 
 pub mod filter;
+pub mod group;
 pub mod grpc;
 pub mod http;
 pub mod limits;

@@ -13,10 +13,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use edgebus_proto::v1::consumer_groups_server::ConsumerGroupsServer;
 use edgebus_proto::v1::event_store_server::EventStoreServer;
 use edgebus_store::{Store, StoreConfig};
 use tokio::net::TcpListener;
 
+use crate::group::service::ConsumerGroupsService;
 use crate::grpc::EventStoreService;
 use crate::limits::{ConnectionLimiter, LimitedIncoming, LimitedListener, NodeLimits, Protocol};
 use crate::live::LiveFeed;
@@ -108,7 +110,12 @@ pub async fn run(
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
 
+    crate::group::Groups::load(&state).await.context("cannot start the consumer groups")?;
+
     let service = EventStoreServer::new(EventStoreService::new(Arc::clone(&state)))
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let groups_service = ConsumerGroupsServer::new(ConsumerGroupsService::new(Arc::clone(&state)))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     // Each listener admits at most `max_connections` at once and refuses
@@ -118,6 +125,7 @@ pub async fn run(
     let mut grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
+            .add_service(groups_service)
             .serve_with_incoming_shutdown(LimitedIncoming::new(grpc_listener, grpc_limiter), stopped(stop.clone())),
     );
     let mut http = tokio::spawn(
@@ -172,8 +180,10 @@ pub async fn run(
         }
     }
 
-    // Every request has finished: stop following the log, then close the
-    // store (index flush, log sync).
+    // Every request has finished; the groups write their last checkpoints.
+    // Then stop following the log, and close the store (index flush, log
+    // sync).
+    state.groups.stopped().await;
     let feed_state = Arc::clone(&state);
     tokio::task::spawn_blocking(move || feed_state.live.stop()).await.context("the live feed's stop task failed")?;
     let closing = Arc::clone(&store);

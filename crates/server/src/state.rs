@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicUsize;
 
 use edgebus_store::Store;
 
+use crate::group::Groups;
 use crate::live::LiveFeed;
 use crate::metrics::Metrics;
 
@@ -24,6 +25,8 @@ pub struct NodeState {
     pub subscriptions_open: Arc<AtomicUsize>,
     /// Most subscriptions open at once.
     pub subscriptions_max: usize,
+    /// The consumer groups (started by `Groups::load`).
+    pub groups: Groups,
 }
 
 impl NodeState {
@@ -41,6 +44,7 @@ impl NodeState {
             stopping,
             subscriptions_open: Arc::new(AtomicUsize::new(0)),
             subscriptions_max,
+            groups: Groups::default(),
         })
     }
 }

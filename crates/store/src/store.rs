@@ -384,6 +384,31 @@ impl Store {
         }
     }
 
+    /// Appends `events` to a system stream that the node owns (such as
+    /// `$groups.orders.checkpoint`), with the same atomicity, expected
+    /// version and idempotency as [`Store::append`]. The store's own system
+    /// streams (`$sys.*`, `$snapshots.*`) carry its commands and take no
+    /// writes here; a client name is refused too: the node writes client
+    /// streams with [`Store::append`].
+    pub fn append_system(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, WriteError> {
+        let name = stream.as_str();
+        if !stream.is_system() || name.starts_with("$sys.") || name.starts_with(SNAPSHOTS_PREFIX) {
+            return Err(WriteError::InvalidArgument(format!(
+                "append_system writes node-owned system streams; {name} is not one"
+            )));
+        }
+        self.shared.check_append(&events)?;
+        match self.shared.execute(Request::Append { stream: stream.clone(), expected, events })? {
+            Outcome::Append(result) => Ok(result),
+            other => unreachable!("append answered {other:?}"),
+        }
+    }
+
     /// Writes `event` at version `index` of `stream` iff `index` equals the
     /// number of events in the stream; if an event already sits there, says
     /// so and whether it has the same content; `index` beyond the end is a

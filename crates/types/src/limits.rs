@@ -153,3 +153,46 @@ pub const SUBSCRIPTION_CHECKPOINT_INTERVAL: u64 = 4096;
 /// Messages queued towards one subscriber's connection (default 64); the
 /// transport's own flow control holds the rest back.
 pub const SUBSCRIPTION_OUTBOX_MESSAGES: usize = 64;
+
+// ---- consumer groups --------------------------------------------------------
+
+/// Most consumer groups one node holds (default 256).
+pub const GROUPS_MAX: usize = 256;
+/// Longest group name (one token), in bytes.
+pub const GROUP_NAME_BYTES_MAX: usize = 64;
+/// Most consumers connected to one group at once.
+pub const GROUP_CONSUMERS_MAX: usize = 1024;
+/// A group's default demand window: events in flight over all its consumers.
+pub const GROUP_MAX_IN_FLIGHT_DEFAULT: u32 = 1000;
+/// The largest demand window a group or a consumer may ask for.
+pub const GROUP_MAX_IN_FLIGHT_MAX: u32 = 10_000;
+/// Default time a consumer may hold an event before it is retried.
+pub const GROUP_MESSAGE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// The longest message timeout (one hour).
+pub const GROUP_MESSAGE_TIMEOUT_MS_MAX: u64 = 3_600_000;
+/// Default retries after the first delivery before an event is parked.
+pub const GROUP_MAX_RETRIES_DEFAULT: u32 = 10;
+/// The most retries a group may allow.
+pub const GROUP_MAX_RETRIES_MAX: u32 = 1000;
+/// Default settled events between two checkpoints of a group.
+pub const GROUP_CHECKPOINT_AFTER_DEFAULT: u32 = 100;
+/// The most settled events between two checkpoints.
+pub const GROUP_CHECKPOINT_AFTER_MAX: u32 = 100_000;
+/// Default longest time settled events wait for a checkpoint.
+pub const GROUP_CHECKPOINT_INTERVAL_MS_DEFAULT: u64 = 1000;
+/// The longest checkpoint interval (ten minutes).
+pub const GROUP_CHECKPOINT_INTERVAL_MS_MAX: u64 = 600_000;
+/// Most events a group holds read and unsettled (in flight, waiting, or
+/// settled above its oldest unsettled event): at least the window, and
+/// reading stops at this count. With [`GROUP_BUFFER_BYTES_MAX`] this bounds
+/// a group's memory whatever its backlog: the backlog stays in the log.
+pub const GROUP_BUFFER_EVENTS_MAX: usize = 131_072;
+/// Most payload bytes a group holds read ahead (default 16 MiB; plus one
+/// event: a read stops once over it).
+pub const GROUP_BUFFER_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// Commands queued towards one group's engine (acks, nacks, joins).
+pub const GROUP_COMMANDS_QUEUED: usize = 1024;
+/// Most parked events one `ListParked` returns.
+pub const GROUP_PARKED_PAGE_MAX: u32 = 1000;
+
+const _: () = assert!(GROUP_BUFFER_EVENTS_MAX >= 4 * GROUP_MAX_IN_FLIGHT_MAX as usize);

@@ -57,6 +57,9 @@ pub fn grpc_code(code: u32) -> Code {
         E::Unauthenticated => Code::Unauthenticated,
         E::ResourceExhausted => Code::ResourceExhausted,
         E::PermissionDenied => Code::PermissionDenied,
+        E::GroupNotFound => Code::NotFound,
+        E::GroupExists | E::ConsumerExists => Code::AlreadyExists,
+        E::NotInFlight => Code::FailedPrecondition,
     }
 }
 

@@ -1,0 +1,1156 @@
+//! One consumer group's engine: a task that owns the group's state, reads
+//! matching events from the log into a bounded buffer, hands them to the
+//! consumers within their windows, applies acks, nacks and timeouts, parks
+//! what fails too often, and writes checkpoints in batches.
+//!
+//! # State
+//!
+//! - `main`: events read from the log and not yet behind the low-water
+//!   mark, by position: waiting, in flight, or settled out of order. The
+//!   low-water mark (the first key, or `read_next` when empty) is the
+//!   checkpoint position: every matching event below it is settled.
+//! - `replay`: parked events handed back by `ReplayParked`, by parked
+//!   version.
+//! - Both together hold at most `buffer_events` entries and
+//!   [`GROUP_BUFFER_BYTES_MAX`] payload bytes (reading stops beyond), so a
+//!   group's memory does not grow with its backlog, which stays in the log.
+//!
+//! # Checkpoints
+//!
+//! A checkpoint records the low-water mark, the ranges settled above it,
+//! and the replay's progress. It is written after `checkpoint_after`
+//! settled events or `checkpoint_interval_ms`, whichever comes first, and
+//! when the group stops. A restart resumes from the last checkpoint, so it
+//! redelivers at most what was in flight plus what settled after that
+//! checkpoint was written: at least once, never more than that window.
+//!
+//! # Strategies
+//!
+//! - `round_robin`: the oldest waiting event goes to the next consumer
+//!   with room.
+//! - `by_stream`: a stream has at most one event in flight, and goes to
+//!   the consumer that rendezvous hashing picks among those connected; so
+//!   a stream's events are processed one after the other in order, retries
+//!   included, and a stream moves to another consumer only between two of
+//!   its events (never two holders at once).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgebus_proto::v1;
+use edgebus_store::{AllFilter, Direction, ReadError, StreamFrom};
+use edgebus_types::limits::{GROUP_BUFFER_BYTES_MAX, GROUP_BUFFER_EVENTS_MAX, SUBSCRIPTION_PAGE_EVENTS_MAX};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::def::{
+    CheckpointRecord, GroupRecord, ParkedRecord, Settings, Strategy, TYPE_CHECKPOINT, checkpoint_stream, hex,
+    parked_stream, to_ranges, unhex,
+};
+use crate::filter::{Evaluation, EventFilter, StreamSelector};
+use crate::grpc::now_ms;
+use crate::state::NodeState;
+
+/// What a consumer's call receives.
+pub type Outbox = mpsc::Sender<Result<v1::ConsumeResponse, tonic::Status>>;
+
+/// A consumer's id within its group's engine.
+pub type ConsumerId = u64;
+
+/// What a nack asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NackAction {
+    /// Deliver again, counting a retry.
+    Retry,
+    /// Park now.
+    Park,
+    /// Settle without processing.
+    Skip,
+    /// Give back without a retry, and leave.
+    Stop,
+}
+
+/// A request to a group's engine.
+#[derive(Debug)]
+pub enum Command {
+    /// A consumer joins: the engine sends `joined` first on `outbox`.
+    Join {
+        /// Its name (`None`: the engine names it).
+        name: Option<String>,
+        /// Its window (0: the group's).
+        max_in_flight: u32,
+        outbox: Outbox,
+        reply: oneshot::Sender<Result<ConsumerId, v1::ErrorDetail>>,
+    },
+    /// A consumer's call ended.
+    Leave { consumer: ConsumerId },
+    /// Acks.
+    Ack { consumer: ConsumerId, positions: Vec<u64> },
+    /// Nacks.
+    Nack { consumer: ConsumerId, positions: Vec<u64>, action: NackAction, reason: String },
+    /// The group's figures.
+    Describe { reply: oneshot::Sender<v1::GroupInfo> },
+    /// New filter and settings.
+    Update { record: Box<GroupRecord>, filter: Box<EventFilter>, reply: oneshot::Sender<()> },
+    /// Hand parked events below `end` (a parked-stream version) back.
+    ReplayParked { end: u64, reply: oneshot::Sender<u64> },
+    /// The group was deleted: end every consumer's call with `detail`,
+    /// then stop (without a checkpoint).
+    Delete { detail: v1::ErrorDetail, reply: oneshot::Sender<()> },
+}
+
+/// Where a buffered event came from. Replays sort first: they are old.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Key {
+    /// A parked event, by its version in the parked stream.
+    Replay(u64),
+    /// An event read from the log, by position.
+    Main(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntryState {
+    Waiting,
+    InFlight { consumer: ConsumerId, deadline: Instant },
+    Settled,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// `None` once settled (the payload is released).
+    event: Option<Arc<RecordedEvent>>,
+    stream: StreamName,
+    state: EntryState,
+    /// Deliveries so far.
+    attempts: u32,
+    /// The consumer that held it last.
+    last_consumer: String,
+    /// Payload bytes, counted in the buffer until settled.
+    bytes: u64,
+}
+
+#[derive(Debug)]
+struct Consumer {
+    name: String,
+    window: u32,
+    in_flight: u32,
+    outbox: Outbox,
+    delivered: u64,
+    acked: u64,
+    nacked: u64,
+}
+
+/// `by_stream` scheduling: waiting keys per stream, the streams that may
+/// send (none in flight), and who holds each busy stream.
+#[derive(Debug, Default)]
+struct ByStream {
+    waiting: HashMap<StreamName, BTreeSet<Key>>,
+    /// `(head key, stream)` for streams with waiting keys and nothing in
+    /// flight.
+    runnable: BTreeSet<(Key, StreamName)>,
+    busy: HashMap<StreamName, ConsumerId>,
+}
+
+impl ByStream {
+    fn push(&mut self, key: Key, stream: &StreamName) {
+        let keys = self.waiting.entry(stream.clone()).or_default();
+        let old_head = keys.first().copied();
+        keys.insert(key);
+        if self.busy.contains_key(stream) {
+            return;
+        }
+        if let Some(old) = old_head {
+            self.runnable.remove(&(old, stream.clone()));
+        }
+        let head = *keys.first().expect("just inserted");
+        self.runnable.insert((head, stream.clone()));
+    }
+
+    /// `stream` has nothing in flight any more.
+    fn release(&mut self, stream: &StreamName) {
+        if self.busy.remove(stream).is_none() {
+            return;
+        }
+        if let Some(head) = self.waiting.get(stream).and_then(|keys| keys.first().copied()) {
+            self.runnable.insert((head, stream.clone()));
+        }
+    }
+
+    /// `key` of `stream` goes in flight with `consumer`.
+    fn take(&mut self, key: Key, stream: &StreamName, consumer: ConsumerId) {
+        if let Some(keys) = self.waiting.get_mut(stream) {
+            keys.remove(&key);
+            if keys.is_empty() {
+                self.waiting.remove(stream);
+            }
+        }
+        self.runnable.remove(&(key, stream.clone()));
+        self.busy.insert(stream.clone(), consumer);
+    }
+}
+
+/// Totals since the node started.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    delivered: u64,
+    acked: u64,
+    retried: u64,
+    skipped: u64,
+}
+
+/// The engine's state; see the module docs.
+#[derive(Debug)]
+pub struct Engine {
+    state: Arc<NodeState>,
+    record: GroupRecord,
+    generation: u64,
+    filter: Arc<EventFilter>,
+    all_filter: AllFilter,
+    checkpoint_stream: StreamName,
+    parked_stream: StreamName,
+    commands: mpsc::Receiver<Command>,
+    consumers: BTreeMap<ConsumerId, Consumer>,
+    next_consumer_id: ConsumerId,
+    /// Round robin: the consumer that had the last delivery.
+    rr_last: ConsumerId,
+    main: BTreeMap<u64, Entry>,
+    replay: BTreeMap<u64, Entry>,
+    /// Waiting keys in order (both strategies).
+    waiting: BTreeSet<Key>,
+    by_stream: ByStream,
+    deadlines: BTreeSet<(Instant, Key)>,
+    in_flight: u32,
+    buffer_bytes: u64,
+    /// The next log position to read.
+    read_next: u64,
+    /// Ranges settled before a restart, not read again yet: skipped when
+    /// read, and carried into later checkpoints until then.
+    restored_settled: Vec<(u64, u64)>,
+    /// The replay: next parked version to read, end (exclusive), and
+    /// versions settled before a restart.
+    replay_read: u64,
+    replay_end: u64,
+    restored_replay_settled: Vec<(u64, u64)>,
+    end_of_log: bool,
+    settled_since_checkpoint: u64,
+    last_checkpoint: Instant,
+    checkpointed_position: u64,
+    totals: Totals,
+    /// Parked events of this incarnation.
+    parked: u64,
+    /// After a failed read, no read before this.
+    read_retry_at: Option<Instant>,
+}
+
+/// What a group's engine starts from.
+#[derive(Debug)]
+pub struct EngineStart {
+    /// The group as last recorded.
+    pub record: GroupRecord,
+    /// The position of the event that created this incarnation.
+    pub generation: u64,
+    /// The record's filter, compiled.
+    pub filter: EventFilter,
+    /// The last checkpoint of this incarnation, if any.
+    pub checkpoint: Option<CheckpointRecord>,
+    /// Events in the parked stream now (all incarnations).
+    pub parked_count: u64,
+}
+
+fn detail(code: v1::ErrorCode, message: impl Into<String>) -> v1::ErrorDetail {
+    v1::ErrorDetail { code: code as u32, message: message.into(), ..v1::ErrorDetail::default() }
+}
+
+fn in_ranges(ranges: &[(u64, u64)], value: u64) -> bool {
+    let i = ranges.partition_point(|&(_, end)| end <= value);
+    ranges.get(i).is_some_and(|&(start, _)| start <= value)
+}
+
+fn all_filter(filter: &EventFilter) -> AllFilter {
+    AllFilter {
+        stream: match &filter.stream {
+            StreamSelector::Any => None,
+            StreamSelector::Exact(name) => Some(edgebus_types::StreamPattern::literal(name)),
+            StreamSelector::Pattern(pattern) => Some(pattern.clone()),
+        },
+        event_types: filter.event_types.clone(),
+        include_system: false,
+    }
+}
+
+/// Rendezvous hashing: the consumer (by name) with the highest score for
+/// `stream` owns it.
+fn owner<'a>(
+    stream: &StreamName,
+    consumers: impl Iterator<Item = (&'a ConsumerId, &'a Consumer)>,
+) -> Option<ConsumerId> {
+    consumers
+        .map(|(id, c)| {
+            let mut hasher = std::hash::DefaultHasher::new();
+            stream.as_str().hash(&mut hasher);
+            c.name.hash(&mut hasher);
+            (hasher.finish(), *id)
+        })
+        .max()
+        .map(|(_, id)| id)
+}
+
+impl Engine {
+    /// An engine for `start`, fed by `commands`.
+    pub fn new(state: Arc<NodeState>, start: EngineStart, commands: mpsc::Receiver<Command>) -> Self {
+        let EngineStart { record, generation, filter, checkpoint, parked_count } = start;
+        let checkpoint = checkpoint.unwrap_or(CheckpointRecord {
+            generation,
+            position: record.start_position,
+            replay_next: record.parked_base,
+            replay_end: record.parked_base,
+            ..CheckpointRecord::default()
+        });
+        let name = record.name.clone();
+        Self {
+            all_filter: all_filter(&filter),
+            filter: Arc::new(filter),
+            checkpoint_stream: checkpoint_stream(&name),
+            parked_stream: parked_stream(&name),
+            state,
+            generation,
+            commands,
+            consumers: BTreeMap::new(),
+            next_consumer_id: 1,
+            rr_last: 0,
+            main: BTreeMap::new(),
+            replay: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+            by_stream: ByStream::default(),
+            deadlines: BTreeSet::new(),
+            in_flight: 0,
+            buffer_bytes: 0,
+            read_next: checkpoint.position,
+            restored_settled: checkpoint.settled,
+            replay_read: checkpoint.replay_next.max(record.parked_base),
+            replay_end: checkpoint.replay_end.max(record.parked_base),
+            restored_replay_settled: checkpoint.replay_settled,
+            end_of_log: false,
+            settled_since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            checkpointed_position: checkpoint.position,
+            totals: Totals::default(),
+            parked: parked_count.saturating_sub(record.parked_base),
+            read_retry_at: None,
+            record,
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        self.record.settings
+    }
+
+    fn buffer_events_max(&self) -> usize {
+        (self.settings().max_in_flight as usize * 4).clamp(1024, GROUP_BUFFER_EVENTS_MAX)
+    }
+
+    fn has_room(&self) -> bool {
+        self.main.len() + self.replay.len() < self.buffer_events_max() && self.buffer_bytes < GROUP_BUFFER_BYTES_MAX
+    }
+
+    /// Runs until the group is deleted or the node stops.
+    pub async fn run(mut self) {
+        let mut live = self.state.live.subscribe();
+        let mut stopping = self.state.stopping.clone();
+        loop {
+            self.fill().await;
+            self.dispatch();
+            self.checkpoint_if_due(false).await;
+            let deadline = self.deadlines.first().map(|(at, _)| *at);
+            let checkpoint_at = (self.settled_since_checkpoint > 0 || self.read_next != self.checkpointed_position)
+                .then(|| self.last_checkpoint + Duration::from_millis(self.settings().checkpoint_interval_ms));
+            let read_retry_at = self.read_retry_at;
+            tokio::select! {
+                command = self.commands.recv() => {
+                    let Some(command) = command else { break };
+                    if self.handle(command).await {
+                        return;
+                    }
+                    // Take what else is queued before the next dispatch.
+                    for _ in 0..256 {
+                        let Ok(command) = self.commands.try_recv() else { break };
+                        if self.handle(command).await {
+                            return;
+                        }
+                    }
+                }
+                received = live.recv(), if self.end_of_log => {
+                    if let Err(broadcast::error::RecvError::Closed) = received {
+                        // The feed stopped: the node is stopping.
+                        break;
+                    }
+                    self.end_of_log = false;
+                }
+                () = sleep_until(deadline), if deadline.is_some() => self.expire(Instant::now()).await,
+                () = sleep_until(checkpoint_at), if checkpoint_at.is_some() => self.checkpoint_if_due(true).await,
+                () = sleep_until(read_retry_at), if read_retry_at.is_some() => self.read_retry_at = None,
+                () = stopped(&mut stopping) => break,
+            }
+        }
+        // The node stops: keep what settled, and tell the consumers.
+        self.write_checkpoint().await;
+        self.end_consumers(&detail(v1::ErrorCode::Unavailable, "the node is shutting down"));
+    }
+
+    /// Handles one command; true when the engine must stop now.
+    async fn handle(&mut self, command: Command) -> bool {
+        match command {
+            Command::Join { name, max_in_flight, outbox, reply } => {
+                let _ = reply.send(self.join(name, max_in_flight, outbox));
+            }
+            Command::Leave { consumer } => self.leave(consumer, "left the group").await,
+            Command::Ack { consumer, positions } => self.ack(consumer, &positions),
+            Command::Nack { consumer, positions, action, reason } => {
+                self.nack(consumer, &positions, action, &reason).await;
+            }
+            Command::Describe { reply } => {
+                let _ = reply.send(self.describe());
+            }
+            Command::Update { record, filter, reply } => {
+                self.update(*record, *filter);
+                let _ = reply.send(());
+            }
+            Command::ReplayParked { end, reply } => {
+                let before = self.replay_end;
+                self.replay_end = self.replay_end.max(end);
+                let _ = reply.send(self.replay_end - before);
+            }
+            Command::Delete { detail, reply } => {
+                self.end_consumers(&detail);
+                let _ = reply.send(());
+                return true;
+            }
+        }
+        false
+    }
+
+    fn end_consumers(&mut self, detail: &v1::ErrorDetail) {
+        for (_, consumer) in std::mem::take(&mut self.consumers) {
+            let message = v1::ConsumeResponse { kind: Some(v1::consume_response::Kind::Error(detail.clone())) };
+            let _ = consumer.outbox.try_send(Ok(message));
+        }
+    }
+
+    fn join(&mut self, name: Option<String>, window: u32, outbox: Outbox) -> Result<ConsumerId, v1::ErrorDetail> {
+        if self.consumers.len() >= edgebus_types::limits::GROUP_CONSUMERS_MAX {
+            let mut refusal = detail(
+                v1::ErrorCode::ResourceExhausted,
+                format!(
+                    "group {} has {} consumers, the most it takes",
+                    self.record.name,
+                    edgebus_types::limits::GROUP_CONSUMERS_MAX
+                ),
+            );
+            refusal.retry_after_ms = Some(1000);
+            return Err(refusal);
+        }
+        let id = self.next_consumer_id;
+        self.next_consumer_id += 1;
+        let name = name.unwrap_or_else(|| format!("consumer-{id}"));
+        if self.consumers.values().any(|c| c.name == name) {
+            return Err(detail(
+                v1::ErrorCode::ConsumerExists,
+                format!("a consumer named {name} is connected to group {} already", self.record.name),
+            ));
+        }
+        let window =
+            if window == 0 { self.settings().max_in_flight } else { window.min(self.settings().max_in_flight) };
+        let joined = v1::ConsumeResponse {
+            kind: Some(v1::consume_response::Kind::Joined(v1::consume_response::Joined {
+                consumer: name.clone(),
+                max_in_flight: window,
+            })),
+        };
+        outbox.try_send(Ok(joined)).map_err(|_| detail(v1::ErrorCode::Unavailable, "the consumer left"))?;
+        self.consumers.insert(id, Consumer { name, window, in_flight: 0, outbox, delivered: 0, acked: 0, nacked: 0 });
+        Ok(id)
+    }
+
+    /// A consumer is gone: its events go back to waiting, each counting a
+    /// delivery that failed.
+    async fn leave(&mut self, consumer: ConsumerId, why: &str) {
+        let Some(gone) = self.consumers.remove(&consumer) else { return };
+        if gone.in_flight == 0 {
+            return;
+        }
+        let keys: Vec<Key> = self
+            .main
+            .iter()
+            .map(|(p, e)| (Key::Main(*p), e))
+            .chain(self.replay.iter().map(|(v, e)| (Key::Replay(*v), e)))
+            .filter(|(_, e)| matches!(e.state, EntryState::InFlight { consumer: c, .. } if c == consumer))
+            .map(|(key, _)| key)
+            .collect();
+        let reason = format!("consumer {} {why} with the event in flight", gone.name);
+        for key in keys {
+            self.take_back(key);
+            self.retry_or_park(key, &reason).await;
+        }
+    }
+
+    fn entry(&self, key: Key) -> Option<&Entry> {
+        match key {
+            Key::Main(p) => self.main.get(&p),
+            Key::Replay(v) => self.replay.get(&v),
+        }
+    }
+
+    fn entry_mut(&mut self, key: Key) -> Option<&mut Entry> {
+        match key {
+            Key::Main(p) => self.main.get_mut(&p),
+            Key::Replay(v) => self.replay.get_mut(&v),
+        }
+    }
+
+    /// The key in flight with `consumer` for `position`.
+    fn in_flight_key(&self, consumer: ConsumerId, position: u64) -> Option<Key> {
+        let held = |e: &Entry| matches!(e.state, EntryState::InFlight { consumer: c, .. } if c == consumer);
+        if self.main.get(&position).is_some_and(held) {
+            return Some(Key::Main(position));
+        }
+        // A replayed event: few at a time.
+        self.replay
+            .iter()
+            .find(|(_, e)| held(e) && e.event.as_ref().is_some_and(|ev| ev.position == position))
+            .map(|(v, _)| Key::Replay(*v))
+    }
+
+    /// Takes `key` out of flight: its holder's count, its deadline, its
+    /// stream's hold.
+    fn take_back(&mut self, key: Key) {
+        let Some(entry) = self.entry(key) else { return };
+        let EntryState::InFlight { consumer: holder, deadline } = entry.state else { return };
+        let stream = entry.stream.clone();
+        self.deadlines.remove(&(deadline, key));
+        self.in_flight -= 1;
+        if let Some(c) = self.consumers.get_mut(&holder) {
+            c.in_flight -= 1;
+        }
+        if self.settings().strategy == Strategy::ByStream {
+            self.by_stream.release(&stream);
+        }
+        if let Some(entry) = self.entry_mut(key) {
+            entry.state = EntryState::Waiting;
+        }
+    }
+
+    fn refuse(&self, consumer: ConsumerId, positions: Vec<u64>, what: &str) {
+        let Some(c) = self.consumers.get(&consumer) else { return };
+        let list = positions.iter().take(8).map(u64::to_string).collect::<Vec<_>>().join(", ");
+        let more = if positions.len() > 8 { format!(" and {} more", positions.len() - 8) } else { String::new() };
+        let message = format!(
+            "cannot {what} position{} {list}{more}: not in flight for consumer {} (never delivered to it, settled already, or taken back after a timeout)",
+            if positions.len() == 1 { "" } else { "s" },
+            c.name
+        );
+        let refused =
+            v1::consume_response::Refused { positions, error: Some(detail(v1::ErrorCode::NotInFlight, message)) };
+        let _ = c.outbox.try_send(Ok(v1::ConsumeResponse { kind: Some(v1::consume_response::Kind::Refused(refused)) }));
+    }
+
+    fn ack(&mut self, consumer: ConsumerId, positions: &[u64]) {
+        let mut refused = Vec::new();
+        for &position in positions {
+            let Some(key) = self.in_flight_key(consumer, position) else {
+                refused.push(position);
+                continue;
+            };
+            self.take_back(key);
+            if let Some(c) = self.consumers.get_mut(&consumer) {
+                c.acked += 1;
+            }
+            self.totals.acked += 1;
+            self.settle(key);
+        }
+        if !refused.is_empty() {
+            self.refuse(consumer, refused, "ack");
+        }
+    }
+
+    async fn nack(&mut self, consumer: ConsumerId, positions: &[u64], action: NackAction, reason: &str) {
+        let mut refused = Vec::new();
+        let name = self.consumers.get(&consumer).map(|c| c.name.clone()).unwrap_or_default();
+        for &position in positions {
+            let Some(key) = self.in_flight_key(consumer, position) else {
+                refused.push(position);
+                continue;
+            };
+            self.take_back(key);
+            if let Some(c) = self.consumers.get_mut(&consumer) {
+                c.nacked += 1;
+            }
+            match action {
+                NackAction::Retry => {
+                    self.retry_or_park(key, &format!("consumer {name} nacked it: {reason}")).await;
+                }
+                NackAction::Park => self.park(key, &format!("consumer {name} parked it: {reason}")).await,
+                NackAction::Skip => {
+                    self.totals.skipped += 1;
+                    self.settle(key);
+                }
+                NackAction::Stop => {
+                    // Given back as it was: this delivery does not count.
+                    if let Some(entry) = self.entry_mut(key) {
+                        entry.attempts = entry.attempts.saturating_sub(1);
+                    }
+                    self.push_waiting(key);
+                }
+            }
+        }
+        if !refused.is_empty() {
+            self.refuse(consumer, refused, "nack");
+        }
+        if action == NackAction::Stop {
+            let stop = detail(v1::ErrorCode::Unspecified, "stopped: the consumer nacked with stop");
+            if let Some(c) = self.consumers.get(&consumer) {
+                let _ =
+                    c.outbox.try_send(Ok(v1::ConsumeResponse { kind: Some(v1::consume_response::Kind::Error(stop)) }));
+            }
+            self.leave(consumer, "stopped").await;
+        }
+    }
+
+    /// A delivery of `key` failed: wait again, or park after `max_retries`.
+    async fn retry_or_park(&mut self, key: Key, reason: &str) {
+        let max_retries = self.settings().max_retries;
+        let Some(entry) = self.entry(key) else { return };
+        if entry.attempts > max_retries {
+            let reason =
+                format!("{reason}; delivered {} times, more than max_retries ({max_retries}) allows", entry.attempts);
+            self.park(key, &reason).await;
+        } else {
+            self.totals.retried += 1;
+            self.push_waiting(key);
+        }
+    }
+
+    /// Writes `key`'s event to the parked stream, then settles it. If the
+    /// write fails the event waits again (it is never dropped).
+    async fn park(&mut self, key: Key, reason: &str) {
+        let Some(entry) = self.entry(key) else { return };
+        let Some(event) = entry.event.clone() else { return };
+        let record = ParkedRecord {
+            generation: self.generation,
+            reason: reason.to_owned(),
+            attempts: entry.attempts,
+            consumer: entry.last_consumer.clone(),
+            parked_at_ms: now_ms(),
+            stream: event.stream.as_str().to_owned(),
+            version: event.version,
+            position: event.position,
+            id: hex(event.id.as_bytes()),
+            timestamp_ms: event.timestamp_ms,
+            metadata_hex: hex(&event.metadata),
+        };
+        let parked = NewEvent {
+            id: EventId::from_u128(rand::random()),
+            event_type: event.event_type.clone(),
+            data: event.data.clone(),
+            metadata: serde_json::to_vec(&record).expect("a parked record serializes"),
+            timestamp_ms: now_ms(),
+        };
+        let store = Arc::clone(&self.state.store);
+        let stream = self.parked_stream.clone();
+        let written =
+            tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![parked])).await;
+        match written {
+            Ok(Ok(_)) => {
+                self.parked += 1;
+                self.settle(key);
+            }
+            Ok(Err(e)) => {
+                eprintln!("edgebus: group {}: cannot park position {}: {e}", self.record.name, event.position);
+                self.push_waiting(key);
+            }
+            Err(e) => {
+                eprintln!("edgebus: group {}: park task failed: {e}", self.record.name);
+                self.push_waiting(key);
+            }
+        }
+    }
+
+    fn push_waiting(&mut self, key: Key) {
+        let Some(entry) = self.entry_mut(key) else { return };
+        entry.state = EntryState::Waiting;
+        let stream = entry.stream.clone();
+        self.waiting.insert(key);
+        if self.settings().strategy == Strategy::ByStream {
+            self.by_stream.push(key, &stream);
+        }
+    }
+
+    /// `key` is done: release its payload and move the low-water marks.
+    fn settle(&mut self, key: Key) {
+        let Some(entry) = self.entry_mut(key) else { return };
+        entry.state = EntryState::Settled;
+        entry.event = None;
+        let bytes = std::mem::take(&mut entry.bytes);
+        self.buffer_bytes -= bytes;
+        self.settled_since_checkpoint += 1;
+        match key {
+            Key::Main(_) => {
+                while let Some(first) = self.main.first_entry() {
+                    if first.get().state != EntryState::Settled {
+                        break;
+                    }
+                    first.remove();
+                }
+            }
+            Key::Replay(_) => {
+                while let Some(first) = self.replay.first_entry() {
+                    if first.get().state != EntryState::Settled {
+                        break;
+                    }
+                    first.remove();
+                }
+            }
+        }
+    }
+
+    /// Times out every delivery whose deadline is at or before `now`.
+    async fn expire(&mut self, now: Instant) {
+        let timeout = self.settings().message_timeout_ms;
+        while let Some(&(at, key)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            let holder = match self.entry(key).map(|e| e.state) {
+                Some(EntryState::InFlight { consumer, .. }) => consumer,
+                _ => {
+                    self.deadlines.remove(&(at, key));
+                    continue;
+                }
+            };
+            let name = self.consumers.get(&holder).map(|c| c.name.clone()).unwrap_or_default();
+            self.take_back(key);
+            self.retry_or_park(key, &format!("message timeout ({timeout} ms) expired on consumer {name}")).await;
+        }
+    }
+
+    /// Reads matching events while the buffer has room.
+    async fn fill(&mut self) {
+        if self.read_retry_at.is_some() {
+            return;
+        }
+        while self.replay_read < self.replay_end && self.has_room() {
+            if !self.read_replay().await {
+                return;
+            }
+        }
+        while !self.end_of_log && self.has_room() {
+            if !self.read_main().await {
+                return;
+            }
+        }
+    }
+
+    fn read_failed(&mut self, what: &str, error: &str) {
+        eprintln!("edgebus: group {}: cannot read {what}: {error}; retrying in 1 s", self.record.name);
+        self.read_retry_at = Some(Instant::now() + Duration::from_secs(1));
+    }
+
+    /// One page from the log; false on failure.
+    async fn read_main(&mut self) -> bool {
+        let room = self.buffer_events_max() - (self.main.len() + self.replay.len());
+        let limit = room.clamp(1, SUBSCRIPTION_PAGE_EVENTS_MAX);
+        let store = Arc::clone(&self.state.store);
+        let (from, filter, predicate_filter) = (self.read_next, self.all_filter.clone(), Arc::clone(&self.filter));
+        let read = tokio::task::spawn_blocking(move || {
+            let slice = store.read_all(from, Direction::Forward, limit, &filter)?;
+            let next = slice.next_position;
+            let end = slice.end_of_log;
+            let events: Vec<RecordedEvent> = slice
+                .events
+                .into_iter()
+                .filter(|e| match &predicate_filter.predicate {
+                    None => true,
+                    Some(p) => p.evaluate(e) == Evaluation::Match,
+                })
+                .collect();
+            Ok::<_, ReadError>((events, next, end))
+        })
+        .await;
+        let (events, next, end) = match read {
+            Ok(Ok(page)) => page,
+            Ok(Err(ReadError::Log(edgebus_log::ReadError::Removed { start: first_position, .. }))) => {
+                // The log no longer holds the group's next events: what was
+                // removed cannot be delivered; go on from the log's start.
+                eprintln!(
+                    "edgebus: group {}: positions {}..{first_position} were removed from the log before the group read them",
+                    self.record.name, self.read_next
+                );
+                self.read_next = first_position;
+                return true;
+            }
+            Ok(Err(e)) => {
+                self.read_failed("the log", &e.to_string());
+                return false;
+            }
+            Err(e) => {
+                self.read_failed("the log", &e.to_string());
+                return false;
+            }
+        };
+        for event in events {
+            if event.position < self.read_next {
+                continue;
+            }
+            if in_ranges(&self.restored_settled, event.position) {
+                continue;
+            }
+            let key = Key::Main(event.position);
+            let bytes = (event.data.len() + event.metadata.len()) as u64;
+            self.buffer_bytes += bytes;
+            self.main.insert(
+                event.position,
+                Entry {
+                    stream: event.stream.clone(),
+                    event: Some(Arc::new(event)),
+                    state: EntryState::Waiting,
+                    attempts: 0,
+                    last_consumer: String::new(),
+                    bytes,
+                },
+            );
+            self.push_waiting(key);
+        }
+        self.read_next = next.unwrap_or(self.read_next).max(self.read_next);
+        let read_next = self.read_next;
+        self.restored_settled.retain(|&(_, end)| end > read_next);
+        self.end_of_log = end;
+        true
+    }
+
+    /// One page of the parked stream being replayed; false on failure.
+    async fn read_replay(&mut self) -> bool {
+        let room = self.buffer_events_max() - (self.main.len() + self.replay.len());
+        let limit = usize::try_from(self.replay_end - self.replay_read).unwrap_or(usize::MAX).min(room).clamp(1, 256);
+        let store = Arc::clone(&self.state.store);
+        let (stream, from) = (self.parked_stream.clone(), self.replay_read);
+        let read = tokio::task::spawn_blocking(move || {
+            store.read_stream(&stream, StreamFrom::Version(from), Direction::Forward, limit, now_ms())
+        })
+        .await;
+        let events = match read {
+            Ok(Ok(events)) => events,
+            Ok(Err(ReadError::StreamNotFound { .. })) => Vec::new(),
+            Ok(Err(e)) => {
+                self.read_failed("the parked stream", &e.to_string());
+                return false;
+            }
+            Err(e) => {
+                self.read_failed("the parked stream", &e.to_string());
+                return false;
+            }
+        };
+        if events.is_empty() {
+            // Nothing more there (read below the end asked for).
+            self.replay_read = self.replay_end;
+            return true;
+        }
+        for parked in events {
+            let version = parked.version;
+            self.replay_read = version + 1;
+            if version >= self.replay_end || in_ranges(&self.restored_replay_settled, version) {
+                continue;
+            }
+            let Some(original) = original_event(&parked) else {
+                eprintln!(
+                    "edgebus: group {}: parked event {version} has unreadable metadata; skipped",
+                    self.record.name
+                );
+                continue;
+            };
+            // Parked twice (a crash between parking and a checkpoint) and
+            // both copies replayed: one delivery is enough.
+            let duplicate =
+                self.replay.values().any(|e| e.event.as_ref().is_some_and(|ev| ev.position == original.position))
+                    || self.main.get(&original.position).is_some_and(|e| e.state != EntryState::Settled);
+            if duplicate {
+                continue;
+            }
+            let bytes = (original.data.len() + original.metadata.len()) as u64;
+            self.buffer_bytes += bytes;
+            self.replay.insert(
+                version,
+                Entry {
+                    stream: original.stream.clone(),
+                    event: Some(Arc::new(original)),
+                    state: EntryState::Waiting,
+                    attempts: 0,
+                    last_consumer: String::new(),
+                    bytes,
+                },
+            );
+            self.push_waiting(Key::Replay(version));
+        }
+        let replay_read = self.replay_read;
+        self.restored_replay_settled.retain(|&(_, end)| end > replay_read);
+        true
+    }
+
+    /// Hands waiting events to consumers with room, within the group's
+    /// window.
+    fn dispatch(&mut self) {
+        if self.consumers.is_empty() {
+            return;
+        }
+        match self.settings().strategy {
+            Strategy::RoundRobin => self.dispatch_round_robin(),
+            Strategy::ByStream => self.dispatch_by_stream(),
+        }
+    }
+
+    fn dispatch_round_robin(&mut self) {
+        while self.in_flight < self.settings().max_in_flight {
+            let Some(&key) = self.waiting.first() else { return };
+            let after = self.consumers.range(self.rr_last + 1..).find(|(_, c)| c.in_flight < c.window);
+            let next = after.or_else(|| self.consumers.range(..=self.rr_last).find(|(_, c)| c.in_flight < c.window));
+            let Some((&consumer, _)) = next else { return };
+            self.rr_last = consumer;
+            self.waiting.remove(&key);
+            self.deliver(key, consumer);
+        }
+    }
+
+    fn dispatch_by_stream(&mut self) {
+        let mut skipped = Vec::new();
+        while self.in_flight < self.settings().max_in_flight {
+            if self.consumers.values().all(|c| c.in_flight >= c.window) {
+                break;
+            }
+            let Some((key, stream)) = self.by_stream.runnable.pop_first() else { break };
+            let Some(holder) = owner(&stream, self.consumers.iter()) else {
+                skipped.push((key, stream));
+                break;
+            };
+            let has_room = self.consumers.get(&holder).is_some_and(|c| c.in_flight < c.window);
+            if !has_room {
+                skipped.push((key, stream));
+                continue;
+            }
+            self.by_stream.take(key, &stream, holder);
+            self.waiting.remove(&key);
+            self.deliver(key, holder);
+        }
+        self.by_stream.runnable.extend(skipped);
+    }
+
+    /// Sends `key` to `consumer`.
+    fn deliver(&mut self, key: Key, consumer: ConsumerId) {
+        let deadline = Instant::now() + Duration::from_millis(self.settings().message_timeout_ms);
+        let Some(c) = self.consumers.get_mut(&consumer) else { return };
+        let name = c.name.clone();
+        let Some(entry) = (match key {
+            Key::Main(p) => self.main.get_mut(&p),
+            Key::Replay(v) => self.replay.get_mut(&v),
+        }) else {
+            return;
+        };
+        let Some(event) = entry.event.clone() else { return };
+        entry.attempts += 1;
+        entry.last_consumer = name;
+        entry.state = EntryState::InFlight { consumer, deadline };
+        let delivery = v1::consume_response::Delivery {
+            event: Some(v1::RecordedEvent::from((*event).clone())),
+            attempt: entry.attempts,
+            replayed: matches!(key, Key::Replay(_)),
+        };
+        c.in_flight += 1;
+        c.delivered += 1;
+        self.in_flight += 1;
+        self.totals.delivered += 1;
+        self.deadlines.insert((deadline, key));
+        // The outbox holds the consumer's window and more, so it is full
+        // only if the consumer is gone; the deadline then takes it back.
+        let _ =
+            c.outbox.try_send(Ok(v1::ConsumeResponse { kind: Some(v1::consume_response::Kind::Delivery(delivery)) }));
+    }
+
+    fn checkpoint_record(&self) -> CheckpointRecord {
+        let position = self.main.first_key_value().map_or(self.read_next, |(p, _)| *p);
+        let mut settled = to_ranges(self.main.iter().filter(|(_, e)| e.state == EntryState::Settled).map(|(p, _)| *p));
+        settled.extend(self.restored_settled.iter().copied().filter(|&(_, end)| end > position));
+        settled.sort_unstable();
+        let replay_next = self.replay.first_key_value().map_or(self.replay_read, |(v, _)| *v);
+        let mut replay_settled =
+            to_ranges(self.replay.iter().filter(|(_, e)| e.state == EntryState::Settled).map(|(v, _)| *v));
+        replay_settled.extend(self.restored_replay_settled.iter().copied());
+        replay_settled.sort_unstable();
+        CheckpointRecord {
+            generation: self.generation,
+            position,
+            settled,
+            replay_next,
+            replay_end: self.replay_end,
+            replay_settled,
+        }
+    }
+
+    async fn checkpoint_if_due(&mut self, timer: bool) {
+        let due = self.settled_since_checkpoint >= u64::from(self.settings().checkpoint_after)
+            || (timer
+                && (self.settled_since_checkpoint > 0 || self.read_next != self.checkpointed_position)
+                && self.last_checkpoint.elapsed() >= Duration::from_millis(self.settings().checkpoint_interval_ms));
+        if due {
+            self.write_checkpoint().await;
+        }
+    }
+
+    /// Writes a checkpoint; a failure is reported and retried at the next
+    /// one (the previous checkpoint stays valid, only older).
+    async fn write_checkpoint(&mut self) {
+        let record = self.checkpoint_record();
+        let event = NewEvent {
+            id: EventId::from_u128(rand::random()),
+            event_type: EventType::new(TYPE_CHECKPOINT).expect("a valid type"),
+            data: serde_json::to_vec(&record).expect("a checkpoint serializes"),
+            metadata: Vec::new(),
+            timestamp_ms: now_ms(),
+        };
+        let store = Arc::clone(&self.state.store);
+        let stream = self.checkpoint_stream.clone();
+        let written =
+            tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![event])).await;
+        self.last_checkpoint = Instant::now();
+        match written {
+            Ok(Ok(_)) => {
+                self.settled_since_checkpoint = 0;
+                self.checkpointed_position = record.position;
+            }
+            Ok(Err(e)) => eprintln!("edgebus: group {}: cannot write a checkpoint: {e}", self.record.name),
+            Err(e) => eprintln!("edgebus: group {}: checkpoint task failed: {e}", self.record.name),
+        }
+    }
+
+    fn update(&mut self, record: GroupRecord, filter: EventFilter) {
+        let strategy_changed = record.settings.strategy != self.record.settings.strategy;
+        self.all_filter = all_filter(&filter);
+        self.filter = Arc::new(filter);
+        self.record = record;
+        if strategy_changed {
+            // Rebuild the stream schedule from what is waiting and in flight.
+            self.by_stream = ByStream::default();
+            if self.record.settings.strategy == Strategy::ByStream {
+                let entries = self.main.iter().map(|(p, e)| (Key::Main(*p), e));
+                let entries: Vec<_> = entries
+                    .chain(self.replay.iter().map(|(v, e)| (Key::Replay(*v), e)))
+                    .map(|(k, e)| (k, e.stream.clone(), e.state))
+                    .collect();
+                for (key, stream, state) in entries {
+                    match state {
+                        EntryState::InFlight { consumer, .. } => {
+                            self.by_stream.busy.insert(stream, consumer);
+                        }
+                        EntryState::Waiting => self.by_stream.push(key, &stream),
+                        EntryState::Settled => {}
+                    }
+                }
+                // `push` made streams runnable before their holders were
+                // known; drop those that are busy.
+                let busy = &self.by_stream.busy;
+                self.by_stream.runnable.retain(|(_, s)| !busy.contains_key(s));
+            }
+        }
+    }
+
+    fn describe(&self) -> v1::GroupInfo {
+        let checkpoint = self.checkpointed_position;
+        let pending = self.main.values().chain(self.replay.values()).filter(|e| e.state != EntryState::Settled).count();
+        v1::GroupInfo {
+            name: self.record.name.clone(),
+            filter: Some(self.record.filter.to_wire()),
+            settings: Some(self.record.settings.to_wire()),
+            start_position: self.record.start_position,
+            checkpoint,
+            read_position: self.read_next,
+            pending: pending as u64,
+            in_flight: u64::from(self.in_flight),
+            parked: self.parked,
+            consumers: self
+                .consumers
+                .values()
+                .map(|c| v1::ConsumerInfo {
+                    name: c.name.clone(),
+                    max_in_flight: c.window,
+                    in_flight: c.in_flight,
+                    delivered: c.delivered,
+                    acked: c.acked,
+                    nacked: c.nacked,
+                })
+                .collect(),
+            delivered: self.totals.delivered,
+            acked: self.totals.acked,
+            retried: self.totals.retried,
+            skipped: self.totals.skipped,
+            lag: self.state.store.log().end_position().saturating_sub(self.read_next),
+        }
+    }
+}
+
+/// The event a parked copy stands for.
+pub fn original_event(parked: &RecordedEvent) -> Option<RecordedEvent> {
+    let record: ParkedRecord = serde_json::from_slice(&parked.metadata).ok()?;
+    let id: [u8; 16] = unhex(&record.id)?.try_into().ok()?;
+    Some(RecordedEvent {
+        stream: StreamName::new(&record.stream).ok()?,
+        version: record.version,
+        position: record.position,
+        id: EventId::from_bytes(id),
+        event_type: parked.event_type.clone(),
+        data: parked.data.clone(),
+        metadata: unhex(&record.metadata_hex)?,
+        timestamp_ms: record.timestamp_ms,
+    })
+}
+
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_answer_membership() {
+        let ranges = [(3, 6), (9, 10)];
+        let inside: Vec<u64> = (0..12).filter(|v| in_ranges(&ranges, *v)).collect();
+        assert_eq!(inside, vec![3, 4, 5, 9]);
+    }
+
+    #[test]
+    fn by_stream_keeps_one_in_flight_per_stream_in_order() {
+        let a = StreamName::new("a").expect("valid");
+        let b = StreamName::new("b").expect("valid");
+        let mut s = ByStream::default();
+        s.push(Key::Main(5), &a);
+        s.push(Key::Main(3), &a);
+        s.push(Key::Main(4), &b);
+        let heads: Vec<_> = s.runnable.iter().cloned().collect();
+        assert_eq!(heads, vec![(Key::Main(3), a.clone()), (Key::Main(4), b.clone())]);
+        s.take(Key::Main(3), &a, 1);
+        // `a` is busy: its next event waits even though it is the oldest.
+        assert_eq!(s.runnable.iter().cloned().collect::<Vec<_>>(), vec![(Key::Main(4), b.clone())]);
+        s.push(Key::Main(6), &a);
+        assert!(!s.runnable.iter().any(|(_, st)| st == &a));
+        s.release(&a);
+        assert_eq!(s.runnable.first().cloned(), Some((Key::Main(4), b)));
+        assert!(s.runnable.contains(&(Key::Main(5), a)));
+    }
+}
