@@ -8,6 +8,7 @@ mod log_faults;
 mod log_model;
 mod node;
 mod node_config;
+mod node_groups;
 mod node_http;
 mod node_limits;
 mod node_serve;

@@ -279,7 +279,7 @@ fn stats_text(stats: &NodeStats) -> String {
     out
 }
 
-fn block_on<T>(future: impl Future<Output = Result<T, edgebus_client::ClientError>>) -> anyhow::Result<T> {
+pub(crate) fn block_on<T>(future: impl Future<Output = Result<T, edgebus_client::ClientError>>) -> anyhow::Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the runtime")?;
     Ok(runtime.block_on(future)?)
 }
@@ -304,7 +304,7 @@ fn stream_json(info: &StreamInfo) -> Value {
 
 /// Rows as lines, columns padded to their widest cell and separated by two
 /// spaces; the last column is not padded and trailing spaces are trimmed.
-fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
+pub(crate) fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0; N];
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

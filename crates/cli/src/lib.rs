@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod client_cmds;
 pub mod config;
+pub mod group;
 pub mod serve;
 pub mod subscribe;
 
@@ -43,6 +44,8 @@ pub enum Command {
     Stats(client_cmds::StatsArgs),
     /// Follow a node's events: catch up from a start, then live.
     Subscribe(subscribe::SubscribeArgs),
+    /// Manage consumer groups, or consume from one.
+    Group(group::GroupArgs),
 }
 
 /// Runs a parsed command line to completion.
@@ -55,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Streams(args) => client_cmds::streams(&args),
         Command::Stats(args) => client_cmds::stats(&args),
         Command::Subscribe(args) => subscribe::run(&args),
+        Command::Group(args) => group::run(&args),
     }
 }
 

@@ -212,6 +212,15 @@ impl Consumer {
         }
     }
 
+    /// Leaves the group after the node has taken every ack and nack sent:
+    /// half-closes the call and waits (at most `timeout`) for the node to
+    /// end it. Deliveries that arrive meanwhile go back to the group.
+    pub async fn close(mut self, timeout: std::time::Duration) {
+        let Self { responses, requests, .. } = &mut self;
+        drop(std::mem::replace(requests, mpsc::channel(1).0));
+        let _ = tokio::time::timeout(timeout, async { while let Ok(Some(_)) = responses.message().await {} }).await;
+    }
+
     async fn send(&self, kind: v1::consume_request::Kind) -> Result<(), ClientError> {
         self.requests.send(v1::ConsumeRequest { kind: Some(kind) }).await.map_err(|_| ClientError::Rpc {
             addr: self.addr.clone(),

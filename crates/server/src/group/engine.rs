@@ -374,8 +374,13 @@ impl Engine {
                     if self.handle(command).await {
                         return;
                     }
-                    // Take what else is queued before the next dispatch.
+                    // Take what else is queued before the next dispatch, but
+                    // no more than a checkpoint's worth: what settled since
+                    // the last checkpoint is what a crash redelivers.
                     for _ in 0..256 {
+                        if self.settled_since_checkpoint >= u64::from(self.settings().checkpoint_after) {
+                            break;
+                        }
                         let Ok(command) = self.commands.try_recv() else { break };
                         if self.handle(command).await {
                             return;
