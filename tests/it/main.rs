@@ -9,6 +9,7 @@ mod log_model;
 mod node;
 mod node_config;
 mod node_groups;
+mod node_groups_scenario;
 mod node_http;
 mod node_limits;
 mod node_serve;

@@ -437,7 +437,12 @@ mod tests {
     /// without it.
     fn unconnected(retry: RetryPolicy) -> Client {
         let channel = Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
-        Client { inner: EventStoreClient::new(channel), addr: "http://127.0.0.1:9".to_owned(), retry }
+        Client {
+            inner: EventStoreClient::new(channel.clone()),
+            groups: ConsumerGroupsClient::new(channel),
+            addr: "http://127.0.0.1:9".to_owned(),
+            retry,
+        }
     }
 
     /// Runs `retrying` over a call that answers `answers[i]` at attempt `i`

@@ -83,7 +83,7 @@ pub enum Command {
         /// Its window (0: the group's).
         max_in_flight: u32,
         outbox: Outbox,
-        reply: oneshot::Sender<Result<ConsumerId, v1::ErrorDetail>>,
+        reply: oneshot::Sender<Result<ConsumerId, super::Refusal>>,
     },
     /// A consumer's call ended.
     Leave { consumer: ConsumerId },
@@ -444,7 +444,7 @@ impl Engine {
         }
     }
 
-    fn join(&mut self, name: Option<String>, window: u32, outbox: Outbox) -> Result<ConsumerId, v1::ErrorDetail> {
+    fn join(&mut self, name: Option<String>, window: u32, outbox: Outbox) -> Result<ConsumerId, super::Refusal> {
         if self.consumers.len() >= edgebus_types::limits::GROUP_CONSUMERS_MAX {
             let mut refusal = detail(
                 v1::ErrorCode::ResourceExhausted,
@@ -455,16 +455,16 @@ impl Engine {
                 ),
             );
             refusal.retry_after_ms = Some(1000);
-            return Err(refusal);
+            return Err(Box::new(refusal));
         }
         let id = self.next_consumer_id;
         self.next_consumer_id += 1;
         let name = name.unwrap_or_else(|| format!("consumer-{id}"));
         if self.consumers.values().any(|c| c.name == name) {
-            return Err(detail(
+            return Err(Box::new(detail(
                 v1::ErrorCode::ConsumerExists,
                 format!("a consumer named {name} is connected to group {} already", self.record.name),
-            ));
+            )));
         }
         let window =
             if window == 0 { self.settings().max_in_flight } else { window.min(self.settings().max_in_flight) };
@@ -474,7 +474,7 @@ impl Engine {
                 max_in_flight: window,
             })),
         };
-        outbox.try_send(Ok(joined)).map_err(|_| detail(v1::ErrorCode::Unavailable, "the consumer left"))?;
+        outbox.try_send(Ok(joined)).map_err(|_| Box::new(detail(v1::ErrorCode::Unavailable, "the consumer left")))?;
         self.consumers.insert(id, Consumer { name, window, in_flight: 0, outbox, delivered: 0, acked: 0, nacked: 0 });
         Ok(id)
     }

@@ -50,28 +50,32 @@ pub struct Groups {
     engines: Mutex<Vec<JoinHandle<()>>>,
 }
 
-fn refusal(code: v1::ErrorCode, message: impl Into<String>) -> v1::ErrorDetail {
-    v1::ErrorDetail { code: code as u32, message: message.into(), ..v1::ErrorDetail::default() }
+/// A refused request: the error detail for the caller (boxed: it is large
+/// and rare).
+pub type Refusal = Box<v1::ErrorDetail>;
+
+fn refusal(code: v1::ErrorCode, message: impl Into<String>) -> Refusal {
+    Box::new(v1::ErrorDetail { code: code as u32, message: message.into(), ..v1::ErrorDetail::default() })
 }
 
-fn not_found(name: &str) -> v1::ErrorDetail {
+fn not_found(name: &str) -> Refusal {
     refusal(v1::ErrorCode::GroupNotFound, format!("no consumer group named {name}"))
 }
 
-fn gone(name: &str) -> v1::ErrorDetail {
+fn gone(name: &str) -> Refusal {
     refusal(v1::ErrorCode::Unavailable, format!("group {name} stopped (the node is shutting down)"))
 }
 
-fn store_failure(e: &impl std::fmt::Display) -> v1::ErrorDetail {
+fn store_failure(e: &impl std::fmt::Display) -> Refusal {
     refusal(v1::ErrorCode::Unavailable, format!("the store failed: {e}"))
 }
 
-fn def_error(e: &DefError) -> v1::ErrorDetail {
-    e.detail()
+fn def_error(e: &DefError) -> Refusal {
+    Box::new(e.detail())
 }
 
 /// Runs `call` on the blocking pool.
-async fn blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> Result<T, v1::ErrorDetail> {
+async fn blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> Result<T, Refusal> {
     tokio::task::spawn_blocking(call).await.map_err(|e| store_failure(&e))
 }
 
@@ -154,14 +158,14 @@ impl Groups {
     }
 
     /// Starts the engine of a recorded group.
-    async fn start(&self, state: &Arc<NodeState>, record: GroupRecord, generation: u64) -> Result<(), v1::ErrorDetail> {
+    async fn start(&self, state: &Arc<NodeState>, record: GroupRecord, generation: u64) -> Result<(), Refusal> {
         let store = Arc::clone(&state.store);
         let for_load = record.clone();
         let loaded = blocking(move || {
             let filter = for_load.filter.compile().map_err(|e| def_error(&e))?;
             let checkpoint = last_checkpoint(&store, &for_load.name, generation).map_err(|e| store_failure(&e))?;
             let parked_count = stream_count(&store, &parked_stream(&for_load.name)).map_err(|e| store_failure(&e))?;
-            Ok::<_, v1::ErrorDetail>((filter, checkpoint, parked_count))
+            Ok::<_, Refusal>((filter, checkpoint, parked_count))
         })
         .await??;
         let (filter, checkpoint, parked_count) = loaded;
@@ -177,16 +181,16 @@ impl Groups {
         Ok(())
     }
 
-    fn handle(&self, name: &str) -> Result<Handle, v1::ErrorDetail> {
+    fn handle(&self, name: &str) -> Result<Handle, Refusal> {
         self.running.lock().unwrap_or_else(PoisonError::into_inner).get(name).cloned().ok_or_else(|| not_found(name))
     }
 
     /// The command queue of group `name`, for a consumer's call.
-    pub fn commands(&self, name: &str) -> Result<mpsc::Sender<Command>, v1::ErrorDetail> {
+    pub fn commands(&self, name: &str) -> Result<mpsc::Sender<Command>, Refusal> {
         Ok(self.handle(name)?.commands)
     }
 
-    async fn append_lifecycle(state: &Arc<NodeState>, event_type: &str, data: Vec<u8>) -> Result<u64, v1::ErrorDetail> {
+    async fn append_lifecycle(state: &Arc<NodeState>, event_type: &str, data: Vec<u8>) -> Result<u64, Refusal> {
         let store = Arc::clone(&state.store);
         let event = NewEvent {
             id: EventId::from_u128(rand::random()),
@@ -198,18 +202,14 @@ impl Groups {
         let written =
             blocking(move || store.append_system(&groups_stream(), ExpectedVersion::Any, vec![event])).await?;
         written.map(|result| result.first_position).map_err(|e| {
-            let mut detail = edgebus_proto::convert::error_detail_from_write_error(&e);
+            let mut detail = Box::new(edgebus_proto::convert::error_detail_from_write_error(&e));
             detail.message = format!("cannot record the group change: {}", detail.message);
             detail
         })
     }
 
     /// Creates a group: validates it, records it in `$groups`, starts it.
-    pub async fn create(
-        &self,
-        state: &Arc<NodeState>,
-        request: GroupRequest,
-    ) -> Result<v1::GroupInfo, v1::ErrorDetail> {
+    pub async fn create(&self, state: &Arc<NodeState>, request: GroupRequest) -> Result<v1::GroupInfo, Refusal> {
         check_name(&request.name).map_err(|e| def_error(&e))?;
         let settings = request.settings.apply(Settings::default()).map_err(|e| def_error(&e))?;
         let filter = request.filter.clone().unwrap_or_default();
@@ -265,7 +265,7 @@ impl Groups {
         state: &Arc<NodeState>,
         name: &str,
         request: GroupRequest,
-    ) -> Result<v1::GroupInfo, v1::ErrorDetail> {
+    ) -> Result<v1::GroupInfo, Refusal> {
         if request.start.is_some() {
             return Err(def_error(&DefError {
                 field: "start".to_owned(),
@@ -293,14 +293,14 @@ impl Groups {
     }
 
     /// Deletes a group: recorded, then its engine and consumers stop.
-    pub async fn delete(&self, state: &Arc<NodeState>, name: &str) -> Result<(), v1::ErrorDetail> {
+    pub async fn delete(&self, state: &Arc<NodeState>, name: &str) -> Result<(), Refusal> {
         let _change = self.changes.lock().await;
         let handle = self.handle(name)?;
         let data = serde_json::to_vec(&serde_json::json!({ "name": name })).expect("serializes");
         Self::append_lifecycle(state, TYPE_DELETED, data).await?;
         self.running.lock().unwrap_or_else(PoisonError::into_inner).remove(name);
         let (reply, replied) = oneshot::channel();
-        let detail = refusal(v1::ErrorCode::GroupNotFound, format!("consumer group {name} was deleted"));
+        let detail = *refusal(v1::ErrorCode::GroupNotFound, format!("consumer group {name} was deleted"));
         if handle.commands.send(Command::Delete { detail, reply }).await.is_ok() {
             let _ = replied.await;
         }
@@ -308,7 +308,7 @@ impl Groups {
     }
 
     /// One group's figures.
-    pub async fn describe(&self, name: &str) -> Result<v1::GroupInfo, v1::ErrorDetail> {
+    pub async fn describe(&self, name: &str) -> Result<v1::GroupInfo, Refusal> {
         let handle = self.handle(name)?;
         let (reply, replied) = oneshot::channel();
         handle.commands.send(Command::Describe { reply }).await.map_err(|_| gone(name))?;
@@ -336,7 +336,7 @@ impl Groups {
         name: &str,
         offset: u64,
         limit: u32,
-    ) -> Result<(Vec<v1::ParkedEvent>, u64), v1::ErrorDetail> {
+    ) -> Result<(Vec<v1::ParkedEvent>, u64), Refusal> {
         let handle = self.handle(name)?;
         let limit = if limit == 0 { GROUP_PARKED_PAGE_MAX } else { limit.min(GROUP_PARKED_PAGE_MAX) };
         let store = Arc::clone(&state.store);
@@ -368,11 +368,11 @@ impl Groups {
             Ok((parked, total))
         })
         .await?;
-        read.map_err(|e| edgebus_proto::convert::error_detail_from_read_error(&e))
+        read.map_err(|e| Box::new(edgebus_proto::convert::error_detail_from_read_error(&e)))
     }
 
     /// Hands every event parked so far back to the group; returns how many.
-    pub async fn replay_parked(&self, state: &Arc<NodeState>, name: &str) -> Result<u64, v1::ErrorDetail> {
+    pub async fn replay_parked(&self, state: &Arc<NodeState>, name: &str) -> Result<u64, Refusal> {
         let handle = self.handle(name)?;
         let store = Arc::clone(&state.store);
         let stream = parked_stream(name);
@@ -398,7 +398,8 @@ impl Groups {
         if groups.is_empty() {
             return;
         }
-        let families: [(&str, &str, &str, fn(&v1::GroupInfo) -> u64); 9] = [
+        type Family = (&'static str, &'static str, &'static str, fn(&v1::GroupInfo) -> u64);
+        let families: [Family; 9] = [
             ("edgebus_group_delivered_total", "counter", "Deliveries to consumers, retries included.", |g| g.delivered),
             ("edgebus_group_acked_total", "counter", "Events acked.", |g| g.acked),
             ("edgebus_group_retried_total", "counter", "Deliveries that failed and were retried.", |g| g.retried),

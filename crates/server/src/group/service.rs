@@ -47,8 +47,8 @@ fn invalid(message: impl Into<String>) -> Status {
     })
 }
 
-fn refused(detail: v1::ErrorDetail) -> Status {
-    status_from_error_detail(detail)
+fn refused(detail: Box<v1::ErrorDetail>) -> Status {
+    status_from_error_detail(*detail)
 }
 
 fn nack_action(action: i32) -> Result<NackAction, String> {
@@ -86,8 +86,8 @@ impl ConsumerGroups for ConsumerGroupsService {
         let group = GroupRequest {
             name: request.name,
             filter: Some(FilterDef::from_wire(request.filter)),
-            settings: SettingsRequest::from_wire(request.settings).map_err(|e| refused(e.detail()))?,
-            start: Some(StartRequest::from_wire(request.start_at).map_err(|e| refused(e.detail()))?),
+            settings: SettingsRequest::from_wire(request.settings).map_err(|e| refused(Box::new(e.detail())))?,
+            start: Some(StartRequest::from_wire(request.start_at).map_err(|e| refused(Box::new(e.detail())))?),
         };
         let info = self.state.groups.create(&self.state, group).await.map_err(refused)?;
         Ok(Response::new(info))
@@ -98,7 +98,7 @@ impl ConsumerGroups for ConsumerGroupsService {
         let group = GroupRequest {
             name: request.name.clone(),
             filter: request.filter.map(|f| FilterDef::from_wire(Some(f))),
-            settings: SettingsRequest::from_wire(request.settings).map_err(|e| refused(e.detail()))?,
+            settings: SettingsRequest::from_wire(request.settings).map_err(|e| refused(Box::new(e.detail())))?,
             start: None,
         };
         let info = self.state.groups.update(&self.state, &request.name, group).await.map_err(refused)?;
@@ -179,7 +179,7 @@ impl ConsumerGroups for ConsumerGroupsService {
         let (outbox, messages) = mpsc::channel(GROUP_MAX_IN_FLIGHT_MAX as usize + CONSUMER_OUTBOX_EXTRA);
         let (reply, replied) = oneshot::channel();
         let unavailable = || {
-            refused(v1::ErrorDetail {
+            status_from_error_detail(v1::ErrorDetail {
                 code: v1::ErrorCode::Unavailable as u32,
                 message: format!("group {} stopped", join.group),
                 ..v1::ErrorDetail::default()

@@ -34,7 +34,7 @@ use crate::group::def::{FilterDef, GroupRequest, Strategy};
 use crate::state::NodeState;
 
 /// The HTTP status of a refused group request.
-fn refusal(detail: v1::ErrorDetail) -> ApiError {
+fn refusal(detail: Box<v1::ErrorDetail>) -> ApiError {
     let status = match detail.error_code() {
         v1::ErrorCode::GroupNotFound => StatusCode::NOT_FOUND,
         v1::ErrorCode::GroupExists | v1::ErrorCode::ConsumerExists => StatusCode::CONFLICT,
@@ -45,9 +45,10 @@ fn refusal(detail: v1::ErrorDetail) -> ApiError {
         v1::ErrorCode::Unavailable | v1::ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    let mut error = ApiError::new(status, detail.code, detail.message);
-    if !detail.field.is_empty() {
-        error.extra.insert("field".to_owned(), json!(detail.field));
+    let v1::ErrorDetail { code, message, field, .. } = *detail;
+    let mut error = ApiError::new(status, code, message);
+    if !field.is_empty() {
+        error.extra.insert("field".to_owned(), json!(field));
     }
     error
 }
@@ -61,7 +62,7 @@ fn strategy_name(strategy: i32) -> &'static str {
 
 /// A group's figures as JSON.
 pub fn group_json(info: &v1::GroupInfo) -> Value {
-    let settings = info.settings.clone().unwrap_or_default();
+    let settings = info.settings.unwrap_or_default();
     let filter = FilterDef::from_wire(info.filter.clone());
     json!({
         "name": info.name,
