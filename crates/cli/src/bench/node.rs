@@ -27,6 +27,7 @@
 //! durabilities; the report says which pairs those were.
 
 mod drive;
+mod groups;
 mod peers;
 mod report;
 
@@ -319,6 +320,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
             }
         }
     }
+    let failed_systems: Vec<System> = failed.keys().copied().collect();
     for status in &mut fleet.peers {
         if let Some(reason) = failed.remove(&status.system) {
             status.reason = Some(reason);
@@ -360,8 +362,30 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         delivery_p50_us: quantile_us(&fan.delivery_latency, 0.5),
         delivery_p99_us: quantile_us(&fan.delivery_latency, 0.99),
     });
+    let group_events = if args.quick { groups::EVENTS_QUICK } else { groups::EVENTS_FULL };
+    let nats_target = [System::NatsSync, System::Nats].into_iter().find_map(|wanted| {
+        fleet.targets.iter().find_map(|(system, target)| match target {
+            Target::Nats(addr) if *system == wanted && !failed_systems.contains(system) => Some((*system, *addr)),
+            _ => None,
+        })
+    });
+    let mut group_rows = Vec::new();
+    for consumers in groups::CONSUMERS {
+        progress(format_args!("  group consumption, {consumers} consumers, {group_events} events: edgebus ..."));
+        let tag = format!("c{consumers}");
+        group_rows.push(groups::edgebus(grpc, consumers, group_events, &tag).await.context("group consumption")?);
+        if let Some((system, addr)) = nats_target {
+            progress(format_args!("  group consumption, {consumers} consumers: {} ...", system.name()));
+            match groups::nats(system, addr, consumers, group_events, &tag).await {
+                Ok(row) => group_rows.push(row),
+                Err(error) => progress(format_args!("  peer {}: group consumption failed: {error:#}", system.name())),
+            }
+        }
+    }
+    groups::add_ratios(&mut group_rows);
     let load_average_end = load_average();
-    let checks = check_targets(&rows);
+    let mut checks = check_targets(&rows);
+    checks.extend(group_checks(&group_rows, nats_target.map(|(s, _)| s)));
     // Stop everything before the report: the guards print as they go.
     let Fleet { durability, peers, .. } = fleet;
     Ok(Report {
@@ -380,8 +404,34 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         publish: rows,
         end_to_end,
         fan_out,
+        groups: group_rows,
         checks,
     })
+}
+
+/// The group-consumption target per number of consumers.
+fn group_checks(rows: &[groups::GroupRow], peer: Option<System>) -> Vec<report::Check> {
+    groups::CONSUMERS
+        .iter()
+        .map(|&consumers| {
+            let ratio = rows.iter().find(|r| r.system.is_ours() && r.consumers == consumers).and_then(|r| r.ratio);
+            let peer_name = peer.map_or("nats", System::name);
+            report::Check {
+                verdict: match (peer, ratio) {
+                    (None, _) | (_, None) => report::Verdict::Skip,
+                    (Some(_), Some(r)) if r >= groups::TARGET_RATIO_MIN => report::Verdict::Pass,
+                    _ => report::Verdict::Fail,
+                },
+                target: format!(
+                    "group consumption events/s, {consumers} consumers acking every event: edgebus >= {}x {peer_name} durable pull",
+                    groups::TARGET_RATIO_MIN
+                ),
+                measured: ratio,
+                required: Some(groups::TARGET_RATIO_MIN),
+                detail: "same backlog size, same window per consumer".to_owned(),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -314,7 +314,7 @@ async fn subscribe_caught_up(client: &Client, streams: StreamSelector) -> anyhow
     }
 }
 
-fn bench_event(data: Vec<u8>) -> NewEvent {
+pub fn bench_event(data: Vec<u8>) -> NewEvent {
     NewEvent {
         id: EventId::from_u128(rand::random()),
         event_type: EventType::new("BenchEvent").expect("a valid type"),

@@ -356,6 +356,7 @@ pub struct Report {
     pub publish: Vec<PublishRow>,
     pub end_to_end: Vec<EndToEndRow>,
     pub fan_out: Option<FanOutRow>,
+    pub groups: Vec<super::groups::GroupRow>,
     pub checks: Vec<Check>,
 }
 
@@ -444,6 +445,7 @@ pub fn print_report(report: &Report) {
             us(f.delivery_p99_us)
         );
     }
+    super::groups::print(&report.groups);
     println!();
     for c in &report.checks {
         let numbers = match (c.measured, c.required) {
