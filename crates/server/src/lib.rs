@@ -2,8 +2,8 @@
 //! serves the `edgebus.v1` gRPC service ([`grpc`]) and the HTTP side
 //! ([`http`]) until shutdown; [`filter`] decides which recorded events a
 //! subscription delivers, by stream, stream pattern, event type and a CEL
-//! predicate over the JSON payload. Subscriptions, consumer groups and the
-//! rest of the HTTP API come next.
+//! predicate over the JSON payload; [`quota`] throttles writes per stream
+//! pattern. Consumer groups and the rest of the HTTP API come next.
 
 pub mod filter;
 pub mod grpc;
@@ -12,5 +12,6 @@ pub mod limits;
 pub mod live;
 pub mod metrics;
 pub mod node;
+pub mod quota;
 pub mod state;
 pub mod subscription;
