@@ -26,8 +26,8 @@ use edgebus_log::FsyncPolicy;
 use edgebus_server::limits::NodeLimits;
 use edgebus_server::node::{self, NodeConfig};
 use edgebus_server::quota::{QuotaSpec, Quotas};
-use edgebus_types::limits::NODE_HTTP_IDLE_TIMEOUT_MS_MIN;
 use edgebus_store::StoreConfig;
+use edgebus_types::limits::NODE_HTTP_IDLE_TIMEOUT_MS_MIN;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -252,7 +252,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
             quotas
                 .into_iter()
                 .enumerate()
-                .map(|(index, quota)| file_quota(index, quota).map_err(|(key, span, message)| bad_value(&key, span, message)))
+                .map(|(index, quota)| {
+                    file_quota(index, quota).map_err(|(key, span, message)| bad_value(&key, span, message))
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
@@ -320,7 +322,9 @@ fn key_of_value_at(text: &str, offset: usize) -> Option<String> {
             let name = name.trim();
             let index = before
                 .lines()
-                .filter(|line| line.trim().strip_prefix("[[").and_then(|r| r.split("]]").next()).map(str::trim) == Some(name))
+                .filter(|line| {
+                    line.trim().strip_prefix("[[").and_then(|r| r.split("]]").next()).map(str::trim) == Some(name)
+                })
                 .count()
                 - 1;
             return Some(format!("{name}[{index}]"));
@@ -366,6 +370,19 @@ mod tests {
             [limits]
             max_connections = 16
             max_subscriptions = 0
+            http_idle_timeout_ms = 1500
+
+            [[quota]]
+            pattern = "telemetry.>"
+            events_per_sec = 1000
+            bytes_per_sec = "1MiB"
+
+            [[quota]]
+            pattern = "alerts.*"
+            events_per_sec = 0.5
+            burst_events = 3
+            bytes_per_sec = 4096
+            burst_bytes = "8KiB"
             "#,
         )
         .expect("a valid file");
@@ -378,6 +395,14 @@ mod tests {
                 fsync: Some(FsyncPolicy::Interval(Duration::from_millis(5))),
                 max_connections: Some(16),
                 max_subscriptions: Some(0),
+                http_idle_timeout_ms: Some(1500),
+                quotas: Some(vec![
+                    QuotaSpec::parse_flag("telemetry.>,events_per_sec=1000,bytes_per_sec=1048576").unwrap(),
+                    QuotaSpec::parse_flag(
+                        "alerts.*,events_per_sec=0.5,burst_events=3,bytes_per_sec=4096,burst_bytes=8192"
+                    )
+                    .unwrap(),
+                ]),
             }
         );
         assert_eq!(file("").expect("an empty file is valid"), Settings::default());
@@ -390,7 +415,11 @@ mod tests {
         assert_eq!(config.grpc_listen.to_string(), "127.0.0.1:7290");
         assert_eq!(config.http_listen.to_string(), "127.0.0.1:7291");
         assert_eq!(config.store.log.fsync, FsyncPolicy::Always);
-        assert_eq!(config.limits, NodeLimits { max_connections: 1024, max_subscriptions: 10_000 });
+        assert_eq!(
+            config.limits,
+            NodeLimits { max_connections: 1024, max_subscriptions: 10_000, http_idle_timeout: Duration::from_secs(30) }
+        );
+        assert!(config.quotas.is_empty());
     }
 
     #[test]
@@ -413,11 +442,76 @@ mod tests {
     }
 
     #[test]
+    fn the_first_layer_with_quotas_gives_them_all() {
+        let quota = |text: &str| QuotaSpec::parse_flag(text).unwrap();
+        let flags = Settings { quotas: Some(vec![quota("a.>,events_per_sec=5")]), ..Settings::default() };
+        let file = Settings {
+            quotas: Some(vec![quota("b.>,events_per_sec=1"), quota("c.>,events_per_sec=1")]),
+            http_idle_timeout_ms: Some(100),
+            ..Settings::default()
+        };
+        let config = flags.or(file.clone()).resolve().expect("valid");
+        assert_eq!(config.quotas, vec![quota("a.>,events_per_sec=5")]);
+        assert_eq!(config.limits.http_idle_timeout, Duration::from_millis(100));
+        let config = Settings::default().or(file).resolve().expect("valid");
+        assert_eq!(config.quotas.len(), 2);
+        let twice = Settings {
+            quotas: Some(vec![quota("a.>,events_per_sec=5"), quota("a.>,bytes_per_sec=5")]),
+            ..Settings::default()
+        };
+        assert_eq!(
+            twice.resolve().unwrap_err().to_string(),
+            "quota[1].pattern: a.> is already the pattern of quota[0]"
+        );
+        let short = Settings { http_idle_timeout_ms: Some(5), ..Settings::default() }.resolve().unwrap_err();
+        assert_eq!(short.to_string(), "http_idle_timeout_ms must be at least 10");
+    }
+
+    #[test]
+    fn a_bad_quota_names_its_entry_key_and_line() {
+        let quotas = |body: &str| format!("[[quota]]\npattern = \"ok.>\"\nevents_per_sec = 1\n\n[[quota]]\n{body}\n");
+        assert_eq!(
+            error(&quotas("pattern = \"t.>\"\nevents_per_sec = 0")),
+            "invalid config file /etc/edgebus.toml, line 7, column 18: quota[1].events_per_sec: must be > 0, got \"0\""
+        );
+        let message = error(&quotas("pattern = \"t.>\"\nevents_per_sec = -3"));
+        assert!(message.ends_with("line 7, column 18: quota[1].events_per_sec: must be > 0, got \"-3\""), "{message}");
+        let message = error(&quotas("pattern = \"t.>.x\"\nevents_per_sec = 1"));
+        assert!(message.contains("line 6, column 11: quota[1].pattern: "), "{message}");
+        let message = error(&quotas("pattern = \"t.>\"\nbytes_per_sec = \"1 parsec\""));
+        assert!(message.contains("line 7, column 17: quota[1].bytes_per_sec: unknown unit \"parsec\""), "{message}");
+        let message = error(&quotas("pattern = \"t.>\"\nevents_per_sec = 5\nburst_events = 0"));
+        assert!(
+            message.ends_with("line 8, column 16: quota[1].burst_events: must be at least 1 event, got 0"),
+            "{message}"
+        );
+        let message = error(&quotas("pattern = \"t.>\"\nevents_per_sec = 5\nburst_events = 0.5"));
+        assert!(message.contains("quota[1].burst_events: \"0.5\" is not a whole number"), "{message}");
+        let message = error(&quotas("pattern = \"t.>\""));
+        assert!(
+            message.ends_with(
+                "line 6, column 11: quota[1].quota: sets no rate: give events_per_sec, bytes_per_sec or both"
+            ),
+            "{message}"
+        );
+        let message = error(&quotas("pattern = \"t.>\"\nevents_per_sec = [1]"));
+        assert!(message.contains("quota[1].events_per_sec: expected a number or a string"), "{message}");
+        let message = error(&quotas("pattern = \"t.>\"\nevents_per_second = 1"));
+        assert!(message.contains("line 7, column 1: unknown field `events_per_second`"), "{message}");
+        let message = error(&quotas("events_per_sec = 1"));
+        assert!(message.contains("missing field `pattern`"), "{message}");
+        let message = error(&quotas("pattern = 5\nevents_per_sec = 1"));
+        assert!(message.contains("line 6, column 11: quota[1].pattern: invalid type: integer"), "{message}");
+        let message = error("[limits]\nhttp_idle_timeout_ms = 3");
+        assert!(message.ends_with("line 2, column 24: limits.http_idle_timeout_ms: must be at least 10"), "{message}");
+    }
+
+    #[test]
     fn an_unknown_key_is_named_with_the_file_and_line() {
         assert_eq!(
             error("data_dir = \"d\"\ngrpc_lisen = \"127.0.0.1:1\"\n"),
             "invalid config file /etc/edgebus.toml, line 2, column 1: unknown field `grpc_lisen`, expected one of \
-             `data_dir`, `grpc_listen`, `http_listen`, `fsync`, `limits`"
+             `data_dir`, `grpc_listen`, `http_listen`, `fsync`, `limits`, `quota`"
         );
         let message = error("[limits]\nmax_conections = 3\n");
         assert!(message.contains("line 2, column 1: unknown field `max_conections`"), "{message}");
@@ -486,6 +580,10 @@ mod tests {
         assert_eq!(settings.max_connections, Some(1024));
         assert_eq!(settings.max_subscriptions, Some(10_000));
         assert_eq!(settings.fsync, Some(FsyncPolicy::Always));
+        assert_eq!(settings.http_idle_timeout_ms, Some(30_000));
+        let quotas = settings.quotas.expect("the example has quotas");
+        assert_eq!(quotas[0].to_string(), "telemetry.>,events_per_sec=1000,bytes_per_sec=1048576");
+        Settings { quotas: Some(quotas), ..settings }.resolve().expect("the example resolves");
     }
 
     #[test]

@@ -465,6 +465,26 @@ mod tests {
     }
 
     #[test]
+    fn a_quota_refusal_is_429_with_retry_after_rounded_up_and_code_103() {
+        let refusal = QuotaRefusal {
+            stream: "telemetry.t1".to_owned(),
+            pattern: "telemetry.>".to_owned(),
+            rate: "1000 events/s".to_owned(),
+            retry_after_ms: 1200,
+        };
+        let error = ApiError::from(refusal.clone());
+        assert_eq!((error.status, error.code), (StatusCode::TOO_MANY_REQUESTS, 103));
+        assert_eq!(error.message, "ingest quota for telemetry.> exceeded (1000 events/s); retry after 1200 ms");
+        assert_eq!(error.extra.get("retry_after_ms"), Some(&json!(1200)));
+        let response = ApiError::from(refusal).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("2"));
+        // Refusals without a delay say nothing of retrying.
+        let response = ApiError::invalid("no").into_response();
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
     fn a_conflict_is_409_with_the_versions() {
         let stream = StreamName::new("a.b").unwrap();
         let source = WrongExpectedVersion { expected: ExpectedVersion::Exact(3), current: None };

@@ -1359,12 +1359,68 @@ mod tests {
             store_queue_requests: 16,
             append_latency_ms_p50: 0.5,
             append_latency_ms_p99: 9.75,
+            quotas: vec![
+                QuotaFigures {
+                    pattern: "telemetry.>".to_owned(),
+                    events_per_sec: Some(1000.0),
+                    bytes_per_sec: None,
+                    admitted_events: 17,
+                    admitted_bytes: 18,
+                    rejected_requests: 19,
+                    rejected_events: 20,
+                    rejected_bytes: 21,
+                },
+                QuotaFigures { pattern: "b.*".to_owned(), bytes_per_sec: Some(64), ..QuotaFigures::default() },
+            ],
+            connections: vec![
+                ConnectionFigures { transport: "grpc".to_owned(), open: 22, max: 23, rejected: 24 },
+                ConnectionFigures { transport: "http".to_owned(), open: 25, max: 26, rejected: 27 },
+            ],
         };
-        assert_eq!(NodeStats::from(v1::StatsResponse::from(stats)), stats);
+        assert_eq!(NodeStats::from(v1::StatsResponse::from(stats.clone())), stats);
         let json = stats.to_json();
         assert_eq!(json["backpressure"], "throttling");
         assert_eq!(json["log_records_unacknowledged"], 15);
         assert_eq!(json["append_latency_ms_p99"], 9.75);
-        assert_eq!(json.as_object().map(serde_json::Map::len), Some(20), "every field: {json}");
+        assert_eq!(json.as_object().map(serde_json::Map::len), Some(22), "every field: {json}");
+        assert_eq!(json["quotas"][0]["pattern"], "telemetry.>");
+        assert_eq!(json["quotas"][0]["events_per_sec"], 1000.0);
+        assert_eq!(json["quotas"][0]["bytes_per_sec"], Value::Null);
+        assert_eq!(json["quotas"][0]["rejected_events"], 20);
+        assert_eq!(json["quotas"][1]["bytes_per_sec"], 64);
+        assert_eq!(json["connections"]["grpc"]["rejected"], 24);
+        assert_eq!(json["connections"]["http"]["open"], 25);
+    }
+
+    #[test]
+    fn quotas_and_connections_are_rendered_per_pattern_and_transport() {
+        let stats = NodeStats {
+            quotas: vec![QuotaFigures {
+                pattern: "telemetry.>".to_owned(),
+                events_per_sec: Some(10.0),
+                admitted_events: 4,
+                admitted_bytes: 40,
+                rejected_requests: 2,
+                rejected_events: 3,
+                rejected_bytes: 30,
+                ..QuotaFigures::default()
+            }],
+            connections: vec![
+                ConnectionFigures { transport: "grpc".to_owned(), open: 1, max: 8, rejected: 5 },
+                ConnectionFigures { transport: "http".to_owned(), open: 2, max: 8, rejected: 6 },
+            ],
+            ..NodeStats::default()
+        };
+        let samples = parse(&Metrics::default().render_with(&stats));
+        let pattern = [("pattern", "telemetry.>")];
+        assert_eq!(value(&samples, "edgebus_quota_admitted_events_total", &pattern), Some(4.0));
+        assert_eq!(value(&samples, "edgebus_quota_admitted_bytes_total", &pattern), Some(40.0));
+        assert_eq!(value(&samples, "edgebus_quota_rejected_requests_total", &pattern), Some(2.0));
+        assert_eq!(value(&samples, "edgebus_quota_rejected_events_total", &pattern), Some(3.0));
+        assert_eq!(value(&samples, "edgebus_quota_rejected_bytes_total", &pattern), Some(30.0));
+        assert_eq!(value(&samples, "edgebus_connections_rejected_total", &[("transport", "grpc")]), Some(5.0));
+        assert_eq!(value(&samples, "edgebus_connections_rejected_total", &[("transport", "http")]), Some(6.0));
+        assert_eq!(value(&samples, "edgebus_connections_open", &[("transport", "http")]), Some(2.0));
+        assert_eq!(value(&samples, "edgebus_connections_max", &[("transport", "grpc")]), Some(8.0));
     }
 }

@@ -350,11 +350,7 @@ pub struct QuotaRefusal {
 
 impl fmt::Display for QuotaRefusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "ingest quota for {} exceeded ({}); retry after {} ms",
-            self.pattern, self.rate, self.retry_after_ms
-        )
+        write!(f, "ingest quota for {} exceeded ({}); retry after {} ms", self.pattern, self.rate, self.retry_after_ms)
     }
 }
 
@@ -374,7 +370,7 @@ impl QuotaRefusal {
 
 /// One quota's settings and counters at one moment, for `/metrics` and
 /// `/v1/stats`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct QuotaFigures {
     /// The pattern.
     pub pattern: String,
