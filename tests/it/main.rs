@@ -10,6 +10,7 @@ mod node;
 mod node_config;
 mod node_http;
 mod node_limits;
+mod node_quota;
 mod node_serve;
 mod node_stats;
 mod node_subscribe;
