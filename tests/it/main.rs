@@ -12,6 +12,7 @@ mod node_groups;
 mod node_groups_scenario;
 mod node_http;
 mod node_limits;
+mod node_quota;
 mod node_serve;
 mod node_stats;
 mod node_subscribe;

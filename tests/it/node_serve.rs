@@ -90,3 +90,29 @@ fn serve_answers_grpc_and_http_drains_on_sigterm_and_keeps_what_it_acknowledged(
     });
     node.stop();
 }
+
+/// The signal handlers are in place before the ready line: SIGTERM sent the
+/// moment it is read drains and exits 0, rather than killing the node by
+/// the signal's default action. Repeated, since the race is narrow.
+#[test]
+fn sigterm_right_after_the_ready_line_drains_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    let args = ["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir", data_dir];
+    for _ in 0..10 {
+        let (node, _ready) = Node::start_with(&args, &[]);
+        // The kernel already knows the node catches both signals.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).expect("the node's status");
+        let caught = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .expect("a SigCgt line");
+        let bit = |signal: u32| 1u64 << (signal - 1);
+        assert_eq!(caught & bit(15), bit(15), "SIGTERM is caught once ready: {caught:#x}");
+        assert_eq!(caught & bit(2), bit(2), "SIGINT is caught once ready: {caught:#x}");
+        // SIGTERM at once, then a bounded wait for exit status 0.
+        node.stop();
+    }
+}

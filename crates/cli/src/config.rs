@@ -14,6 +14,10 @@
 //! wrong type or a value that does not parse is an error naming the file,
 //! the key, and the line and column, so that a typo never silently falls
 //! back to a default.
+//!
+//! Ingest quotas are one setting, a list: the first layer that gives any
+//! quota (`--quota` flags, else `EDGEBUS_QUOTA`, else the file's `[[quota]]`
+//! tables) gives them all; lists of different layers are not merged.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,7 +25,9 @@ use std::path::{Path, PathBuf};
 use edgebus_log::FsyncPolicy;
 use edgebus_server::limits::NodeLimits;
 use edgebus_server::node::{self, NodeConfig};
+use edgebus_server::quota::{QuotaSpec, Quotas};
 use edgebus_store::StoreConfig;
+use edgebus_types::limits::NODE_HTTP_IDLE_TIMEOUT_MS_MIN;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -30,7 +36,7 @@ const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
 
 /// One layer of settings: each is `None` where this layer leaves it to the
 /// next.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Settings {
     /// Directory of the log and the index.
     pub data_dir: Option<PathBuf>,
@@ -44,6 +50,10 @@ pub struct Settings {
     pub max_connections: Option<usize>,
     /// Most subscriptions the node serves at once.
     pub max_subscriptions: Option<usize>,
+    /// How long an HTTP connection may stay idle, in milliseconds.
+    pub http_idle_timeout_ms: Option<u64>,
+    /// Ingest quotas in declared order; a layer that gives any gives all.
+    pub quotas: Option<Vec<QuotaSpec>>,
 }
 
 impl Settings {
@@ -57,6 +67,8 @@ impl Settings {
             fsync: self.fsync.or(lower.fsync),
             max_connections: self.max_connections.or(lower.max_connections),
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
+            http_idle_timeout_ms: self.http_idle_timeout_ms.or(lower.http_idle_timeout_ms),
+            quotas: self.quotas.or(lower.quotas),
         }
     }
 
@@ -66,8 +78,19 @@ impl Settings {
         let limits = NodeLimits {
             max_connections: self.max_connections.unwrap_or(default_limits.max_connections),
             max_subscriptions: self.max_subscriptions.unwrap_or(default_limits.max_subscriptions),
+            http_idle_timeout: self
+                .http_idle_timeout_ms
+                .map_or(default_limits.http_idle_timeout, std::time::Duration::from_millis),
         };
         anyhow::ensure!(limits.max_connections >= 1, "max_connections must be at least 1");
+        anyhow::ensure!(
+            limits.http_idle_timeout.as_millis() >= u128::from(NODE_HTTP_IDLE_TIMEOUT_MS_MIN),
+            "http_idle_timeout_ms must be at least {NODE_HTTP_IDLE_TIMEOUT_MS_MIN}"
+        );
+        let quotas = self.quotas.unwrap_or_default();
+        // The node checks them again; checking here names the problem
+        // before anything starts (too many, or one pattern twice).
+        Quotas::new(quotas.clone(), std::time::Instant::now())?;
         let mut store = StoreConfig::default();
         if let Some(fsync) = self.fsync {
             store.log.fsync = fsync;
@@ -78,6 +101,7 @@ impl Settings {
             http_listen: self.http_listen.unwrap_or_else(|| default_address(node::HTTP_LISTEN_DEFAULT)),
             store,
             limits,
+            quotas,
         })
     }
 }
@@ -140,13 +164,27 @@ struct FileLayer {
     http_listen: Option<Spanned<String>>,
     fsync: Option<Spanned<String>>,
     limits: Option<FileLimits>,
+    quota: Option<Vec<FileQuota>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileLimits {
     max_connections: Option<Spanned<usize>>,
     max_subscriptions: Option<usize>,
+    http_idle_timeout_ms: Option<Spanned<u64>>,
+}
+
+/// One `[[quota]]` table: values are numbers or strings (`"1MiB"`), read
+/// by the same code as the `--quota` flag's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileQuota {
+    pattern: Spanned<String>,
+    events_per_sec: Option<Spanned<toml::Value>>,
+    bytes_per_sec: Option<Spanned<toml::Value>>,
+    burst_events: Option<Spanned<toml::Value>>,
+    burst_bytes: Option<Spanned<toml::Value>>,
 }
 
 /// Reads the config file at `path`.
@@ -189,12 +227,35 @@ pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
             value.get_ref().parse::<FsyncPolicy>().map_err(|message| bad_value("fsync", value.span(), message))
         })
         .transpose()?;
-    let limits = file.limits.unwrap_or(FileLimits { max_connections: None, max_subscriptions: None });
+    let limits = file.limits.unwrap_or_default();
     let max_connections = limits
         .max_connections
         .map(|value| match *value.get_ref() {
             0 => Err(bad_value("limits.max_connections", value.span(), "must be at least 1".to_owned())),
             max => Ok(max),
+        })
+        .transpose()?;
+    let http_idle_timeout_ms = limits
+        .http_idle_timeout_ms
+        .map(|value| match *value.get_ref() {
+            ms if ms < NODE_HTTP_IDLE_TIMEOUT_MS_MIN => Err(bad_value(
+                "limits.http_idle_timeout_ms",
+                value.span(),
+                format!("must be at least {NODE_HTTP_IDLE_TIMEOUT_MS_MIN}"),
+            )),
+            ms => Ok(ms),
+        })
+        .transpose()?;
+    let quotas = file
+        .quota
+        .map(|quotas| {
+            quotas
+                .into_iter()
+                .enumerate()
+                .map(|(index, quota)| {
+                    file_quota(index, quota).map_err(|(key, span, message)| bad_value(&key, span, message))
+                })
+                .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
     Ok(Settings {
@@ -204,7 +265,40 @@ pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
         fsync,
         max_connections,
         max_subscriptions: limits.max_subscriptions,
+        http_idle_timeout_ms,
+        quotas,
     })
+}
+
+/// The quota of the `[[quota]]` table at `index`, or the key (as
+/// `quota[2].events_per_sec`), the span and the problem of a bad value.
+fn file_quota(index: usize, quota: FileQuota) -> Result<QuotaSpec, (String, std::ops::Range<usize>, String)> {
+    let key = |name: &str| format!("quota[{index}].{name}");
+    let pattern_span = quota.pattern.span();
+    let mut spec =
+        QuotaSpec::new(quota.pattern.get_ref()).map_err(|e| (key(e.key), pattern_span.clone(), e.message))?;
+    let values = [
+        ("events_per_sec", quota.events_per_sec),
+        ("bytes_per_sec", quota.bytes_per_sec),
+        ("burst_events", quota.burst_events),
+        ("burst_bytes", quota.burst_bytes),
+    ];
+    for (name, value) in values {
+        let Some(value) = value else { continue };
+        let text = match value.get_ref() {
+            toml::Value::Integer(number) => number.to_string(),
+            toml::Value::Float(number) => number.to_string(),
+            toml::Value::String(text) => text.clone(),
+            other => {
+                let message = format!("expected a number or a string such as \"1MiB\", got {}", other.type_str());
+                return Err((key(name), value.span(), message));
+            }
+        };
+        spec.set(name, &text).map_err(|e| (key(e.key), value.span(), e.message))?;
+    }
+    // A problem of the whole table is reported at its pattern.
+    spec.check().map_err(|e| (key(e.key), pattern_span, e.message))?;
+    Ok(spec)
 }
 
 /// The dotted key whose value starts at byte `offset` of `text`, such as
@@ -220,9 +314,22 @@ fn key_of_value_at(text: &str, offset: usize) -> Option<String> {
         return None;
     }
     let key = key.trim();
-    let table = text[..line_start].lines().rev().find_map(|line| {
+    let before = &text[..line_start];
+    let table = before.lines().rev().find_map(|line| {
         let line = line.trim();
-        line.strip_prefix('[').and_then(|rest| rest.split(']').next()).map(str::trim)
+        // An array of tables, `[[quota]]`, is named with its index: `quota[2]`.
+        if let Some(name) = line.strip_prefix("[[").and_then(|rest| rest.split("]]").next()) {
+            let name = name.trim();
+            let index = before
+                .lines()
+                .filter(|line| {
+                    line.trim().strip_prefix("[[").and_then(|r| r.split("]]").next()).map(str::trim) == Some(name)
+                })
+                .count()
+                - 1;
+            return Some(format!("{name}[{index}]"));
+        }
+        line.strip_prefix('[').and_then(|rest| rest.split(']').next()).map(|name| name.trim().to_owned())
     });
     Some(match table {
         Some(table) => format!("{table}.{key}"),
@@ -263,6 +370,19 @@ mod tests {
             [limits]
             max_connections = 16
             max_subscriptions = 0
+            http_idle_timeout_ms = 1500
+
+            [[quota]]
+            pattern = "telemetry.>"
+            events_per_sec = 1000
+            bytes_per_sec = "1MiB"
+
+            [[quota]]
+            pattern = "alerts.*"
+            events_per_sec = 0.5
+            burst_events = 3
+            bytes_per_sec = 4096
+            burst_bytes = "8KiB"
             "#,
         )
         .expect("a valid file");
@@ -275,6 +395,14 @@ mod tests {
                 fsync: Some(FsyncPolicy::Interval(Duration::from_millis(5))),
                 max_connections: Some(16),
                 max_subscriptions: Some(0),
+                http_idle_timeout_ms: Some(1500),
+                quotas: Some(vec![
+                    QuotaSpec::parse_flag("telemetry.>,events_per_sec=1000,bytes_per_sec=1048576").unwrap(),
+                    QuotaSpec::parse_flag(
+                        "alerts.*,events_per_sec=0.5,burst_events=3,bytes_per_sec=4096,burst_bytes=8192"
+                    )
+                    .unwrap(),
+                ]),
             }
         );
         assert_eq!(file("").expect("an empty file is valid"), Settings::default());
@@ -287,7 +415,11 @@ mod tests {
         assert_eq!(config.grpc_listen.to_string(), "127.0.0.1:7290");
         assert_eq!(config.http_listen.to_string(), "127.0.0.1:7291");
         assert_eq!(config.store.log.fsync, FsyncPolicy::Always);
-        assert_eq!(config.limits, NodeLimits { max_connections: 1024, max_subscriptions: 10_000 });
+        assert_eq!(
+            config.limits,
+            NodeLimits { max_connections: 1024, max_subscriptions: 10_000, http_idle_timeout: Duration::from_secs(30) }
+        );
+        assert!(config.quotas.is_empty());
     }
 
     #[test]
@@ -310,11 +442,76 @@ mod tests {
     }
 
     #[test]
+    fn the_first_layer_with_quotas_gives_them_all() {
+        let quota = |text: &str| QuotaSpec::parse_flag(text).unwrap();
+        let flags = Settings { quotas: Some(vec![quota("a.>,events_per_sec=5")]), ..Settings::default() };
+        let file = Settings {
+            quotas: Some(vec![quota("b.>,events_per_sec=1"), quota("c.>,events_per_sec=1")]),
+            http_idle_timeout_ms: Some(100),
+            ..Settings::default()
+        };
+        let config = flags.or(file.clone()).resolve().expect("valid");
+        assert_eq!(config.quotas, vec![quota("a.>,events_per_sec=5")]);
+        assert_eq!(config.limits.http_idle_timeout, Duration::from_millis(100));
+        let config = Settings::default().or(file).resolve().expect("valid");
+        assert_eq!(config.quotas.len(), 2);
+        let twice = Settings {
+            quotas: Some(vec![quota("a.>,events_per_sec=5"), quota("a.>,bytes_per_sec=5")]),
+            ..Settings::default()
+        };
+        assert_eq!(
+            twice.resolve().unwrap_err().to_string(),
+            "quota[1].pattern: a.> is already the pattern of quota[0]"
+        );
+        let short = Settings { http_idle_timeout_ms: Some(5), ..Settings::default() }.resolve().unwrap_err();
+        assert_eq!(short.to_string(), "http_idle_timeout_ms must be at least 10");
+    }
+
+    #[test]
+    fn a_bad_quota_names_its_entry_key_and_line() {
+        let quotas = |body: &str| format!("[[quota]]\npattern = \"ok.>\"\nevents_per_sec = 1\n\n[[quota]]\n{body}\n");
+        assert_eq!(
+            error(&quotas("pattern = \"t.>\"\nevents_per_sec = 0")),
+            "invalid config file /etc/edgebus.toml, line 7, column 18: quota[1].events_per_sec: must be > 0, got \"0\""
+        );
+        let message = error(&quotas("pattern = \"t.>\"\nevents_per_sec = -3"));
+        assert!(message.ends_with("line 7, column 18: quota[1].events_per_sec: must be > 0, got \"-3\""), "{message}");
+        let message = error(&quotas("pattern = \"t.>.x\"\nevents_per_sec = 1"));
+        assert!(message.contains("line 6, column 11: quota[1].pattern: "), "{message}");
+        let message = error(&quotas("pattern = \"t.>\"\nbytes_per_sec = \"1 parsec\""));
+        assert!(message.contains("line 7, column 17: quota[1].bytes_per_sec: unknown unit \"parsec\""), "{message}");
+        let message = error(&quotas("pattern = \"t.>\"\nevents_per_sec = 5\nburst_events = 0"));
+        assert!(
+            message.ends_with("line 8, column 16: quota[1].burst_events: must be at least 1 event, got 0"),
+            "{message}"
+        );
+        let message = error(&quotas("pattern = \"t.>\"\nevents_per_sec = 5\nburst_events = 0.5"));
+        assert!(message.contains("quota[1].burst_events: \"0.5\" is not a whole number"), "{message}");
+        let message = error(&quotas("pattern = \"t.>\""));
+        assert!(
+            message.ends_with(
+                "line 6, column 11: quota[1].quota: sets no rate: give events_per_sec, bytes_per_sec or both"
+            ),
+            "{message}"
+        );
+        let message = error(&quotas("pattern = \"t.>\"\nevents_per_sec = [1]"));
+        assert!(message.contains("quota[1].events_per_sec: expected a number or a string"), "{message}");
+        let message = error(&quotas("pattern = \"t.>\"\nevents_per_second = 1"));
+        assert!(message.contains("line 7, column 1: unknown field `events_per_second`"), "{message}");
+        let message = error(&quotas("events_per_sec = 1"));
+        assert!(message.contains("missing field `pattern`"), "{message}");
+        let message = error(&quotas("pattern = 5\nevents_per_sec = 1"));
+        assert!(message.contains("line 6, column 11: quota[1].pattern: invalid type: integer"), "{message}");
+        let message = error("[limits]\nhttp_idle_timeout_ms = 3");
+        assert!(message.ends_with("line 2, column 24: limits.http_idle_timeout_ms: must be at least 10"), "{message}");
+    }
+
+    #[test]
     fn an_unknown_key_is_named_with_the_file_and_line() {
         assert_eq!(
             error("data_dir = \"d\"\ngrpc_lisen = \"127.0.0.1:1\"\n"),
             "invalid config file /etc/edgebus.toml, line 2, column 1: unknown field `grpc_lisen`, expected one of \
-             `data_dir`, `grpc_listen`, `http_listen`, `fsync`, `limits`"
+             `data_dir`, `grpc_listen`, `http_listen`, `fsync`, `limits`, `quota`"
         );
         let message = error("[limits]\nmax_conections = 3\n");
         assert!(message.contains("line 2, column 1: unknown field `max_conections`"), "{message}");
@@ -383,6 +580,10 @@ mod tests {
         assert_eq!(settings.max_connections, Some(1024));
         assert_eq!(settings.max_subscriptions, Some(10_000));
         assert_eq!(settings.fsync, Some(FsyncPolicy::Always));
+        assert_eq!(settings.http_idle_timeout_ms, Some(30_000));
+        let quotas = settings.quotas.expect("the example has quotas");
+        assert_eq!(quotas[0].to_string(), "telemetry.>,events_per_sec=1000,bytes_per_sec=1048576");
+        Settings { quotas: Some(quotas), ..settings }.resolve().expect("the example resolves");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! [`crate::config`]. Once both listeners are bound and the store is open it
 //! prints one line, `edgebus ready grpc=ADDR http=ADDR data=DIR`, so scripts
 //! and tests can wait for it. SIGTERM or Ctrl-C drains and exits 0; a second
-//! signal exits at once with status 130.
+//! signal exits at once with status 130. The signal handlers are installed
+//! before the node starts, so a signal sent as soon as the ready line is
+//! out drains too (without them the default action would kill the process).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -16,6 +18,8 @@ use anyhow::Context as _;
 use clap::Args;
 use edgebus_log::FsyncPolicy;
 use edgebus_server::node;
+use edgebus_server::quota::QuotaSpec;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::config::{self, Settings};
 
@@ -37,6 +41,16 @@ Config file keys (every key is optional):
   [limits]
   max_connections = 1024           most connections each listener serves at once
   max_subscriptions = 10000        most subscriptions the node serves at once
+  http_idle_timeout_ms = 30000     an HTTP connection that sends no request this long is closed
+  [[quota]]                        an ingest quota (repeat the table for more; at most 1024)
+  pattern = \"telemetry.>\"          the streams it limits
+  events_per_sec = 1000            events per second, and/or
+  bytes_per_sec = \"1MiB\"           payload bytes per second (B, KiB, MiB, GiB, kB, MB, GB)
+  burst_events = 2000              optional, default one second's worth
+  burst_bytes = \"2MiB\"             optional, default one second's worth
+A write must be admitted by every quota whose pattern matches its stream;
+over quota it is refused with code 103 (RESOURCE_EXHAUSTED) and a retry delay.
+--quota flags (or EDGEBUS_QUOTA, entries separated by ';') replace the file's.
 
 Once listening, the node prints `edgebus ready grpc=ADDR http=ADDR data=DIR`.
 SIGTERM or Ctrl-C drains and exits 0; a second signal exits at once (130).";
@@ -72,6 +86,22 @@ pub struct ServeArgs {
     /// Most subscriptions the node serves at once [default: 10000].
     #[arg(long, env = "EDGEBUS_MAX_SUBSCRIPTIONS")]
     pub max_subscriptions: Option<usize>,
+    /// Milliseconds an HTTP connection may take to send a request's
+    /// headers, from its opening or its previous response, before the node
+    /// closes it [default: 30000].
+    #[arg(long, env = "EDGEBUS_HTTP_IDLE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(10..))]
+    pub http_idle_timeout_ms: Option<u64>,
+    /// An ingest quota, `PATTERN,key=value,...` with the keys of a
+    /// `[[quota]]` table, e.g. `telemetry.>,events_per_sec=1000,bytes_per_sec=1MiB`;
+    /// repeat the flag for more (in EDGEBUS_QUOTA, separate them with `;`).
+    /// Given here, they replace the config file's quotas.
+    #[arg(long = "quota", env = "EDGEBUS_QUOTA", value_name = "QUOTA", value_delimiter = ';', value_parser = parse_quota)]
+    pub quotas: Vec<QuotaSpec>,
+}
+
+/// A `--quota` value; its errors name the key (`events_per_sec: must be > 0, got "0"`).
+fn parse_quota(text: &str) -> Result<QuotaSpec, String> {
+    QuotaSpec::parse_flag(text).map_err(|e| e.to_string())
 }
 
 impl ServeArgs {
@@ -85,6 +115,8 @@ impl ServeArgs {
             fsync: self.fsync,
             max_connections: self.max_connections.map(|max| usize::try_from(max).unwrap_or(usize::MAX)),
             max_subscriptions: self.max_subscriptions,
+            http_idle_timeout_ms: self.http_idle_timeout_ms,
+            quotas: (!self.quotas.is_empty()).then(|| self.quotas.clone()),
         }
     }
 }
@@ -102,28 +134,49 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let data_dir = config.data_dir.display().to_string();
-    runtime.block_on(node::run(config, shutdown_signal(), move |ready| {
+    // Installed now, before the node can report ready (see the module docs).
+    let signals = {
+        let _runtime = runtime.enter();
+        ShutdownSignals::install()?
+    };
+    runtime.block_on(node::run(config, signals.wait(), move |ready| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "edgebus ready grpc={} http={} data={data_dir}", ready.grpc, ready.http);
         let _ = out.flush();
     }))
 }
 
-/// Resolves at the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// The node's SIGTERM and SIGINT (Ctrl-C) handlers. From the moment they
+/// are installed, those signals no longer end the process by their default
+/// action: they are queued until [`ShutdownSignals::wait`] takes them.
+struct ShutdownSignals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs both handlers; needs a Tokio runtime's context.
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot install a SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot install a SIGINT handler")?,
+        })
     }
-    eprintln!("edgebus: draining: finishing acknowledged work and closing the log (signal again to exit at once)");
-    tokio::spawn(async move {
+
+    /// Resolves at the first SIGTERM or SIGINT; a second one exits at once.
+    async fn wait(mut self) {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
-        eprintln!("edgebus: second signal: exiting at once");
-        std::process::exit(130);
-    });
+        eprintln!("edgebus: draining: finishing acknowledged work and closing the log (signal again to exit at once)");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = self.interrupt.recv() => {}
+                _ = self.terminate.recv() => {}
+            }
+            eprintln!("edgebus: second signal: exiting at once");
+            std::process::exit(130);
+        });
+    }
 }

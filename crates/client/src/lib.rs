@@ -11,11 +11,14 @@
 //! stream is, so that a caller can branch on [`ClientError::code`] rather
 //! than on message text.
 //!
-//! A call the node refuses as `BUSY` (its write queue is full; the request
-//! was not accepted) is sent again after the node's advised pause, with
-//! jittered exponential backoff, within the bounds of the client's
-//! [`RetryPolicy`] (by default at most 5 attempts and 10 s of waiting; see
-//! [`Client::with_retry`]).
+//! A call the node refuses as `BUSY` (its write queue is full) or as
+//! `RESOURCE_EXHAUSTED` with a retry delay (an ingest quota of its stream
+//! pattern is used up) was not accepted, and is sent again after the node's
+//! advised pause, with jittered exponential backoff, within the bounds of
+//! the client's [`RetryPolicy`] (by default at most 5 attempts and 10 s of
+//! waiting; see [`Client::with_retry`]). A producer over its quota is so
+//! slowed to the quota's rate; once the policy gives up, the refusal is
+//! returned, and [`ClientError::retry_after`] says when to try again.
 
 mod group;
 mod subscription;
@@ -72,9 +75,9 @@ impl Client {
         })
     }
 
-    /// This client with `policy` for calls the node refuses as `BUSY`
-    /// ([`RetryPolicy::default`] unless set; [`RetryPolicy::none`] to never
-    /// retry).
+    /// This client with `policy` for calls the node refuses as `BUSY` or
+    /// over a quota ([`RetryPolicy::default`] unless set;
+    /// [`RetryPolicy::none`] to never retry).
     #[must_use]
     pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
@@ -146,8 +149,9 @@ impl Client {
     }
 
     /// Runs `call` with `request`, again after a pause while the node
-    /// answers `BUSY` and the retry policy allows (a `BUSY` request was not
-    /// accepted, so sending it again is safe). The request is cloned only
+    /// refuses it as retryable (see [`ClientError::retry_after`]) and the
+    /// retry policy allows: such a request was not accepted, so sending it
+    /// again is safe. The request is cloned only
     /// for attempts that may be followed by another.
     async fn retrying<Req: Clone, T, Fut>(
         &self,
@@ -166,11 +170,9 @@ impl Client {
                 Ok(response) => return Ok(response),
                 Err(status) => status,
             };
-            let advised = match convert::error_detail_from_status(&status) {
-                Some(detail) if detail.code == v1::ErrorCode::Busy as u32 => {
-                    Duration::from_millis(detail.retry_after_ms.unwrap_or(0))
-                }
-                _ => return Err(self.status(status)),
+            let advised = match convert::error_detail_from_status(&status).as_ref().and_then(retryable_after) {
+                Some(advised) => advised,
+                None => return Err(self.status(status)),
             };
             match self.retry.delay_before_retry(attempt, advised, waited, jitter()) {
                 Some(delay) => {
@@ -184,14 +186,28 @@ impl Client {
     }
 }
 
+/// The wait a refusal advises if it is one a client may retry as it is:
+/// `BUSY` (the write queue was full; 0 if no wait is given), or
+/// `RESOURCE_EXHAUSTED` with `retry_after_ms` (an ingest quota). Other
+/// `RESOURCE_EXHAUSTED` refusals (too many subscriptions) give no delay and
+/// are not retried.
+fn retryable_after(detail: &v1::ErrorDetail) -> Option<Duration> {
+    match detail.error_code() {
+        v1::ErrorCode::Busy => Some(Duration::from_millis(detail.retry_after_ms.unwrap_or(0))),
+        v1::ErrorCode::ResourceExhausted => detail.retry_after_ms.map(Duration::from_millis),
+        _ => None,
+    }
+}
+
 /// How a [`Client`] retries a call that the node refused as `BUSY` (its
-/// write queue was full, so the request was not accepted).
+/// write queue was full) or over an ingest quota (`RESOURCE_EXHAUSTED` with
+/// a retry delay); neither request was accepted.
 ///
 /// Before retry `n` (1 for the first) it waits the larger of what the node
 /// advised (`retry_after_ms`) and `base_delay × 2^(n-1)` (at most
 /// `max_delay`), plus a random 0–50 % of that, so that clients refused
-/// together do not return together. It gives up, returning the `BUSY`
-/// error, after `max_attempts` attempts or when the next wait would bring
+/// together do not return together. It gives up, returning the last
+/// refusal, after `max_attempts` attempts or when the next wait would bring
 /// the total waited above `max_total_delay`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -218,7 +234,7 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Never retry: a `BUSY` refusal is returned at once.
+    /// Never retry: a `BUSY` or quota refusal is returned at once.
     pub fn none() -> Self {
         Self { max_attempts: 1, ..Self::default() }
     }
@@ -333,6 +349,15 @@ impl ClientError {
             Self::Refused { detail } => detail.wrong_expected_version(),
             _ => None,
         }
+    }
+
+    /// How long the node advised to wait before sending this call again, if
+    /// it is a refusal that may be retried as it is: `BUSY`, or
+    /// `RESOURCE_EXHAUSTED` from an ingest quota (`ingest quota for
+    /// telemetry.> exceeded (1000 events/s); retry after 12 ms`). The
+    /// client's [`RetryPolicy`] already retried it as far as it allows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.detail().and_then(retryable_after)
     }
 
     /// The node's error detail, if it sent one.
@@ -494,6 +519,42 @@ mod tests {
         let (result, attempts) = attempts_with(RetryPolicy::none(), &[Some(BUSY), None]).await;
         assert_eq!(result.unwrap_err().code(), Some(BUSY));
         assert_eq!(attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn quota_refusals_are_retried_and_report_their_delay_but_other_exhaustion_is_not() {
+        const EXHAUSTED: u32 = v1::ErrorCode::ResourceExhausted as u32;
+        let fast = RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            max_total_delay: Duration::from_secs(1),
+        };
+        // A quota refusal carries its delay: retried, then returned with it.
+        let (result, attempts) = attempts_with(fast.clone(), &[Some(EXHAUSTED), None]).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(attempts, 2);
+        let (result, attempts) = attempts_with(fast.clone(), &[Some(EXHAUSTED)]).await;
+        let error = result.unwrap_err();
+        assert_eq!((error.code(), error.retry_after(), attempts), (Some(EXHAUSTED), Some(Duration::from_millis(1)), 3));
+        // Without a delay (too many subscriptions): returned at once.
+        let client = unconnected(fast);
+        let attempts = std::sync::atomic::AtomicUsize::new(0);
+        let result = client
+            .retrying((), |_inner, ()| {
+                attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async {
+                    Err::<tonic::Response<()>, _>(convert::status_from_error_detail(v1::ErrorDetail {
+                        code: EXHAUSTED,
+                        message: "too many subscriptions: the node serves at most 1".to_owned(),
+                        ..v1::ErrorDetail::default()
+                    }))
+                }
+            })
+            .await;
+        let error = result.unwrap_err();
+        assert_eq!((error.code(), error.retry_after()), (Some(EXHAUSTED), None));
+        assert_eq!(attempts.into_inner(), 1);
     }
 
     #[tokio::test]

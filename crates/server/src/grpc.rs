@@ -52,6 +52,15 @@ impl EventStoreService {
         Self { state }
     }
 
+    /// Checks a client's write against the ingest quotas, before the store
+    /// sees it; a refusal is `RESOURCE_EXHAUSTED` with a retry delay.
+    fn admit(&self, stream: &edgebus_types::StreamName, events: u64, payload_bytes: u64) -> Result<(), Status> {
+        self.state
+            .quotas
+            .admit(stream, events, payload_bytes)
+            .map_err(|refusal| convert::status_from_error_detail(refusal.to_error_detail()))
+    }
+
     /// Runs a blocking store write on the blocking pool.
     async fn write<T: Send + 'static>(
         &self,
@@ -84,6 +93,7 @@ impl EventStore for EventStoreService {
         let bytes = request.get_ref().events.iter().map(wire_payload_bytes).sum();
         let result = async {
             let args = AppendArgs::from_wire(request.into_inner(), now_ms())?;
+            self.admit(&args.stream, events, bytes)?;
             let started = Instant::now();
             let result = self.write(move |store| store.append(&args.stream, args.expected, args.events)).await;
             self.state.metrics.record_append_latency(started.elapsed());
@@ -101,6 +111,7 @@ impl EventStore for EventStoreService {
         let bytes = request.get_ref().event.as_ref().map_or(0, wire_payload_bytes);
         let result = async {
             let args = ExistsOrWriteArgs::from_wire(request.into_inner(), now_ms())?;
+            self.admit(&args.stream, 1, bytes)?;
             let started = Instant::now();
             let result = self.write(move |store| store.exists_or_write(&args.stream, args.index, args.event)).await;
             self.state.metrics.record_append_latency(started.elapsed());

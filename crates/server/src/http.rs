@@ -39,6 +39,9 @@
 //! `code` is the stable wire number of `edgebus.v1.ErrorCode` (the store's
 //! codes, `100` for an invalid name, …); a version conflict adds `expected`
 //! and `current`, `BUSY` adds `retry_after_ms` and a `Retry-After` header.
+//! An append over an ingest quota (see [`crate::quota`]) is refused before
+//! the store sees it with `429`, code `103` (`RESOURCE_EXHAUSTED`),
+//! `retry_after_ms` and `Retry-After` (whole seconds, rounded up).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,9 +60,11 @@ use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
 use serde_json::{Value, json};
 
 use crate::metrics::{NodeStats, Outcome, PROMETHEUS_CONTENT_TYPE};
+use crate::quota::QuotaRefusal;
 use crate::state::NodeState;
 
 pub mod groups;
+pub mod serve;
 mod sse;
 
 /// Largest request body the JSON API accepts: one maximal append (the log's
@@ -146,9 +151,12 @@ impl IntoResponse for ApiError {
         let mut body = self.extra;
         body.insert("code".to_owned(), json!(self.code));
         body.insert("message".to_owned(), json!(self.message));
+        // Every refusal that advises a wait (`BUSY`, a quota) says it in
+        // whole seconds too, rounded up.
+        let retry_after_ms = body.get("retry_after_ms").and_then(Value::as_u64);
         let mut response = json_response(self.status, &Value::Object(body));
-        if self.code == WireCode::Busy as u32 {
-            let seconds = BUSY_RETRY_AFTER_MS.div_ceil(1000).max(1);
+        if let Some(retry_after_ms) = retry_after_ms {
+            let seconds = retry_after_ms.div_ceil(1000).max(1);
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
@@ -197,6 +205,17 @@ impl From<WriteError> for ApiError {
             }
             _ => {}
         }
+        out
+    }
+}
+
+/// An ingest quota's refusal: `429 Too Many Requests`, code 103, with
+/// `retry_after_ms` (and `Retry-After`).
+impl From<QuotaRefusal> for ApiError {
+    fn from(refusal: QuotaRefusal) -> Self {
+        let mut out = Self::new(StatusCode::TOO_MANY_REQUESTS, WireCode::ResourceExhausted as u32, refusal.to_string());
+        out.extra.insert("stream".to_owned(), json!(refusal.stream));
+        out.extra.insert("retry_after_ms".to_owned(), json!(refusal.retry_after_ms));
         out
     }
 }
@@ -352,6 +371,7 @@ async fn append_counted(
         .map(|(index, value)| new_event(value, index, timestamp_ms))
         .collect::<Result<Vec<_>, _>>()?;
     carried.1 = events.iter().map(|event| (event.data.len() + event.metadata.len()) as u64).sum();
+    state.quotas.admit(&stream, carried.0, carried.1).map_err(ApiError::from)?;
     let started = Instant::now();
     let result = blocking(&state.store, move |store| store.append(&stream, expected, events)).await;
     state.metrics.record_append_latency(started.elapsed());
@@ -450,6 +470,26 @@ mod tests {
         let error = ApiError::from(WriteError::Busy);
         assert_eq!(error.code, 13);
         assert_eq!(error.extra.get("retry_after_ms"), Some(&json!(BUSY_RETRY_AFTER_MS)));
+    }
+
+    #[test]
+    fn a_quota_refusal_is_429_with_retry_after_rounded_up_and_code_103() {
+        let refusal = QuotaRefusal {
+            stream: "telemetry.t1".to_owned(),
+            pattern: "telemetry.>".to_owned(),
+            rate: "1000 events/s".to_owned(),
+            retry_after_ms: 1200,
+        };
+        let error = ApiError::from(refusal.clone());
+        assert_eq!((error.status, error.code), (StatusCode::TOO_MANY_REQUESTS, 103));
+        assert_eq!(error.message, "ingest quota for telemetry.> exceeded (1000 events/s); retry after 1200 ms");
+        assert_eq!(error.extra.get("retry_after_ms"), Some(&json!(1200)));
+        let response = ApiError::from(refusal).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("2"));
+        // Refusals without a delay say nothing of retrying.
+        let response = ApiError::invalid("no").into_response();
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! ([`http`]) until shutdown; [`filter`] decides which recorded events a
 //! subscription delivers, by stream, stream pattern, event type and a CEL
 //! predicate over the JSON payload; [`subscription`] and [`live`] serve
-//! subscriptions; [`group`] runs consumer groups.
+//! subscriptions; [`group`] runs consumer groups; [`quota`] throttles
+//! writes per stream pattern.
 
 pub mod filter;
 pub mod group;
@@ -13,5 +14,6 @@ pub mod limits;
 pub mod live;
 pub mod metrics;
 pub mod node;
+pub mod quota;
 pub mod state;
 pub mod subscription;

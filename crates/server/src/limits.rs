@@ -1,5 +1,6 @@
 //! The node's own limits ([`NodeLimits`]) and the cap on concurrent
-//! connections per listener ([`ConnectionLimiter`]).
+//! connections per listener ([`ConnectionLimiter`]), whose figures (open,
+//! cap, refused) `/metrics` and `/v1/stats` report per transport.
 //!
 //! # Connections over the cap
 //!
@@ -38,7 +39,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use edgebus_types::limits::{
-    NODE_CONNECTION_REFUSALS_MAX, NODE_CONNECTIONS_MAX_DEFAULT, NODE_SUBSCRIPTIONS_MAX_DEFAULT,
+    NODE_CONNECTION_REFUSALS_MAX, NODE_CONNECTIONS_MAX_DEFAULT, NODE_HTTP_IDLE_TIMEOUT_MS_DEFAULT,
+    NODE_SUBSCRIPTIONS_MAX_DEFAULT,
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -64,11 +66,18 @@ pub struct NodeLimits {
     pub max_connections: usize,
     /// Most subscriptions the node serves at once, over all connections.
     pub max_subscriptions: usize,
+    /// How long an HTTP connection may take to send a request's headers,
+    /// from its opening or from its previous response (see `http::serve`).
+    pub http_idle_timeout: Duration,
 }
 
 impl Default for NodeLimits {
     fn default() -> Self {
-        Self { max_connections: NODE_CONNECTIONS_MAX_DEFAULT, max_subscriptions: NODE_SUBSCRIPTIONS_MAX_DEFAULT }
+        Self {
+            max_connections: NODE_CONNECTIONS_MAX_DEFAULT,
+            max_subscriptions: NODE_SUBSCRIPTIONS_MAX_DEFAULT,
+            http_idle_timeout: Duration::from_millis(NODE_HTTP_IDLE_TIMEOUT_MS_DEFAULT),
+        }
     }
 }
 

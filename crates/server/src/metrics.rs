@@ -15,7 +15,10 @@
 //! the exists-or-write answers, the stable error codes), and at most
 //! [`PATTERNS_MAX`] subscription patterns are labelled, the rest adding up
 //! under `pattern="_other"`. A pattern with no open subscription is
-//! forgotten when room is needed for a new one.
+//! forgotten when room is needed for a new one. The ingest quotas' series
+//! (`edgebus_quota_*{pattern}`) are one per configured quota, at most
+//! `NODE_QUOTAS_MAX`; the connection figures (`edgebus_connections_*`) one
+//! per transport.
 
 use std::collections::BTreeMap;
 use std::fmt::{Display, Write as _};
@@ -27,6 +30,8 @@ use edgebus_proto::v1;
 use edgebus_store::Store;
 use serde_json::{Value, json};
 
+use crate::limits::ConnectionLimiter;
+use crate::quota::QuotaFigures;
 use crate::state::NodeState;
 
 /// Most subscription patterns labelled one by one; the rest are counted
@@ -531,6 +536,8 @@ impl Metrics {
             out.sample("edgebus_backpressure", &[("state", state.as_str())], u8::from(stats.backpressure == state));
         }
         self.render_subscriptions(&mut out);
+        render_quotas(&mut out, &stats.quotas);
+        render_connections(&mut out, &stats.connections);
         out.text
     }
 
@@ -593,6 +600,64 @@ impl Metrics {
         }
     }
 }
+
+/// The ingest quotas' figures, one series per pattern (their number is
+/// bounded by `NODE_QUOTAS_MAX`).
+fn render_quotas(out: &mut Exposition, quotas: &[QuotaFigures]) {
+    let families: [QuotaFamily; 5] = [
+        ("edgebus_quota_admitted_events_total", "Events admitted by an ingest quota, by its pattern.", |q| {
+            q.admitted_events
+        }),
+        (
+            "edgebus_quota_admitted_bytes_total",
+            "Payload bytes (data and metadata) admitted by an ingest quota, by its pattern.",
+            |q| q.admitted_bytes,
+        ),
+        (
+            "edgebus_quota_rejected_requests_total",
+            "Writes an ingest quota refused (RESOURCE_EXHAUSTED), by its pattern.",
+            |q| q.rejected_requests,
+        ),
+        ("edgebus_quota_rejected_events_total", "Events of the writes an ingest quota refused, by its pattern.", |q| {
+            q.rejected_events
+        }),
+        (
+            "edgebus_quota_rejected_bytes_total",
+            "Payload bytes of the writes an ingest quota refused, by its pattern.",
+            |q| q.rejected_bytes,
+        ),
+    ];
+    for (name, help, value) in families {
+        out.family(name, "counter", help);
+        for quota in quotas {
+            out.sample(name, &[("pattern", &quota.pattern)], value(quota));
+        }
+    }
+}
+
+/// Each listener's open connections, cap and refusals.
+fn render_connections(out: &mut Exposition, connections: &[ConnectionFigures]) {
+    type Family = (&'static str, &'static str, &'static str, fn(&ConnectionFigures) -> u64);
+    let families: [Family; 3] = [
+        ("edgebus_connections_open", "gauge", "Connections a listener serves now, by transport.", |c| c.open),
+        ("edgebus_connections_max", "gauge", "Most connections a listener serves at once, by transport.", |c| c.max),
+        (
+            "edgebus_connections_rejected_total",
+            "counter",
+            "Connections refused because the listener's cap was reached, by transport.",
+            |c| c.rejected,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        out.family(name, kind, help);
+        for listener in connections {
+            out.sample(name, &[("transport", &listener.transport)], value(listener));
+        }
+    }
+}
+
+/// A quota family: name, help and how to read a quota's figures.
+type QuotaFamily = (&'static str, &'static str, fn(&QuotaFigures) -> u64);
 
 /// A per-pattern family: name, type, help and how to read an entry.
 type PatternFamily = (&'static str, &'static str, &'static str, fn(&PatternEntry) -> u64);
@@ -728,7 +793,7 @@ impl From<i32> for Backpressure {
 /// The figures of a node at one moment: what `GET /v1/stats`, the `Stats`
 /// rpc and `edgebus stats` report (the fields are documented on the wire
 /// message `edgebus.v1.StatsResponse`). Counters are since the node started.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeStats {
     /// Events accepted but not yet durable: `log_records_unacknowledged`
     /// plus `store_queue_requests` (each one or more events, counted as one).
@@ -771,6 +836,34 @@ pub struct NodeStats {
     pub append_latency_ms_p50: f64,
     /// 99th percentile append latency since start, in milliseconds.
     pub append_latency_ms_p99: f64,
+    /// The ingest quotas, in declared order.
+    pub quotas: Vec<QuotaFigures>,
+    /// The connection cap of each listener: gRPC, then HTTP.
+    pub connections: Vec<ConnectionFigures>,
+}
+
+/// One listener's connection cap at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionFigures {
+    /// `grpc` or `http`.
+    pub transport: String,
+    /// Connections open now.
+    pub open: u64,
+    /// The cap.
+    pub max: u64,
+    /// Connections refused because the cap was reached, since the node started.
+    pub rejected: u64,
+}
+
+impl ConnectionFigures {
+    fn of(transport: &str, limiter: &ConnectionLimiter) -> Self {
+        Self {
+            transport: transport.to_owned(),
+            open: limiter.open_connections() as u64,
+            max: limiter.max_connections() as u64,
+            rejected: limiter.rejected_connections(),
+        }
+    }
 }
 
 impl NodeStats {
@@ -814,6 +907,11 @@ impl NodeStats {
             store_queue_requests,
             append_latency_ms_p50,
             append_latency_ms_p99,
+            quotas: state.quotas.figures(),
+            connections: vec![
+                ConnectionFigures::of("grpc", &state.grpc_connections),
+                ConnectionFigures::of("http", &state.http_connections),
+            ],
         }
     }
 
@@ -840,6 +938,21 @@ impl NodeStats {
             "store_queue_requests": self.store_queue_requests,
             "append_latency_ms_p50": self.append_latency_ms_p50,
             "append_latency_ms_p99": self.append_latency_ms_p99,
+            "quotas": self.quotas.iter().map(|quota| json!({
+                "pattern": quota.pattern,
+                "events_per_sec": quota.events_per_sec,
+                "bytes_per_sec": quota.bytes_per_sec,
+                "admitted_events": quota.admitted_events,
+                "admitted_bytes": quota.admitted_bytes,
+                "rejected_requests": quota.rejected_requests,
+                "rejected_events": quota.rejected_events,
+                "rejected_bytes": quota.rejected_bytes,
+            })).collect::<Vec<_>>(),
+            "connections": self.connections.iter().map(|listener| (listener.transport.clone(), json!({
+                "open": listener.open,
+                "max": listener.max,
+                "rejected": listener.rejected,
+            }))).collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -867,6 +980,30 @@ impl From<NodeStats> for v1::StatsResponse {
             store_queue_requests: stats.store_queue_requests,
             append_latency_ms_p50: stats.append_latency_ms_p50,
             append_latency_ms_p99: stats.append_latency_ms_p99,
+            quotas: stats
+                .quotas
+                .into_iter()
+                .map(|quota| v1::QuotaStats {
+                    pattern: quota.pattern,
+                    events_per_sec: quota.events_per_sec,
+                    bytes_per_sec: quota.bytes_per_sec,
+                    admitted_events: quota.admitted_events,
+                    admitted_bytes: quota.admitted_bytes,
+                    rejected_requests: quota.rejected_requests,
+                    rejected_events: quota.rejected_events,
+                    rejected_bytes: quota.rejected_bytes,
+                })
+                .collect(),
+            connections: stats
+                .connections
+                .into_iter()
+                .map(|listener| v1::ConnectionStats {
+                    transport: listener.transport,
+                    open: listener.open,
+                    max: listener.max,
+                    rejected: listener.rejected,
+                })
+                .collect(),
         }
     }
 }
@@ -894,6 +1031,30 @@ impl From<v1::StatsResponse> for NodeStats {
             store_queue_requests: wire.store_queue_requests,
             append_latency_ms_p50: wire.append_latency_ms_p50,
             append_latency_ms_p99: wire.append_latency_ms_p99,
+            quotas: wire
+                .quotas
+                .into_iter()
+                .map(|quota| QuotaFigures {
+                    pattern: quota.pattern,
+                    events_per_sec: quota.events_per_sec,
+                    bytes_per_sec: quota.bytes_per_sec,
+                    admitted_events: quota.admitted_events,
+                    admitted_bytes: quota.admitted_bytes,
+                    rejected_requests: quota.rejected_requests,
+                    rejected_events: quota.rejected_events,
+                    rejected_bytes: quota.rejected_bytes,
+                })
+                .collect(),
+            connections: wire
+                .connections
+                .into_iter()
+                .map(|listener| ConnectionFigures {
+                    transport: listener.transport,
+                    open: listener.open,
+                    max: listener.max,
+                    rejected: listener.rejected,
+                })
+                .collect(),
         }
     }
 }
@@ -1154,7 +1315,8 @@ mod tests {
         assert_eq!(Outcome::slot_label(Outcome::Refused(17).slot()), "index_failure");
         assert_eq!(Outcome::slot_label(Outcome::Refused(104).slot()), "permission_denied");
         assert_eq!(Outcome::slot_label(Outcome::Refused(23).slot()), "code_23");
-        assert_eq!(Outcome::slot_label(Outcome::Refused(107).slot()), "code_107");
+        assert_eq!(Outcome::slot_label(Outcome::Refused(107).slot()), "not_in_flight");
+        assert_eq!(Outcome::slot_label(Outcome::Refused(150).slot()), "code_150");
         assert_eq!(Outcome::slot_label(Outcome::Refused(0).slot()), "unknown");
         assert_eq!(Outcome::slot_label(Outcome::Refused(5000).slot()), "unknown");
         let mut slots: Vec<usize> = (0..200).map(|code| Outcome::Refused(code).slot()).collect();
@@ -1199,12 +1361,68 @@ mod tests {
             store_queue_requests: 16,
             append_latency_ms_p50: 0.5,
             append_latency_ms_p99: 9.75,
+            quotas: vec![
+                QuotaFigures {
+                    pattern: "telemetry.>".to_owned(),
+                    events_per_sec: Some(1000.0),
+                    bytes_per_sec: None,
+                    admitted_events: 17,
+                    admitted_bytes: 18,
+                    rejected_requests: 19,
+                    rejected_events: 20,
+                    rejected_bytes: 21,
+                },
+                QuotaFigures { pattern: "b.*".to_owned(), bytes_per_sec: Some(64), ..QuotaFigures::default() },
+            ],
+            connections: vec![
+                ConnectionFigures { transport: "grpc".to_owned(), open: 22, max: 23, rejected: 24 },
+                ConnectionFigures { transport: "http".to_owned(), open: 25, max: 26, rejected: 27 },
+            ],
         };
-        assert_eq!(NodeStats::from(v1::StatsResponse::from(stats)), stats);
+        assert_eq!(NodeStats::from(v1::StatsResponse::from(stats.clone())), stats);
         let json = stats.to_json();
         assert_eq!(json["backpressure"], "throttling");
         assert_eq!(json["log_records_unacknowledged"], 15);
         assert_eq!(json["append_latency_ms_p99"], 9.75);
-        assert_eq!(json.as_object().map(serde_json::Map::len), Some(20), "every field: {json}");
+        assert_eq!(json.as_object().map(serde_json::Map::len), Some(22), "every field: {json}");
+        assert_eq!(json["quotas"][0]["pattern"], "telemetry.>");
+        assert_eq!(json["quotas"][0]["events_per_sec"], 1000.0);
+        assert_eq!(json["quotas"][0]["bytes_per_sec"], Value::Null);
+        assert_eq!(json["quotas"][0]["rejected_events"], 20);
+        assert_eq!(json["quotas"][1]["bytes_per_sec"], 64);
+        assert_eq!(json["connections"]["grpc"]["rejected"], 24);
+        assert_eq!(json["connections"]["http"]["open"], 25);
+    }
+
+    #[test]
+    fn quotas_and_connections_are_rendered_per_pattern_and_transport() {
+        let stats = NodeStats {
+            quotas: vec![QuotaFigures {
+                pattern: "telemetry.>".to_owned(),
+                events_per_sec: Some(10.0),
+                admitted_events: 4,
+                admitted_bytes: 40,
+                rejected_requests: 2,
+                rejected_events: 3,
+                rejected_bytes: 30,
+                ..QuotaFigures::default()
+            }],
+            connections: vec![
+                ConnectionFigures { transport: "grpc".to_owned(), open: 1, max: 8, rejected: 5 },
+                ConnectionFigures { transport: "http".to_owned(), open: 2, max: 8, rejected: 6 },
+            ],
+            ..NodeStats::default()
+        };
+        let samples = parse(&Metrics::default().render_with(&stats));
+        let pattern = [("pattern", "telemetry.>")];
+        assert_eq!(value(&samples, "edgebus_quota_admitted_events_total", &pattern), Some(4.0));
+        assert_eq!(value(&samples, "edgebus_quota_admitted_bytes_total", &pattern), Some(40.0));
+        assert_eq!(value(&samples, "edgebus_quota_rejected_requests_total", &pattern), Some(2.0));
+        assert_eq!(value(&samples, "edgebus_quota_rejected_events_total", &pattern), Some(3.0));
+        assert_eq!(value(&samples, "edgebus_quota_rejected_bytes_total", &pattern), Some(30.0));
+        assert_eq!(value(&samples, "edgebus_connections_rejected_total", &[("transport", "grpc")]), Some(5.0));
+        assert_eq!(value(&samples, "edgebus_connections_rejected_total", &[("transport", "http")]), Some(6.0));
+        assert_eq!(value(&samples, "edgebus_connections_open", &[("transport", "http")]), Some(2.0));
+        assert_eq!(value(&samples, "edgebus_connections_max", &[("transport", "grpc")]), Some(8.0));
     }
 }

@@ -7,7 +7,7 @@
 //! lets in-flight requests finish (each write is acknowledged only once
 //! durable), and closes the store, which flushes the index and syncs the log.
 
-use std::future::{Future, IntoFuture as _};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,8 +20,9 @@ use tokio::net::TcpListener;
 
 use crate::group::service::ConsumerGroupsService;
 use crate::grpc::EventStoreService;
-use crate::limits::{ConnectionLimiter, LimitedIncoming, LimitedListener, NodeLimits, Protocol};
+use crate::limits::{LimitedIncoming, LimitedListener, NodeLimits};
 use crate::live::LiveFeed;
+use crate::quota::{QuotaSpec, Quotas};
 use crate::state::NodeState;
 
 /// Default gRPC address: loopback only, so a node started with no arguments
@@ -64,8 +65,12 @@ pub struct NodeConfig {
     pub http_listen: SocketAddr,
     /// Store settings (fsync policy, limits).
     pub store: StoreConfig,
-    /// The node's own limits: connections per listener, subscriptions.
+    /// The node's own limits: connections per listener, subscriptions,
+    /// the HTTP idle timeout.
     pub limits: NodeLimits,
+    /// Ingest quotas, in declared order (see [`crate::quota`]); at most
+    /// [`NODE_QUOTAS_MAX`](edgebus_types::limits::NODE_QUOTAS_MAX).
+    pub quotas: Vec<QuotaSpec>,
 }
 
 /// The addresses a started node listens on.
@@ -83,6 +88,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(Ready),
 ) -> anyhow::Result<()> {
+    // Checked before anything is opened: a bad quota stops the node at once.
+    let quotas = Quotas::new(config.quotas.clone(), std::time::Instant::now()).context("invalid ingest quotas")?;
     let data_dir = config.data_dir.clone();
     let store_config = config.store.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir, store_config))
@@ -105,7 +112,7 @@ pub async fn run(
         let _ = stop_sender.send(true);
     });
     let live = LiveFeed::start(Arc::clone(&store)).context("cannot start the live feed thread")?;
-    let state = NodeState::new(Arc::clone(&store), live, stop.clone(), config.limits.max_subscriptions);
+    let state = NodeState::new(Arc::clone(&store), live, stop.clone(), &config.limits, quotas);
     let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
@@ -119,20 +126,22 @@ pub async fn run(
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     // Each listener admits at most `max_connections` at once and refuses
-    // the rest in its own protocol (see `limits`).
-    let grpc_limiter = ConnectionLimiter::new(Protocol::Grpc, config.limits.max_connections);
-    let http_limiter = ConnectionLimiter::new(Protocol::Http, config.limits.max_connections);
+    // the rest in its own protocol (see `limits`); the limiters live in the
+    // state so that `/metrics` can report them.
+    let grpc_limiter = Arc::clone(&state.grpc_connections);
+    let http_limiter = Arc::clone(&state.http_connections);
     let mut grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
             .add_service(groups_service)
             .serve_with_incoming_shutdown(LimitedIncoming::new(grpc_listener, grpc_limiter), stopped(stop.clone())),
     );
-    let mut http = tokio::spawn(
-        axum::serve(LimitedListener::new(http_listener, http_limiter), crate::http::router(Arc::clone(&state)))
-            .with_graceful_shutdown(stopped(stop.clone()))
-            .into_future(),
-    );
+    let mut http = tokio::spawn(crate::http::serve::serve(
+        LimitedListener::new(http_listener, http_limiter),
+        crate::http::router(Arc::clone(&state)),
+        config.limits.http_idle_timeout,
+        stopped(stop.clone()),
+    ));
 
     on_ready(ready);
     // Serve until shutdown (or until a server fails), then give open

@@ -1,5 +1,6 @@
-//! What every service of a node shares: the store, the metrics and the live
-//! feed of committed events. One [`NodeState`] per node, behind an `Arc`.
+//! What every service of a node shares: the store, the metrics, the live
+//! feed of committed events, the ingest quotas and the connection limiters.
+//! One [`NodeState`] per node, behind an `Arc`.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -7,8 +8,10 @@ use std::sync::atomic::AtomicUsize;
 use edgebus_store::Store;
 
 use crate::group::Groups;
+use crate::limits::{ConnectionLimiter, NodeLimits, Protocol};
 use crate::live::LiveFeed;
 use crate::metrics::Metrics;
+use crate::quota::Quotas;
 
 /// The node's shared state.
 #[derive(Debug)]
@@ -27,15 +30,23 @@ pub struct NodeState {
     pub subscriptions_max: usize,
     /// The consumer groups (started by `Groups::load`).
     pub groups: Groups,
+    /// Ingest quotas, checked before a client's write reaches the store.
+    pub quotas: Quotas,
+    /// The gRPC listener's connection cap (its figures are in `/metrics`).
+    pub grpc_connections: Arc<ConnectionLimiter>,
+    /// The HTTP listener's connection cap.
+    pub http_connections: Arc<ConnectionLimiter>,
 }
 
 impl NodeState {
-    /// The state of a node over `store`, fed by `live`.
+    /// The state of a node over `store`, fed by `live`, within `limits`
+    /// (its connection limiters are made here) and `quotas`.
     pub fn new(
         store: Arc<Store>,
         live: LiveFeed,
         stopping: tokio::sync::watch::Receiver<bool>,
-        subscriptions_max: usize,
+        limits: &NodeLimits,
+        quotas: Quotas,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -43,8 +54,11 @@ impl NodeState {
             live,
             stopping,
             subscriptions_open: Arc::new(AtomicUsize::new(0)),
-            subscriptions_max,
             groups: Groups::default(),
+            subscriptions_max: limits.max_subscriptions,
+            quotas,
+            grpc_connections: ConnectionLimiter::new(Protocol::Grpc, limits.max_connections),
+            http_connections: ConnectionLimiter::new(Protocol::Http, limits.max_connections),
         })
     }
 }

@@ -196,3 +196,28 @@ pub const GROUP_COMMANDS_QUEUED: usize = 1024;
 pub const GROUP_PARKED_PAGE_MAX: u32 = 1000;
 
 const _: () = assert!(GROUP_BUFFER_EVENTS_MAX >= 4 * GROUP_MAX_IN_FLIGHT_MAX as usize);
+
+// ---- ingest quotas ----------------------------------------------------------
+
+/// Most ingest quotas one node takes (default 1024; `[[quota]]` entries in
+/// the config file or `edgebus serve --quota` flags). Each write is checked
+/// against every quota in declared order, so this bounds the work of one
+/// check as well as the memory and the `/metrics` series of the quotas.
+pub const NODE_QUOTAS_MAX: usize = 1024;
+
+// ---- HTTP connections -------------------------------------------------------
+
+/// Default time an HTTP connection may take to send a request's headers,
+/// counted from the connection's opening or from the end of its previous
+/// response (default 30 s; `edgebus serve --http-idle-timeout-ms`). A
+/// client that opens a connection and sends nothing loses it then, so idle
+/// clients cannot hold connection slots for ever. A request being served
+/// (an append waiting to be durable, a server-sent events subscription) is
+/// not idle.
+pub const NODE_HTTP_IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Shortest configurable HTTP idle timeout (default 10 ms): below it a
+/// client on a loaded machine could lose its connection between the TCP
+/// handshake and its first bytes.
+pub const NODE_HTTP_IDLE_TIMEOUT_MS_MIN: u64 = 10;
+
+const _: () = assert!(NODE_HTTP_IDLE_TIMEOUT_MS_MIN <= NODE_HTTP_IDLE_TIMEOUT_MS_DEFAULT);

@@ -8,6 +8,7 @@ mod histogram;
 pub mod log;
 mod machine;
 pub mod node;
+pub mod quota;
 pub mod store;
 
 /// Arguments of `edgebus bench`.
@@ -27,6 +28,8 @@ pub enum BenchTarget {
     Store(store::StoreBenchArgs),
     /// A real node over loopback against NATS JetStream and PostgreSQL: publish with ack, end-to-end latency, fan-out.
     Node(node::NodeBenchArgs),
+    /// Ingest quotas: alerts.> throughput alone and beside a runaway telemetry.> producer held by a quota.
+    Quota(quota::QuotaBenchArgs),
 }
 
 /// Runs one benchmark.
@@ -35,6 +38,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Log(args) => log::run(&args),
         BenchTarget::Store(args) => store::run(&args),
         BenchTarget::Node(args) => node::run(&args),
+        BenchTarget::Quota(args) => quota::run(&args),
     }
 }
 
