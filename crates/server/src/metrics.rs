@@ -1316,7 +1316,6 @@ mod tests {
         assert_eq!(Outcome::slot_label(Outcome::Refused(104).slot()), "permission_denied");
         assert_eq!(Outcome::slot_label(Outcome::Refused(23).slot()), "code_23");
         assert_eq!(Outcome::slot_label(Outcome::Refused(107).slot()), "not_in_flight");
-        assert_eq!(Outcome::slot_label(Outcome::Refused(150).slot()), "code_150");
         assert_eq!(Outcome::slot_label(Outcome::Refused(0).slot()), "unknown");
         assert_eq!(Outcome::slot_label(Outcome::Refused(5000).slot()), "unknown");
         let mut slots: Vec<usize> = (0..200).map(|code| Outcome::Refused(code).slot()).collect();
