@@ -293,6 +293,11 @@ impl TokenBucket {
     /// How long until `amount` may be taken; zero if it may now. A write
     /// larger than the burst needs a full bucket.
     fn wait_for(&self, amount: u64) -> Duration {
+        // Nothing to take (an empty append, refused later by the store, or
+        // a bytes bucket and events without payload) never waits.
+        if amount == 0 {
+            return Duration::ZERO;
+        }
         let needed = (amount as f64).min(self.burst);
         if self.tokens >= needed {
             return Duration::ZERO;
@@ -681,6 +686,8 @@ mod tests {
         assert_eq!(quotas.admit_at(&t, 1, 0, start).unwrap_err().retry_after_ms, 400);
         assert_eq!(quotas.admit_at(&t, 8, 0, start + ms(500)).unwrap_err().retry_after_ms, 300);
         quotas.admit_at(&t, 8, 0, start + ms(800)).expect("full again");
+        // In debt, a write with nothing to take is not the quota's to refuse.
+        quotas.admit_at(&t, 0, 0, start + ms(800)).expect("nothing to take");
     }
 
     #[test]

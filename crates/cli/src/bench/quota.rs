@@ -47,6 +47,12 @@ pub struct QuotaBenchArgs {
     /// Directory to create the scratch directory in (default: ./target if it exists, else $TMPDIR).
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// The quota on telemetry.>, in events per second.
+    #[arg(long, default_value_t = TELEMETRY_EVENTS_PER_SEC, value_parser = clap::value_parser!(u64).range(1..))]
+    pub telemetry_events_per_sec: u64,
+    /// Appends the runaway producer keeps in flight.
+    #[arg(long, default_value_t = RUNAWAY_CALLS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub runaway_calls: usize,
 }
 
 /// The quota on the runaway's pattern.
@@ -127,10 +133,10 @@ pub fn run(args: &QuotaBenchArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     let load_start = load_average();
     let (rounds, window) = if args.quick { (ROUNDS_QUICK, WINDOW_QUICK) } else { (ROUNDS_FULL, WINDOW_FULL) };
-    let quota = QuotaSpec::parse_flag(&format!("telemetry.>,events_per_sec={TELEMETRY_EVENTS_PER_SEC}"))
+    let quota = QuotaSpec::parse_flag(&format!("telemetry.>,events_per_sec={}", args.telemetry_events_per_sec))
         .expect("the bench's quota is valid");
     let quota_text = quota.to_string();
-    let windows = runtime.block_on(measure(dir.join("data"), quota, rounds, window))?;
+    let windows = runtime.block_on(measure(dir.join("data"), quota, args.runaway_calls, rounds, window))?;
     let load_end = load_average();
     runtime.shutdown_timeout(Duration::from_secs(10));
     scratch.close().with_context(|| format!("cannot remove the scratch directory {}", dir.display()))?;
@@ -150,7 +156,7 @@ pub fn run(args: &QuotaBenchArgs) -> anyhow::Result<()> {
         load: [load_start.map(|l| l[0]), load_end.map(|l| l[0])],
         quota: quota_text,
         alert_clients: ALERT_CLIENTS,
-        runaway_calls: RUNAWAY_CALLS,
+        runaway_calls: args.runaway_calls,
         windows,
         alerts_alone_events_per_s: alone,
         alerts_with_runaway_events_per_s: with,
@@ -167,7 +173,13 @@ pub fn run(args: &QuotaBenchArgs) -> anyhow::Result<()> {
 }
 
 /// Starts the node, runs the rounds, stops the node.
-async fn measure(data_dir: PathBuf, quota: QuotaSpec, rounds: usize, window: Duration) -> anyhow::Result<Vec<Window>> {
+async fn measure(
+    data_dir: PathBuf,
+    quota: QuotaSpec,
+    runaway_calls: usize,
+    rounds: usize,
+    window: Duration,
+) -> anyhow::Result<Vec<Window>> {
     let config = NodeConfig {
         data_dir,
         grpc_listen: "127.0.0.1:0".parse().expect("an address"),
@@ -205,7 +217,8 @@ async fn measure(data_dir: PathBuf, quota: QuotaSpec, rounds: usize, window: Dur
                 "  round {round}/{rounds}: alerts {}",
                 if runaway { "with the runaway" } else { "alone" }
             ));
-            windows.push(measure_window(&alerts, &telemetry, round, runaway, window).await?);
+            let runaway_calls = if runaway { runaway_calls } else { 0 };
+            windows.push(measure_window(&alerts, &telemetry, round, runaway_calls, window).await?);
         }
     }
     drop((alerts, telemetry));
@@ -244,7 +257,7 @@ async fn measure_window(
     alerts: &Client,
     telemetry: &Client,
     round: usize,
-    runaway: bool,
+    runaway_calls: usize,
     window: Duration,
 ) -> anyhow::Result<Window> {
     static IDS: AtomicU64 = AtomicU64::new(0);
@@ -253,22 +266,19 @@ async fn measure_window(
     let counting = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    if runaway {
-        for call in 0..RUNAWAY_CALLS {
-            let (client, counts, counting, done) =
-                (telemetry.clone(), Arc::clone(&counts), Arc::clone(&counting), Arc::clone(&done));
-            tasks.push(tokio::spawn(async move {
-                let stream = StreamName::new(&format!("telemetry.sensor-{call}")).expect("a valid name");
-                while !done.load(Ordering::Relaxed) {
-                    let result = client.append(stream.clone(), ExpectedVersion::Any, vec![event(&IDS, prefix)]).await;
-                    if counting.load(Ordering::Relaxed) {
-                        let counter =
-                            if result.is_ok() { &counts.telemetry_admitted } else { &counts.telemetry_refused };
-                        counter.fetch_add(1, Ordering::Relaxed);
-                    }
+    for call in 0..runaway_calls {
+        let (client, counts, counting, done) =
+            (telemetry.clone(), Arc::clone(&counts), Arc::clone(&counting), Arc::clone(&done));
+        tasks.push(tokio::spawn(async move {
+            let stream = StreamName::new(&format!("telemetry.sensor-{call}")).expect("a valid name");
+            while !done.load(Ordering::Relaxed) {
+                let result = client.append(stream.clone(), ExpectedVersion::Any, vec![event(&IDS, prefix)]).await;
+                if counting.load(Ordering::Relaxed) {
+                    let counter = if result.is_ok() { &counts.telemetry_admitted } else { &counts.telemetry_refused };
+                    counter.fetch_add(1, Ordering::Relaxed);
                 }
-            }));
-        }
+            }
+        }));
     }
     for producer in 0..ALERT_CLIENTS {
         let (client, counts, counting, done) =
@@ -297,7 +307,7 @@ async fn measure_window(
     let per_s = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as f64 / elapsed;
     Ok(Window {
         round,
-        runaway,
+        runaway: runaway_calls > 0,
         alerts_events_per_s: per_s(&counts.alerts),
         alerts_refused: counts.alerts_refused.load(Ordering::Relaxed),
         telemetry_admitted_per_s: per_s(&counts.telemetry_admitted),
