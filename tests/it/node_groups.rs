@@ -191,6 +191,7 @@ fn windows_bound_what_is_in_flight_and_acks_free_room() {
         let second_holds = info.consumers.iter().find(|c| c.name == "two").unwrap().in_flight;
         assert!(second_holds <= 5, "{info:?}");
         drop(second);
+        until(&client, "g", "two left", |i| i.consumers.len() == 1).await;
         // `second` left: its events go to `first`, as a second attempt.
         let mut attempts = Vec::new();
         for _ in 0..40 - held[0] {

@@ -69,6 +69,10 @@ pub struct NodeBenchArgs {
     /// Do not run PostgreSQL.
     #[arg(long)]
     pub no_postgres: bool,
+    /// Run only the group-consumption cells (and their peer), skipping
+    /// publish, end-to-end and fan-out.
+    #[arg(long)]
+    pub groups_only: bool,
 }
 
 /// Payload sizes, bytes.
@@ -292,7 +296,8 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
     // The cells, each system in turn, so that drift on the machine hits them alike.
     let mut rows = Vec::new();
     let mut failed: BTreeMap<System, String> = BTreeMap::new();
-    for clients in CLIENTS {
+    let publish_clients: &[usize] = if args.groups_only { &[] } else { &CLIENTS };
+    for &clients in publish_clients {
         for payload_bytes in PAYLOAD_BYTES {
             for (system, target) in &fleet.targets {
                 if failed.contains_key(system) {
@@ -329,7 +334,8 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
     add_ratios(&mut rows);
 
     let mut end_to_end = Vec::new();
-    for clients in END_TO_END_CLIENTS {
+    let end_to_end_clients: &[usize] = if args.groups_only { &[] } else { &END_TO_END_CLIENTS };
+    for &clients in end_to_end_clients {
         progress(format_args!("  end-to-end latency, {clients} publishers, 1 subscriber ..."));
         let tag = format!("n{clients}");
         let measured = drive::end_to_end(grpc, clients, END_TO_END_PAYLOAD_BYTES, warmup, window, &tag)
@@ -346,22 +352,16 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         });
     }
     let fan_out_events = if args.quick { FAN_OUT_EVENTS_QUICK } else { FAN_OUT_EVENTS_FULL };
-    progress(format_args!("  fan-out, {FAN_OUT_SUBSCRIBERS} subscribers, {fan_out_events} events ..."));
-    let fan = drive::fan_out(grpc, FAN_OUT_SUBSCRIBERS, FAN_OUT_PUBLISHERS, fan_out_events, FAN_OUT_PAYLOAD_BYTES, "a")
-        .await
-        .context("fan-out")?;
-    let fan_out = Some(FanOutRow {
-        system: System::Edgebus,
-        subscribers: fan.subscribers,
-        publishers: FAN_OUT_PUBLISHERS,
-        events: fan.events,
-        payload_bytes: FAN_OUT_PAYLOAD_BYTES,
-        publish_s: fan.publish_elapsed.as_secs_f64(),
-        last_delivery_s: fan.last_delivery_elapsed.as_secs_f64(),
-        deliveries_per_s: (fan.subscribers as u64 * fan.events) as f64 / fan.last_delivery_elapsed.as_secs_f64(),
-        delivery_p50_us: quantile_us(&fan.delivery_latency, 0.5),
-        delivery_p99_us: quantile_us(&fan.delivery_latency, 0.99),
-    });
+    let fan_out = if args.groups_only {
+        None
+    } else {
+        progress(format_args!("  fan-out, {FAN_OUT_SUBSCRIBERS} subscribers, {fan_out_events} events ..."));
+        let fan =
+            drive::fan_out(grpc, FAN_OUT_SUBSCRIBERS, FAN_OUT_PUBLISHERS, fan_out_events, FAN_OUT_PAYLOAD_BYTES, "a")
+                .await
+                .context("fan-out")?;
+        Some(fan_out_row(&fan))
+    };
     let group_events = if args.quick { groups::EVENTS_QUICK } else { groups::EVENTS_FULL };
     let nats_target = [System::NatsSync, System::Nats].into_iter().find_map(|wanted| {
         fleet.targets.iter().find_map(|(system, target)| match target {
@@ -407,6 +407,21 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         groups: group_rows,
         checks,
     })
+}
+
+fn fan_out_row(fan: &drive::FanOut) -> FanOutRow {
+    FanOutRow {
+        system: System::Edgebus,
+        subscribers: fan.subscribers,
+        publishers: FAN_OUT_PUBLISHERS,
+        events: fan.events,
+        payload_bytes: FAN_OUT_PAYLOAD_BYTES,
+        publish_s: fan.publish_elapsed.as_secs_f64(),
+        last_delivery_s: fan.last_delivery_elapsed.as_secs_f64(),
+        deliveries_per_s: (fan.subscribers as u64 * fan.events) as f64 / fan.last_delivery_elapsed.as_secs_f64(),
+        delivery_p50_us: quantile_us(&fan.delivery_latency, 0.5),
+        delivery_p99_us: quantile_us(&fan.delivery_latency, 0.99),
+    }
 }
 
 /// The group-consumption target per number of consumers.

@@ -18,16 +18,20 @@
 //! # Checkpoints
 //!
 //! A checkpoint records the low-water mark, the ranges settled above it,
-//! and the replay's progress. It is written after `checkpoint_after`
+//! and the replay's progress. It is started after `checkpoint_after`
 //! settled events or `checkpoint_interval_ms`, whichever comes first, and
-//! when the group stops. A restart resumes from the last checkpoint, so it
-//! redelivers at most what was in flight plus what settled after that
-//! checkpoint was written: at least once, never more than that window.
+//! written beside the engine's work, one at a time; while one is written
+//! and the next is already due, the engine takes no more commands. A
+//! restart resumes from the last checkpoint written, so it redelivers at
+//! most what was in flight plus what settled after the checkpoint before
+//! it was started: fewer than twice `checkpoint_after` plus two ack
+//! messages' worth. At least once, never more than that window. The node's
+//! stop writes a last checkpoint.
 //!
 //! # Strategies
 //!
-//! - `round_robin`: the oldest waiting event goes to the next consumer
-//!   with room.
+//! - `round_robin`: the next consumer with room takes the oldest waiting
+//!   events, a run of up to 32 (so acks settle contiguous ranges).
 //! - `by_stream`: a stream has at most one event in flight, and goes to
 //!   the consumer that rendezvous hashing picks among those connected; so
 //!   a stream's events are processed one after the other in order, retries
@@ -56,6 +60,9 @@ use crate::state::NodeState;
 
 /// What a consumer's call receives.
 pub type Outbox = mpsc::Sender<Result<v1::ConsumeResponse, tonic::Status>>;
+
+/// Most consecutive events one consumer takes in one turn of round robin.
+const ROUND_ROBIN_RUN: u32 = 32;
 
 /// A consumer's id within its group's engine.
 pub type ConsumerId = u64;
@@ -360,16 +367,24 @@ impl Engine {
     pub async fn run(mut self) {
         let mut live = self.state.live.subscribe();
         let mut stopping = self.state.stopping.clone();
+        // At most one checkpoint is written at a time, beside the engine's
+        // work; while it is written and another is due, no command is taken.
+        let mut writing: Option<CheckpointWrite> = None;
         loop {
             self.fill().await;
             self.dispatch();
-            self.checkpoint_if_due(false).await;
+            if writing.is_none() && self.checkpoint_due(false) {
+                writing = Some(self.start_checkpoint());
+            }
+            let checkpoint_after = u64::from(self.settings().checkpoint_after);
+            let blocked = writing.is_some() && self.settled_since_checkpoint >= checkpoint_after;
             let deadline = self.deadlines.first().map(|(at, _)| *at);
-            let checkpoint_at = (self.settled_since_checkpoint > 0 || self.read_next != self.checkpointed_position)
+            let checkpoint_at = (writing.is_none()
+                && (self.settled_since_checkpoint > 0 || self.read_next != self.checkpointed_position))
                 .then(|| self.last_checkpoint + Duration::from_millis(self.settings().checkpoint_interval_ms));
             let read_retry_at = self.read_retry_at;
             tokio::select! {
-                command = self.commands.recv() => {
+                command = self.commands.recv(), if !blocked => {
                     let Some(command) = command else { break };
                     if self.handle(command).await {
                         return;
@@ -378,7 +393,7 @@ impl Engine {
                     // no more than a checkpoint's worth: what settled since
                     // the last checkpoint is what a crash redelivers.
                     for _ in 0..256 {
-                        if self.settled_since_checkpoint >= u64::from(self.settings().checkpoint_after) {
+                        if self.settled_since_checkpoint >= checkpoint_after {
                             break;
                         }
                         let Ok(command) = self.commands.try_recv() else { break };
@@ -386,6 +401,10 @@ impl Engine {
                             return;
                         }
                     }
+                }
+                written = wait_for(&mut writing), if writing.is_some() => {
+                    writing = None;
+                    self.checkpoint_written(written);
                 }
                 received = live.recv(), if self.end_of_log => {
                     if let Err(broadcast::error::RecvError::Closed) = received {
@@ -395,13 +414,23 @@ impl Engine {
                     self.end_of_log = false;
                 }
                 () = sleep_until(deadline), if deadline.is_some() => self.expire(Instant::now()).await,
-                () = sleep_until(checkpoint_at), if checkpoint_at.is_some() => self.checkpoint_if_due(true).await,
+                () = sleep_until(checkpoint_at), if checkpoint_at.is_some() => {
+                    if self.checkpoint_due(true) {
+                        writing = Some(self.start_checkpoint());
+                    }
+                }
                 () = sleep_until(read_retry_at), if read_retry_at.is_some() => self.read_retry_at = None,
                 () = stopped(&mut stopping) => break,
             }
         }
         // The node stops: keep what settled, and tell the consumers.
-        self.write_checkpoint().await;
+        if writing.is_some() {
+            let written = wait_for(&mut writing).await;
+            self.checkpoint_written(written);
+        }
+        let last = self.start_checkpoint();
+        let written = last.await.unwrap_or_else(|e| Err(format!("checkpoint task failed: {e}")));
+        self.checkpoint_written(written);
         self.end_consumers(&detail(v1::ErrorCode::Unavailable, "the node is shutting down"));
     }
 
@@ -914,15 +943,26 @@ impl Engine {
         }
     }
 
+    /// Round robin in runs: each consumer with room in turn takes a run of
+    /// up to [`ROUND_ROBIN_RUN`] consecutive waiting events, so that acks
+    /// settle contiguous ranges and checkpoints stay small.
     fn dispatch_round_robin(&mut self) {
         while self.in_flight < self.settings().max_in_flight {
-            let Some(&key) = self.waiting.first() else { return };
+            if self.waiting.is_empty() {
+                return;
+            }
             let after = self.consumers.range(self.rr_last + 1..).find(|(_, c)| c.in_flight < c.window);
             let next = after.or_else(|| self.consumers.range(..=self.rr_last).find(|(_, c)| c.in_flight < c.window));
             let Some((&consumer, _)) = next else { return };
             self.rr_last = consumer;
-            self.waiting.remove(&key);
-            self.deliver(key, consumer);
+            for _ in 0..ROUND_ROBIN_RUN {
+                let has_room = self.consumers.get(&consumer).is_some_and(|c| c.in_flight < c.window);
+                if !has_room || self.in_flight >= self.settings().max_in_flight {
+                    break;
+                }
+                let Some(key) = self.waiting.pop_first() else { return };
+                self.deliver(key, consumer);
+            }
         }
     }
 
@@ -1000,19 +1040,18 @@ impl Engine {
         }
     }
 
-    async fn checkpoint_if_due(&mut self, timer: bool) {
-        let due = self.settled_since_checkpoint >= u64::from(self.settings().checkpoint_after)
+    /// Whether a checkpoint is due: `checkpoint_after` settled events, or
+    /// (`timer`) progress older than `checkpoint_interval_ms`.
+    fn checkpoint_due(&self, timer: bool) -> bool {
+        self.settled_since_checkpoint >= u64::from(self.settings().checkpoint_after)
             || (timer
                 && (self.settled_since_checkpoint > 0 || self.read_next != self.checkpointed_position)
-                && self.last_checkpoint.elapsed() >= Duration::from_millis(self.settings().checkpoint_interval_ms));
-        if due {
-            self.write_checkpoint().await;
-        }
+                && self.last_checkpoint.elapsed() >= Duration::from_millis(self.settings().checkpoint_interval_ms))
     }
 
-    /// Writes a checkpoint; a failure is reported and retried at the next
-    /// one (the previous checkpoint stays valid, only older).
-    async fn write_checkpoint(&mut self) {
+    /// Starts writing a checkpoint of the state now; its result comes back
+    /// to [`Engine::checkpoint_written`].
+    fn start_checkpoint(&mut self) -> CheckpointWrite {
         let record = self.checkpoint_record();
         let event = NewEvent {
             id: EventId::from_u128(rand::random()),
@@ -1023,16 +1062,20 @@ impl Engine {
         };
         let store = Arc::clone(&self.state.store);
         let stream = self.checkpoint_stream.clone();
-        let written =
-            tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![event])).await;
+        let settled = std::mem::take(&mut self.settled_since_checkpoint);
         self.last_checkpoint = Instant::now();
+        tokio::task::spawn_blocking(move || match store.append_system(&stream, ExpectedVersion::Any, vec![event]) {
+            Ok(_) => Ok(record.position),
+            Err(e) => Err(format!("{e} ({settled} settled events wait for the next checkpoint)")),
+        })
+    }
+
+    /// A checkpoint write ended. A failure is reported; the next checkpoint
+    /// covers the same events (the previous one stays valid, only older).
+    fn checkpoint_written(&mut self, written: Result<u64, String>) {
         match written {
-            Ok(Ok(_)) => {
-                self.settled_since_checkpoint = 0;
-                self.checkpointed_position = record.position;
-            }
-            Ok(Err(e)) => eprintln!("edgebus: group {}: cannot write a checkpoint: {e}", self.record.name),
-            Err(e) => eprintln!("edgebus: group {}: checkpoint task failed: {e}", self.record.name),
+            Ok(position) => self.checkpointed_position = position,
+            Err(e) => eprintln!("edgebus: group {}: cannot write a checkpoint: {e}", self.record.name),
         }
     }
 
@@ -1115,6 +1158,17 @@ pub fn original_event(parked: &RecordedEvent) -> Option<RecordedEvent> {
         metadata: unhex(&record.metadata_hex)?,
         timestamp_ms: record.timestamp_ms,
     })
+}
+
+/// A checkpoint being written: the position it records, or why it failed.
+type CheckpointWrite = tokio::task::JoinHandle<Result<u64, String>>;
+
+/// The end of the write in `writing` (which must be some).
+async fn wait_for(writing: &mut Option<CheckpointWrite>) -> Result<u64, String> {
+    match writing.as_mut() {
+        Some(write) => write.await.unwrap_or_else(|e| Err(format!("checkpoint task failed: {e}"))),
+        None => std::future::pending().await,
+    }
 }
 
 async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
