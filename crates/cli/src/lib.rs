@@ -16,6 +16,7 @@ pub mod client_cmds;
 pub mod config;
 pub mod serve;
 pub mod subscribe;
+pub mod transform;
 
 /// The parsed command line.
 #[derive(Debug, Parser)]
@@ -43,6 +44,8 @@ pub enum Command {
     Stats(client_cmds::StatsArgs),
     /// Follow a node's events: catch up from a start, then live.
     Subscribe(subscribe::SubscribeArgs),
+    /// Run racing deterministic transformers (a built-in example) and feed them.
+    Transform(transform::TransformArgs),
 }
 
 /// Runs a parsed command line to completion.
@@ -55,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Streams(args) => client_cmds::streams(&args),
         Command::Stats(args) => client_cmds::stats(&args),
         Command::Subscribe(args) => subscribe::run(&args),
+        Command::Transform(args) => transform::run(&args),
     }
 }
 

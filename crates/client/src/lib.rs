@@ -16,8 +16,12 @@
 //! jittered exponential backoff, within the bounds of the client's
 //! [`RetryPolicy`] (by default at most 5 attempts and 10 s of waiting; see
 //! [`Client::with_retry`]).
+//!
+//! [`transform`] runs racing deterministic transformers over a node.
 
+mod store_calls;
 mod subscription;
+pub mod transform;
 
 pub use edgebus_proto::convert::{StreamSelector, SubscribeFrom, SubscriptionFilter};
 pub use subscription::{CREDIT_WINDOW_DEFAULT, Credit, Subscription, SubscriptionItem};

@@ -9,6 +9,7 @@ pub mod log;
 mod machine;
 pub mod node;
 pub mod store;
+pub mod transform;
 
 /// Arguments of `edgebus bench`.
 #[derive(Debug, Args)]
@@ -27,6 +28,8 @@ pub enum BenchTarget {
     Store(store::StoreBenchArgs),
     /// A real node over loopback against NATS JetStream and PostgreSQL: publish with ack, end-to-end latency, fan-out.
     Node(node::NodeBenchArgs),
+    /// Racing transform instances: input -> output latency with 1, 2 and 3 instances, with and without pauses.
+    Transform(transform::TransformBenchArgs),
 }
 
 /// Runs one benchmark.
@@ -35,6 +38,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Log(args) => log::run(&args),
         BenchTarget::Store(args) => store::run(&args),
         BenchTarget::Node(args) => node::run(&args),
+        BenchTarget::Transform(args) => transform::run(&args),
     }
 }
 

@@ -27,7 +27,7 @@
 //! durabilities; the report says which pairs those were.
 
 mod drive;
-mod peers;
+pub(super) mod peers;
 mod report;
 
 use std::collections::BTreeMap;
