@@ -29,6 +29,10 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// The instruments of the test order flows.
 const INSTRUMENTS: [&str; 2] = ["BTC-EUR", "ETH-EUR"];
 
+/// Events of streams by name, without positions (which differ between
+/// nodes): version, id, type, data, metadata, time.
+type StreamsContent = BTreeMap<String, Vec<(u64, EventId, String, Vec<u8>, Vec<u8>, u64)>>;
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -52,7 +56,10 @@ async fn publish_orders(client: &Client, flow: &mut OrderFlow, count: u64) {
             metadata: Vec::new(),
             timestamp_ms: 0,
         };
-        client.append(stream(&format!("orders.{}", order.instrument)), ExpectedVersion::Any, vec![event]).await.unwrap();
+        client
+            .append(stream(&format!("orders.{}", order.instrument)), ExpectedVersion::Any, vec![event])
+            .await
+            .unwrap();
     }
 }
 
@@ -72,7 +79,7 @@ async fn read_all(client: &Client, name: &StreamName) -> Vec<RecordedEvent> {
 /// Every event of the streams whose names start with `prefix`, by stream,
 /// without positions (which differ between nodes): what "byte for byte"
 /// compares.
-async fn streams_content(client: &Client, prefix: &str) -> BTreeMap<String, Vec<(u64, EventId, String, Vec<u8>, Vec<u8>, u64)>> {
+async fn streams_content(client: &Client, prefix: &str) -> StreamsContent {
     let mut out = BTreeMap::new();
     for info in client.list_streams(None, 10_000, false).await.unwrap() {
         if !info.stream.as_str().starts_with(prefix) {
@@ -391,7 +398,7 @@ fn matcher_config() -> TransformConfig {
 
 /// What the honest matcher writes over `inputs`: the runner's own logic,
 /// alone, with no node.
-fn honest_outputs(inputs: &[RecordedEvent]) -> BTreeMap<String, Vec<(u64, EventId, String, Vec<u8>, Vec<u8>, u64)>> {
+fn honest_outputs(inputs: &[RecordedEvent]) -> StreamsContent {
     let engine = OrderMatcher::new("trades").unwrap();
     let outputs = engine.outputs();
     let state = engine.initial_state();
@@ -492,13 +499,8 @@ fn a_state_that_differs_between_instances_is_a_state_hash_mismatch_and_no_snapsh
     let rendered = end.render_prometheus("matcher", "1");
     assert!(rendered.contains("edgebus_transform_state_hash_mismatches_total{transform=\"matcher\",instance=\"1\"} 4"));
     let hashes = rt.block_on(read_all(&client, &stream("transform.matcher.statehash")));
-    let mismatches: Vec<Notice> = notices
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|n| matches!(n, Notice::StateHashMismatch { .. }))
-        .cloned()
-        .collect();
+    let mismatches: Vec<Notice> =
+        notices.lock().unwrap().iter().filter(|n| matches!(n, Notice::StateHashMismatch { .. })).cloned().collect();
     assert_eq!(mismatches.len(), 4);
     let Notice::StateHashMismatch { inputs_applied, ours, theirs, position, .. } = &mismatches[0] else {
         unreachable!()
@@ -539,11 +541,8 @@ fn bad_input_is_refused_before_anything_is_written() {
     rt.block_on(client.append(stream("fills.x"), ExpectedVersion::Any, vec![foreign])).unwrap();
     let old = encode_snapshot(99, &Progress { inputs_applied: 5, ..Progress::default() }, b"{}");
     rt.block_on(client.record_snapshot("transform.old", stream("transform.old.spec"), 5, old)).unwrap();
-    let ahead_progress = Progress {
-        inputs_applied: 5,
-        next_position: 6,
-        output_counts: [(stream("ahead.BTC-EUR"), 3)].into(),
-    };
+    let ahead_progress =
+        Progress { inputs_applied: 5, next_position: 6, output_counts: [(stream("ahead.BTC-EUR"), 3)].into() };
     let ahead = encode_snapshot(OrderMatcher::STATE_VERSION, &ahead_progress, br#"{"books":{}}"#);
     rt.block_on(client.record_snapshot("transform.ahead", stream("transform.ahead.spec"), 5, ahead)).unwrap();
     let end_position = || rt.block_on(client.stats()).unwrap().end_position;

@@ -226,7 +226,9 @@ async fn run_instances(args: &RunArgs) -> anyhow::Result<()> {
         }
     }
     match failure {
-        Some((instance, error)) => Err(anyhow::Error::new(error).context(format!("transform {name} instance {instance}"))),
+        Some((instance, error)) => {
+            Err(anyhow::Error::new(error).context(format!("transform {name} instance {instance}")))
+        }
         None => Ok(()),
     }
 }
@@ -311,14 +313,14 @@ mod tests {
     #[test]
     fn run_arguments_make_the_configuration() {
         let args = parse(&["matcher", "--instances", "3", "--state-hash-every", "10", "--snapshot-every", "50"]);
-        let (config, _) = config(&args).unwrap();
+        let (config, _) = super::config(&args).unwrap();
         assert_eq!(config.name, "matcher");
         assert_eq!(config.inputs.as_str(), "orders.>");
         assert_eq!(config.outputs.as_str(), "trades.*");
         assert_eq!((config.state_hash_every, config.snapshot_every), (10, 50));
         assert!(config.use_snapshots && config.require_inputs);
         let args = parse(&["matcher", "--name", "m2", "--output-prefix", "fills.eu", "--no-snapshot"]);
-        let (config, _) = config(&args).unwrap();
+        let (config, _) = super::config(&args).unwrap();
         assert_eq!((config.name.as_str(), config.outputs.as_str()), ("m2", "fills.eu.*"));
         assert!(!config.use_snapshots);
     }
@@ -411,11 +413,18 @@ mod tests {
             ],
         );
         assert_eq!(lines[0], r#"OrderRested {"order_id":"orders.BTC@0","side":"buy","price":99,"qty":3}"#);
-        assert_eq!(lines[1], r#"OrderRejected {"order_id":"orders.BTC@0","reason":"an order with this id is live already"}"#);
+        assert_eq!(
+            lines[1],
+            r#"OrderRejected {"order_id":"orders.BTC@0","reason":"an order with this id is live already"}"#
+        );
         assert_eq!(lines[2], r#"OrderCancelled {"order_id":"orders.BTC@0","qty":3,"reason":"cancelled"}"#);
         assert_eq!(lines[3], r#"OrderRejected {"order_id":"orders.BTC@0","reason":"no live order with this id"}"#);
         assert_eq!(lines[4], r#"OrderRejected {"order_id":"orders.BTC@4","reason":"qty must be at least 1"}"#);
-        assert!(lines[5].starts_with(r#"OrderRejected {"order_id":null,"reason":"invalid PlaceOrder: "#), "{}", lines[5]);
+        assert!(
+            lines[5].starts_with(r#"OrderRejected {"order_id":null,"reason":"invalid PlaceOrder: "#),
+            "{}",
+            lines[5]
+        );
         assert!(lines[6].contains("unknown input type Event: expected PlaceOrder or CancelOrder"), "{}", lines[6]);
         assert_eq!(lines.len(), 7, "one output per input here");
         assert_eq!(books.resting_orders(), 0);

@@ -237,9 +237,9 @@ async fn measure(args: &TransformBenchArgs, dir: &Path) -> anyhow::Result<Vec<Ce
                 "  {instances} instance(s), {} ...",
                 if paused { "one paused at random" } else { "undisturbed" }
             ));
-            let row = cell(&server, instances, paused, window).await.with_context(|| {
-                format!("{instances} instance(s){}", if paused { ", paused" } else { "" })
-            })?;
+            let row = cell(&server, instances, paused, window)
+                .await
+                .with_context(|| format!("{instances} instance(s){}", if paused { ", paused" } else { "" }))?;
             rows.push(row);
         }
     }
@@ -471,9 +471,12 @@ fn input_of(metadata: &[u8]) -> Option<String> {
 /// Starts one instance and waits until it has caught up with its (empty) inputs.
 fn start_instance(server: &str, name: &str, inputs: &str, output_prefix: &str) -> anyhow::Result<ChildGuard> {
     let mut command = std::process::Command::new(std::env::current_exe().context("cannot find this executable")?);
-    command
-        .args(["transform", "run", "matcher", "--allow-no-input", "--name", name, "--inputs", inputs])
-        .args(["--output-prefix", output_prefix, "--server", server]);
+    command.args(["transform", "run", "matcher", "--allow-no-input", "--name", name, "--inputs", inputs]).args([
+        "--output-prefix",
+        output_prefix,
+        "--server",
+        server,
+    ]);
     let (guard, ()) = ChildGuard::spawn_until("edgebus transform run", command, |line| {
         line.contains(": caught up position=").then_some(())
     })?;

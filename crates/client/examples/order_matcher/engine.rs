@@ -198,7 +198,7 @@ impl Transform for OrderMatcher {
             PLACE_ORDER => match serde_json::from_slice::<PlaceOrder>(&input.data) {
                 Ok(order) => {
                     let default_id = format!("{}@{}", input.stream, input.version);
-                    place(books, instrument, order, &default_id, &mut out);
+                    place(books, instrument, &order, &default_id, &mut out);
                 }
                 Err(e) => out.reject(None, &format!("invalid {PLACE_ORDER}: {e}")),
             },
@@ -225,7 +225,7 @@ impl Transform for OrderMatcher {
     }
 }
 
-fn place(books: &mut Books, instrument: &str, order: PlaceOrder, default_id: &str, out: &mut Emitter) {
+fn place(books: &mut Books, instrument: &str, order: &PlaceOrder, default_id: &str, out: &mut Emitter) {
     let order_id = order.order_id.as_deref().unwrap_or(default_id);
     if order_id.is_empty() || order_id.len() > ORDER_ID_BYTES_MAX {
         return out.reject(Some(order_id), "order_id must be 1 to 64 bytes");
@@ -375,7 +375,8 @@ impl OrderFlow {
 
     /// The next order.
     pub fn next_order(&mut self) -> FlowOrder {
-        let instrument = self.instruments[self.below(self.instruments.len() as u64) as usize].clone();
+        let pick = self.below(self.instruments.len() as u64) as usize;
+        let instrument = self.instruments[pick].clone();
         let roll = self.below(100);
         if roll < 8 && !self.recent.is_empty() {
             let at = self.below(self.recent.len() as u64) as usize;

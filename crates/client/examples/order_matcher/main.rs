@@ -14,6 +14,8 @@
 //! `--output-prefix PREFIX` (default `trades`), `--feed N` (publish N orders
 //! of the example's order flow first). Ctrl-C stops it.
 
+// The engine also offers figures (resting orders, trades) that this program does not print.
+#[allow(dead_code)]
 mod engine;
 
 use std::time::Duration;

@@ -169,7 +169,7 @@ impl<T: Transform> Core<T> {
         progress: Progress,
     ) -> Self {
         assert!(state_hash_every >= 1, "state hashes need a period");
-        assert_eq!(snapshot_every % state_hash_every, 0, "snapshots are taken at state hashes");
+        assert!(snapshot_every.is_multiple_of(state_hash_every), "snapshots are taken at state hashes");
         Self { transform, names, outputs, state_hash_every, snapshot_every, state, progress }
     }
 
@@ -195,7 +195,10 @@ impl<T: Transform> Core<T> {
         if produced.len() > OUTPUTS_PER_INPUT_MAX {
             return Err(TransformError::BadOutput {
                 input: input_ref.to_string(),
-                reason: format!("{} outputs for one input, more than the maximum of {OUTPUTS_PER_INPUT_MAX}", produced.len()),
+                reason: format!(
+                    "{} outputs for one input, more than the maximum of {OUTPUTS_PER_INPUT_MAX}",
+                    produced.len()
+                ),
             });
         }
         // The node keeps a non-zero time as given; 0 would make it stamp
@@ -229,7 +232,7 @@ impl<T: Transform> Core<T> {
         self.progress.inputs_applied += 1;
         self.progress.next_position = input.position + 1;
         let inputs_applied = self.progress.inputs_applied;
-        let state_check = (inputs_applied % self.state_hash_every == 0).then(|| {
+        let state_check = inputs_applied.is_multiple_of(self.state_hash_every).then(|| {
             let state = self.transform.encode_state(&self.state);
             let state_hash = state_hash(&state);
             let index = inputs_applied / self.state_hash_every - 1;
@@ -246,7 +249,7 @@ impl<T: Transform> Core<T> {
                 metadata: metadata.clone(),
                 timestamp_ms,
             };
-            let snapshot = (self.snapshot_every > 0 && inputs_applied % self.snapshot_every == 0)
+            let snapshot = (self.snapshot_every > 0 && inputs_applied.is_multiple_of(self.snapshot_every))
                 .then(|| encode_snapshot(T::STATE_VERSION, &self.progress, &state));
             StateCheck {
                 planned: Planned { stream: self.names.state_hash.clone(), index, event },
@@ -493,7 +496,8 @@ mod tests {
         let mut second = core(Progress::default(), BTreeMap::new());
         let steps = run(&mut first, &inputs());
         assert_eq!(steps, run(&mut second, &inputs()));
-        let out_a: Vec<u64> = steps.iter().flat_map(|s| &s.outputs).filter(|p| p.stream.as_str() == "out.a").map(|p| p.index).collect();
+        let out_a: Vec<u64> =
+            steps.iter().flat_map(|s| &s.outputs).filter(|p| p.stream.as_str() == "out.a").map(|p| p.index).collect();
         assert_eq!(out_a, (0..8).collect::<Vec<u64>>(), "6 inputs: 6 Seen and 2 Third, dense from 0");
         let third = &steps[4].outputs[1];
         assert_eq!((third.stream.as_str(), third.index, third.event.event_type.as_str()), ("out.a", 3, "Third"));

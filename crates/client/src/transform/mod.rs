@@ -58,7 +58,7 @@ pub const STATE_HASH_EVERY_DEFAULT: u64 = 100;
 /// hash period).
 pub const SNAPSHOT_EVERY_DEFAULT: u64 = 1000;
 
-const _: () = assert!(SNAPSHOT_EVERY_DEFAULT % STATE_HASH_EVERY_DEFAULT == 0);
+const _: () = assert!(SNAPSHOT_EVERY_DEFAULT.is_multiple_of(STATE_HASH_EVERY_DEFAULT));
 
 /// A deterministic transform: the same inputs in the same order must give
 /// the same outputs and the same encoded state, in every process.
@@ -177,7 +177,9 @@ pub enum TransformError {
     /// A stream matching our output pattern holds an event that this
     /// transform did not write; nothing was written (or, found while
     /// running, the instance stops).
-    #[error("output stream {stream} is owned by {owner}, not by transform {name}: its event {version} was written by it")]
+    #[error(
+        "output stream {stream} is owned by {owner}, not by transform {name}: its event {version} was written by it"
+    )]
     OutputStreamOwned {
         /// The stream.
         stream: StreamName,
@@ -267,7 +269,13 @@ pub enum TransformError {
     },
     /// The node refused a call or could not be reached (after the retries).
     #[error(transparent)]
-    Client(#[from] ClientError),
+    Client(Box<ClientError>),
+}
+
+impl From<ClientError> for TransformError {
+    fn from(error: ClientError) -> Self {
+        Self::Client(Box::new(error))
+    }
 }
 
 /// The details of a divergence.

@@ -21,8 +21,8 @@ use edgebus_types::{EventType, NewEvent, RecordedEvent, StreamName, StreamPatter
 use tokio::sync::mpsc;
 
 use super::logic::{
-    ControlNames, Core, InputRef, Planned, Progress, SNAPSHOT_BYTES_MAX, SPEC_TYPE, Step, decode_snapshot,
-    derived_id, metadata_transform, parse_spec, parse_state_hash, patterns_overlap, spec_data,
+    ControlNames, Core, InputRef, Planned, Progress, SNAPSHOT_BYTES_MAX, SPEC_TYPE, Step, decode_snapshot, derived_id,
+    metadata_transform, parse_spec, parse_state_hash, patterns_overlap, spec_data,
 };
 use super::{Divergence, MetricsSnapshot, Notice, Transform, TransformConfig, TransformError, TransformMetrics};
 use crate::{Client, ClientError, Credit, StreamSelector, SubscribeFrom, SubscriptionFilter, SubscriptionItem};
@@ -198,7 +198,7 @@ fn check_config(config: &TransformConfig) -> Result<(), TransformError> {
     if config.state_hash_every == 0 {
         return invalid("state_hash_every must be at least 1".to_owned());
     }
-    if config.snapshot_every % config.state_hash_every != 0 {
+    if !config.snapshot_every.is_multiple_of(config.state_hash_every) {
         return invalid(format!(
             "snapshot_every ({}) must be 0 or a multiple of state_hash_every ({}): snapshots are taken where the \
              state hash agreed",
@@ -236,15 +236,15 @@ impl Backoff {
         *self = Self::new();
     }
 
-    /// The wait before trying again after `error`, or the error once the budget is spent.
-    fn next_delay(&mut self, error: ClientError) -> Result<Duration, ClientError> {
+    /// The wait before trying again, or `None` once the budget is spent.
+    fn next_delay(&mut self) -> Option<Duration> {
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= RETRY_BUDGET {
-            return Err(error);
+            return None;
         }
         let delay = self.delay;
         self.delay = (self.delay * 2).min(RETRY_DELAY_MAX);
-        Ok(delay)
+        Some(delay)
     }
 }
 
@@ -270,7 +270,7 @@ impl Context {
                 Ok(result) => return Ok(result),
                 Err(error) if transient(&error) => {
                     let message = error.to_string();
-                    let delay = backoff.next_delay(error)?;
+                    let Some(delay) = backoff.next_delay() else { return Err(error.into()) };
                     self.metrics.retries.fetch_add(1, Ordering::Relaxed);
                     self.notice(&Notice::Retrying {
                         what: what.to_owned(),
@@ -397,7 +397,8 @@ impl Context {
                 return Err(TransformError::OutputStreamOwned {
                     stream: info.stream.clone(),
                     version: first.version,
-                    owner: owner.map_or_else(|| "a producer that is no transform".to_owned(), |o| format!("transform {o}")),
+                    owner: owner
+                        .map_or_else(|| "a producer that is no transform".to_owned(), |o| format!("transform {o}")),
                     name: name.clone(),
                 });
             }
@@ -416,7 +417,8 @@ impl Context {
         let Some(snapshot) = snapshot else {
             return Ok(Start { progress: Progress::default(), state: transform.initial_state(), from_snapshot: false });
         };
-        let corrupt = |reason: String| TransformError::CorruptSnapshot { name: name.clone(), version: snapshot.version, reason };
+        let corrupt =
+            |reason: String| TransformError::CorruptSnapshot { name: name.clone(), version: snapshot.version, reason };
         let decoded = decode_snapshot(&snapshot.state).map_err(corrupt)?;
         if decoded.state_version != T::STATE_VERSION {
             return Err(TransformError::IncompatibleSnapshot {
@@ -429,7 +431,8 @@ impl Context {
         if decoded.progress.inputs_applied != snapshot.version {
             return Err(corrupt(format!("it holds {} inputs applied", decoded.progress.inputs_applied)));
         }
-        let state = transform.decode_state(&decoded.state).map_err(|e| corrupt(format!("the state does not decode: {e}")))?;
+        let state =
+            transform.decode_state(&decoded.state).map_err(|e| corrupt(format!("the state does not decode: {e}")))?;
         // The snapshot must not be ahead of the outputs, or resuming would
         // leave a gap where they were.
         for (stream, &expected) in &decoded.progress.output_counts {
@@ -542,9 +545,13 @@ impl Context {
                 return Err(failure.into());
             }
             let message = failure.to_string();
-            let delay = backoff.next_delay(failure)?;
+            let Some(delay) = backoff.next_delay() else { return Err(failure.into()) };
             self.metrics.retries.fetch_add(1, Ordering::Relaxed);
-            self.notice(&Notice::Retrying { what: "subscribe".to_owned(), error: message, delay_ms: delay.as_millis() as u64 });
+            self.notice(&Notice::Retrying {
+                what: "subscribe".to_owned(),
+                error: message,
+                delay_ms: delay.as_millis() as u64,
+            });
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
