@@ -207,7 +207,9 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         if self.status.is_none() && self.exited.try_recv().is_err() {
-            send_signal(self.pid, "KILL");
+            // No assertion here: it may run while a failed test unwinds,
+            // and the process may have exited in the meantime.
+            let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
         }
     }
 }
@@ -289,7 +291,7 @@ fn racing_instances_killed_at_random_write_what_one_instance_writes_alone() {
         send_signal(instance.pid, "TERM");
         let (status, _, stderr) = instance.finish();
         assert!(status.success(), "a stopped instance exits 0: {stderr}");
-        assert!(!stderr.contains("mismatch"), "{stderr}");
+        assert!(!stderr.contains("state hash mismatch"), "{stderr}");
     }
 
     // The same inputs on a second node (same streams, versions, ids and
@@ -433,7 +435,8 @@ fn a_non_deterministic_instance_is_stopped_by_the_divergence_check() {
     assert!(status.success(), "{stderr}");
 
     let cheater = TransformRunner::new(client.clone(), matcher_config(), Cheater(OrderMatcher::new("trades").unwrap()));
-    let result = rt.block_on(tokio::time::timeout(DEADLINE, cheater.run(std::future::pending()))).expect("it stops");
+    let result = rt.block_on(async { tokio::time::timeout(DEADLINE, cheater.run(std::future::pending())).await });
+    let result = result.expect("it stops");
     let Err(TransformError::Diverged(divergence)) = result else { panic!("expected a divergence, got {result:?}") };
     let inputs = rt.block_on(inputs_in_log_order(&client));
     let input = inputs.iter().find(|i| i.position == divergence.input.position).expect("the input named");
@@ -490,7 +493,8 @@ fn a_state_that_differs_between_instances_is_a_state_hash_mismatch_and_no_snapsh
         .on_notice(move |notice: &Notice| sink.lock().unwrap().push(notice.clone()))
         .stop_when_caught_up();
     let metrics = runner.metrics();
-    let end = rt.block_on(tokio::time::timeout(DEADLINE, runner.run(std::future::pending()))).expect("it stops");
+    let end = rt.block_on(async { tokio::time::timeout(DEADLINE, runner.run(std::future::pending())).await });
+    let end = end.expect("it stops");
     let end = end.expect("outputs agree, so the instance runs on");
     assert_eq!(end.inputs_applied, 40);
     assert_eq!(end.outputs_written, 0, "every output was there already, identical");

@@ -286,20 +286,24 @@ impl Context {
 
     /// The first event of `stream`, if it has one.
     async fn first_event(&self, stream: &StreamName) -> Result<Option<RecordedEvent>, TransformError> {
-        let events = self
-            .retrying("read", || self.client.read_stream(stream.clone(), StreamFrom::Start, Direction::Forward, 1))
-            .await?;
-        Ok(events.into_iter().next())
+        self.read_one(stream, StreamFrom::Start).await
     }
 
     /// The event at version `index` of `stream`.
     async fn event_at(&self, stream: &StreamName, index: u64) -> Result<Option<RecordedEvent>, TransformError> {
-        let events = self
-            .retrying("read", || {
-                self.client.read_stream(stream.clone(), StreamFrom::Version(index), Direction::Forward, 1)
-            })
-            .await?;
-        Ok(events.into_iter().find(|event| event.version == index))
+        let event = self.read_one(stream, StreamFrom::Version(index)).await?;
+        Ok(event.filter(|event| event.version == index))
+    }
+
+    /// The first event of `stream` from `from`; `None` if there is none or
+    /// the stream has no events.
+    async fn read_one(&self, stream: &StreamName, from: StreamFrom) -> Result<Option<RecordedEvent>, TransformError> {
+        let read = self.retrying("read", || self.client.read_stream(stream.clone(), from, Direction::Forward, 1)).await;
+        match read {
+            Ok(events) => Ok(events.into_iter().next()),
+            Err(TransformError::Client(error)) if error.error_code() == Some(v1::ErrorCode::StreamNotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     /// Up to `max` streams with events that match `pattern`, in name order,
