@@ -198,7 +198,14 @@ impl Process {
         (status, stdout.join("\n"), self.stderr_seen.join("\n"))
     }
 
+    /// SIGKILL; fails the test if the process had already stopped on its
+    /// own (an instance only stops when told to).
     fn kill(mut self) {
+        if let Ok(status) = self.exited.try_recv() {
+            self.status = Some(status);
+            self.stderr_seen.extend(self.stderr.try_iter());
+            panic!("the process stopped on its own ({status}): {:?}", self.stderr_seen);
+        }
         send_signal(self.pid, "KILL");
         let _ = self.finish();
     }
