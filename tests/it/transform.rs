@@ -156,8 +156,12 @@ struct Process {
 
 impl Process {
     fn spawn(args: &[&str]) -> Self {
+        // A fork holds copies of this process's descriptors until its exec,
+        // log locks included: no log opens meanwhile (see `guarded`).
+        let starting = edgebus_tests::guarded::starting_child();
         let mut child: Child =
             edgebus_command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start edgebus");
+        drop(starting);
         let stdout = lines_of(child.stdout.take().expect("piped stdout"));
         let stderr = lines_of(child.stderr.take().expect("piped stderr"));
         let pid = child.id();

@@ -16,7 +16,9 @@
 //! and noisy neighbours. The target (issue 9): with one paused instance out
 //! of 3, p99 within [`TARGET_P99_RATIO`]× of no pauses, while 1 instance
 //! with pauses shows the pause in its p99 (at least half of it above the
-//! undisturbed p99).
+//! undisturbed p99). A baseline row (0 instances) measures the node alone
+//! under the same load: an order's append to the delivery of the order
+//! itself to a subscriber.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,8 +53,9 @@ pub struct TransformBenchArgs {
     pub dir: Option<std::path::PathBuf>,
 }
 
-/// Competing instances in the cells.
-const INSTANCES: [usize; 3] = [1, 2, 3];
+/// Competing instances in the cells; 0 is the baseline, the node alone (an
+/// order's append to the order's own delivery to a subscriber).
+const INSTANCES: [usize; 4] = [0, 1, 2, 3];
 /// Orders published per second, open-loop.
 pub const RATE_PER_S: u64 = 200;
 /// How long a paused instance stays stopped, and how often it happens.
@@ -150,7 +153,9 @@ pub fn run(args: &TransformBenchArgs) -> anyhow::Result<()> {
             PAUSE.as_millis(),
             PAUSE_EVERY.as_secs()
         );
-        println!("latency:    append start of an order -> its first output at a subscriber");
+        println!(
+            "latency:    append start of an order -> its first output at a subscriber (0 instances: the order itself)"
+        );
         println!();
         println!("instances  paused    p50 µs    p99 µs  p99.9 µs    max µs  outputs/s  inputs  missing  pauses");
         let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
@@ -231,8 +236,13 @@ async fn measure(args: &TransformBenchArgs, dir: &Path) -> anyhow::Result<Vec<Ce
     progress(format_args!("  edgebus serve (fsync=always, pid {}) on {}", node.guard.pid(), node.grpc));
     let server = format!("http://{}", node.grpc);
     let mut rows = Vec::new();
-    for paused in [false, true] {
-        for instances in INSTANCES {
+    // Undisturbed and paused take turns, so that drift on the machine hits
+    // the pairs that are compared alike.
+    for instances in INSTANCES {
+        for paused in [false, true] {
+            if instances == 0 && paused {
+                continue;
+            }
             progress(format_args!(
                 "  {instances} instance(s), {} ...",
                 if paused { "one paused at random" } else { "undisturbed" }
@@ -292,9 +302,11 @@ async fn cell(server: &str, instances: usize, paused: bool, window: Duration) ->
     let client = Client::connect(server).await?;
     let timings = Arc::new(Mutex::new(Timings::default()));
 
-    // The subscriber: live outputs from now on.
+    // The subscriber: live outputs from now on (the orders themselves for
+    // the baseline).
+    let watched = if instances == 0 { inputs.clone() } else { format!("{output_prefix}.*") };
     let filter = SubscriptionFilter {
-        streams: StreamSelector::Pattern(StreamPattern::new(&format!("{output_prefix}.*"))?),
+        streams: StreamSelector::Pattern(StreamPattern::new(&watched)?),
         event_types: Vec::new(),
         predicate: None,
         include_system: false,
@@ -311,7 +323,12 @@ async fn cell(server: &str, instances: usize, paused: bool, window: Duration) ->
             while let Some(item) = subscription.next().await {
                 let Ok(SubscriptionItem::Event(event)) = item else { continue };
                 let arrived = Instant::now();
-                let Some(key) = input_of(&event.metadata) else { continue };
+                let key = if instances == 0 {
+                    format!("{}@{}", event.stream, event.version)
+                } else {
+                    let Some(key) = input_of(&event.metadata) else { continue };
+                    key
+                };
                 let mut timings = timings.lock().expect("timings lock");
                 if window_open.load(std::sync::atomic::Ordering::Relaxed) {
                     timings.outputs_in_window += 1;
