@@ -22,3 +22,4 @@ mod store_checkpoint_crash;
 mod store_determinism;
 mod store_model;
 mod store_race;
+mod transform;

@@ -38,7 +38,11 @@ impl Node {
     /// the caller says where to listen and where the data goes.
     pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> (Self, String) {
         let mut command = serve_command(args, envs);
+        // A fork holds copies of this process's descriptors until its exec,
+        // log locks included: no log opens meanwhile (see `guarded`).
+        let starting = edgebus_tests::guarded::starting_child();
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start edgebus serve");
+        drop(starting);
         let stdout = child.stdout.take().expect("piped stdout");
         let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {

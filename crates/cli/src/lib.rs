@@ -17,6 +17,7 @@ pub mod config;
 pub mod group;
 pub mod serve;
 pub mod subscribe;
+pub mod transform;
 
 /// The parsed command line.
 #[derive(Debug, Parser)]
@@ -46,6 +47,8 @@ pub enum Command {
     Subscribe(subscribe::SubscribeArgs),
     /// Manage consumer groups, or consume from one.
     Group(group::GroupArgs),
+    /// Run racing deterministic transformers (a built-in example) and feed them.
+    Transform(transform::TransformArgs),
 }
 
 /// Runs a parsed command line to completion.
@@ -59,6 +62,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(args) => client_cmds::stats(&args),
         Command::Subscribe(args) => subscribe::run(&args),
         Command::Group(args) => group::run(&args),
+        Command::Transform(args) => transform::run(&args),
     }
 }
 

@@ -19,9 +19,13 @@
 //! waiting; see [`Client::with_retry`]). A producer over its quota is so
 //! slowed to the quota's rate; once the policy gives up, the refusal is
 //! returned, and [`ClientError::retry_after`] says when to try again.
+//!
+//! [`transform`] runs racing deterministic transformers over a node.
 
 mod group;
+mod store_calls;
 mod subscription;
+pub mod transform;
 
 pub use edgebus_proto::convert::{StreamSelector, SubscribeFrom, SubscriptionFilter};
 pub use group::{Consumer, ConsumerItem};

@@ -715,13 +715,21 @@ impl Store {
         snapshot_stream(source).map_err(|e| ReadError::InvalidArgument(e.to_string()))?;
         let upper = at_or_below.unwrap_or(u64::MAX);
         let shared = &self.shared;
-        // Tail candidates (they override the index for equal keys).
+        // Tail candidates (they override the index for equal keys). The tail
+        // also holds snapshots still being written, whose records cannot be
+        // read yet: only those below the log's acknowledged end count.
         let (tail_best, tail_keys) = {
             let inner = lock(&shared.inner);
+            let durable_end = shared.log.end_position();
             let low = (source.into(), stream.as_str().into(), 0u64);
             let high = (source.into(), stream.as_str().into(), upper);
-            let entries: Vec<(u64, Option<u64>)> =
-                inner.tail.snapshots.range(low..=high).map(|((_, _, v), (_, p))| (*v, *p)).collect();
+            let entries: Vec<(u64, Option<u64>)> = inner
+                .tail
+                .snapshots
+                .range(low..=high)
+                .filter(|(_, (op_position, _))| *op_position < durable_end)
+                .map(|((_, _, v), (_, p))| (*v, *p))
+                .collect();
             let best = entries.iter().rev().find_map(|(v, p)| p.map(|p| (*v, p)));
             let keys: HashSet<u64> = entries.iter().map(|(v, _)| *v).collect();
             (best, keys)
@@ -795,9 +803,17 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<SnapshotInfo>, ReadError> {
         let shared = &self.shared;
+        // As in `read_snapshot`: snapshots still being written are not listed yet.
         let tail: Vec<((String, String, u64), Option<u64>)> = {
             let inner = lock(&shared.inner);
-            inner.tail.snapshots.iter().map(|((s, t, v), (_, p))| ((s.to_string(), t.to_string(), *v), *p)).collect()
+            let durable_end = shared.log.end_position();
+            inner
+                .tail
+                .snapshots
+                .iter()
+                .filter(|(_, (op_position, _))| *op_position < durable_end)
+                .map(|((s, t, v), (_, p))| ((s.to_string(), t.to_string(), *v), *p))
+                .collect()
         };
         let tail_keys: HashSet<(String, String, u64)> = tail.iter().map(|(k, _)| k.clone()).collect();
         let prefix = source.map(|s| {

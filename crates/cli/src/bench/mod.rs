@@ -10,6 +10,7 @@ mod machine;
 pub mod node;
 pub mod quota;
 pub mod store;
+pub mod transform;
 
 /// Arguments of `edgebus bench`.
 #[derive(Debug, Args)]
@@ -30,6 +31,8 @@ pub enum BenchTarget {
     Node(node::NodeBenchArgs),
     /// Ingest quotas: alerts.> throughput alone and beside a runaway telemetry.> producer held by a quota.
     Quota(quota::QuotaBenchArgs),
+    /// Racing transform instances: input -> output latency with 1, 2 and 3 instances, with and without pauses.
+    Transform(transform::TransformBenchArgs),
 }
 
 /// Runs one benchmark.
@@ -39,6 +42,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Store(args) => store::run(&args),
         BenchTarget::Node(args) => node::run(&args),
         BenchTarget::Quota(args) => quota::run(&args),
+        BenchTarget::Transform(args) => transform::run(&args),
     }
 }
 

@@ -28,7 +28,7 @@
 
 mod drive;
 mod groups;
-mod peers;
+pub(super) mod peers;
 mod report;
 
 use std::collections::BTreeMap;

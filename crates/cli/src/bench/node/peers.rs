@@ -45,7 +45,7 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Starts `command` with piped output and waits until `ready` accepts a
     /// line of its stdout or stderr, returning what `ready` made of it.
-    fn spawn_until<T>(
+    pub(crate) fn spawn_until<T>(
         name: &'static str,
         mut command: Command,
         mut ready: impl FnMut(&str) -> Option<T>,
