@@ -40,6 +40,14 @@ fn refused(status: &Status) -> Outcome {
     Outcome::Refused(convert::error_detail_from_status(status).map_or(0, |detail| detail.code))
 }
 
+/// A write refused by an ingest quota (checked before the store sees it),
+/// answered after its hold (see `crate::quota`; the caller has dropped the
+/// request) as `RESOURCE_EXHAUSTED` with the retry delay.
+async fn refused_by_quota(refusal: crate::quota::QuotaRefusal) -> Status {
+    tokio::time::sleep(refusal.hold).await;
+    convert::status_from_error_detail(refusal.to_error_detail())
+}
+
 /// The service; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct EventStoreService {
@@ -50,15 +58,6 @@ impl EventStoreService {
     /// A service over the node's `state`.
     pub fn new(state: Arc<NodeState>) -> Self {
         Self { state }
-    }
-
-    /// Checks a client's write against the ingest quotas, before the store
-    /// sees it; a refusal is `RESOURCE_EXHAUSTED` with a retry delay.
-    fn admit(&self, stream: &edgebus_types::StreamName, events: u64, payload_bytes: u64) -> Result<(), Status> {
-        self.state
-            .quotas
-            .admit(stream, events, payload_bytes)
-            .map_err(|refusal| convert::status_from_error_detail(refusal.to_error_detail()))
     }
 
     /// Runs a blocking store write on the blocking pool.
@@ -93,7 +92,10 @@ impl EventStore for EventStoreService {
         let bytes = request.get_ref().events.iter().map(wire_payload_bytes).sum();
         let result = async {
             let args = AppendArgs::from_wire(request.into_inner(), now_ms())?;
-            self.admit(&args.stream, events, bytes)?;
+            if let Err(refusal) = self.state.quotas.admit(&args.stream, events, bytes) {
+                drop(args);
+                return Err(refused_by_quota(refusal).await);
+            }
             let started = Instant::now();
             let result = self.write(move |store| store.append(&args.stream, args.expected, args.events)).await;
             self.state.metrics.record_append_latency(started.elapsed());
@@ -111,7 +113,10 @@ impl EventStore for EventStoreService {
         let bytes = request.get_ref().event.as_ref().map_or(0, wire_payload_bytes);
         let result = async {
             let args = ExistsOrWriteArgs::from_wire(request.into_inner(), now_ms())?;
-            self.admit(&args.stream, 1, bytes)?;
+            if let Err(refusal) = self.state.quotas.admit(&args.stream, 1, bytes) {
+                drop(args);
+                return Err(refused_by_quota(refusal).await);
+            }
             let started = Instant::now();
             let result = self.write(move |store| store.exists_or_write(&args.stream, args.index, args.event)).await;
             self.state.metrics.record_append_latency(started.elapsed());

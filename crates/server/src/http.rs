@@ -371,7 +371,12 @@ async fn append_counted(
         .map(|(index, value)| new_event(value, index, timestamp_ms))
         .collect::<Result<Vec<_>, _>>()?;
     carried.1 = events.iter().map(|event| (event.data.len() + event.metadata.len()) as u64).sum();
-    state.quotas.admit(&stream, carried.0, carried.1).map_err(ApiError::from)?;
+    if let Err(refusal) = state.quotas.admit(&stream, carried.0, carried.1) {
+        // Answered after its hold (see `crate::quota`), without the events.
+        drop(events);
+        tokio::time::sleep(refusal.hold).await;
+        return Err(refusal.into());
+    }
     let started = Instant::now();
     let result = blocking(&state.store, move |store| store.append(&stream, expected, events)).await;
     state.metrics.record_append_latency(started.elapsed());
@@ -478,6 +483,8 @@ mod tests {
             stream: "telemetry.t1".to_owned(),
             pattern: "telemetry.>".to_owned(),
             rate: "1000 events/s".to_owned(),
+            wait_ms: 1300,
+            hold: std::time::Duration::from_millis(100),
             retry_after_ms: 1200,
         };
         let error = ApiError::from(refusal.clone());

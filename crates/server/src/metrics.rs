@@ -637,8 +637,7 @@ fn render_quotas(out: &mut Exposition, quotas: &[QuotaFigures]) {
 
 /// Each listener's open connections, cap and refusals.
 fn render_connections(out: &mut Exposition, connections: &[ConnectionFigures]) {
-    type Family = (&'static str, &'static str, &'static str, fn(&ConnectionFigures) -> u64);
-    let families: [Family; 3] = [
+    let families: [ConnectionFamily; 3] = [
         ("edgebus_connections_open", "gauge", "Connections a listener serves now, by transport.", |c| c.open),
         ("edgebus_connections_max", "gauge", "Most connections a listener serves at once, by transport.", |c| c.max),
         (
@@ -655,6 +654,9 @@ fn render_connections(out: &mut Exposition, connections: &[ConnectionFigures]) {
         }
     }
 }
+
+/// A connection family: name, type, help and how to read a listener's figures.
+type ConnectionFamily = (&'static str, &'static str, &'static str, fn(&ConnectionFigures) -> u64);
 
 /// A quota family: name, help and how to read a quota's figures.
 type QuotaFamily = (&'static str, &'static str, fn(&QuotaFigures) -> u64);

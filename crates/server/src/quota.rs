@@ -24,8 +24,13 @@
 //! write.
 //!
 //! A refusal ([`QuotaRefusal`]) names the pattern and the rate that refused
-//! (the one whose refill takes longest when several do) and says how long
-//! until that bucket holds the write's tokens: the stable code
+//! (the one whose refill takes longest when several do). The node holds it
+//! for a while before answering (`hold`: the time until that bucket holds
+//! the write's tokens, at least 20 ms and at most 100 ms, see
+//! [`NODE_QUOTA_REFUSAL_HOLD_MS_MIN`]), so that a producer that sends again
+//! at once, ignoring the advice, is slowed rather than served refusals as
+//! fast as it can ask; the answer then says how much longer to wait (at
+//! least 1 ms): the stable code
 //! `RESOURCE_EXHAUSTED` (103) with `retry_after_ms`, over gRPC as status
 //! `RESOURCE_EXHAUSTED` with the `grpc-retry-pushback-ms` trailer, over
 //! HTTP as `429` with `Retry-After`. Nothing of a refused write reached
@@ -49,7 +54,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use edgebus_proto::v1;
-use edgebus_types::limits::NODE_QUOTAS_MAX;
+use edgebus_types::limits::{NODE_QUOTA_REFUSAL_HOLD_MS_MAX, NODE_QUOTA_REFUSAL_HOLD_MS_MIN, NODE_QUOTAS_MAX};
 use edgebus_types::{StreamName, StreamPattern};
 
 /// The stable wire code of a quota refusal.
@@ -349,7 +354,13 @@ pub struct QuotaRefusal {
     pub pattern: String,
     /// The rate that refused, as `1000 events/s` or `1048576 bytes/s`.
     pub rate: String,
-    /// When the write would be admitted, in milliseconds (at least 1).
+    /// How long until the bucket holds the write's tokens, in milliseconds
+    /// from the check (rounded up, at least 1).
+    pub wait_ms: u64,
+    /// How long the node holds the refusal before answering it.
+    pub hold: Duration,
+    /// What remains of the wait once the refusal is answered, in
+    /// milliseconds (at least 1): the advice sent to the client.
     pub retry_after_ms: u64,
 }
 
@@ -521,7 +532,9 @@ impl Quotas {
                 quota.counters.rejected_events.fetch_add(events, Ordering::Relaxed);
                 quota.counters.rejected_bytes.fetch_add(payload_bytes, Ordering::Relaxed);
             }
-            let retry_after_ms = u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX).max(1);
+            let wait_ms = u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX).max(1);
+            let hold_ms = wait_ms.clamp(NODE_QUOTA_REFUSAL_HOLD_MS_MIN, NODE_QUOTA_REFUSAL_HOLD_MS_MAX);
+            let retry_after_ms = wait_ms.saturating_sub(hold_ms).max(1);
             let spec = &matching[index].spec;
             let rate = match (bytes, spec.events_per_sec, spec.bytes_per_sec) {
                 (false, Some(rate), _) => format!("{rate} events/s"),
@@ -532,6 +545,8 @@ impl Quotas {
                 stream: stream.as_str().to_owned(),
                 pattern: spec.pattern.to_string(),
                 rate,
+                wait_ms,
+                hold: Duration::from_millis(hold_ms),
                 retry_after_ms,
             });
         }
@@ -656,10 +671,11 @@ mod tests {
         }
         let refusal = quotas.admit_at(&telemetry, 1, 10, start).unwrap_err();
         assert_eq!(refusal.pattern, "telemetry.>");
-        assert_eq!(refusal.retry_after_ms, 1, "one event refills in 1 ms");
+        assert_eq!(refusal.wait_ms, 1, "one event refills in 1 ms");
+        assert_eq!((refusal.hold, refusal.retry_after_ms), (ms(20), 1), "held 20 ms at least, then retry at once");
         assert_eq!(refusal.to_string(), "ingest quota for telemetry.> exceeded (1000 events/s); retry after 1 ms");
         let refusal = quotas.admit_at(&telemetry, 5, 50, start).unwrap_err();
-        assert_eq!(refusal.retry_after_ms, 5);
+        assert_eq!(refusal.wait_ms, 5);
         // Refilled after the advised wait.
         quotas.admit_at(&telemetry, 5, 50, start + ms(5)).expect("refilled");
         // Other streams are not limited.
@@ -672,7 +688,7 @@ mod tests {
         assert_eq!((figures.admitted_events, figures.admitted_bytes), (15, 150));
         assert_eq!((figures.rejected_requests, figures.rejected_events, figures.rejected_bytes), (2, 6, 60));
         let detail = refusal.to_error_detail();
-        assert_eq!((detail.code, detail.retry_after_ms), (103, Some(5)));
+        assert_eq!((detail.code, detail.retry_after_ms), (103, Some(1)));
         assert_eq!(detail.stream.as_deref(), Some("telemetry.t1"));
     }
 
@@ -683,8 +699,12 @@ mod tests {
         let t = stream("t.x");
         quotas.admit_at(&t, 8, 0, start).expect("a full bucket admits a larger write");
         // 3 events of debt: one event needs 400 ms.
-        assert_eq!(quotas.admit_at(&t, 1, 0, start).unwrap_err().retry_after_ms, 400);
-        assert_eq!(quotas.admit_at(&t, 8, 0, start + ms(500)).unwrap_err().retry_after_ms, 300);
+        let refusal = quotas.admit_at(&t, 1, 0, start).unwrap_err();
+        assert_eq!((refusal.wait_ms, refusal.hold, refusal.retry_after_ms), (400, ms(100), 300), "held 100 ms at most");
+        let refusal = quotas.admit_at(&t, 8, 0, start + ms(500)).unwrap_err();
+        assert_eq!((refusal.wait_ms, refusal.hold, refusal.retry_after_ms), (300, ms(100), 200));
+        let refusal = quotas.admit_at(&t, 8, 0, start + ms(750)).unwrap_err();
+        assert_eq!((refusal.wait_ms, refusal.hold, refusal.retry_after_ms), (50, ms(50), 1), "held for the wait");
         quotas.admit_at(&t, 8, 0, start + ms(800)).expect("full again");
         // In debt, a write with nothing to take is not the quota's to refuse.
         quotas.admit_at(&t, 0, 0, start + ms(800)).expect("nothing to take");
@@ -702,7 +722,7 @@ mod tests {
         quotas.admit_at(&noisy, 1, 60, start).expect("both admit");
         let refusal = quotas.admit_at(&noisy, 1, 60, start).unwrap_err();
         assert_eq!((refusal.pattern.as_str(), refusal.rate.as_str()), ("t.noisy.*", "100 bytes/s"));
-        assert_eq!(refusal.retry_after_ms, 200, "20 bytes short at 100 bytes/s");
+        assert_eq!(refusal.wait_ms, 200, "20 bytes short at 100 bytes/s");
         let figures = quotas.figures();
         assert_eq!(figures[0].admitted_events, 1, "the refused write took no token from t.>");
         assert_eq!(figures[0].rejected_requests, 0, "t.> did not refuse");
@@ -715,7 +735,7 @@ mod tests {
         assert_eq!((refusal.pattern.as_str(), refusal.rate.as_str()), ("t.>", "100 events/s"));
         // When both refuse, the longer wait is named.
         let refusal = quotas.admit_at(&noisy, 1, 100, start).unwrap_err();
-        assert_eq!((refusal.pattern.as_str(), refusal.retry_after_ms), ("t.noisy.*", 600));
+        assert_eq!((refusal.pattern.as_str(), refusal.wait_ms), ("t.noisy.*", 600));
     }
 
     #[test]

@@ -205,6 +205,19 @@ const _: () = assert!(GROUP_BUFFER_EVENTS_MAX >= 4 * GROUP_MAX_IN_FLIGHT_MAX as 
 /// check as well as the memory and the `/metrics` series of the quotas.
 pub const NODE_QUOTAS_MAX: usize = 1024;
 
+/// Shortest time a node holds a quota refusal before answering it (default
+/// 20 ms). A producer that ignores `retry_after_ms` and sends again at once
+/// then gets at most (its calls in flight) / 20 ms refusals a second, so it
+/// cannot make the node spend its time refusing it. Held refusals keep no
+/// request body, only a timer.
+pub const NODE_QUOTA_REFUSAL_HOLD_MS_MIN: u64 = 20;
+/// Longest time a node holds a quota refusal (default 100 ms): within it,
+/// the hold is the time until the bucket refills; the answer's
+/// `retry_after_ms` is what remains of that time after the hold.
+pub const NODE_QUOTA_REFUSAL_HOLD_MS_MAX: u64 = 100;
+
+const _: () = assert!(NODE_QUOTA_REFUSAL_HOLD_MS_MIN <= NODE_QUOTA_REFUSAL_HOLD_MS_MAX);
+
 // ---- HTTP connections -------------------------------------------------------
 
 /// Default time an HTTP connection may take to send a request's headers,
