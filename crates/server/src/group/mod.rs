@@ -173,7 +173,11 @@ impl Groups {
         let start = EngineStart { record: record.clone(), generation, filter, checkpoint, parked_count };
         let engine = Engine::new(Arc::clone(state), start, receiver);
         let task = tokio::spawn(engine.run());
-        self.engines.lock().unwrap_or_else(PoisonError::into_inner).push(task);
+        let mut engines = self.engines.lock().unwrap_or_else(PoisonError::into_inner);
+        // Engines of deleted groups have ended: keep only the running ones.
+        engines.retain(|engine| !engine.is_finished());
+        engines.push(task);
+        drop(engines);
         self.running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
