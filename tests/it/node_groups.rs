@@ -266,6 +266,15 @@ fn nacks_retry_park_and_replay_with_reasons() {
         }
         consumer.ack(vec![e.position]).await.unwrap();
         until(&client, "g", "acked", |i| i.acked == 3).await;
+        // Stop: the event goes back uncounted, and the call ends cleanly.
+        let stopped = publish(&client, "jobs.a", 1).await;
+        let (e, _, _) = delivery(&mut consumer).await;
+        consumer.nack(vec![e.position], v1::NackAction::Stop, "shutting down").await.unwrap();
+        let end = tokio::time::timeout(ITEM_DEADLINE, consumer.next()).await.expect("the call ends");
+        assert!(end.is_none(), "a clean end, got {end:?}");
+        let mut next_one = client.consume("g", Some("c2"), 1).await.unwrap();
+        let (e, attempt, _) = delivery(&mut next_one).await;
+        assert_eq!((e.position, attempt), (stopped[0], 1));
     });
     node.stop();
 }

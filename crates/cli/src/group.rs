@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use edgebus_client::{Client, ConsumerItem};
 use edgebus_proto::v1;
+use edgebus_server::group::def::FilterDef;
 use edgebus_server::http::groups::group_json;
 
 use crate::client_cmds::{ConnectArgs, aligned, block_on, data_text};
@@ -113,16 +114,13 @@ impl GroupOptions {
     }
 
     fn filter(&self) -> v1::GroupFilter {
-        let streams = match (&self.stream, &self.pattern) {
-            (Some(stream), _) => Some(v1::group_filter::Streams::Stream(stream.clone())),
-            (None, Some(pattern)) => Some(v1::group_filter::Streams::StreamPattern(pattern.clone())),
-            (None, None) => None,
-        };
-        v1::GroupFilter {
-            streams,
+        FilterDef {
+            stream: self.stream.clone(),
+            stream_pattern: self.pattern.clone(),
             event_types: self.event_types.clone(),
-            predicate: self.predicate.clone().unwrap_or_default(),
+            predicate: self.predicate.clone(),
         }
+        .to_wire()
     }
 
     fn settings(&self) -> v1::GroupSettings {

@@ -643,11 +643,7 @@ impl Engine {
             self.refuse(consumer, refused, "nack");
         }
         if action == NackAction::Stop {
-            let stop = detail(v1::ErrorCode::Unspecified, "stopped: the consumer nacked with stop");
-            if let Some(c) = self.consumers.get(&consumer) {
-                let _ =
-                    c.outbox.try_send(Ok(v1::ConsumeResponse { kind: Some(v1::consume_response::Kind::Error(stop)) }));
-            }
+            // Leaving drops the consumer's outbox: its call ends cleanly.
             self.leave(consumer, "stopped").await;
         }
     }

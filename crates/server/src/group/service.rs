@@ -188,6 +188,9 @@ impl ConsumerGroups for ConsumerGroupsService {
         let command = Command::Join { name, max_in_flight: join.max_in_flight, outbox: outbox.clone(), reply };
         commands.send(command).await.map_err(|_| unavailable())?;
         let consumer = replied.await.map_err(|_| unavailable())?.map_err(refused)?;
+        // The engine holds the outbox; this task only a weak handle for
+        // protocol errors, so the call ends when the engine lets go of it.
+        let outbox = outbox.downgrade();
         tokio::spawn(async move {
             // Ends when the consumer half-closes, the call breaks, or the
             // consumer breaks the protocol; then it leaves the group, and its
@@ -208,6 +211,7 @@ impl ConsumerGroups for ConsumerGroupsService {
                             let refusal =
                                 v1::consume_response::Refused { positions: nack.positions, error: Some(detail) };
                             let kind = v1::consume_response::Kind::Refused(refusal);
+                            let Some(outbox) = outbox.upgrade() else { break };
                             if outbox.try_send(Ok(v1::ConsumeResponse { kind: Some(kind) })).is_err() {
                                 break;
                             }
@@ -220,9 +224,11 @@ impl ConsumerGroups for ConsumerGroupsService {
                             message: "a consumer joins once; only ack and nack may follow".to_owned(),
                             ..v1::ErrorDetail::default()
                         };
-                        let _ = outbox.try_send(Ok(v1::ConsumeResponse {
-                            kind: Some(v1::consume_response::Kind::Error(detail)),
-                        }));
+                        if let Some(outbox) = outbox.upgrade() {
+                            let _ = outbox.try_send(Ok(v1::ConsumeResponse {
+                                kind: Some(v1::consume_response::Kind::Error(detail)),
+                            }));
+                        }
                         break;
                     }
                 };
