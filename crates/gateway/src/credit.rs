@@ -1,0 +1,1 @@
+//! The credit (demand) core: placeholder until written.

@@ -1,0 +1,6 @@
+//! Federation between sites (DESIGN §3.4): routes are cursors over the
+//! local log, lanes share a credit window granted by the receiver, topic
+//! policies decide what crosses, and the receiver writes with
+//! exists-or-write at the origin's versions.
+
+pub mod credit;
