@@ -22,4 +22,5 @@ mod store_checkpoint_crash;
 mod store_determinism;
 mod store_model;
 mod store_race;
+mod store_replica;
 mod transform;

@@ -70,6 +70,8 @@ fn error_codes_are_stable() {
         (ErrorCode::Corrupt, 15),
         (ErrorCode::PositionRemoved, 16),
         (ErrorCode::IndexFailure, 17),
+        (ErrorCode::ReplicaStream, 18),
+        (ErrorCode::NotReplica, 19),
     ];
     for (code, number) in codes {
         assert_eq!(code as u16, number, "{code:?}");

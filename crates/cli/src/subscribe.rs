@@ -386,6 +386,7 @@ mod tests {
             data: data.as_bytes().to_vec(),
             metadata: Vec::new(),
             timestamp_ms: 1,
+            origin: None,
         }
     }
 

@@ -31,8 +31,8 @@ use edgebus_store::{
     StreamInfo, StreamMetadata,
 };
 use edgebus_types::{
-    EventId, EventType, EventTypeError, ExpectedVersion, NameError, NewEvent, PatternError, RecordedEvent, StreamName,
-    StreamPattern,
+    EventId, EventType, EventTypeError, ExpectedVersion, NameError, NewEvent, Origin, PatternError, RecordedEvent,
+    SiteName, SiteNameError, StreamName, StreamPattern,
 };
 
 use crate::v1;
@@ -119,6 +119,9 @@ pub enum Problem {
     /// An invalid event type.
     #[error(transparent)]
     EventType(#[from] EventTypeError),
+    /// An invalid site name.
+    #[error(transparent)]
+    SiteName(#[from] SiteNameError),
     /// An event id that is not 16 bytes.
     #[error("event id is {len_bytes} bytes, expected 16")]
     EventIdLength {
@@ -360,6 +363,12 @@ impl From<RecordedEvent> for v1::RecordedEvent {
             data: event.data,
             metadata: event.metadata,
             timestamp_ms: event.timestamp_ms,
+            origin: event.origin.map(|o| v1::Origin {
+                site: o.site.to_string(),
+                position: o.position,
+                via: o.via.to_string(),
+                note: o.note,
+            }),
         }
     }
 }
@@ -377,8 +386,19 @@ impl TryFrom<v1::RecordedEvent> for RecordedEvent {
             data: event.data,
             metadata: event.metadata,
             timestamp_ms: event.timestamp_ms,
+            origin: event.origin.map(origin).transpose()?,
         })
     }
+}
+
+fn origin(origin: v1::Origin) -> Result<Origin, ConvertError> {
+    let site = |field: &str, name: &str| SiteName::new(name).map_err(|e| ConvertError::new(field, e.into()));
+    Ok(Origin {
+        site: site("origin.site", &origin.site)?,
+        position: origin.position,
+        via: site("origin.via", &origin.via)?,
+        note: origin.note,
+    })
 }
 
 fn recorded_events(field: &str, events: Vec<v1::RecordedEvent>) -> Result<Vec<RecordedEvent>, ConvertError> {

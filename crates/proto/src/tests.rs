@@ -44,7 +44,7 @@ fn detail_over_the_wire(status: &Status) -> v1::ErrorDetail {
 /// Every store code, its wire enum value and its number. A renumbering on
 /// either side, or a store code missing here, fails this test: never edit a
 /// number to make it pass.
-const STORE_CODES: [(ErrorCode, v1::ErrorCode, u32); 17] = [
+const STORE_CODES: [(ErrorCode, v1::ErrorCode, u32); 19] = [
     (ErrorCode::WrongExpectedVersion, v1::ErrorCode::WrongExpectedVersion, 1),
     (ErrorCode::StreamDeleted, v1::ErrorCode::StreamDeleted, 2),
     (ErrorCode::StreamNotFound, v1::ErrorCode::StreamNotFound, 3),
@@ -62,6 +62,8 @@ const STORE_CODES: [(ErrorCode, v1::ErrorCode, u32); 17] = [
     (ErrorCode::Corrupt, v1::ErrorCode::Corrupt, 15),
     (ErrorCode::PositionRemoved, v1::ErrorCode::PositionRemoved, 16),
     (ErrorCode::IndexFailure, v1::ErrorCode::IndexFailure, 17),
+    (ErrorCode::ReplicaStream, v1::ErrorCode::ReplicaStream, 18),
+    (ErrorCode::NotReplica, v1::ErrorCode::NotReplica, 19),
 ];
 
 /// Codes of the node and the wire, from 100 up.
@@ -121,6 +123,8 @@ fn every_code_maps_to_its_grpc_code() {
         (15, Code::DataLoss),
         (16, Code::OutOfRange),
         (17, Code::Internal),
+        (18, Code::FailedPrecondition),
+        (19, Code::FailedPrecondition),
         (100, Code::InvalidArgument),
         (101, Code::InvalidArgument),
         (102, Code::Unauthenticated),
@@ -131,7 +135,7 @@ fn every_code_maps_to_its_grpc_code() {
         (107, Code::FailedPrecondition),
         (108, Code::AlreadyExists),
         // A code from a newer node: the client does not know it.
-        (18, Code::Unknown),
+        (20, Code::Unknown),
         (u32::MAX, Code::Unknown),
     ];
     for (code, grpc) in expected {

@@ -45,6 +45,10 @@ pub enum ErrorCode {
     PositionRemoved = 16,
     /// The index failed; the store stops taking writes.
     IndexFailure = 17,
+    /// A local write to a stream that is a read-only replica of another site.
+    ReplicaStream = 18,
+    /// A replicated write to a stream whose home is not the sending site.
+    NotReplica = 19,
 }
 
 /// Errors of writes: append, exists-or-write, metadata, delete, snapshots.
@@ -151,6 +155,22 @@ pub enum WriteError {
     /// The index failed to read or write.
     #[error("index failure: {0}")]
     Index(String),
+    /// A local write to a replicated stream.
+    #[error("stream {stream} is a read-only replica of another site's stream; write it at its home site")]
+    ReplicaStream {
+        /// The stream.
+        stream: StreamName,
+    },
+    /// A replicated write from a site that is not the stream's home.
+    #[error("site {site} may not write stream {stream}: {reason}")]
+    NotReplica {
+        /// The stream.
+        stream: StreamName,
+        /// The site that claimed to be its home.
+        site: String,
+        /// Whose stream it is instead.
+        reason: &'static str,
+    },
     /// `exists_or_write` below the end at a version whose record was
     /// reclaimed and is no longer indexed (after an index rebuild).
     #[error(
@@ -186,6 +206,8 @@ impl WriteError {
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Index(_) => ErrorCode::IndexFailure,
             Self::VersionRemoved { .. } => ErrorCode::PositionRemoved,
+            Self::ReplicaStream { .. } => ErrorCode::ReplicaStream,
+            Self::NotReplica { .. } => ErrorCode::NotReplica,
         }
     }
 }

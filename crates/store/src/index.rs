@@ -31,6 +31,10 @@ pub struct StreamState {
     pub metadata: StreamMetadata,
     /// Position of the last event or command that changed this state.
     pub last_position: u64,
+    /// The [`SiteName::id`](edgebus_types::SiteName::id) of the stream's
+    /// home site if it is a replica of another site's stream; 0 if it is
+    /// this site's own.
+    pub origin: u64,
 }
 
 impl StreamState {
@@ -61,7 +65,7 @@ impl StreamState {
         out[25..33].copy_from_slice(&m.max_count.unwrap_or(0).to_le_bytes());
         out[33..41].copy_from_slice(&m.truncate_before.unwrap_or(0).to_le_bytes());
         out[41..49].copy_from_slice(&self.last_position.to_le_bytes());
-        // 49..57 reserved
+        out[49..57].copy_from_slice(&self.origin.to_le_bytes());
         out
     }
 
@@ -83,6 +87,7 @@ impl StreamState {
                 truncate_before: opt(4, u(33)),
             },
             last_position: u(41),
+            origin: u(49),
         })
     }
 }
@@ -438,6 +443,7 @@ mod tests {
             tombstoned: false,
             metadata: StreamMetadata { max_age_ms: Some(5), max_count: None, truncate_before: Some(2) },
             last_position: 77,
+            origin: 0xabcd,
         };
         assert_eq!(StreamState::decode(&state.encode()), Some(state));
         let key = snapshot_key("src", "a.b", 42);

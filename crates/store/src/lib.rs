@@ -18,5 +18,5 @@ pub use index::StreamState;
 pub use record::StreamMetadata;
 pub use store::{
     AllFilter, AllSlice, AppendResult, Direction, ExistsOrWrite, OpenReport, READ_ALL_SCAN_MAX, READ_COUNT_MAX,
-    ReclaimReport, Snapshot, SnapshotInfo, Store, StoreConfig, StreamFrom, StreamInfo,
+    ReclaimReport, ReplicaWrite, Snapshot, SnapshotInfo, Store, StoreConfig, StreamFrom, StreamInfo,
 };

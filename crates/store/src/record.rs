@@ -7,12 +7,19 @@
 //!                | u8 stream_len | stream | u64 version | [u8; 16] id
 //!                | u8 type_len | type | u64 timestamp_ms
 //!                | u32 data_len | data | u32 metadata_len | metadata
+//! replica record: the same with kind 2, followed by the origin:
+//!                | u8 site_len | site | u64 origin_position
+//!                | u8 via_len | via | u16 note_len | note
 //! ```
 
-use edgebus_types::{EventId, EventType, NewEvent, RecordedEvent, StreamName};
+use edgebus_types::{EventId, EventType, NewEvent, Origin, RecordedEvent, SiteName, StreamName};
 
 const RECORD_FORMAT: u8 = 1;
 const KIND_EVENT: u8 = 1;
+const KIND_REPLICA: u8 = 2;
+
+/// Longest origin note in bytes (it is stored with a u16 length).
+pub const ORIGIN_NOTE_BYTES_MAX: usize = 256;
 
 /// The system stream that carries stream metadata, deletes and tombstones.
 pub const STREAMS_STREAM: &str = "$sys.streams";
@@ -30,15 +37,15 @@ pub const TYPE_SNAPSHOT: &str = "$snapshot";
 /// Event type of a deleted snapshot.
 pub const TYPE_SNAPSHOT_DELETED: &str = "$snapshot-deleted";
 
-/// Encodes one event at `version` of `stream`.
-pub fn encode_event(stream: &StreamName, version: u64, event: &NewEvent) -> Vec<u8> {
+/// Encodes one event at `version` of `stream`, replicated from `origin` if given.
+pub fn encode_event(stream: &StreamName, version: u64, event: &NewEvent, origin: Option<&Origin>) -> Vec<u8> {
     let stream = stream.as_str().as_bytes();
     let event_type = event.event_type.as_str().as_bytes();
     let mut out = Vec::with_capacity(
         2 + 1 + stream.len() + 8 + 16 + 1 + event_type.len() + 8 + 8 + event.data.len() + event.metadata.len(),
     );
     out.push(RECORD_FORMAT);
-    out.push(KIND_EVENT);
+    out.push(if origin.is_some() { KIND_REPLICA } else { KIND_EVENT });
     out.push(u8::try_from(stream.len()).expect("stream names are at most 255 bytes"));
     out.extend_from_slice(stream);
     out.extend_from_slice(&version.to_le_bytes());
@@ -50,6 +57,18 @@ pub fn encode_event(stream: &StreamName, version: u64, event: &NewEvent) -> Vec<
     out.extend_from_slice(&event.data);
     out.extend_from_slice(&u32::try_from(event.metadata.len()).expect("bounded by the limits").to_le_bytes());
     out.extend_from_slice(&event.metadata);
+    if let Some(origin) = origin {
+        for (i, name) in [&origin.site, &origin.via].into_iter().enumerate() {
+            out.push(u8::try_from(name.as_str().len()).expect("site names are at most 32 bytes"));
+            out.extend_from_slice(name.as_str().as_bytes());
+            if i == 0 {
+                out.extend_from_slice(&origin.position.to_le_bytes());
+            }
+        }
+        let note = &origin.note.as_bytes()[..origin.note.len().min(ORIGIN_NOTE_BYTES_MAX)];
+        out.extend_from_slice(&u16::try_from(note.len()).expect("bounded").to_le_bytes());
+        out.extend_from_slice(note);
+    }
     out
 }
 
@@ -84,6 +103,9 @@ impl<'a> Reader<'a> {
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
     fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
@@ -104,7 +126,7 @@ pub fn decode_event(bytes: &[u8], position: u64) -> Result<RecordedEvent, Decode
         return Err(r.fail(format!("unknown record format {format}")));
     }
     let kind = r.u8()?;
-    if kind != KIND_EVENT {
+    if kind != KIND_EVENT && kind != KIND_REPLICA {
         return Err(r.fail(format!("unknown record kind {kind}")));
     }
     let stream_len = r.u8()? as usize;
@@ -118,10 +140,22 @@ pub fn decode_event(bytes: &[u8], position: u64) -> Result<RecordedEvent, Decode
     let data = r.take(data_len)?.to_vec();
     let metadata_len = r.u32()? as usize;
     let metadata = r.take(metadata_len)?.to_vec();
+    let origin = if kind == KIND_REPLICA {
+        let site_len = r.u8()? as usize;
+        let site = SiteName::new(r.str(site_len)?).map_err(|e| r.fail(e.to_string()))?;
+        let position = r.u64()?;
+        let via_len = r.u8()? as usize;
+        let via = SiteName::new(r.str(via_len)?).map_err(|e| r.fail(e.to_string()))?;
+        let note_len = usize::from(r.u16()?);
+        let note = r.str(note_len)?.to_owned();
+        Some(Origin { site, position, via, note })
+    } else {
+        None
+    };
     if r.at != bytes.len() {
         return Err(r.fail("trailing bytes"));
     }
-    Ok(RecordedEvent { stream, version, position, id, event_type, data, metadata, timestamp_ms })
+    Ok(RecordedEvent { stream, version, position, id, event_type, data, metadata, timestamp_ms, origin })
 }
 
 /// Retention settings of one stream. Reads honour them at once; space is
@@ -268,7 +302,7 @@ mod tests {
             timestamp_ms: 1234,
         };
         let stream = StreamName::new("orders.eu.o-1").unwrap();
-        let bytes = encode_event(&stream, 3, &event);
+        let bytes = encode_event(&stream, 3, &event, None);
         let back = decode_event(&bytes, 99).unwrap();
         assert_eq!(back, RecordedEvent::new(stream, 3, 99, event));
         for cut in 0..bytes.len() {

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use edgebus_log::{AppendError, Log, LogConfig};
-use edgebus_types::{EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName, StreamPattern};
+use edgebus_types::{EventType, ExpectedVersion, NewEvent, Origin, RecordedEvent, StreamName, StreamPattern};
 
 use crate::error::{ReadError, StoreOpenError, WriteError};
 use crate::index::{Index, StreamState, VersionEntry, snapshot_key};
@@ -89,6 +89,19 @@ pub enum ExistsOrWrite {
         /// Whether its content hash equals the offered event's.
         same: bool,
     },
+}
+
+/// One replicated event for [`Store::replicate`].
+#[derive(Debug, Clone)]
+pub struct ReplicaWrite {
+    /// The stream, named as at its home site.
+    pub stream: StreamName,
+    /// The event's version at its home site.
+    pub version: u64,
+    /// The event as written at its home site.
+    pub event: NewEvent,
+    /// Where it comes from.
+    pub origin: Origin,
 }
 
 /// Where a stream read starts.
@@ -427,6 +440,39 @@ impl Store {
             Outcome::ExistsOrWrite(result) => Ok(result),
             other => unreachable!("exists_or_write answered {other:?}"),
         }
+    }
+
+    /// Writes events replicated from their home sites, each with
+    /// exists-or-write at its origin version: the stream becomes (or must
+    /// already be) a read-only replica of `origin.site`, which local writes
+    /// are refused. All requests are queued together, so the sequencer
+    /// takes them in one pass and the log commits them in one batch; each
+    /// gets its own answer, in order.
+    pub fn replicate(&self, writes: Vec<ReplicaWrite>) -> Vec<Result<ExistsOrWrite, WriteError>> {
+        let mut answers: Vec<Option<Result<ExistsOrWrite, WriteError>>> = Vec::with_capacity(writes.len());
+        let mut requests = Vec::with_capacity(writes.len());
+        for ReplicaWrite { stream, version, event, origin } in writes {
+            let refused = if stream.is_system() {
+                Some(WriteError::ReservedStream { stream })
+            } else if let Err(e) = event.validate() {
+                Some(e.into())
+            } else {
+                requests.push(Request::Replica { stream, index: version, event, origin });
+                None
+            };
+            answers.push(refused.map(Err));
+        }
+        let mut outcomes = self.shared.execute_many(requests).into_iter();
+        answers
+            .into_iter()
+            .map(|answer| {
+                answer.unwrap_or_else(|| match outcomes.next().expect("one outcome per request") {
+                    Ok(Outcome::ExistsOrWrite(result)) => Ok(result),
+                    Ok(other) => unreachable!("replicate answered {other:?}"),
+                    Err(e) => Err(e),
+                })
+            })
+            .collect()
     }
 
     /// Sets the retention metadata of `stream` (which need not exist yet).
@@ -1145,6 +1191,7 @@ impl Shared {
                     event_type: event.event_type.as_str(),
                     content_hash: event.content_hash(),
                     command: command.as_ref(),
+                    origin: event.origin.as_ref().map_or(0, |o| o.site.id()),
                 };
                 inner.tail.apply(&self.index, &applied).map_err(ReadError::Index)?;
                 replayed += 1;

@@ -76,6 +76,8 @@ pub(crate) struct Applied<'a> {
     pub(crate) event_type: &'a str,
     pub(crate) content_hash: u64,
     pub(crate) command: Option<&'a Command>,
+    /// The home site's id for a replicated event, 0 for a local one.
+    pub(crate) origin: u64,
 }
 
 impl Tail {
@@ -164,6 +166,7 @@ impl Tail {
         tail.state.next_version = record.version + 1;
         tail.state.deleted = false;
         tail.state.last_position = record.position;
+        tail.state.origin = record.origin;
         let entry = VersionEntry { position: record.position, content_hash: record.content_hash };
         if let Some((last, _)) = tail.versions.back() {
             assert_eq!(*last + 1, record.version, "tail versions are dense");

@@ -17,7 +17,9 @@ use std::sync::atomic::Ordering;
 use std::thread::Thread;
 
 use edgebus_log::{AppendError, AppendOutcome};
-use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName, WrongExpectedVersion};
+use edgebus_types::{
+    EventId, EventType, ExpectedVersion, NewEvent, Origin, RecordedEvent, StreamName, WrongExpectedVersion,
+};
 use parking_lot::Mutex;
 
 use crate::error::WriteError;
@@ -43,6 +45,13 @@ pub(crate) enum Request {
         stream: StreamName,
         index: u64,
         event: NewEvent,
+    },
+    /// Exists-or-write of an event replicated from its home site.
+    Replica {
+        stream: StreamName,
+        index: u64,
+        event: NewEvent,
+        origin: Origin,
     },
     /// A command event in the system stream `stream` about `target`.
     Command {
@@ -127,6 +136,43 @@ impl Shared {
                 self.requests_ready.notify_one();
             }
         }
+        self.reply_of(&slot)
+    }
+
+    /// Queues every request at once (so the sequencer takes them in one pass
+    /// and the log commits them together), then waits for each reply.
+    pub(crate) fn execute_many(&self, requests: Vec<Request>) -> Vec<Result<Outcome, WriteError>> {
+        let mut slots = Vec::with_capacity(requests.len());
+        let mut requests = requests.into_iter().peekable();
+        while requests.peek().is_some() {
+            let mut queue = self.requests.lock();
+            loop {
+                if queue.closing || self.poisoned.load(Ordering::Acquire) {
+                    drop(queue);
+                    let mut out: Vec<_> = slots.iter().map(|slot: &Arc<Slot>| self.reply_of(slot)).collect();
+                    out.extend(requests.map(|_| Err(WriteError::Unavailable(AppendError::Closed))));
+                    return out;
+                }
+                if queue.items.len() < REQUESTS_QUEUED_MAX {
+                    break;
+                }
+                self.requests_space.wait(&mut queue);
+            }
+            let wake = queue.items.is_empty();
+            while queue.items.len() < REQUESTS_QUEUED_MAX {
+                let Some(request) = requests.next() else { break };
+                let slot = Arc::new(Slot { thread: std::thread::current(), reply: Mutex::new(None) });
+                queue.items.push((request, Arc::clone(&slot)));
+                slots.push(slot);
+            }
+            if wake {
+                self.requests_ready.notify_one();
+            }
+        }
+        slots.iter().map(|slot| self.reply_of(slot)).collect()
+    }
+
+    fn reply_of(&self, slot: &Slot) -> Result<Outcome, WriteError> {
         match slot.wait() {
             Reply::Done(result) => result,
             Reply::AfterDurable { end, outcome } => {
@@ -216,7 +262,10 @@ impl Shared {
         match request {
             Request::Append { stream, expected, events } => self.process_append(inner, &stream, expected, events, slot),
             Request::ExistsOrWrite { stream, index, event } => {
-                self.process_exists_or_write(inner, &stream, index, event, slot)
+                self.process_exists_or_write(inner, &stream, index, event, None, slot)
+            }
+            Request::Replica { stream, index, event, origin } => {
+                self.process_exists_or_write(inner, &stream, index, event, Some(origin), slot)
             }
             Request::Command { stream, target, timestamp_ms, build } => {
                 let target_state =
@@ -231,7 +280,7 @@ impl Shared {
                     timestamp_ms,
                 };
                 event.validate()?;
-                self.submit(inner, &stream, vec![event], state.next_version, slot, |result| {
+                self.submit(inner, &stream, vec![event], state.next_version, None, slot, |result| {
                     Outcome::Position(result.first_position)
                 })?;
                 Ok(None)
@@ -251,6 +300,9 @@ impl Shared {
         if state.tombstoned {
             return Err(WriteError::StreamDeleted { stream: stream.clone() });
         }
+        if state.origin != 0 && !stream.is_system() {
+            return Err(WriteError::ReplicaStream { stream: stream.clone() });
+        }
         if let Some(existing) = inner.tail.id(&self.index, &events[0].id).map_err(index_write)? {
             return self
                 .idempotent_retry(inner, stream, expected, &events, existing.position, existing.version)
@@ -260,7 +312,7 @@ impl Shared {
         expected
             .check(state.current_version())
             .map_err(|source| WriteError::WrongExpectedVersion { stream: stream.clone(), source })?;
-        self.submit(inner, stream, events, state.next_version, slot, Outcome::Append)?;
+        self.submit(inner, stream, events, state.next_version, None, slot, Outcome::Append)?;
         Ok(None)
     }
 
@@ -270,11 +322,20 @@ impl Shared {
         stream: &StreamName,
         index: u64,
         event: NewEvent,
+        origin: Option<Origin>,
         slot: &Arc<Slot>,
     ) -> Result<Option<Reply>, WriteError> {
         let state = inner.tail.state_for_write(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
         if state.tombstoned {
             return Err(WriteError::StreamDeleted { stream: stream.clone() });
+        }
+        match &origin {
+            None if state.origin != 0 => return Err(WriteError::ReplicaStream { stream: stream.clone() }),
+            Some(origin) if state.origin != origin.site.id() && (state.origin != 0 || state.next_version > 0) => {
+                let reason = if state.origin == 0 { "it is this site's own stream" } else { "it is another site's stream" };
+                return Err(WriteError::NotReplica { stream: stream.clone(), site: origin.site.to_string(), reason });
+            }
+            _ => {}
         }
         let count = state.next_version;
         if index < count {
@@ -292,7 +353,7 @@ impl Shared {
             return Err(WriteError::Gap { stream: stream.clone(), index, count });
         }
         self.check_ids_unused(inner, std::slice::from_ref(&event))?;
-        self.submit(inner, stream, vec![event], index, slot, |result| {
+        self.submit(inner, stream, vec![event], index, origin.as_ref(), slot, |result| {
             Outcome::ExistsOrWrite(ExistsOrWrite::Written { position: result.first_position })
         })?;
         Ok(None)
@@ -384,11 +445,16 @@ impl Shared {
         stream: &StreamName,
         events: Vec<NewEvent>,
         first_version: u64,
+        origin: Option<&Origin>,
         slot: &Arc<Slot>,
         outcome: fn(AppendResult) -> Outcome,
     ) -> Result<(), WriteError> {
-        let records: Vec<Vec<u8>> =
-            events.iter().enumerate().map(|(i, e)| record::encode_event(stream, first_version + i as u64, e)).collect();
+        let records: Vec<Vec<u8>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| record::encode_event(stream, first_version + i as u64, e, origin))
+            .collect();
+        let origin_id = origin.map_or(0, |o| o.site.id());
         let signal = Arc::clone(&self.durable);
         let slot = Arc::clone(slot);
         let done = move |result: Result<AppendOutcome, AppendError>| {
@@ -443,6 +509,7 @@ impl Shared {
                 event_type: event_type.as_str(),
                 content_hash,
                 command: command.as_ref(),
+                origin: origin_id,
             };
             if let Err(e) = inner.tail.apply(&self.index, &applied) {
                 // The record is in the log but not in the state: stop writing.

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use crate::limits::{EVENT_DATA_BYTES_MAX, EVENT_METADATA_BYTES_MAX};
 use crate::name::{EventType, StreamName};
+use crate::site::Origin;
 use crate::xxh64::Xxh64;
 
 /// A 16-byte event id, written in the canonical UUID form
@@ -183,13 +184,16 @@ pub struct RecordedEvent {
     pub metadata: Vec<u8>,
     /// Milliseconds since the Unix epoch, stamped by the node that accepted it.
     pub timestamp_ms: u64,
+    /// Where the event comes from if it was replicated from another site;
+    /// `None` for events written at this site.
+    pub origin: Option<Origin>,
 }
 
 impl RecordedEvent {
     /// Records `event` at `version` of `stream` and at `position` in the log.
     pub fn new(stream: StreamName, version: u64, position: u64, event: NewEvent) -> Self {
         let NewEvent { id, event_type, data, metadata, timestamp_ms } = event;
-        Self { stream, version, position, id, event_type, data, metadata, timestamp_ms }
+        Self { stream, version, position, id, event_type, data, metadata, timestamp_ms, origin: None }
     }
 
     /// The event's [`content_hash`], equal to that of the [`NewEvent`] it

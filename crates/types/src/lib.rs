@@ -5,10 +5,12 @@ pub mod event;
 pub mod limits;
 pub mod name;
 pub mod pattern;
+pub mod site;
 pub mod version;
 mod xxh64;
 
 pub use event::{EventError, EventId, EventIdError, NewEvent, RecordedEvent, content_hash};
 pub use name::{ALL_STREAMS, EventType, EventTypeError, NameError, StreamName};
 pub use pattern::{PatternError, StreamPattern};
+pub use site::{Origin, SiteName, SiteNameError};
 pub use version::{ExpectedVersion, ExpectedVersionError, WrongExpectedVersion};

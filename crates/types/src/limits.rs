@@ -65,6 +65,8 @@ pub const STREAM_NAME_BYTES_MAX: usize = 255;
 /// Longest stream pattern in bytes: the same bound as a name, so that every
 /// name is also a valid literal pattern.
 pub const STREAM_PATTERN_BYTES_MAX: usize = STREAM_NAME_BYTES_MAX;
+/// Longest site name in bytes (default 32).
+pub const SITE_NAME_BYTES_MAX: usize = 32;
 /// Longest event type in bytes (default 128).
 pub const EVENT_TYPE_BYTES_MAX: usize = 128;
 /// Largest event payload (`data`) in bytes (default 1 MiB).

@@ -188,7 +188,7 @@ pub fn run(args: &StoreBenchArgs) -> anyhow::Result<()> {
 /// `Log::append` of a record the size of one stored event, `writers` threads.
 fn measure_log_append(dir: &Path, writers: usize, duration: Duration) -> anyhow::Result<f64> {
     let log = Arc::new(edgebus_log::Log::open(dir, LogConfig::default())?);
-    let record = edgebus_store::record::encode_event(&stream_name(0), 0, &event(1));
+    let record = edgebus_store::record::encode_event(&stream_name(0), 0, &event(1), None);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let started = Instant::now();

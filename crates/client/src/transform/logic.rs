@@ -466,6 +466,7 @@ mod tests {
             data: Vec::new(),
             metadata: Vec::new(),
             timestamp_ms: 1_000 + position,
+            origin: None,
         }
     }
 

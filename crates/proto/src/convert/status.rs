@@ -60,6 +60,7 @@ pub fn grpc_code(code: u32) -> Code {
         E::GroupNotFound => Code::NotFound,
         E::GroupExists | E::ConsumerExists => Code::AlreadyExists,
         E::NotInFlight => Code::FailedPrecondition,
+        E::ReplicaStream | E::NotReplica => Code::FailedPrecondition,
     }
 }
 

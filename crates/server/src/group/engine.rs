@@ -1153,6 +1153,7 @@ pub fn original_event(parked: &RecordedEvent) -> Option<RecordedEvent> {
         data: parked.data.clone(),
         metadata: unhex(&record.metadata_hex)?,
         timestamp_ms: record.timestamp_ms,
+        origin: None,
     })
 }
 
