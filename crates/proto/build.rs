@@ -6,7 +6,8 @@
 use std::path::Path;
 
 const PROTO_ROOT: &str = "proto";
-const PROTO_FILES: &[&str] = &["proto/edgebus/v1/edgebus.proto", "proto/edgebus/v1/groups.proto"];
+const PROTO_FILES: &[&str] =
+    &["proto/edgebus/v1/edgebus.proto", "proto/edgebus/v1/groups.proto", "proto/edgebus/v1/wan.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");

@@ -4,3 +4,5 @@
 //! exists-or-write at the origin's versions.
 
 pub mod credit;
+pub mod def;
+pub mod policy;
