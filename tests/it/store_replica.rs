@@ -27,7 +27,7 @@ fn origin(home: &str, position: u64) -> Origin {
 fn write(stream: &str, version: u64, id: u128, data: &str, home: &str) -> ReplicaWrite {
     ReplicaWrite {
         stream: StreamName::new(stream).expect("valid stream"),
-        version,
+        version: Some(version),
         event: event(id, data),
         origin: origin(home, 100 + version),
     }
@@ -88,7 +88,7 @@ fn a_site_may_not_write_another_sites_stream_or_ours() {
     // A system stream is never replicated.
     let system = store.replicate(vec![ReplicaWrite {
         stream: StreamName::system("$groups").expect("valid"),
-        version: 0,
+        version: Some(0),
         event: event(5, "z"),
         origin: origin("eu", 1),
     }]);
@@ -110,4 +110,29 @@ fn a_large_replicated_batch_is_answered_in_order() {
     let again = store.replicate(writes);
     assert!(again.iter().all(|a| matches!(a, Ok(ExistsOrWrite::Exists { same: true, .. }))));
     assert_eq!(store.log().end_position(), 5_000);
+}
+
+#[test]
+fn sparse_replicas_append_once_per_id() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path(), StoreConfig::default()).expect("open");
+    let sampled = |id: u128, data: &str| ReplicaWrite {
+        stream: StreamName::new("telemetry.t1").expect("valid"),
+        version: None,
+        event: event(id, data),
+        origin: Origin { note: "sampled 1/10".into(), ..origin("eu", u64::try_from(id).unwrap()) },
+    };
+    let first = store.replicate(vec![sampled(10, "a"), sampled(20, "b")]);
+    assert!(first.iter().all(|a| matches!(a, Ok(ExistsOrWrite::Written { .. }))), "{first:?}");
+    // A replay is absorbed by id, in place; a new id goes at the end.
+    let again = store.replicate(vec![sampled(10, "a"), sampled(20, "b"), sampled(30, "c")]);
+    assert!(matches!(again[0], Ok(ExistsOrWrite::Exists { position: 0, same: true })), "{again:?}");
+    assert!(matches!(again[1], Ok(ExistsOrWrite::Exists { position: 1, same: true })), "{again:?}");
+    assert!(matches!(again[2], Ok(ExistsOrWrite::Written { position: 2 })), "{again:?}");
+    let changed = store.replicate(vec![sampled(20, "B")]);
+    assert!(matches!(changed[0], Ok(ExistsOrWrite::Exists { same: false, .. })), "{changed:?}");
+    let stream = StreamName::new("telemetry.t1").expect("valid");
+    assert_eq!(store.stream_info(&stream).expect("info").expect("exists").current_version, Some(2));
+    let events = store.read_log(0, 10, 1 << 20).expect("read");
+    assert_eq!(events[2].origin.as_ref().expect("origin").note, "sampled 1/10");
 }

@@ -96,8 +96,12 @@ pub enum ExistsOrWrite {
 pub struct ReplicaWrite {
     /// The stream, named as at its home site.
     pub stream: StreamName,
-    /// The event's version at its home site.
-    pub version: u64,
+    /// The event's version at its home site, written there with
+    /// exists-or-write; `None` for an event a policy kept out of a sparse
+    /// series (sampled, compacted): written after the stream's last event
+    /// unless its id is already in the stream, so the replica's versions
+    /// are its own.
+    pub version: Option<u64>,
     /// The event as written at its home site.
     pub event: NewEvent,
     /// Where it comes from.

@@ -46,10 +46,11 @@ pub(crate) enum Request {
         index: u64,
         event: NewEvent,
     },
-    /// Exists-or-write of an event replicated from its home site.
+    /// Exists-or-write of an event replicated from its home site; with no
+    /// index, at the stream's end unless its id is already in the stream.
     Replica {
         stream: StreamName,
-        index: u64,
+        index: Option<u64>,
         event: NewEvent,
         origin: Origin,
     },
@@ -262,7 +263,7 @@ impl Shared {
         match request {
             Request::Append { stream, expected, events } => self.process_append(inner, &stream, expected, events, slot),
             Request::ExistsOrWrite { stream, index, event } => {
-                self.process_exists_or_write(inner, &stream, index, event, None, slot)
+                self.process_exists_or_write(inner, &stream, Some(index), event, None, slot)
             }
             Request::Replica { stream, index, event, origin } => {
                 self.process_exists_or_write(inner, &stream, index, event, Some(origin), slot)
@@ -320,7 +321,7 @@ impl Shared {
         &self,
         inner: &mut Inner,
         stream: &StreamName,
-        index: u64,
+        index: Option<u64>,
         event: NewEvent,
         origin: Option<Origin>,
         slot: &Arc<Slot>,
@@ -338,6 +339,23 @@ impl Shared {
             _ => {}
         }
         let count = state.next_version;
+        let index = match index {
+            Some(index) => index,
+            // Where the id already is in this stream, else the end (where
+            // an id used by another stream is refused below).
+            None => match inner.tail.id(&self.index, &event.id).map_err(index_write)? {
+                Some(existing)
+                    if inner
+                        .tail
+                        .version(&self.index, stream.as_str(), existing.version)
+                        .map_err(index_write)?
+                        .is_some_and(|entry| entry.position == existing.position) =>
+                {
+                    existing.version
+                }
+                _ => count,
+            },
+        };
         if index < count {
             let entry = inner.tail.version(&self.index, stream.as_str(), index).map_err(index_write)?;
             // An index rebuilt after its record was reclaimed no longer knows it.
