@@ -1,1 +1,0 @@
-//! The credit (demand) core: placeholder until written.
