@@ -241,6 +241,11 @@ impl CreditReceiver {
         if first_seq != self.received.events {
             return Err(Violation::Gap { expected: self.received.events, got: first_seq });
         }
+        if events == 0 {
+            // An echo-only frame uses no credit (received may be past the byte
+            // limit after an idle-rule event, and stays there until it is durable).
+            return Ok(());
+        }
         let reached = self.received.saturating_add(Amount::new(events, bytes));
         let idle_rule = events == 1 && self.received == self.durable;
         let within = reached.events <= self.limit.events && (reached.bytes <= self.limit.bytes || idle_rule);
@@ -486,6 +491,8 @@ mod tests {
         receiver.grant(0);
         // Idle at the start of the session: one event of any size.
         receiver.on_data(0, 1, 50_000, 0).unwrap();
+        // An echo-only frame after it uses no credit.
+        receiver.on_data(1, 0, 0, 0).unwrap();
         // Not idle now: the next oversize event is a violation.
         assert!(matches!(receiver.on_data(1, 1, 1, 0), Err(Violation::BeyondCredit { .. })));
         receiver.on_durable(Amount::new(1, 50_000), 10);
