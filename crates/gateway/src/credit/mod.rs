@@ -51,7 +51,8 @@
 //! an event following it in the same frame fits the ordinary rule, so the
 //! whole frame does. A frame that does not start at `received` is a
 //! [`Violation::Gap`]; one past the limit is [`Violation::BeyondCredit`];
-//! the driver closes the link with that reason.
+//! the driver closes the link with that reason. A frame of no events
+//! (an echo only) uses no credit; it must still start at `received`.
 //!
 //! **Lane arithmetic.** The sender's window is `W = up_to - durable` from
 //! its own maxima (equal to the newest grant's `window` field, and immune to
@@ -93,7 +94,22 @@
 //! Before both are measured the window is `bounds.min`. When the window is
 //! the bottleneck, the delivery rate is `W / RTT`, so with the default gain
 //! of 200 % the window doubles per interval until the link is the
-//! bottleneck or it reaches `bounds.max`. The window may shrink, but `up_to`
+//! bottleneck or it reaches `bounds.max`.
+//!
+//! *RTT probe.* A window above the path's bandwidth × RTT builds a queue in
+//! the data pipe, and echoes riding behind it would inflate the RTT, which
+//! would grow the window, and so on. So when no sample has confirmed the
+//! minimum (come in at or below it) for 3/4 of `rtt_window_ms`, the receiver
+//! probes: the window drops to `bounds.min` for one current RTT plus one
+//! minimum RTT (what was granted before drains), then
+//! [`CreditReceiver::grant_due`] asks for a grant with a fresh ping, whose
+//! echo is a clean sample and ends the probe (or it ends after
+//! `rtt_window_ms / 8`). This is BBR's ProbeRTT done with credit; it costs
+//! a few percent of throughput once per horizon. The sender's driver
+//! should echo promptly (on its next frame, or an echo-only frame soon
+//! after a grant brings a new ping): any delay is counted as RTT.
+//!
+//! The window may shrink, but `up_to`
 //! never decreases: a shrink takes effect as durable advances
 //! (`up_to = max(up_to, durable + window)`).
 //!

@@ -78,7 +78,11 @@ struct RttFilter {
 
 impl RttFilter {
     fn new(rtt_window_ms: u64) -> Self {
-        RttFilter { bucket_ms: (rtt_window_ms / RTT_BUCKETS as u64).max(1), buckets: [None; RTT_BUCKETS], last_ms: None }
+        RttFilter {
+            bucket_ms: (rtt_window_ms / RTT_BUCKETS as u64).max(1),
+            buckets: [None; RTT_BUCKETS],
+            last_ms: None,
+        }
     }
 
     fn insert(&mut self, now_ms: u64, rtt_ms: u64) {
@@ -161,10 +165,15 @@ enum Probe {
     Off,
     /// The window is held at the minimum until `until_ms`, one current RTT
     /// (queueing included) plus one minimum RTT: what was granted before has arrived.
-    Draining { until_ms: u64 },
+    Draining {
+        until_ms: u64,
+    },
     /// The pipe is drained; a ping issued from `since_ms` on measures the
     /// path; the probe ends with its echo or at `until_ms`.
-    Measuring { since_ms: u64, until_ms: u64 },
+    Measuring {
+        since_ms: u64,
+        until_ms: u64,
+    },
 }
 
 /// The receiver's credit state for one link session (see the module doc
@@ -183,7 +192,7 @@ pub struct CreditReceiver {
     ping_next: u64,
     rtt: RttFilter,
     rtt_ms: Option<u64>,
-    /// When an RTT sample last confirmed the filter's minimum (within 1/8).
+    /// When an RTT sample last confirmed the filter's minimum (a sample at or below it).
     rtt_confirmed_ms: u64,
     /// When the newest ping was issued.
     ping_issued_ms: Option<u64>,
@@ -288,7 +297,7 @@ impl CreditReceiver {
         };
         self.pings.retain(|&(id, _)| id > ping);
         let sample_ms = now_ms.saturating_sub(issued_ms);
-        let confirms = self.rtt_ms.is_none_or(|min_ms| sample_ms <= min_ms + min_ms / 8);
+        let confirms = self.rtt_ms.is_none_or(|min_ms| sample_ms <= min_ms);
         let clean = matches!(self.probe, Probe::Measuring { since_ms, .. } if issued_ms >= since_ms);
         self.rtt.insert(now_ms, sample_ms);
         if confirms || clean {
@@ -404,8 +413,7 @@ impl CreditReceiver {
         let (Some(rtt_ms), Some(bandwidth)) = (self.rtt_ms, self.bandwidth_bytes_per_s()) else {
             return min;
         };
-        let product =
-            u128::from(self.config.gain_percent) * u128::from(bandwidth) * u128::from(rtt_ms) / (100 * 1000);
+        let product = u128::from(self.config.gain_percent) * u128::from(bandwidth) * u128::from(rtt_ms) / (100 * 1000);
         let bytes = u64::try_from(product).unwrap_or(u64::MAX).clamp(min.bytes, max.bytes);
         let events = match self.delivery.mean_event_bytes() {
             Some(mean_bytes) => bytes.div_ceil(mean_bytes).clamp(min.events, max.events),
@@ -581,6 +589,51 @@ mod tests {
         }
         // The 10 ms sample is 30 s old: only 50 ms samples remain.
         assert_eq!(receiver.rtt_ms(), Some(50));
+    }
+
+    #[test]
+    fn rtt_probe_holds_the_minimum_window_until_a_clean_echo() {
+        let mut receiver = receiver();
+        let mut received = Amount::ZERO;
+        let mut now = 0;
+        // Clean start: 100 ms round trips, the window grows.
+        let mut rtt_ms = 100;
+        for round in 0..100u64 {
+            let grant = receiver.grant(now);
+            if round == 10 {
+                // From here on, queueing inflates every sample to 300 ms.
+                rtt_ms = 300;
+            }
+            let room = grant.up_to.saturating_sub(received);
+            let events = room.events.min(room.bytes / 100);
+            receiver.on_data(received.events, events, events * 100, now).unwrap();
+            received = received.saturating_add(Amount::new(events, events * 100));
+            now += rtt_ms;
+            receiver.on_echo(grant.ping, now);
+            receiver.on_durable(received, now);
+            if receiver.probing() {
+                break;
+            }
+        }
+        // No sample confirmed the 100 ms minimum for 3/4 of 10 s: probing at the minimum window.
+        assert!(receiver.probing(), "probe started by {now} ms");
+        // The last confirming sample came at 1 s.
+        assert!((8_500..=8_800).contains(&now), "probe started at {now} ms");
+        assert_eq!(receiver.window(), Amount::new(10, 1000));
+        // Draining for one current RTT (300) plus the minimum (100).
+        receiver.grant(now + 399);
+        assert!(receiver.probing());
+        assert_eq!(receiver.window(), Amount::new(10, 1000));
+        // Then a fresh ping is due; its echo (the pipe is empty) is clean and ends the probe.
+        let measuring = now + 400;
+        receiver.on_durable(received, measuring);
+        assert!(receiver.grant_due(), "a fresh ping is due");
+        let grant = receiver.grant(measuring);
+        assert!(!receiver.grant_due());
+        receiver.on_echo(grant.ping, measuring + 100);
+        assert!(!receiver.probing());
+        assert_eq!(receiver.rtt_ms(), Some(100));
+        assert!(receiver.window().bytes > 1000, "window back to its target: {}", receiver.window());
     }
 
     #[test]

@@ -76,7 +76,8 @@ impl CreditSender {
                 return Err(CreditConfigError::LaneCapZero { lane, cap: share.cap });
             }
         }
-        let lanes = lanes.into_iter().map(|share| Lane { share, in_flight: Amount::ZERO, reserved: Amount::ZERO }).collect();
+        let lanes =
+            lanes.into_iter().map(|share| Lane { share, in_flight: Amount::ZERO, reserved: Amount::ZERO }).collect();
         Ok(CreditSender {
             lanes,
             pool: Amount::ZERO,
@@ -228,13 +229,15 @@ impl CreditSender {
             return Some(Stall::LaneCap);
         }
         let events_fit = after.events <= this.reserved.events || {
-            let excess = self.lanes.iter().map(|lane| lane.in_flight.events.saturating_sub(lane.reserved.events)).sum::<u64>();
+            let excess =
+                self.lanes.iter().map(|lane| lane.in_flight.events.saturating_sub(lane.reserved.events)).sum::<u64>();
             let added = after.events.saturating_sub(this.reserved.events)
                 - this.in_flight.events.saturating_sub(this.reserved.events);
             excess.saturating_add(added) <= self.pool.events
         };
         let bytes_fit = idle || after.bytes <= this.reserved.bytes || {
-            let excess = self.lanes.iter().map(|lane| lane.in_flight.bytes.saturating_sub(lane.reserved.bytes)).sum::<u64>();
+            let excess =
+                self.lanes.iter().map(|lane| lane.in_flight.bytes.saturating_sub(lane.reserved.bytes)).sum::<u64>();
             let added = after.bytes.saturating_sub(this.reserved.bytes)
                 - this.in_flight.bytes.saturating_sub(this.reserved.bytes);
             excess.saturating_add(added) <= self.pool.bytes
@@ -576,7 +579,8 @@ mod tests {
             CreditConfigError::LaneWithoutShare { lane: 2 }
         );
         assert_eq!(
-            CreditSender::try_new(vec![lane(0), LaneShare { reserved_permille: 0, cap: Amount::new(0, 5) }]).unwrap_err(),
+            CreditSender::try_new(vec![lane(0), LaneShare { reserved_permille: 0, cap: Amount::new(0, 5) }])
+                .unwrap_err(),
             CreditConfigError::LaneCapZero { lane: 1, cap: Amount::new(0, 5) }
         );
         assert!(CreditSender::try_new(vec![lane(600), lane(400)]).is_ok());

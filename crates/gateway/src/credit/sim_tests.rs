@@ -134,9 +134,7 @@ impl Sim {
         }
     }
 
-    fn step(&mut self, produce: bool) {
-        // Draining may take many round trips of lanes that send one event at a time: larger steps.
-        let step_ms_max = if produce { self.scenario.step_ms_max } else { self.scenario.step_ms_max.max(50) };
+    fn step(&mut self, produce: bool, step_ms_max: u64) {
         self.now_ms += self.rng.upto(step_ms_max);
         self.deliver_data();
         self.make_durable();
@@ -156,14 +154,17 @@ impl Sim {
             let bytes: u64 = frame.sizes.iter().sum();
             let before = self.receiver.received();
             if let Err(violation) = self.receiver.on_data(frame.first_seq, events, bytes, self.now_ms) {
-                panic!("receiver rejected a frame the sender was allowed to send: {violation}: frame {:?}, receiver {:?} ({:?})", frame, self.receiver, self.scenario);
+                panic!(
+                    "receiver rejected a frame the sender was allowed to send: {violation}: frame {:?}, receiver {:?} ({:?})",
+                    frame, self.receiver, self.scenario
+                );
             }
             let mut through = before;
             for (offset, &size) in frame.sizes.iter().enumerate() {
                 assert_eq!(self.sent_sizes[(frame.first_seq + offset as u64) as usize], size);
                 through = through.saturating_add(Amount::new(1, size));
-                let ready_ms = (self.now_ms + self.rng.upto(self.scenario.durable_delay_ms_max))
-                    .max(self.durable_ready_last_ms);
+                let ready_ms =
+                    (self.now_ms + self.rng.upto(self.scenario.durable_delay_ms_max)).max(self.durable_ready_last_ms);
                 self.durable_ready_last_ms = ready_ms;
                 self.durable_queue.push_back((ready_ms, through));
             }
@@ -196,7 +197,12 @@ impl Sim {
         if tick || self.receiver.grant_due() {
             let grant = self.receiver.grant(self.now_ms);
             self.stats.grants_issued += 1;
-            assert!(self.granted_max.fits_within(grant.up_to), "up_to went back: {} then {}", self.granted_max, grant.up_to);
+            assert!(
+                self.granted_max.fits_within(grant.up_to),
+                "up_to went back: {} then {}",
+                self.granted_max,
+                grant.up_to
+            );
             assert!(grant.durable.fits_within(grant.up_to));
             assert_eq!(grant.window, grant.up_to.saturating_sub(grant.durable));
             assert!(
@@ -416,11 +422,15 @@ impl Sim {
                 assert_eq!(self.receiver.durable(), Amount::new(self.sent_sizes.len() as u64, total));
                 return;
             }
-            self.step(false);
+            // Lanes that send one event per round trip may take many: larger steps.
+            self.step(false, self.scenario.step_ms_max.max(50));
         }
         panic!("not drained within {budget} steps: {:?}, sender {:?}", self.scenario, self.sender);
     }
 }
+
+/// A dimension of an amount: its name, its getter, whether it is checked.
+type Dimension = (&'static str, fn(Amount) -> u64, bool);
 
 /// The semantic form of "a lane never uses another lane's reserved share":
 /// after lane `sent_by` sends, either it stays inside its own reservation,
@@ -443,14 +453,15 @@ fn check_lane_shares(sender: &CreditSender, lanes: &[LaneShare], sent_by: usize,
     let mine = in_flight[sent_by];
     assert!(mine.events <= lanes[sent_by].cap.events, "lane {sent_by} over its cap: {mine}");
     assert!(idle || mine.bytes <= lanes[sent_by].cap.bytes, "lane {sent_by} over its cap: {mine}");
-    let dimensions: [(&str, fn(Amount) -> u64, bool); 2] =
+    let dimensions: [Dimension; 2] =
         [("events", |amount| amount.events, true), ("bytes", |amount| amount.bytes, !idle)];
     for (name, get, checked) in dimensions {
         if !checked || get(mine) <= get(reserved[sent_by]) {
             continue;
         }
         for other in (0..lanes.len()).filter(|&other| other != sent_by) {
-            let others_hold: u64 = (0..lanes.len()).filter(|&lane| lane != other).map(|lane| get(in_flight[lane])).sum();
+            let others_hold: u64 =
+                (0..lanes.len()).filter(|&lane| lane != other).map(|lane| get(in_flight[lane])).sum();
             let room = get(window).saturating_sub(get(reserved[other]));
             assert!(
                 others_hold <= room,
@@ -466,7 +477,7 @@ fn run(scenario: Scenario) -> Stats {
     let steps = scenario.steps;
     let mut sim = Sim::new(scenario);
     for step in 0..steps {
-        sim.step(true);
+        sim.step(true, sim.scenario.step_ms_max);
         if step % 500 == 499 {
             sim.quiesce_and_check_liveness();
         }
@@ -477,12 +488,11 @@ fn run(scenario: Scenario) -> Stats {
 }
 
 fn lanes_strategy() -> impl Strategy<Value = Vec<LaneShare>> {
-    let lane = (0u32..=600, 1u64..=64, 1u64..=20_000, any::<bool>()).prop_map(|(permille, events, bytes, capped)| {
-        LaneShare {
+    let lane =
+        (0u32..=600, 1u64..=64, 1u64..=20_000, any::<bool>()).prop_map(|(permille, events, bytes, capped)| LaneShare {
             reserved_permille: permille,
             cap: if capped { Amount::new(events, bytes) } else { Amount::new(u64::MAX, u64::MAX) },
-        }
-    });
+        });
     proptest::collection::vec(lane, 1..=4).prop_map(|mut lanes| {
         // Scale reservations down to a valid sum, keeping a pool for lanes without one.
         let sum: u32 = lanes.iter().map(|lane| lane.reserved_permille).sum();
@@ -530,7 +540,7 @@ fn scenario_strategy() -> impl Strategy<Value = Scenario> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn simulated_sessions_keep_every_credit_invariant(scenario in scenario_strategy()) {
@@ -608,4 +618,126 @@ fn seeded_simulations_cover_many_scenarios() {
     assert!(totals.stalls_lane_share > 0, "{totals:?}");
     assert!(totals.stalls_lane_cap > 0, "{totals:?}");
     assert!(totals.grants_delivered < totals.grants_issued * 2, "{totals:?}");
+}
+
+/// A clean link for the window tests: one lane with a full backlog of
+/// 1000-byte events, no loss, durable on arrival, 1 ms steps at most.
+fn clean_link(link_bytes_per_ms: u64, one_way_ms: u64, bounds: WindowBounds) -> Sim {
+    let scenario = Scenario {
+        seed: 7,
+        lanes: vec![LaneShare { reserved_permille: 0, cap: Amount::new(u64::MAX, u64::MAX) }],
+        receiver: ReceiverConfig { bounds, gain_percent: 200, rtt_window_ms: 10_000 },
+        one_way_ms,
+        control_jitter_ms: 0,
+        link_bytes_per_ms,
+        loss_permille: 0,
+        duplicate_permille: 0,
+        durable_delay_ms_max: 0,
+        event_bytes_max: 1000,
+        oversize_permille: 0,
+        produce_permille: 0,
+        // One event per frame: events arrive one by one, as they would over TCP.
+        frame_cut_permille: 1000,
+        tick_ms: 50,
+        step_ms_max: 1,
+        steps: 0,
+    };
+    let mut sim = Sim::new(scenario);
+    sim.lossy = false;
+    sim
+}
+
+/// Runs `sim` until `until_ms` with a full backlog; returns the windows seen
+/// outside RTT probes after `settle_ms`, and the bytes made durable after it.
+fn run_full(sim: &mut Sim, until_ms: u64, settle_ms: u64) -> (Vec<Amount>, u64) {
+    let mut windows = Vec::new();
+    let mut durable_at_settle = None;
+    while sim.now_ms < until_ms {
+        if sim.backlog[0].len() < 1000 {
+            sim.backlog[0].extend(std::iter::repeat_n(1000, 1000));
+        }
+        let before_ms = sim.now_ms;
+        sim.step(false, sim.scenario.step_ms_max);
+        if std::env::var("SIM_TRACE").is_ok() && before_ms / 500 != sim.now_ms / 500 {
+            eprintln!(
+                "t={} window={} rtt={:?} bw={:?} probing={} durable={} sent={} limit={}",
+                sim.now_ms,
+                sim.receiver.window(),
+                sim.receiver.rtt_ms(),
+                sim.receiver.bandwidth_bytes_per_s(),
+                sim.receiver.probing(),
+                sim.receiver.durable(),
+                sim.sender.sent(),
+                sim.sender.limit()
+            );
+        }
+        if sim.now_ms >= settle_ms {
+            durable_at_settle.get_or_insert(sim.receiver.durable().bytes);
+            if !sim.receiver.probing() {
+                windows.push(sim.receiver.window());
+            }
+        }
+    }
+    let durable_after = sim.receiver.durable().bytes - durable_at_settle.unwrap_or(0);
+    (windows, durable_after)
+}
+
+#[test]
+fn window_grows_to_gain_times_bandwidth_times_rtt_on_a_clean_link_and_stays_there() {
+    // 1 MB/s, 50 ms round trip: 50 KB in flight fill the link; the target is about 2 × 50 KB.
+    let bounds = WindowBounds { min: Amount::new(4, 4000), max: Amount::new(100_000, 10_000_000) };
+    let mut sim = clean_link(1000, 25, bounds);
+    let (windows, delivered) = run_full(&mut sim, 60_000, 10_000);
+    let rtt_ms = sim.receiver.rtt_ms().expect("rtt measured");
+    let bandwidth = sim.receiver.bandwidth_bytes_per_s().expect("bandwidth measured");
+    assert!((50..=60).contains(&rtt_ms), "min rtt {rtt_ms} ms");
+    assert!((900_000..=1_100_000).contains(&bandwidth), "bandwidth {bandwidth} B/s");
+    let largest = windows.iter().map(|window| window.bytes).max().unwrap();
+    let smallest = windows.iter().map(|window| window.bytes).min().unwrap();
+    // Queueing inflates the RTT samples, but the probes keep the minimum honest: no runaway.
+    assert!(smallest >= 80_000 && largest <= 130_000, "window between {smallest} and {largest} bytes");
+    // Events follow bytes at the mean event size.
+    let last = *windows.last().unwrap();
+    assert_eq!(last.events, last.bytes.div_ceil(1000));
+    // The link is kept busy: at least 90 % of 50 s at 1 MB/s, probes included.
+    assert!(delivered >= 45_000_000, "delivered {delivered} bytes in 50 s");
+}
+
+#[test]
+fn window_shrinks_when_the_link_slows_down_without_lowering_up_to() {
+    let bounds = WindowBounds { min: Amount::new(4, 4000), max: Amount::new(100_000, 10_000_000) };
+    let mut sim = clean_link(1000, 25, bounds);
+    run_full(&mut sim, 20_000, 20_000);
+    let fast = sim.receiver.window();
+    // The link drops to 100 KB/s; grants keep being checked for monotonic up_to by the sim.
+    sim.scenario.link_bytes_per_ms = 100;
+    let (windows, delivered) = run_full(&mut sim, 80_000, 50_000);
+    let slow = *windows.last().unwrap();
+    assert!(slow.bytes * 5 < fast.bytes, "window {fast} then {slow}");
+    assert!((8_000..=16_000).contains(&slow.bytes), "2 × 100 KB/s × 50 ms is about 10 KB: {slow}");
+    assert!(delivered >= 2_700_000, "delivered {delivered} bytes in 30 s");
+}
+
+#[test]
+fn window_stays_within_its_bounds_on_a_clean_link() {
+    let capped = WindowBounds { min: Amount::new(4, 4000), max: Amount::new(30, 30_000) };
+    let mut sim = clean_link(1000, 25, capped);
+    let (windows, _) = run_full(&mut sim, 20_000, 5_000);
+    assert!(windows.iter().all(|window| *window == Amount::new(30, 30_000)), "{:?}", windows.last());
+    // A sender with little to send (one event per 100 ms, 10 KB/s): the target is far below the floor.
+    let floored = WindowBounds { min: Amount::new(40, 40_000), max: Amount::new(1000, 1_000_000) };
+    let mut sim = clean_link(1000, 25, floored);
+    let mut produce_at_ms = 0;
+    while sim.now_ms < 20_000 {
+        if sim.now_ms >= produce_at_ms {
+            sim.backlog[0].push_back(1000);
+            produce_at_ms += 100;
+        }
+        sim.step(false, 1);
+        assert_eq!(sim.receiver.window(), Amount::new(40, 40_000));
+    }
+    let bandwidth = sim.receiver.bandwidth_bytes_per_s().expect("bandwidth measured");
+    assert!(bandwidth <= 20_000, "bandwidth {bandwidth} B/s");
+    let rtt_ms = sim.receiver.rtt_ms().expect("rtt measured");
+    assert!((50..=52).contains(&rtt_ms), "rtt {rtt_ms} ms");
 }
