@@ -5,4 +5,10 @@
 
 pub mod credit;
 pub mod def;
+pub mod gateway;
+pub mod metrics;
 pub mod policy;
+pub mod receiver;
+pub mod sender;
+
+pub use gateway::{AdminError, Gateway, GatewayConfig};

@@ -1,0 +1,541 @@
+//! The gateway of a site: its routes and policies, kept as commands in the
+//! log (`$gateway`), the route tasks, the WAN service, and what operators
+//! see (Prometheus text, JSON).
+//!
+//! Lifecycle: [`Gateway::start`] replays `$gateway`, writes the config
+//! file's routes and policies where they differ from the log (the config
+//! declares; runtime changes last until the next restart with a config
+//! that says otherwise), and starts one task per route. Runtime changes
+//! append a command and apply it at once; a policy change takes effect at
+//! its command's log position. [`Gateway::stop`] stops every route, which
+//! checkpoints its cursors.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use edgebus_store::{Direction, Store, StreamFrom};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, SiteName, StreamName};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::credit::ReceiverConfig;
+use crate::def::{DefError, POLICIES_MAX, Policy, PolicyDef, ROUTES_MAX, Route, RouteDef, route_name};
+use crate::metrics::{GatewayMetrics, now_ms};
+use crate::policy::{PolicyHistory, PolicySet};
+use crate::receiver::{ReceiverSettings, WanService};
+use crate::sender::{self, RouteContext, RouteHandle, SenderSettings, stall, state};
+
+/// The stream of route and policy commands.
+pub const GATEWAY_STREAM: &str = "$gateway";
+const TYPE_ROUTE_SET: &str = "$route-set";
+const TYPE_ROUTE_REMOVED: &str = "$route-removed";
+const TYPE_POLICY_SET: &str = "$policy-set";
+const TYPE_POLICY_REMOVED: &str = "$policy-removed";
+/// Commands read per page when replaying `$gateway`.
+const REPLAY_PAGE: usize = 1024;
+
+/// What a gateway needs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// This site.
+    pub site: SiteName,
+    /// Routes declared in the config file.
+    pub routes: Vec<RouteDef>,
+    /// Policies declared in the config file, in order.
+    pub policies: Vec<PolicyDef>,
+    /// Sites accepted on inbound links; empty: any other site.
+    pub peers: Vec<SiteName>,
+    /// Window sizing of inbound sessions.
+    pub credit: ReceiverConfig,
+    /// Heartbeat and grant interval of links.
+    pub heartbeat: Duration,
+    /// Silence after which a link is dead.
+    pub dead_after: Duration,
+}
+
+impl GatewayConfig {
+    /// A gateway of `site` with no routes or policies and default timing.
+    pub fn new(site: SiteName) -> Self {
+        Self {
+            site,
+            routes: Vec::new(),
+            policies: Vec::new(),
+            peers: Vec::new(),
+            credit: ReceiverConfig::default(),
+            heartbeat: Duration::from_millis(250),
+            dead_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A refused operator change.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The definition is invalid.
+    #[error("invalid definition: {0}")]
+    Invalid(#[from] DefError),
+    /// No such route or policy.
+    #[error("{0}")]
+    NotFound(String),
+    /// A limit is reached.
+    #[error("{0}")]
+    TooMany(String),
+    /// The command could not be written.
+    #[error("cannot record the change: {0}")]
+    Store(String),
+}
+
+/// A site's gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    store: Arc<Store>,
+    config: GatewayConfig,
+    metrics: Arc<GatewayMetrics>,
+    routes: tokio::sync::Mutex<BTreeMap<String, RouteHandle>>,
+    route_metrics: Mutex<BTreeMap<String, (Route, Arc<sender::RouteMetrics>)>>,
+    policies: Mutex<Vec<Policy>>,
+    history: watch::Sender<Arc<PolicyHistory>>,
+    end: watch::Receiver<u64>,
+    stop: watch::Sender<bool>,
+}
+
+/// The state `$gateway` describes.
+#[derive(Debug, Default)]
+struct Replayed {
+    routes: BTreeMap<String, RouteDef>,
+    policies: Vec<PolicyDef>,
+    history: PolicyHistory,
+}
+
+impl Gateway {
+    /// Starts the gateway (see the module docs). `end` follows the log's end.
+    pub async fn start(store: Arc<Store>, config: GatewayConfig, end: watch::Receiver<u64>) -> anyhow::Result<Arc<Self>> {
+        for (i, def) in config.routes.iter().enumerate() {
+            def.validate(&config.site).map_err(|e| anyhow::anyhow!("gateway route {i} ({}): {e}", def.remote_site))?;
+        }
+        for (i, def) in config.policies.iter().enumerate() {
+            def.validate().map_err(|e| anyhow::anyhow!("gateway policy {i} ({}): {e}", def.pattern))?;
+        }
+        let replayed = replay(&store).await?;
+        let (history, _) = watch::channel(Arc::new(replayed.history.clone()));
+        let (stop, _) = watch::channel(false);
+        let policies = replayed
+            .policies
+            .iter()
+            .filter_map(|d| d.validate().ok())
+            .collect::<Vec<_>>();
+        let gateway = Arc::new(Self {
+            store,
+            metrics: Arc::new(GatewayMetrics::default()),
+            routes: tokio::sync::Mutex::new(BTreeMap::new()),
+            route_metrics: Mutex::new(BTreeMap::new()),
+            policies: Mutex::new(policies),
+            history,
+            end,
+            stop,
+            config: config.clone(),
+        });
+        // Routes from the log, then the config file's where they differ.
+        for def in replayed.routes.values() {
+            match def.validate(&config.site) {
+                Ok(route) => gateway.launch(route).await,
+                Err(e) => eprintln!("edgebus gateway: route {} in the log is invalid and not started: {e}", def.name),
+            }
+        }
+        for def in &config.routes {
+            let route = def.validate(&config.site)?;
+            if replayed.routes.get(&route.name) != Some(def) {
+                gateway.set_route(def.clone()).await?;
+            }
+        }
+        for def in &config.policies {
+            if !replayed.policies.contains(def) {
+                gateway.set_policy(def.clone()).await?;
+            }
+        }
+        Ok(gateway)
+    }
+
+    /// This site.
+    pub fn site(&self) -> &SiteName {
+        &self.config.site
+    }
+
+    /// The WAN service accepting this site's inbound links.
+    pub fn wan_service(&self) -> WanService {
+        let settings = ReceiverSettings {
+            site: self.config.site.clone(),
+            peers: self.config.peers.clone(),
+            credit: self.config.credit,
+            heartbeat: self.config.heartbeat,
+            dead_after: self.config.dead_after,
+        };
+        WanService::new(Arc::clone(&self.store), settings, Arc::clone(&self.metrics), self.stop.subscribe())
+    }
+
+    /// The inbound counters.
+    pub fn metrics(&self) -> &Arc<GatewayMetrics> {
+        &self.metrics
+    }
+
+    async fn launch(&self, route: Route) {
+        let context = RouteContext {
+            store: Arc::clone(&self.store),
+            site: self.config.site.clone(),
+            end: self.end.clone(),
+            policies: self.history.subscribe(),
+            settings: SenderSettings {
+                heartbeat: self.config.heartbeat,
+                dead_after: self.config.dead_after,
+                checkpoint_every: Duration::from_secs(1),
+                connect_timeout: Duration::from_secs(5),
+            },
+        };
+        let handle = sender::start(route.clone(), context);
+        self.route_metrics.lock().insert(route.name.clone(), (route.clone(), Arc::clone(&handle.metrics)));
+        if let Some(old) = self.routes.lock().await.insert(route.name.clone(), handle) {
+            old.stop().await;
+        }
+    }
+
+    async fn record(&self, event_type: &str, data: serde_json::Value) -> Result<u64, AdminError> {
+        let event = NewEvent {
+            id: EventId::from_u128(rand::random()),
+            event_type: EventType::new(event_type).expect("valid type"),
+            data: serde_json::to_vec(&data).expect("serializable"),
+            metadata: Vec::new(),
+            timestamp_ms: now_ms(),
+        };
+        let store = Arc::clone(&self.store);
+        let stream = gateway_stream();
+        let written = tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![event]))
+            .await
+            .map_err(|e| AdminError::Store(e.to_string()))?
+            .map_err(|e| AdminError::Store(e.to_string()))?;
+        Ok(written.first_position)
+    }
+
+    /// Adds or replaces a route; it starts at once.
+    pub async fn set_route(&self, def: RouteDef) -> Result<Route, AdminError> {
+        let route = def.validate(&self.config.site)?;
+        {
+            let routes = self.route_metrics.lock();
+            if !routes.contains_key(&route.name) && routes.len() >= ROUTES_MAX {
+                return Err(AdminError::TooMany(format!("a gateway has at most {ROUTES_MAX} routes")));
+            }
+        }
+        let mut stored = route.def.clone();
+        stored.name = route.name.clone();
+        self.record(TYPE_ROUTE_SET, serde_json::to_value(&stored).expect("serializable")).await?;
+        self.launch(route.clone()).await;
+        Ok(route)
+    }
+
+    /// Removes a route; its task checkpoints its cursors and stops.
+    pub async fn remove_route(&self, name: &str) -> Result<(), AdminError> {
+        let name = route_name("name", name)?;
+        if !self.route_metrics.lock().contains_key(&name) {
+            return Err(AdminError::NotFound(format!("no route named {name}")));
+        }
+        self.record(TYPE_ROUTE_REMOVED, serde_json::json!({ "name": name })).await?;
+        self.route_metrics.lock().remove(&name);
+        if let Some(handle) = self.routes.lock().await.remove(&name) {
+            handle.stop().await;
+        }
+        Ok(())
+    }
+
+    /// Sets the policy for `def.pattern` (replacing one with the same
+    /// pattern in place, else appending); it applies from its command's
+    /// log position on.
+    pub async fn set_policy(&self, def: PolicyDef) -> Result<(), AdminError> {
+        let policy = def.validate()?;
+        {
+            let policies = self.policies.lock();
+            if !policies.iter().any(|p| p.def.pattern == def.pattern) && policies.len() >= POLICIES_MAX {
+                return Err(AdminError::TooMany(format!("a site has at most {POLICIES_MAX} policies")));
+            }
+        }
+        let position = self.record(TYPE_POLICY_SET, serde_json::to_value(&def).expect("serializable")).await?;
+        let set = {
+            let mut policies = self.policies.lock();
+            match policies.iter_mut().find(|p| p.def.pattern == def.pattern) {
+                Some(existing) => *existing = policy,
+                None => policies.push(policy),
+            }
+            PolicySet { rules: policies.clone() }
+        };
+        self.push_policies(position, set);
+        Ok(())
+    }
+
+    /// Removes the policy for `pattern`.
+    pub async fn remove_policy(&self, pattern: &str) -> Result<(), AdminError> {
+        if !self.policies.lock().iter().any(|p| p.def.pattern == pattern) {
+            return Err(AdminError::NotFound(format!("no policy for pattern {pattern}")));
+        }
+        let position = self.record(TYPE_POLICY_REMOVED, serde_json::json!({ "pattern": pattern })).await?;
+        let set = {
+            let mut policies = self.policies.lock();
+            policies.retain(|p| p.def.pattern != pattern);
+            PolicySet { rules: policies.clone() }
+        };
+        self.push_policies(position, set);
+        Ok(())
+    }
+
+    fn push_policies(&self, position: u64, set: PolicySet) {
+        self.history.send_modify(|history| {
+            let mut next = (**history).clone();
+            next.push(position, set);
+            *history = Arc::new(next);
+        });
+    }
+
+    /// The policies, in order.
+    pub fn policies(&self) -> Vec<PolicyDef> {
+        self.policies.lock().iter().map(|p| p.def.clone()).collect()
+    }
+
+    /// Stops every route (each checkpoints its cursors) and ends inbound sessions.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let routes = std::mem::take(&mut *self.routes.lock().await);
+        for (_, handle) in routes {
+            handle.stop().await;
+        }
+    }
+
+    /// Every route and lane, as JSON (for `/v1/routes` and `/v1/stats`).
+    pub fn routes_json(&self) -> serde_json::Value {
+        let end = *self.end.borrow();
+        let now = now_ms();
+        let routes = self.route_metrics.lock().clone();
+        let list: Vec<serde_json::Value> = routes
+            .values()
+            .map(|(route, m)| {
+                let lanes: Vec<serde_json::Value> = m
+                    .lanes
+                    .iter()
+                    .zip(&route.lanes)
+                    .map(|(l, def)| {
+                        let acked = l.acked_position.load(Ordering::Relaxed);
+                        let oldest = l.oldest_unacked_ms.load(Ordering::Relaxed);
+                        let since = l.stalled_since_ms.load(Ordering::Relaxed);
+                        serde_json::json!({
+                            "lane": l.name,
+                            "reserved_permille": def.reserved_permille,
+                            "read_position": l.read_position.load(Ordering::Relaxed),
+                            "acked_position": acked,
+                            "backlog_positions": end.saturating_sub(acked),
+                            "oldest_unacked_age_ms": (oldest > 0).then(|| now.saturating_sub(oldest)),
+                            "in_flight_events": l.in_flight_events.load(Ordering::Relaxed),
+                            "in_flight_bytes": l.in_flight_bytes.load(Ordering::Relaxed),
+                            "buffered_events": l.buffered_events.load(Ordering::Relaxed),
+                            "sent_events": l.sent_events.load(Ordering::Relaxed),
+                            "sent_bytes": l.sent_bytes.load(Ordering::Relaxed),
+                            "acked_events": l.acked_events.load(Ordering::Relaxed),
+                            "ack_p50_ms": l.ack_latency.quantile_ms(0.5),
+                            "ack_p99_ms": l.ack_latency.quantile_ms(0.99),
+                            "stall": stall::NAMES[usize::from(l.stall.load(Ordering::Relaxed))],
+                            "stalled_since_ms": (since > 0 && now.saturating_sub(since) > 1_000).then_some(since),
+                        })
+                    })
+                    .collect();
+                let granted = m.credit_granted_events.load(Ordering::Relaxed);
+                let used = m.credit_used_events.load(Ordering::Relaxed);
+                serde_json::json!({
+                    "route": route.name,
+                    "remote_site": route.remote_site.as_str(),
+                    "addresses": route.addresses,
+                    "topics": route.def.topics,
+                    "state": state::NAMES[usize::from(m.state.load(Ordering::Relaxed))],
+                    "address": m.address.lock().clone(),
+                    "reconnects": m.reconnects.load(Ordering::Relaxed),
+                    "failures": m.failures.load(Ordering::Relaxed),
+                    "last_error": m.last_error.lock().clone(),
+                    "window_events": m.window_events.load(Ordering::Relaxed),
+                    "window_bytes": m.window_bytes.load(Ordering::Relaxed),
+                    "credit_granted_events": granted,
+                    "credit_used_events": used,
+                    "lanes": lanes,
+                    "topics_counts": m.topics.lock().clone(),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
+
+    /// The gateway section of `/v1/stats`.
+    pub fn stats_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "site": self.config.site.as_str(),
+            "routes": self.routes_json(),
+            "inbound": self.metrics.to_json(),
+            "policies": self.policies(),
+        })
+    }
+
+    /// Prometheus text of every route, lane and topic, and the inbound side.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let end = *self.end.borrow();
+        let now = now_ms();
+        let routes = self.route_metrics.lock().clone();
+        let mut family = |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = (String, String)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in rows {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        };
+        let route_rows = |f: &dyn Fn(&sender::RouteMetrics) -> String| -> Vec<(String, String)> {
+            routes.values().map(|(r, m)| (format!("route=\"{}\",remote=\"{}\"", r.name, r.remote_site), f(m))).collect()
+        };
+        family(
+            "edgebus_route_up",
+            "gauge",
+            "1 while the route has a link session.",
+            &mut route_rows(&|m| u8::from(m.state.load(Ordering::Relaxed) == state::CONNECTED).to_string()).into_iter(),
+        );
+        family(
+            "edgebus_route_reconnects_total",
+            "counter",
+            "Link sessions that ended and were retried.",
+            &mut route_rows(&|m| m.reconnects.load(Ordering::Relaxed).to_string()).into_iter(),
+        );
+        family(
+            "edgebus_route_window_bytes",
+            "gauge",
+            "The receiver's current credit window in bytes.",
+            &mut route_rows(&|m| m.window_bytes.load(Ordering::Relaxed).to_string()).into_iter(),
+        );
+        family(
+            "edgebus_route_credit_granted_events_total",
+            "counter",
+            "Credit granted by the remote site (events, summed over ended sessions).",
+            &mut route_rows(&|m| m.credit_granted_events.load(Ordering::Relaxed).to_string()).into_iter(),
+        );
+        family(
+            "edgebus_route_credit_used_events_total",
+            "counter",
+            "Credit used (events sent, summed over ended sessions).",
+            &mut route_rows(&|m| m.credit_used_events.load(Ordering::Relaxed).to_string()).into_iter(),
+        );
+        type LaneField = fn(&sender::LaneMetrics, u64, u64) -> u64;
+        let lane_families: [(&str, &str, &str, LaneField); 8] = [
+            ("edgebus_lane_backlog_positions", "gauge", "Log positions between the lane's acknowledged cursor and the log's end.", |l, end, _| end.saturating_sub(l.acked_position.load(Ordering::Relaxed))),
+            ("edgebus_lane_oldest_unacked_age_seconds", "gauge", "Age of the oldest event read or sent but not acknowledged (0: none).", |l, _, now| { let o = l.oldest_unacked_ms.load(Ordering::Relaxed); if o == 0 { 0 } else { now.saturating_sub(o) / 1000 } }),
+            ("edgebus_lane_in_flight_events", "gauge", "Events sent and not yet acknowledged.", |l, _, _| l.in_flight_events.load(Ordering::Relaxed)),
+            ("edgebus_lane_in_flight_bytes", "gauge", "Bytes sent and not yet acknowledged.", |l, _, _| l.in_flight_bytes.load(Ordering::Relaxed)),
+            ("edgebus_lane_sent_events_total", "counter", "Events sent (resends after a reconnect included).", |l, _, _| l.sent_events.load(Ordering::Relaxed)),
+            ("edgebus_lane_sent_bytes_total", "counter", "Bytes sent.", |l, _, _| l.sent_bytes.load(Ordering::Relaxed)),
+            ("edgebus_lane_acked_events_total", "counter", "Events acknowledged durable by the remote site.", |l, _, _| l.acked_events.load(Ordering::Relaxed)),
+            ("edgebus_lane_stalled_seconds", "gauge", "How long the acknowledged cursor has not moved while the lane has backlog (0: moving).", |l, _, now| { let s = l.stalled_since_ms.load(Ordering::Relaxed); if s == 0 { 0 } else { now.saturating_sub(s) / 1000 } }),
+        ];
+        for (name, kind, help, field) in lane_families {
+            let mut rows = routes.values().flat_map(|(r, m)| {
+                m.lanes.iter().map(move |l| (format!("route=\"{}\",lane=\"{}\"", r.name, l.name), field(l, end, now).to_string()))
+            });
+            family(name, kind, help, &mut rows);
+        }
+        let mut rows = routes.values().flat_map(|(r, m)| {
+            m.lanes.iter().flat_map(move |l| {
+                let current = l.stall.load(Ordering::Relaxed);
+                stall::NAMES.iter().enumerate().skip(1).map(move |(i, reason)| {
+                    (format!("route=\"{}\",lane=\"{}\",reason=\"{reason}\"", r.name, l.name), u8::from(usize::from(current) == i).to_string())
+                })
+            })
+        });
+        family("edgebus_lane_stalled", "gauge", "1 for the reason the lane waits although it has data.", &mut rows);
+        let topics: Vec<(String, String, sender::TopicCounts)> = routes
+            .values()
+            .flat_map(|(r, m)| m.topics.lock().iter().map(|(t, c)| (r.name.clone(), t.clone(), *c)).collect::<Vec<_>>())
+            .collect();
+        let mut rows = topics.iter().flat_map(|(route, topic, c)| {
+            [("sampled_out", c.sampled_out), ("compacted", c.compacted), ("dropped", c.dropped)]
+                .into_iter()
+                .map(move |(reason, n)| (format!("route=\"{route}\",topic=\"{topic}\",reason=\"{reason}\""), n.to_string()))
+        });
+        family("edgebus_route_policy_skipped_total", "counter", "Events a policy kept from the route, per topic pattern and reason.", &mut rows);
+        let mut rows = topics.iter().map(|(route, topic, c)| (format!("route=\"{route}\",topic=\"{topic}\""), c.sent.to_string()));
+        family("edgebus_route_topic_sent_total", "counter", "Events sent per route and deciding topic pattern.", &mut rows);
+        let name = "edgebus_lane_ack_latency_seconds";
+        let _ = writeln!(out, "# HELP {name} Send to durable-acknowledgement latency per lane.\n# TYPE {name} histogram");
+        for (r, m) in routes.values() {
+            for l in &m.lanes {
+                l.ack_latency_render(out, name, &format!("route=\"{}\",lane=\"{}\"", r.name, l.name));
+            }
+        }
+        self.metrics.render(out);
+    }
+}
+
+fn gateway_stream() -> StreamName {
+    StreamName::system(GATEWAY_STREAM).expect("valid system stream")
+}
+
+async fn replay(store: &Arc<Store>) -> anyhow::Result<Replayed> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || {
+        let mut replayed = Replayed::default();
+        replayed.history.push(0, PolicySet::default());
+        let stream = gateway_stream();
+        let mut from = 0u64;
+        loop {
+            let events = match store.read_stream(&stream, StreamFrom::Version(from), Direction::Forward, REPLAY_PAGE, now_ms()) {
+                Ok(events) => events,
+                Err(e) if e.code() == edgebus_store::ErrorCode::StreamNotFound => break,
+                Err(e) => return Err(anyhow::anyhow!("cannot read {GATEWAY_STREAM}: {e}")),
+            };
+            let Some(last) = events.last() else { break };
+            from = last.version + 1;
+            for event in &events {
+                apply(&mut replayed, event);
+            }
+            if events.len() < REPLAY_PAGE {
+                break;
+            }
+        }
+        Ok(replayed)
+    })
+    .await?
+}
+
+fn apply(replayed: &mut Replayed, event: &edgebus_types::RecordedEvent) {
+    let json: serde_json::Value = serde_json::from_slice(&event.data).unwrap_or_default();
+    let mut policies_changed = false;
+    match event.event_type.as_str() {
+        TYPE_ROUTE_SET => {
+            if let Ok(def) = serde_json::from_value::<RouteDef>(json) {
+                replayed.routes.insert(def.name.clone(), def);
+            }
+        }
+        TYPE_ROUTE_REMOVED => {
+            if let Some(name) = json.get("name").and_then(|n| n.as_str()) {
+                replayed.routes.remove(name);
+            }
+        }
+        TYPE_POLICY_SET => {
+            if let Ok(def) = serde_json::from_value::<PolicyDef>(json) {
+                match replayed.policies.iter_mut().find(|p| p.pattern == def.pattern) {
+                    Some(existing) => *existing = def,
+                    None => replayed.policies.push(def),
+                }
+                policies_changed = true;
+            }
+        }
+        TYPE_POLICY_REMOVED => {
+            if let Some(pattern) = json.get("pattern").and_then(|n| n.as_str()) {
+                replayed.policies.retain(|p| p.pattern != pattern);
+                policies_changed = true;
+            }
+        }
+        _ => {}
+    }
+    if policies_changed {
+        let rules = replayed.policies.iter().filter_map(|d| d.validate().ok()).collect();
+        replayed.history.push(event.position, PolicySet { rules });
+    }
+}

@@ -1,0 +1,861 @@
+//! The sending end of a route: one task per route.
+//!
+//! Each lane is a cursor over the local log: it reads ahead a bounded
+//! amount (at most its read-ahead, itself at most the route's window),
+//! applies the policy in effect at each event's position (skip, drop,
+//! sample, compact), and sends batches while the credit core allows. The
+//! backlog stays in the log. On a grant, acknowledged events advance each
+//! lane's acknowledged cursor, which is checkpointed to
+//! `$gateway.cursors.ROUTE` every second; after a reconnect or a restart the
+//! lanes resume from it and the receiver's exists-or-write absorbs the
+//! overlap.
+//!
+//! Memory per route: lanes × read-ahead (each ≤ min(window_max, 4 MiB, 4096
+//! events)) + one `(seq, position)` pair per event in flight (≤ window_max
+//! events). Nothing depends on the backlog.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use edgebus_proto::v1;
+use edgebus_store::{Direction, Store, StreamFrom};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, SiteName, StreamName};
+use parking_lot::Mutex;
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::credit::{Amount, CreditSender, Grant, LaneShare, Stall};
+use crate::def::{Action, Route};
+use crate::metrics::{LatencyHistogram, now_ms};
+use crate::policy::{Decision, PolicyHistory, compact_key, sample_keeps};
+use crate::receiver::{PROTOCOL_VERSION, WAN_FRAME_BYTES_MAX};
+
+/// Most events a lane reads ahead of what it sent.
+pub const LANE_READ_AHEAD_EVENTS_MAX: u64 = 4096;
+/// Most bytes a lane reads ahead of what it sent.
+pub const LANE_READ_AHEAD_BYTES_MAX: u64 = 4 * 1024 * 1024;
+/// Records scanned per read of the log.
+const READ_RECORDS: usize = 1024;
+/// Bytes scanned per read of the log.
+const READ_BYTES: u64 = 1024 * 1024;
+/// Largest batch frame built (one larger event travels alone).
+const FRAME_BYTES_TARGET: u64 = 512 * 1024;
+/// Most per-stream sampling buckets remembered per lane; when full the
+/// memory is cleared (one extra event per stream may then be kept).
+const SAMPLE_STREAMS_MAX: usize = 65_536;
+/// First and longest reconnect delays (with ±50 % jitter).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Consecutive failed sessions after which the route reports `open`
+/// (circuit open) and waits the longest delay.
+const OPEN_AFTER_FAILURES: u32 = 5;
+
+/// The system stream holding a route's acknowledged cursors.
+pub fn cursor_stream(route: &str) -> StreamName {
+    StreamName::system(&format!("$gateway.cursors.{route}")).expect("route names are valid stream tokens")
+}
+
+/// Settings shared by every route of a gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct SenderSettings {
+    /// Idle sessions send a heartbeat this often.
+    pub heartbeat: Duration,
+    /// A session with no control message for this long is dead.
+    pub dead_after: Duration,
+    /// How often acknowledged cursors are checkpointed.
+    pub checkpoint_every: Duration,
+    /// How long a connection attempt may take.
+    pub connect_timeout: Duration,
+}
+
+/// Route states, as shown to operators.
+pub mod state {
+    /// Connecting to a remote gateway.
+    pub const CONNECTING: u8 = 0;
+    /// A session is up.
+    pub const CONNECTED: u8 = 1;
+    /// Waiting before the next attempt.
+    pub const BACKOFF: u8 = 2;
+    /// Failing repeatedly: held open, retried at the longest delay.
+    pub const OPEN: u8 = 3;
+    /// Stopped.
+    pub const STOPPED: u8 = 4;
+    /// Names, by value.
+    pub const NAMES: [&str; 5] = ["connecting", "connected", "backoff", "open", "stopped"];
+}
+
+/// Why a lane is not sending although it has data.
+pub mod stall {
+    /// Not stalled.
+    pub const NONE: u8 = 0;
+    /// No link session.
+    pub const NO_LINK: u8 = 1;
+    /// The receiver's credit is used up.
+    pub const NO_CREDIT: u8 = 2;
+    /// The lane's share of the window is used up.
+    pub const LANE_SHARE: u8 = 3;
+    /// The lane's cap is reached.
+    pub const LANE_CAP: u8 = 4;
+    /// A stream moved to this lane and the old lane has not passed the change.
+    pub const LANE_MOVE: u8 = 5;
+    /// Names, by value.
+    pub const NAMES: [&str; 6] = ["none", "no link", "no credit", "lane share", "lane cap", "lane move"];
+}
+
+/// Counters of one lane.
+#[derive(Debug, Default)]
+pub struct LaneMetrics {
+    /// The lane's name.
+    pub name: String,
+    /// Next log position the lane reads.
+    pub read_position: AtomicU64,
+    /// Every event of the lane below this is durable at the remote site.
+    pub acked_position: AtomicU64,
+    /// Events sent (all sessions).
+    pub sent_events: AtomicU64,
+    /// Bytes sent.
+    pub sent_bytes: AtomicU64,
+    /// Events acknowledged durable by the remote site.
+    pub acked_events: AtomicU64,
+    /// Events in flight now.
+    pub in_flight_events: AtomicU64,
+    /// Bytes in flight now.
+    pub in_flight_bytes: AtomicU64,
+    /// Events read ahead, not yet sent.
+    pub buffered_events: AtomicU64,
+    /// Current [`stall`] reason.
+    pub stall: AtomicU8,
+    /// Since when (ms since epoch) the acknowledged cursor has not moved
+    /// while the lane had backlog; 0 when moving or idle.
+    pub stalled_since_ms: AtomicU64,
+    /// Timestamp (ms since epoch) of the oldest event not yet acknowledged; 0: none.
+    pub oldest_unacked_ms: AtomicU64,
+    /// Send → durable acknowledgement latency.
+    pub ack_latency: LatencyHistogram,
+}
+
+/// Per topic pattern counters of a route.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct TopicCounts {
+    /// Events sent.
+    pub sent: u64,
+    /// Events a sample policy left out.
+    pub sampled_out: u64,
+    /// Events a compact policy replaced by a later one.
+    pub compacted: u64,
+    /// Events a drop policy dropped.
+    pub dropped: u64,
+}
+
+/// Counters of one route.
+#[derive(Debug, Default)]
+pub struct RouteMetrics {
+    /// Route name.
+    pub name: String,
+    /// Remote site.
+    pub remote_site: String,
+    /// Current [`state`].
+    pub state: AtomicU8,
+    /// Sessions started after the first.
+    pub reconnects: AtomicU64,
+    /// Consecutive failed sessions.
+    pub failures: AtomicU64,
+    /// The last failure, for operators.
+    pub last_error: Mutex<String>,
+    /// The address of the current or last session.
+    pub address: Mutex<String>,
+    /// Credit granted (events, summed over sessions).
+    pub credit_granted_events: AtomicU64,
+    /// Credit used (events sent, summed over sessions).
+    pub credit_used_events: AtomicU64,
+    /// Window of the current session (events).
+    pub window_events: AtomicU64,
+    /// Window of the current session (bytes).
+    pub window_bytes: AtomicU64,
+    /// Lanes, in route order.
+    pub lanes: Vec<LaneMetrics>,
+    /// Per deciding topic pattern.
+    pub topics: Mutex<BTreeMap<String, TopicCounts>>,
+}
+
+impl LaneMetrics {
+    /// Renders the lane's acknowledgement latency histogram.
+    pub fn ack_latency_render(&self, out: &mut String, name: &str, labels: &str) {
+        self.ack_latency.render(out, name, labels);
+    }
+}
+
+impl RouteMetrics {
+    fn new(route: &Route) -> Self {
+        Self {
+            name: route.name.clone(),
+            remote_site: route.remote_site.to_string(),
+            lanes: route.lanes.iter().map(|l| LaneMetrics { name: l.name.clone(), ..LaneMetrics::default() }).collect(),
+            ..Self::default()
+        }
+    }
+
+    fn count(&self, topic: &str, change: impl FnOnce(&mut TopicCounts)) {
+        let mut topics = self.topics.lock();
+        // Bounded: topics are policy patterns (at most POLICIES_MAX) and `>`.
+        change(topics.entry(topic.to_owned()).or_default());
+    }
+
+    fn fail(&self, error: &str) {
+        *self.last_error.lock() = error.to_owned();
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One event read ahead.
+#[derive(Debug)]
+struct Item {
+    position: u64,
+    event: v1::ReplicatedEvent,
+    bytes: u64,
+    timestamp_ms: u64,
+    topic: Arc<str>,
+}
+
+#[derive(Debug)]
+struct Lane {
+    index: usize,
+    read_pos: u64,
+    buffer: VecDeque<Item>,
+    buffer_bytes: u64,
+    /// `(seq, position, sent at ms, event timestamp)` of events in flight, in seq order.
+    in_flight: VecDeque<(u64, u64, u64, u64)>,
+    in_flight_bytes: Vec<u64>,
+    blocked: bool,
+    last_bucket: HashMap<String, u64>,
+    read_ahead: Amount,
+    at_end: bool,
+    /// Policy outcomes below this position were counted already (a lane
+    /// re-reads after a reconnect; nothing is counted twice).
+    counted_to: u64,
+}
+
+impl Lane {
+    fn acked_pos(&self) -> u64 {
+        self.in_flight
+            .front()
+            .map(|f| f.1)
+            .or_else(|| self.buffer.front().map(|i| i.position))
+            .unwrap_or(self.read_pos)
+    }
+
+    fn rewind(&mut self) {
+        self.read_pos = self.acked_pos();
+        self.buffer.clear();
+        self.buffer_bytes = 0;
+        self.in_flight.clear();
+        self.in_flight_bytes.clear();
+        self.blocked = false;
+        self.at_end = false;
+    }
+
+    fn wants_read(&self) -> bool {
+        !self.at_end
+            && !self.blocked
+            && (self.buffer.len() as u64) < self.read_ahead.events / 2
+            && self.buffer_bytes < self.read_ahead.bytes / 2
+    }
+}
+
+/// A running route: its task and counters.
+#[derive(Debug)]
+pub struct RouteHandle {
+    /// The route as validated.
+    pub route: Route,
+    /// Its counters.
+    pub metrics: Arc<RouteMetrics>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RouteHandle {
+    /// Stops the route (its cursors are checkpointed first) and waits.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// What a route task needs.
+#[derive(Debug, Clone)]
+pub struct RouteContext {
+    /// The local store.
+    pub store: Arc<Store>,
+    /// This site.
+    pub site: SiteName,
+    /// The log's end position, as it grows.
+    pub end: watch::Receiver<u64>,
+    /// Policy versions.
+    pub policies: watch::Receiver<Arc<PolicyHistory>>,
+    /// Timing.
+    pub settings: SenderSettings,
+}
+
+/// Starts `route`.
+pub fn start(route: Route, context: RouteContext) -> RouteHandle {
+    let metrics = Arc::new(RouteMetrics::new(&route));
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run(route.clone(), context, Arc::clone(&metrics), stop_rx));
+    RouteHandle { route, metrics, stop, task }
+}
+
+/// How a session ended.
+enum Ended {
+    Stopped,
+    Failed { error: String, progressed: bool },
+}
+
+struct RouteTask {
+    route: Route,
+    context: RouteContext,
+    metrics: Arc<RouteMetrics>,
+    lanes: Vec<Lane>,
+    last_checkpoint: Vec<u64>,
+}
+
+async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mut stop: watch::Receiver<bool>) {
+    let cursors = load_cursors(&context.store, &route).await;
+    // A lane the checkpoint does not know starts where the slowest known
+    // lane is: what it now carries was sent (or not yet) by another lane.
+    let fresh_start = cursors.values().copied().min().unwrap_or(0);
+    let read_ahead = Amount {
+        events: route.window_max.events.clamp(1, LANE_READ_AHEAD_EVENTS_MAX),
+        bytes: route.window_max.bytes.clamp(1, LANE_READ_AHEAD_BYTES_MAX),
+    };
+    let lanes = route
+        .lanes
+        .iter()
+        .enumerate()
+        .map(|(index, lane)| Lane {
+            index,
+            read_pos: cursors.get(&lane.name).copied().unwrap_or(fresh_start),
+            buffer: VecDeque::new(),
+            buffer_bytes: 0,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: Vec::new(),
+            blocked: false,
+            last_bucket: HashMap::new(),
+            read_ahead,
+            at_end: false,
+            counted_to: 0,
+        })
+        .collect::<Vec<_>>();
+    let last_checkpoint = lanes.iter().map(|l| l.read_pos).collect();
+    let mut task = RouteTask { route, context, metrics, lanes, last_checkpoint };
+    task.publish_positions();
+    let mut failures = 0u32;
+    let mut address = 0usize;
+    loop {
+        let target = task.route.addresses[address % task.route.addresses.len()].clone();
+        address += 1;
+        task.metrics.state.store(state::CONNECTING, Ordering::Relaxed);
+        *task.metrics.address.lock() = target.clone();
+        let ended = task.session(&target, &mut stop).await;
+        task.set_stall_all(stall::NO_LINK);
+        for lane in &mut task.lanes {
+            lane.rewind();
+        }
+        task.publish_positions();
+        task.checkpoint(false).await;
+        match ended {
+            Ended::Stopped => break,
+            Ended::Failed { error, progressed } => {
+                task.metrics.fail(&format!("{target}: {error}"));
+                task.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                failures = if progressed { 1 } else { failures.saturating_add(1) };
+            }
+        }
+        let open = failures >= OPEN_AFTER_FAILURES;
+        task.metrics.state.store(if open { state::OPEN } else { state::BACKOFF }, Ordering::Relaxed);
+        let base = BACKOFF_MIN.saturating_mul(1u32 << failures.min(10)).min(BACKOFF_MAX);
+        let delay = base.mul_f64(rand::random_range(0.5..1.5));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => break,
+        }
+        if *stop.borrow() {
+            break;
+        }
+    }
+    task.checkpoint(true).await;
+    task.metrics.state.store(state::STOPPED, Ordering::Relaxed);
+}
+
+async fn load_cursors(store: &Arc<Store>, route: &Route) -> HashMap<String, u64> {
+    let store = Arc::clone(store);
+    let stream = cursor_stream(&route.name);
+    let read = tokio::task::spawn_blocking(move || {
+        store.read_stream(&stream, StreamFrom::End, Direction::Backward, 1, now_ms())
+    })
+    .await;
+    let Ok(Ok(events)) = read else { return HashMap::new() };
+    events
+        .first()
+        .and_then(|e| serde_json::from_slice::<CursorRecord>(&e.data).ok())
+        .map(|r| r.lanes)
+        .unwrap_or_default()
+}
+
+/// The checkpoint event's data.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CursorRecord {
+    /// Lane name → acknowledged position.
+    lanes: HashMap<String, u64>,
+}
+
+impl RouteTask {
+    fn publish_positions(&self) {
+        for lane in &self.lanes {
+            let m = &self.metrics.lanes[lane.index];
+            m.read_position.store(lane.read_pos, Ordering::Relaxed);
+            let acked = lane.acked_pos();
+            if m.acked_position.swap(acked, Ordering::Relaxed) != acked {
+                m.stalled_since_ms.store(0, Ordering::Relaxed);
+            }
+            m.buffered_events.store(lane.buffer.len() as u64, Ordering::Relaxed);
+            m.in_flight_events.store(lane.in_flight.len() as u64, Ordering::Relaxed);
+            m.in_flight_bytes.store(lane.in_flight_bytes.iter().sum(), Ordering::Relaxed);
+            let oldest = lane.in_flight.front().map(|f| f.3).or_else(|| lane.buffer.front().map(|i| i.timestamp_ms));
+            m.oldest_unacked_ms.store(oldest.unwrap_or(0), Ordering::Relaxed);
+            let backlog = *self.context.end.borrow() > acked;
+            if backlog {
+                let _ = m.stalled_since_ms.compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed);
+            } else {
+                m.stalled_since_ms.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn set_stall_all(&self, reason: u8) {
+        for m in &self.metrics.lanes {
+            m.stall.store(reason, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes the acknowledged cursors if they moved (or when `force`).
+    async fn checkpoint(&mut self, force: bool) {
+        let positions: Vec<u64> = self.lanes.iter().map(Lane::acked_pos).collect();
+        if positions == self.last_checkpoint && !force {
+            return;
+        }
+        let record = CursorRecord {
+            lanes: self.route.lanes.iter().zip(&positions).map(|(l, p)| (l.name.clone(), *p)).collect(),
+        };
+        let event = NewEvent {
+            id: EventId::from_u128(rand::random()),
+            event_type: EventType::new("$cursor").expect("valid type"),
+            data: serde_json::to_vec(&record).expect("serializable"),
+            metadata: Vec::new(),
+            timestamp_ms: now_ms(),
+        };
+        let store = Arc::clone(&self.context.store);
+        let stream = cursor_stream(&self.route.name);
+        let written =
+            tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![event])).await;
+        match written {
+            Ok(Ok(_)) => self.last_checkpoint = positions,
+            Ok(Err(e)) => eprintln!("edgebus gateway: route {}: cursor checkpoint failed: {e}", self.route.name),
+            Err(e) => eprintln!("edgebus gateway: route {}: cursor checkpoint task failed: {e}", self.route.name),
+        }
+    }
+
+    async fn session(&mut self, address: &str, stop: &mut watch::Receiver<bool>) -> Ended {
+        let failed = |error: String| Ended::Failed { error, progressed: false };
+        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
+            Ok(e) => e.connect_timeout(self.context.settings.connect_timeout).tcp_nodelay(true),
+            Err(e) => return failed(format!("bad address: {e}")),
+        };
+        let channel = tokio::select! {
+            c = endpoint.connect() => match c {
+                Ok(c) => c,
+                Err(e) => return failed(format!("cannot connect: {}", source_chain(&e))),
+            },
+            _ = stop.changed() => return Ended::Stopped,
+        };
+        let mut client = v1::wan_client::WanClient::new(channel)
+            .max_decoding_message_size(WAN_FRAME_BYTES_MAX)
+            .max_encoding_message_size(WAN_FRAME_BYTES_MAX);
+        let (tx, rx) = mpsc::channel::<v1::LinkFrame>(4);
+        let hello = v1::LinkHello {
+            protocol_version: PROTOCOL_VERSION,
+            site: self.context.site.to_string(),
+            target_site: self.route.remote_site.to_string(),
+            route: self.route.name.clone(),
+            lanes: self.route.lanes.iter().map(|l| l.name.clone()).collect(),
+        };
+        let _ = tx.try_send(v1::LinkFrame { kind: Some(v1::link_frame::Kind::Hello(hello)) });
+        let timeout = self.context.settings.dead_after;
+        let mut inbound = match tokio::time::timeout(timeout, client.link(ReceiverStream::new(rx))).await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return failed(format!("link refused: {}", status.message())),
+            Err(_) => return failed("no answer to the link request".into()),
+        };
+        match tokio::time::timeout(timeout, inbound.message()).await {
+            Ok(Ok(Some(v1::LinkControl { kind: Some(v1::link_control::Kind::Welcome(welcome)) }))) => {
+                if welcome.site != self.route.remote_site.as_str() {
+                    return failed(format!("the gateway at {address} is site {:?}, not {}", welcome.site, self.route.remote_site));
+                }
+            }
+            Ok(Ok(Some(v1::LinkControl { kind: Some(v1::link_control::Kind::Close(close)) }))) => {
+                return failed(format!("refused by the remote site: {} (code {})", close.reason, close.code));
+            }
+            Ok(Ok(_)) => return failed("the remote gateway did not welcome the session".into()),
+            Ok(Err(status)) => return failed(format!("link failed: {}", status.message())),
+            Err(_) => return failed("no welcome from the remote gateway".into()),
+        }
+        self.metrics.state.store(state::CONNECTED, Ordering::Relaxed);
+        self.metrics.failures.store(0, Ordering::Relaxed);
+        let shares = self
+            .route
+            .lanes
+            .iter()
+            .map(|l| LaneShare { reserved_permille: l.reserved_permille, cap: l.cap })
+            .collect();
+        let mut credit = match CreditSender::try_new(shares) {
+            Ok(c) => c,
+            Err(e) => return failed(format!("invalid lane shares: {e}")),
+        };
+        let progressed_before = self.metrics.lanes.iter().map(|l| l.acked_events.load(Ordering::Relaxed)).sum::<u64>();
+        let error = self.pump(&mut credit, &tx, &mut inbound, stop).await;
+        let progressed = self.metrics.lanes.iter().map(|l| l.acked_events.load(Ordering::Relaxed)).sum::<u64>()
+            > progressed_before;
+        self.metrics.credit_granted_events.fetch_add(credit.limit().events, Ordering::Relaxed);
+        self.metrics.credit_used_events.fetch_add(credit.sent().events, Ordering::Relaxed);
+        match error {
+            None => Ended::Stopped,
+            Some(error) => Ended::Failed { error, progressed },
+        }
+    }
+
+    /// Runs a session until it fails (the reason) or the route stops (`None`).
+    async fn pump(
+        &mut self,
+        credit: &mut CreditSender,
+        tx: &mpsc::Sender<v1::LinkFrame>,
+        inbound: &mut tonic::Streaming<v1::LinkControl>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<String> {
+        let settings = self.context.settings;
+        let mut heartbeat = tokio::time::interval(settings.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut checkpoint = tokio::time::interval(settings.checkpoint_every);
+        checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut end = self.context.end.clone();
+        let mut last_control = tokio::time::Instant::now();
+        let mut last_sent = tokio::time::Instant::now();
+        let mut echoed = 0u64;
+        loop {
+            let more = match self.refill().await {
+                Ok(more) => more,
+                Err(e) => return Some(e),
+            };
+            let next = self.next_lane(credit);
+            self.publish_positions();
+            let echo_due = credit.echo() != echoed;
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return None,
+                message = inbound.message() => {
+                    last_control = tokio::time::Instant::now();
+                    match message {
+                        Ok(Some(v1::LinkControl { kind: Some(v1::link_control::Kind::Grant(grant)) })) => {
+                            if let Err(e) = self.on_grant(credit, &grant) {
+                                return Some(e);
+                            }
+                        }
+                        Ok(Some(v1::LinkControl { kind: Some(v1::link_control::Kind::Close(close)) })) => {
+                            return Some(format!("closed by the remote site: {} (code {})", close.reason, close.code));
+                        }
+                        Ok(Some(_)) => return Some("unexpected control message".into()),
+                        Ok(None) => return Some("the remote gateway ended the session".into()),
+                        Err(status) => return Some(format!("link failed: {}", status.message())),
+                    }
+                }
+                permit = tx.reserve(), if next.is_some() || echo_due => {
+                    let Ok(permit) = permit else { return Some("the link's send side closed".into()) };
+                    let frame = match next {
+                        Some(lane) => self.build_batch(credit, lane),
+                        None => v1::LinkFrame { kind: Some(v1::link_frame::Kind::Heartbeat(v1::LinkHeartbeat {
+                            echo: credit.echo(),
+                            sent_events: credit.sent().events,
+                        })) },
+                    };
+                    echoed = credit.echo();
+                    permit.send(frame);
+                    last_sent = tokio::time::Instant::now();
+                }
+                _ = end.changed() => {
+                    for lane in &mut self.lanes {
+                        lane.at_end = false;
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_control.elapsed() > settings.dead_after {
+                        return Some(format!("no control message for {} ms", settings.dead_after.as_millis()));
+                    }
+                    if last_sent.elapsed() >= settings.heartbeat {
+                        let beat = v1::LinkFrame { kind: Some(v1::link_frame::Kind::Heartbeat(v1::LinkHeartbeat {
+                            echo: credit.echo(),
+                            sent_events: credit.sent().events,
+                        })) };
+                        if tx.try_send(beat).is_ok() {
+                            echoed = credit.echo();
+                            last_sent = tokio::time::Instant::now();
+                        }
+                    }
+                }
+                _ = checkpoint.tick() => self.checkpoint(false).await,
+                () = std::future::ready(()), if more => {}
+            }
+        }
+    }
+
+    fn on_grant(&mut self, credit: &mut CreditSender, grant: &v1::LinkGrant) -> Result<(), String> {
+        let grant = Grant {
+            up_to: Amount::new(grant.up_to_events, grant.up_to_bytes),
+            durable: Amount::new(grant.durable_events, grant.durable_bytes),
+            window: Amount::new(grant.window_events, grant.window_bytes),
+            ping: grant.ping,
+            ping_sent_ms: grant.ping_sent_ms,
+        };
+        let durable = credit.on_grant(&grant).map_err(|e| format!("bad grant from the remote site: {e}"))?;
+        self.metrics.window_events.store(grant.window.events, Ordering::Relaxed);
+        self.metrics.window_bytes.store(grant.window.bytes, Ordering::Relaxed);
+        let now = now_ms();
+        for lane in &mut self.lanes {
+            // Acknowledgements may release a stream that moved lanes.
+            lane.blocked = false;
+            let m = &self.metrics.lanes[lane.index];
+            while lane.in_flight.front().is_some_and(|f| f.0 < durable.events) {
+                let (_, _, sent_at, _) = lane.in_flight.pop_front().expect("checked");
+                lane.in_flight_bytes.remove(0);
+                m.acked_events.fetch_add(1, Ordering::Relaxed);
+                m.ack_latency.observe(now.saturating_sub(sent_at));
+            }
+        }
+        Ok(())
+    }
+
+    /// The highest-priority lane that has an event and may send it, noting
+    /// why the others wait.
+    fn next_lane(&self, credit: &CreditSender) -> Option<usize> {
+        let mut chosen = None;
+        for lane in &self.lanes {
+            let m = &self.metrics.lanes[lane.index];
+            let reason = match lane.buffer.front() {
+                None if lane.blocked => stall::LANE_MOVE,
+                None => stall::NONE,
+                Some(item) => match credit.stall(lane.index, item.bytes) {
+                    None => {
+                        chosen = chosen.or(Some(lane.index));
+                        stall::NONE
+                    }
+                    Some(Stall::NoCredit) => stall::NO_CREDIT,
+                    Some(Stall::LaneShare) => stall::LANE_SHARE,
+                    Some(Stall::LaneCap) => stall::LANE_CAP,
+                },
+            };
+            m.stall.store(reason, Ordering::Relaxed);
+        }
+        chosen
+    }
+
+    fn build_batch(&mut self, credit: &mut CreditSender, lane_index: usize) -> v1::LinkFrame {
+        let lane = &mut self.lanes[lane_index];
+        let m = &self.metrics.lanes[lane_index];
+        let first_seq = credit.sent().events;
+        let mut events = Vec::new();
+        let mut bytes = 0u64;
+        let now = now_ms();
+        while let Some(item) = lane.buffer.front() {
+            if !events.is_empty() && bytes + item.bytes > FRAME_BYTES_TARGET {
+                break;
+            }
+            if !credit.may_send(lane_index, item.bytes) {
+                break;
+            }
+            let item = lane.buffer.pop_front().expect("checked");
+            lane.buffer_bytes -= item.bytes;
+            let seq = credit.on_sent(lane_index, item.bytes);
+            lane.in_flight.push_back((seq, item.position, now, item.timestamp_ms));
+            lane.in_flight_bytes.push(item.bytes);
+            m.sent_events.fetch_add(1, Ordering::Relaxed);
+            m.sent_bytes.fetch_add(item.bytes, Ordering::Relaxed);
+            self.metrics.count(&item.topic, |c| c.sent += 1);
+            bytes += item.bytes;
+            events.push(item.event);
+            if bytes > FRAME_BYTES_TARGET {
+                break;
+            }
+        }
+        let batch = v1::LinkBatch {
+            first_seq,
+            lane: u32::try_from(lane_index).expect("at most LANES_MAX lanes"),
+            events,
+            echo: credit.echo(),
+        };
+        v1::LinkFrame { kind: Some(v1::link_frame::Kind::Batch(batch)) }
+    }
+
+    /// Reads ahead for every lane that wants it, a bounded number of reads
+    /// per call; true if some lane wants to read more at once.
+    async fn refill(&mut self) -> Result<bool, String> {
+        const READS_PER_CALL: usize = 8;
+        let history = Arc::clone(&self.context.policies.borrow());
+        let acked: Vec<u64> = self.lanes.iter().map(Lane::acked_pos).collect();
+        let mut reads = 0;
+        for i in (0..self.lanes.len()).cycle().take(self.lanes.len() * READS_PER_CALL) {
+            if !self.lanes[i].wants_read() {
+                continue;
+            }
+            reads += 1;
+            let from = self.lanes[i].read_pos;
+            if from >= *self.context.end.borrow() {
+                self.lanes[i].at_end = true;
+                continue;
+            }
+            let store = Arc::clone(&self.context.store);
+            let events = tokio::task::spawn_blocking(move || store.read_log(from, READ_RECORDS, READ_BYTES))
+                .await
+                .map_err(|e| format!("log read task failed: {e}"))?
+                .map_err(|e| format!("cannot read the log at position {from}: {e}"))?;
+            if events.is_empty() {
+                self.lanes[i].at_end = true;
+                continue;
+            }
+            self.take(i, events, &history, &acked);
+        }
+        let _ = reads;
+        Ok(self.lanes.iter().any(Lane::wants_read))
+    }
+
+    /// Applies policy to `events` read for lane `i` (in position order).
+    fn take(&mut self, i: usize, events: Vec<RecordedEvent>, history: &PolicyHistory, acked: &[u64]) {
+        let since = acked.iter().copied().min().unwrap_or(0);
+        let route = &self.route;
+        let metrics = &self.metrics;
+        let lane = &mut self.lanes[i];
+        // Compaction: the latest event per key within this read.
+        let mut latest: HashMap<String, u64> = HashMap::new();
+        let mut decided = Vec::with_capacity(events.len());
+        for event in events {
+            let decision = history.at(event.position).decide(route, &event);
+            if let Decision::Send { lane: l, action, .. } = &decision
+                && *l == i
+                && let Some(key) = compact_key(action, &event)
+            {
+                latest.insert(key, event.position);
+            }
+            decided.push((event, decision));
+        }
+        for (event, decision) in decided {
+            let position = event.position;
+            let fresh = position >= lane.counted_to;
+            lane.counted_to = lane.counted_to.max(position + 1);
+            let count = |topic: &str, change: fn(&mut TopicCounts)| {
+                if fresh {
+                    metrics.count(topic, change);
+                }
+            };
+            match decision {
+                Decision::Skip => {}
+                Decision::Drop { topic } => {
+                    if i == 0 {
+                        count(&topic, |c| c.dropped += 1);
+                    }
+                }
+                Decision::Send { lane: l, .. } if l != i => {}
+                Decision::Send { action, topic, .. } => {
+                    // A stream that moved here from another lane waits until
+                    // that lane has acknowledged everything before the change.
+                    let moved = history.changes_between(since, position).any(|(at, before, _)| {
+                        matches!(before.decide(route, &event), Decision::Send { lane: old, .. } if old != i && acked[old] < at)
+                    });
+                    if moved {
+                        lane.blocked = true;
+                        if fresh {
+                            lane.counted_to = position;
+                        }
+                        return;
+                    }
+                    if let Some(key) = compact_key(&action, &event)
+                        && latest.get(&key) != Some(&position)
+                    {
+                        count(&topic, |c| c.compacted += 1);
+                        lane.read_pos = position + 1;
+                        continue;
+                    }
+                    if let Action::SamplePer(ms) = action {
+                        let bucket = event.timestamp_ms / ms;
+                        let last = lane.last_bucket.get(event.stream.as_str()).copied();
+                        if !sample_keeps(&action, &event, last) {
+                            count(&topic, |c| c.sampled_out += 1);
+                            lane.read_pos = position + 1;
+                            continue;
+                        }
+                        if lane.last_bucket.len() >= SAMPLE_STREAMS_MAX {
+                            lane.last_bucket.clear();
+                        }
+                        lane.last_bucket.insert(event.stream.as_str().to_owned(), bucket);
+                    } else if !sample_keeps(&action, &event, None) {
+                        count(&topic, |c| c.sampled_out += 1);
+                        lane.read_pos = position + 1;
+                        continue;
+                    }
+                    let item = to_item(event, &action, &self.context.site, topic);
+                    lane.buffer_bytes += item.bytes;
+                    lane.buffer.push_back(item);
+                }
+            }
+            lane.read_pos = position + 1;
+        }
+    }
+}
+
+fn to_item(event: RecordedEvent, action: &Action, site: &SiteName, topic: String) -> Item {
+    let (origin_site, origin_position) = match &event.origin {
+        Some(origin) => (origin.site.to_string(), origin.position),
+        None => (site.to_string(), event.position),
+    };
+    let inherited = event.origin.as_ref().map(|o| o.note.clone()).unwrap_or_default();
+    let note = match (inherited.is_empty(), action.note()) {
+        (true, note) => note,
+        (false, note) if note.is_empty() => inherited,
+        (false, note) => format!("{inherited}; {note}"),
+    };
+    let timestamp_ms = event.timestamp_ms;
+    let position = event.position;
+    let wire = v1::ReplicatedEvent {
+        stream: event.stream.as_str().to_owned(),
+        version: event.version,
+        id: event.id.as_bytes().to_vec(),
+        r#type: event.event_type.as_str().to_owned(),
+        data: event.data,
+        metadata: event.metadata,
+        timestamp_ms,
+        origin_site,
+        origin_position,
+        note,
+    };
+    let bytes = wire.encoded_len() as u64;
+    Item { position, event: wire, bytes, timestamp_ms, topic: Arc::from(topic) }
+}
+
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
