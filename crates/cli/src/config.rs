@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 
 use edgebus_log::FsyncPolicy;
 use edgebus_server::limits::NodeLimits;
-use edgebus_server::node::{self, NodeConfig};
+use edgebus_gateway::GatewayConfig;
+use edgebus_server::node::{self, GatewayNodeConfig, NodeConfig};
+use edgebus_types::SiteName;
 use edgebus_server::quota::{QuotaSpec, Quotas};
 use edgebus_store::StoreConfig;
 use edgebus_types::limits::NODE_HTTP_IDLE_TIMEOUT_MS_MIN;
@@ -54,6 +56,38 @@ pub struct Settings {
     pub http_idle_timeout_ms: Option<u64>,
     /// Ingest quotas in declared order; a layer that gives any gives all.
     pub quotas: Option<Vec<QuotaSpec>>,
+    /// This site's name (gateways name each other by it).
+    pub site: Option<String>,
+    /// Whether the node runs its site's gateway.
+    pub gateway: Option<bool>,
+    /// The gateway's WAN listen address.
+    pub wan_listen: Option<SocketAddr>,
+    /// The gateway's routes, policies and peers (config file only).
+    pub gateway_file: Option<FileGateway>,
+}
+
+/// The `[gateway]` table of a config file; its presence turns the gateway on.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileGateway {
+    /// WAN listen address.
+    #[serde(default)]
+    pub wan_listen: Option<String>,
+    /// Sites accepted on inbound links (default: any other site).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Heartbeat and grant interval of links, in milliseconds (default 250).
+    #[serde(default)]
+    pub heartbeat_ms: Option<u64>,
+    /// Silence after which a link is judged dead, in milliseconds (default 5000).
+    #[serde(default)]
+    pub dead_after_ms: Option<u64>,
+    /// `[[gateway.routes]]`.
+    #[serde(default)]
+    pub routes: Vec<edgebus_gateway::def::RouteDef>,
+    /// `[[gateway.policies]]`, in order.
+    #[serde(default)]
+    pub policies: Vec<edgebus_gateway::def::PolicyDef>,
 }
 
 impl Settings {
@@ -69,11 +103,16 @@ impl Settings {
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
             http_idle_timeout_ms: self.http_idle_timeout_ms.or(lower.http_idle_timeout_ms),
             quotas: self.quotas.or(lower.quotas),
+            site: self.site.or(lower.site),
+            gateway: self.gateway.or(lower.gateway),
+            wan_listen: self.wan_listen.or(lower.wan_listen),
+            gateway_file: self.gateway_file.or(lower.gateway_file),
         }
     }
 
     /// The node's configuration: these settings, the defaults for the rest.
     pub fn resolve(self) -> anyhow::Result<NodeConfig> {
+        let gateway = self.gateway_config()?;
         let default_limits = NodeLimits::default();
         let limits = NodeLimits {
             max_connections: self.max_connections.unwrap_or(default_limits.max_connections),
@@ -96,6 +135,7 @@ impl Settings {
             store.log.fsync = fsync;
         }
         Ok(NodeConfig {
+            gateway,
             data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(node::DATA_DIR_DEFAULT)),
             grpc_listen: self.grpc_listen.unwrap_or_else(|| default_address(node::GRPC_LISTEN_DEFAULT)),
             http_listen: self.http_listen.unwrap_or_else(|| default_address(node::HTTP_LISTEN_DEFAULT)),
@@ -105,6 +145,56 @@ impl Settings {
         })
     }
 }
+
+impl Settings {
+    /// The gateway, if `--gateway` or a `[gateway]` table asks for one.
+    fn gateway_config(&self) -> anyhow::Result<Option<GatewayNodeConfig>> {
+        let file = self.gateway_file.clone();
+        if !self.gateway.unwrap_or(file.is_some()) {
+            return Ok(None);
+        }
+        let file = file.unwrap_or_default();
+        let site = self.site.as_deref().unwrap_or(SITE_DEFAULT);
+        let site = SiteName::new(site).map_err(|e| anyhow::anyhow!("site: {e}"))?;
+        let mut gateway = GatewayConfig::new(site.clone());
+        for (i, def) in file.routes.iter().enumerate() {
+            def.validate(&site).map_err(|e| anyhow::anyhow!("gateway.routes[{i}].{e}"))?;
+        }
+        for (i, def) in file.policies.iter().enumerate() {
+            def.validate().map_err(|e| anyhow::anyhow!("gateway.policies[{i}].{e}"))?;
+        }
+        gateway.routes = file.routes;
+        gateway.policies = file.policies;
+        gateway.peers = file
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| SiteName::new(p).map_err(|e| anyhow::anyhow!("gateway.peers[{i}]: {e}")))
+            .collect::<anyhow::Result<_>>()?;
+        if let Some(ms) = file.heartbeat_ms {
+            anyhow::ensure!(ms >= 10, "gateway.heartbeat_ms must be at least 10");
+            gateway.heartbeat = std::time::Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.dead_after_ms {
+            anyhow::ensure!(
+                u128::from(ms) > 2 * gateway.heartbeat.as_millis(),
+                "gateway.dead_after_ms must be more than twice the heartbeat"
+            );
+            gateway.dead_after = std::time::Duration::from_millis(ms);
+        }
+        let wan_listen = match (self.wan_listen, &file.wan_listen) {
+            (Some(address), _) => address,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|_| anyhow::anyhow!("gateway.wan_listen: {text:?} is not a socket address such as \"127.0.0.1:7292\""))?,
+            (None, None) => default_address(node::WAN_LISTEN_DEFAULT),
+        };
+        Ok(Some(GatewayNodeConfig { gateway, wan_listen }))
+    }
+}
+
+/// The site name of a node started without `--site`.
+pub const SITE_DEFAULT: &str = "local";
 
 fn default_address(text: &str) -> SocketAddr {
     text.parse().expect("the default addresses parse")
@@ -165,6 +255,8 @@ struct FileLayer {
     fsync: Option<Spanned<String>>,
     limits: Option<FileLimits>,
     quota: Option<Vec<FileQuota>>,
+    site: Option<String>,
+    gateway: Option<FileGateway>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -267,6 +359,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
         max_subscriptions: limits.max_subscriptions,
         http_idle_timeout_ms,
         quotas,
+        site: file.site,
+        gateway: None,
+        wan_listen: None,
+        gateway_file: file.gateway,
     })
 }
 
@@ -403,6 +499,7 @@ mod tests {
                     )
                     .unwrap(),
                 ]),
+                ..Settings::default()
             }
         );
         assert_eq!(file("").expect("an empty file is valid"), Settings::default());

@@ -97,6 +97,18 @@ pub struct ServeArgs {
     /// Given here, they replace the config file's quotas.
     #[arg(long = "quota", env = "EDGEBUS_QUOTA", value_name = "QUOTA", value_delimiter = ';', value_parser = parse_quota)]
     pub quotas: Vec<QuotaSpec>,
+    /// This site's name: lowercase letters, digits, '-' and '_' [default: local].
+    #[arg(long, env = "EDGEBUS_SITE")]
+    pub site: Option<String>,
+    /// Also run the site's gateway: its routes (config `[[gateway.routes]]`,
+    /// or `edgebus routes add`) and the WAN listener for inbound links. A
+    /// `[gateway]` table in the config file turns it on too.
+    #[arg(long, env = "EDGEBUS_GATEWAY")]
+    pub gateway: bool,
+    /// The gateway's WAN listen address; port 0 picks a free port
+    /// [default: 127.0.0.1:7292].
+    #[arg(long, env = "EDGEBUS_WAN_LISTEN")]
+    pub wan_listen: Option<SocketAddr>,
 }
 
 /// A `--quota` value; its errors name the key (`events_per_sec: must be > 0, got "0"`).
@@ -117,6 +129,10 @@ impl ServeArgs {
             max_subscriptions: self.max_subscriptions,
             http_idle_timeout_ms: self.http_idle_timeout_ms,
             quotas: (!self.quotas.is_empty()).then(|| self.quotas.clone()),
+            site: self.site.clone(),
+            gateway: self.gateway.then_some(true),
+            wan_listen: self.wan_listen,
+            gateway_file: None,
         }
     }
 }
@@ -141,7 +157,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     };
     runtime.block_on(node::run(config, signals.wait(), move |ready| {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "edgebus ready grpc={} http={} data={data_dir}", ready.grpc, ready.http);
+        let wan = ready.wan.map(|wan| format!(" wan={wan}")).unwrap_or_default();
+        let _ = writeln!(out, "edgebus ready grpc={} http={}{wan} data={data_dir}", ready.grpc, ready.http);
         let _ = out.flush();
     }))
 }

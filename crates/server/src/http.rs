@@ -52,7 +52,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use edgebus_proto::convert::BUSY_RETRY_AFTER_MS;
 use edgebus_proto::v1::ErrorCode as WireCode;
 use edgebus_store::{Direction, ErrorCode, ReadError, Store, StreamFrom, WriteError};
@@ -65,6 +65,7 @@ use crate::state::NodeState;
 
 pub mod groups;
 pub mod serve;
+mod gateway;
 mod sse;
 
 /// Largest request body the JSON API accepts: one maximal append (the log's
@@ -92,6 +93,9 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/groups/{name}", get(groups::describe).patch(groups::update).delete(groups::delete))
         .route("/v1/groups/{name}/parked", get(groups::parked))
         .route("/v1/groups/{name}/replay-parked", post(groups::replay_parked))
+        .route("/v1/routes", get(gateway::list_routes).post(gateway::set_route))
+        .route("/v1/routes/{name}", delete(gateway::remove_route))
+        .route("/v1/policies", get(gateway::list_policies).post(gateway::set_policy).delete(gateway::remove_policy))
         .fallback(no_such_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(HTTP_BODY_BYTES_MAX))
@@ -445,10 +449,15 @@ async fn read_stream(
 /// The node's figures as JSON; gathering takes the log's and the store's
 /// queue locks, so it runs off the async workers.
 async fn stats(State(state): State<Arc<NodeState>>) -> Result<Response, ApiError> {
+    let gateway = state.gateway.get().cloned();
     let stats = tokio::task::spawn_blocking(move || NodeStats::gather(&state))
         .await
         .map_err(|join| ApiError::internal(format!("gathering the stats failed: {join}")))?;
-    Ok(json_response(StatusCode::OK, &stats.to_json()))
+    let mut json = stats.to_json();
+    if let (Some(gateway), Some(object)) = (gateway, json.as_object_mut()) {
+        object.insert("gateway".into(), gateway.stats_json());
+    }
+    Ok(json_response(StatusCode::OK, &json))
 }
 
 /// Every metric in Prometheus text format 0.0.4.
@@ -458,6 +467,9 @@ async fn metrics(State(state): State<Arc<NodeState>>) -> Result<Response, ApiErr
         .await
         .map_err(|join| ApiError::internal(format!("rendering the metrics failed: {join}")))?;
     state.groups.render_metrics(&mut text).await;
+    if let Some(gateway) = state.gateway.get() {
+        gateway.render_metrics(&mut text);
+    }
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE))], text).into_response())
 }
 

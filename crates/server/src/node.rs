@@ -71,7 +71,21 @@ pub struct NodeConfig {
     /// Ingest quotas, in declared order (see [`crate::quota`]); at most
     /// [`NODE_QUOTAS_MAX`](edgebus_types::limits::NODE_QUOTAS_MAX).
     pub quotas: Vec<QuotaSpec>,
+    /// The site's gateway, if this node runs it.
+    pub gateway: Option<GatewayNodeConfig>,
 }
+
+/// A node's gateway: routes, policies, and where inbound WAN links connect.
+#[derive(Debug, Clone)]
+pub struct GatewayNodeConfig {
+    /// Routes, policies, peers and timing.
+    pub gateway: edgebus_gateway::GatewayConfig,
+    /// WAN listen address (port 0: any free port).
+    pub wan_listen: SocketAddr,
+}
+
+/// Default WAN address of a gateway.
+pub const WAN_LISTEN_DEFAULT: &str = "127.0.0.1:7292";
 
 /// The addresses a started node listens on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +94,8 @@ pub struct Ready {
     pub grpc: SocketAddr,
     /// Bound HTTP address.
     pub http: SocketAddr,
+    /// Bound WAN address, when the node runs a gateway.
+    pub wan: Option<SocketAddr>,
 }
 
 /// Runs a node until `shutdown` resolves; see the module docs.
@@ -103,7 +119,19 @@ pub async fn run(
     let http_listener = TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
-    let ready = Ready { grpc: grpc_listener.local_addr()?, http: http_listener.local_addr()? };
+    let wan_listener = match &config.gateway {
+        Some(gateway) => Some(
+            TcpListener::bind(gateway.wan_listen)
+                .await
+                .with_context(|| format!("cannot listen for WAN links on {}", gateway.wan_listen))?,
+        ),
+        None => None,
+    };
+    let ready = Ready {
+        grpc: grpc_listener.local_addr()?,
+        http: http_listener.local_addr()?,
+        wan: wan_listener.as_ref().map(TcpListener::local_addr).transpose()?,
+    };
 
     // One shutdown signal, fanned out to both servers and every subscription.
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
@@ -118,6 +146,23 @@ pub async fn run(
     };
 
     crate::group::Groups::load(&state).await.context("cannot start the consumer groups")?;
+
+    // The gateway: route tasks follow the log's end through the live feed.
+    let mut wan = None;
+    if let (Some(gateway_config), Some(listener)) = (&config.gateway, wan_listener) {
+        let end = follow_end(&state);
+        let gateway = edgebus_gateway::Gateway::start(Arc::clone(&store), gateway_config.gateway.clone(), end)
+            .await
+            .context("cannot start the gateway")?;
+        let _ = state.gateway.set(Arc::clone(&gateway));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        wan = Some(tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(gateway.wan_service().into_server())
+                .serve_with_incoming_shutdown(incoming, stopped(stop.clone())),
+        ));
+    }
 
     let service = EventStoreServer::new(EventStoreService::new(Arc::clone(&state)))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
@@ -189,6 +234,15 @@ pub async fn run(
         }
     }
 
+    // Routes checkpoint their cursors; inbound sessions end.
+    if let Some(gateway) = state.gateway.get() {
+        gateway.stop().await;
+    }
+    if let Some(wan) = wan {
+        if tokio::time::timeout(DRAIN_TIMEOUT, wan).await.is_err() {
+            eprintln!("edgebus: WAN links still open after {} s of draining", DRAIN_TIMEOUT.as_secs());
+        }
+    }
     // Every request has finished; the groups write their last checkpoints.
     // Then stop following the log, and close the store (index flush, log
     // sync).
@@ -201,4 +255,32 @@ pub async fn run(
         .context("the store's close task failed")?
         .context("closing the store")?;
     Ok(())
+}
+
+/// A watch of the log's end position, fed by the live feed.
+fn follow_end(state: &Arc<NodeState>) -> tokio::sync::watch::Receiver<u64> {
+    let (sender, receiver) = tokio::sync::watch::channel(state.live.end_position());
+    let mut batches = state.live.subscribe();
+    let state = Arc::clone(state);
+    let mut stopping = state.stopping.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                batch = batches.recv() => {
+                    let end = match batch {
+                        Ok(batch) => batch.end_position(),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => state.live.end_position(),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    };
+                    sender.send_if_modified(|current| {
+                        let moved = end > *current;
+                        *current = (*current).max(end);
+                        moved
+                    });
+                }
+                _ = stopping.changed() => return,
+            }
+        }
+    });
+    receiver
 }

@@ -36,6 +36,8 @@ pub struct NodeState {
     pub grpc_connections: Arc<ConnectionLimiter>,
     /// The HTTP listener's connection cap.
     pub http_connections: Arc<ConnectionLimiter>,
+    /// The site's gateway, when the node runs one (set once at start).
+    pub gateway: std::sync::OnceLock<Arc<edgebus_gateway::Gateway>>,
 }
 
 impl NodeState {
@@ -59,6 +61,7 @@ impl NodeState {
             quotas,
             grpc_connections: ConnectionLimiter::new(Protocol::Grpc, limits.max_connections),
             http_connections: ConnectionLimiter::new(Protocol::Http, limits.max_connections),
+            gateway: std::sync::OnceLock::new(),
         })
     }
 }

@@ -189,6 +189,7 @@ async fn measure(
         store: StoreConfig::default(),
         limits: NodeLimits::default(),
         quotas: vec![quota],
+        gateway: None,
     };
     let (stop_sender, stop) = tokio::sync::oneshot::channel::<()>();
     let (ready_sender, ready) = tokio::sync::oneshot::channel();
