@@ -101,9 +101,8 @@ fn a_large_replicated_batch_is_answered_in_order() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(dir.path(), StoreConfig::default()).expect("open");
     // More than the sequencer's queue holds at once, over a few streams.
-    let writes: Vec<_> = (0..5_000u64)
-        .map(|i| write(&format!("sensor.s{}", i % 7), i / 7, u128::from(i) + 1, "v", "eu"))
-        .collect();
+    let writes: Vec<_> =
+        (0..5_000u64).map(|i| write(&format!("sensor.s{}", i % 7), i / 7, u128::from(i) + 1, "v", "eu")).collect();
     let answers = store.replicate(writes.clone());
     assert_eq!(answers.len(), 5_000);
     assert!(answers.iter().all(|a| matches!(a, Ok(ExistsOrWrite::Written { .. }))));

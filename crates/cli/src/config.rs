@@ -22,13 +22,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use edgebus_gateway::GatewayConfig;
 use edgebus_log::FsyncPolicy;
 use edgebus_server::limits::NodeLimits;
-use edgebus_gateway::GatewayConfig;
 use edgebus_server::node::{self, GatewayNodeConfig, NodeConfig};
-use edgebus_types::SiteName;
 use edgebus_server::quota::{QuotaSpec, Quotas};
 use edgebus_store::StoreConfig;
+use edgebus_types::SiteName;
 use edgebus_types::limits::NODE_HTTP_IDLE_TIMEOUT_MS_MIN;
 use serde::Deserialize;
 use toml::Spanned;
@@ -184,9 +184,9 @@ impl Settings {
         }
         let wan_listen = match (self.wan_listen, &file.wan_listen) {
             (Some(address), _) => address,
-            (None, Some(text)) => text
-                .parse()
-                .map_err(|_| anyhow::anyhow!("gateway.wan_listen: {text:?} is not a socket address such as \"127.0.0.1:7292\""))?,
+            (None, Some(text)) => text.parse().map_err(|_| {
+                anyhow::anyhow!("gateway.wan_listen: {text:?} is not a socket address such as \"127.0.0.1:7292\"")
+            })?,
             (None, None) => default_address(node::WAN_LISTEN_DEFAULT),
         };
         Ok(Some(GatewayNodeConfig { gateway, wan_listen }))

@@ -129,7 +129,8 @@ impl Action {
     /// Parses an action as written in a [`PolicyDef`].
     pub fn parse(text: &str) -> Result<Self, String> {
         let words: Vec<&str> = text.split_whitespace().collect();
-        let usage = "expected replicate, sample 1/N, sample per DURATION, compact, compact data.FIELD, drop or local-only";
+        let usage =
+            "expected replicate, sample 1/N, sample per DURATION, compact, compact data.FIELD, drop or local-only";
         match words.as_slice() {
             ["replicate"] => Ok(Self::Replicate),
             ["drop"] => Ok(Self::Drop),
@@ -140,9 +141,8 @@ impl Action {
                 _ => Err(format!("compact key {key:?} must be data.FIELD (a top-level field of the JSON payload)")),
             },
             ["sample", "per", duration] => {
-                let ms = parse_duration_ms(duration).ok_or_else(|| {
-                    format!("sample period {duration:?} is not a duration such as 500ms, 2s or 1m")
-                })?;
+                let ms = parse_duration_ms(duration)
+                    .ok_or_else(|| format!("sample period {duration:?} is not a duration such as 500ms, 2s or 1m"))?;
                 if ms == 0 {
                     return Err("sample period must be longer than 0 ms".into());
                 }
@@ -242,10 +242,15 @@ impl RouteDef {
             return bad("addresses", "at least one remote gateway address (host:port) is needed");
         }
         if self.addresses.len() > ADDRESSES_MAX {
-            return bad("addresses", format!("{} addresses, more than the maximum of {ADDRESSES_MAX}", self.addresses.len()));
+            return bad(
+                "addresses",
+                format!("{} addresses, more than the maximum of {ADDRESSES_MAX}", self.addresses.len()),
+            );
         }
         for (i, address) in self.addresses.iter().enumerate() {
-            let ok = address.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+            let ok = address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
             if !ok {
                 return bad(format!("addresses[{i}]"), format!("{address:?} is not host:port"));
             }
@@ -297,7 +302,10 @@ impl RouteDef {
                 return bad(format!("lanes[{i}].name"), format!("lane {name} is declared twice"));
             }
             if lane.reserved_permille > 1000 {
-                return bad(format!("lanes[{i}].reserved_permille"), format!("{} is more than 1000", lane.reserved_permille));
+                return bad(
+                    format!("lanes[{i}].reserved_permille"),
+                    format!("{} is more than 1000", lane.reserved_permille),
+                );
             }
             reserved += lane.reserved_permille;
             let cap = Amount {
@@ -312,7 +320,16 @@ impl RouteDef {
         if reserved > 1000 {
             return bad("lanes", format!("reservations add up to {reserved} per mille, more than 1000"));
         }
-        Ok(Route { name, remote_site, addresses: self.addresses.clone(), topics, lanes, window_min, window_max, def: self.clone() })
+        Ok(Route {
+            name,
+            remote_site,
+            addresses: self.addresses.clone(),
+            topics,
+            lanes,
+            window_min,
+            window_max,
+            def: self.clone(),
+        })
     }
 }
 
@@ -407,7 +424,12 @@ mod tests {
 
     #[test]
     fn policies_validate() {
-        let p = PolicyDef { pattern: "telemetry.>".into(), action: "sample 1/10".into(), lane: Some("bulk".into()), destinations: vec!["us".into()] };
+        let p = PolicyDef {
+            pattern: "telemetry.>".into(),
+            action: "sample 1/10".into(),
+            lane: Some("bulk".into()),
+            destinations: vec!["us".into()],
+        };
         let v = p.validate().unwrap();
         assert_eq!(v.action, Action::SampleEvery(10));
         let mut bad_dest = p.clone();

@@ -111,7 +111,11 @@ struct Replayed {
 
 impl Gateway {
     /// Starts the gateway (see the module docs). `end` follows the log's end.
-    pub async fn start(store: Arc<Store>, config: GatewayConfig, end: watch::Receiver<u64>) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(
+        store: Arc<Store>,
+        config: GatewayConfig,
+        end: watch::Receiver<u64>,
+    ) -> anyhow::Result<Arc<Self>> {
         for (i, def) in config.routes.iter().enumerate() {
             def.validate(&config.site).map_err(|e| anyhow::anyhow!("gateway route {i} ({}): {e}", def.remote_site))?;
         }
@@ -121,11 +125,7 @@ impl Gateway {
         let replayed = replay(&store).await?;
         let (history, _) = watch::channel(Arc::new(replayed.history.clone()));
         let (stop, _) = watch::channel(false);
-        let policies = replayed
-            .policies
-            .iter()
-            .filter_map(|d| d.validate().ok())
-            .collect::<Vec<_>>();
+        let policies = replayed.policies.iter().filter_map(|d| d.validate().ok()).collect::<Vec<_>>();
         let gateway = Arc::new(Self {
             store,
             metrics: Arc::new(GatewayMetrics::default()),
@@ -210,10 +210,11 @@ impl Gateway {
         };
         let store = Arc::clone(&self.store);
         let stream = gateway_stream();
-        let written = tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![event]))
-            .await
-            .map_err(|e| AdminError::Store(e.to_string()))?
-            .map_err(|e| AdminError::Store(e.to_string()))?;
+        let written =
+            tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![event]))
+                .await
+                .map_err(|e| AdminError::Store(e.to_string()))?
+                .map_err(|e| AdminError::Store(e.to_string()))?;
         Ok(written.first_position)
     }
 
@@ -425,18 +426,55 @@ impl Gateway {
         );
         type LaneField = fn(&sender::LaneMetrics, u64, u64) -> u64;
         let lane_families: [(&str, &str, &str, LaneField); 8] = [
-            ("edgebus_lane_backlog_positions", "gauge", "Log positions between the lane's acknowledged cursor and the log's end.", |l, end, _| end.saturating_sub(l.acked_position.load(Ordering::Relaxed))),
-            ("edgebus_lane_oldest_unacked_age_seconds", "gauge", "Age of the oldest event read or sent but not acknowledged (0: none).", |l, _, now| { let o = l.oldest_unacked_ms.load(Ordering::Relaxed); if o == 0 { 0 } else { now.saturating_sub(o) / 1000 } }),
-            ("edgebus_lane_in_flight_events", "gauge", "Events sent and not yet acknowledged.", |l, _, _| l.in_flight_events.load(Ordering::Relaxed)),
-            ("edgebus_lane_in_flight_bytes", "gauge", "Bytes sent and not yet acknowledged.", |l, _, _| l.in_flight_bytes.load(Ordering::Relaxed)),
-            ("edgebus_lane_sent_events_total", "counter", "Events sent (resends after a reconnect included).", |l, _, _| l.sent_events.load(Ordering::Relaxed)),
+            (
+                "edgebus_lane_backlog_positions",
+                "gauge",
+                "Log positions between the lane's acknowledged cursor and the log's end.",
+                |l, end, _| end.saturating_sub(l.acked_position.load(Ordering::Relaxed)),
+            ),
+            (
+                "edgebus_lane_oldest_unacked_age_seconds",
+                "gauge",
+                "Age of the oldest event read or sent but not acknowledged (0: none).",
+                |l, _, now| {
+                    let o = l.oldest_unacked_ms.load(Ordering::Relaxed);
+                    if o == 0 { 0 } else { now.saturating_sub(o) / 1000 }
+                },
+            ),
+            ("edgebus_lane_in_flight_events", "gauge", "Events sent and not yet acknowledged.", |l, _, _| {
+                l.in_flight_events.load(Ordering::Relaxed)
+            }),
+            ("edgebus_lane_in_flight_bytes", "gauge", "Bytes sent and not yet acknowledged.", |l, _, _| {
+                l.in_flight_bytes.load(Ordering::Relaxed)
+            }),
+            (
+                "edgebus_lane_sent_events_total",
+                "counter",
+                "Events sent (resends after a reconnect included).",
+                |l, _, _| l.sent_events.load(Ordering::Relaxed),
+            ),
             ("edgebus_lane_sent_bytes_total", "counter", "Bytes sent.", |l, _, _| l.sent_bytes.load(Ordering::Relaxed)),
-            ("edgebus_lane_acked_events_total", "counter", "Events acknowledged durable by the remote site.", |l, _, _| l.acked_events.load(Ordering::Relaxed)),
-            ("edgebus_lane_stalled_seconds", "gauge", "How long the acknowledged cursor has not moved while the lane has backlog (0: moving).", |l, _, now| { let s = l.stalled_since_ms.load(Ordering::Relaxed); if s == 0 { 0 } else { now.saturating_sub(s) / 1000 } }),
+            (
+                "edgebus_lane_acked_events_total",
+                "counter",
+                "Events acknowledged durable by the remote site.",
+                |l, _, _| l.acked_events.load(Ordering::Relaxed),
+            ),
+            (
+                "edgebus_lane_stalled_seconds",
+                "gauge",
+                "How long the acknowledged cursor has not moved while the lane has backlog (0: moving).",
+                |l, _, now| {
+                    let s = l.stalled_since_ms.load(Ordering::Relaxed);
+                    if s == 0 { 0 } else { now.saturating_sub(s) / 1000 }
+                },
+            ),
         ];
         for (name, kind, help, field) in lane_families {
             let mut rows = routes.values().flat_map(|(r, m)| {
-                m.lanes.iter().map(move |l| (format!("route=\"{}\",lane=\"{}\"", r.name, l.name), field(l, end, now).to_string()))
+                m.lanes
+                    .iter()
+                    .map(move |l| (format!("route=\"{}\",lane=\"{}\"", r.name, l.name), field(l, end, now).to_string()))
             });
             family(name, kind, help, &mut rows);
         }
@@ -444,7 +482,10 @@ impl Gateway {
             m.lanes.iter().flat_map(move |l| {
                 let current = l.stall.load(Ordering::Relaxed);
                 stall::NAMES.iter().enumerate().skip(1).map(move |(i, reason)| {
-                    (format!("route=\"{}\",lane=\"{}\",reason=\"{reason}\"", r.name, l.name), u8::from(usize::from(current) == i).to_string())
+                    (
+                        format!("route=\"{}\",lane=\"{}\",reason=\"{reason}\"", r.name, l.name),
+                        u8::from(usize::from(current) == i).to_string(),
+                    )
                 })
             })
         });
@@ -454,15 +495,27 @@ impl Gateway {
             .flat_map(|(r, m)| m.topics.lock().iter().map(|(t, c)| (r.name.clone(), t.clone(), *c)).collect::<Vec<_>>())
             .collect();
         let mut rows = topics.iter().flat_map(|(route, topic, c)| {
-            [("sampled_out", c.sampled_out), ("compacted", c.compacted), ("dropped", c.dropped)]
-                .into_iter()
-                .map(move |(reason, n)| (format!("route=\"{route}\",topic=\"{topic}\",reason=\"{reason}\""), n.to_string()))
+            [("sampled_out", c.sampled_out), ("compacted", c.compacted), ("dropped", c.dropped)].into_iter().map(
+                move |(reason, n)| (format!("route=\"{route}\",topic=\"{topic}\",reason=\"{reason}\""), n.to_string()),
+            )
         });
-        family("edgebus_route_policy_skipped_total", "counter", "Events a policy kept from the route, per topic pattern and reason.", &mut rows);
-        let mut rows = topics.iter().map(|(route, topic, c)| (format!("route=\"{route}\",topic=\"{topic}\""), c.sent.to_string()));
-        family("edgebus_route_topic_sent_total", "counter", "Events sent per route and deciding topic pattern.", &mut rows);
+        family(
+            "edgebus_route_policy_skipped_total",
+            "counter",
+            "Events a policy kept from the route, per topic pattern and reason.",
+            &mut rows,
+        );
+        let mut rows =
+            topics.iter().map(|(route, topic, c)| (format!("route=\"{route}\",topic=\"{topic}\""), c.sent.to_string()));
+        family(
+            "edgebus_route_topic_sent_total",
+            "counter",
+            "Events sent per route and deciding topic pattern.",
+            &mut rows,
+        );
         let name = "edgebus_lane_ack_latency_seconds";
-        let _ = writeln!(out, "# HELP {name} Send to durable-acknowledgement latency per lane.\n# TYPE {name} histogram");
+        let _ =
+            writeln!(out, "# HELP {name} Send to durable-acknowledgement latency per lane.\n# TYPE {name} histogram");
         for (r, m) in routes.values() {
             for l in &m.lanes {
                 l.ack_latency_render(out, name, &format!("route=\"{}\",lane=\"{}\"", r.name, l.name));
@@ -484,7 +537,13 @@ async fn replay(store: &Arc<Store>) -> anyhow::Result<Replayed> {
         let stream = gateway_stream();
         let mut from = 0u64;
         loop {
-            let events = match store.read_stream(&stream, StreamFrom::Version(from), Direction::Forward, REPLAY_PAGE, now_ms()) {
+            let events = match store.read_stream(
+                &stream,
+                StreamFrom::Version(from),
+                Direction::Forward,
+                REPLAY_PAGE,
+                now_ms(),
+            ) {
                 Ok(events) => events,
                 Err(e) if e.code() == edgebus_store::ErrorCode::StreamNotFound => break,
                 Err(e) => return Err(anyhow::anyhow!("cannot read {GATEWAY_STREAM}: {e}")),

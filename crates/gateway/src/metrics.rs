@@ -22,7 +22,8 @@ pub fn now_ms() -> u64 {
 }
 
 /// Upper bounds (ms) of the latency buckets.
-pub const LATENCY_BUCKETS_MS: [u64; 16] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000];
+pub const LATENCY_BUCKETS_MS: [u64; 16] =
+    [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000];
 
 /// A latency histogram in milliseconds.
 #[derive(Debug, Default)]
@@ -133,10 +134,27 @@ impl GatewayMetrics {
         type Field = fn(&InboundMetrics) -> &AtomicU64;
         let families: [(&str, &str, &str, Field); 5] = [
             ("edgebus_wan_inbound_sessions", "gauge", "Open inbound WAN sessions per peer site.", |m| &m.sessions),
-            ("edgebus_wan_inbound_events_written_total", "counter", "Replicated events written per peer site.", |m| &m.written),
-            ("edgebus_wan_inbound_duplicates_total", "counter", "Replayed events absorbed as already present (exists-or-write same=true) per peer site.", |m| &m.duplicates),
-            ("edgebus_wan_inbound_refused_total", "counter", "Replicated events refused (the link was closed with the reason) per peer site.", |m| &m.refused),
-            ("edgebus_wan_inbound_closed_total", "counter", "Inbound sessions closed by this site with a reason, per peer site.", |m| &m.closed_by_us),
+            ("edgebus_wan_inbound_events_written_total", "counter", "Replicated events written per peer site.", |m| {
+                &m.written
+            }),
+            (
+                "edgebus_wan_inbound_duplicates_total",
+                "counter",
+                "Replayed events absorbed as already present (exists-or-write same=true) per peer site.",
+                |m| &m.duplicates,
+            ),
+            (
+                "edgebus_wan_inbound_refused_total",
+                "counter",
+                "Replicated events refused (the link was closed with the reason) per peer site.",
+                |m| &m.refused,
+            ),
+            (
+                "edgebus_wan_inbound_closed_total",
+                "counter",
+                "Inbound sessions closed by this site with a reason, per peer site.",
+                |m| &m.closed_by_us,
+            ),
         ];
         for (name, kind, help, field) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -120,7 +120,7 @@ impl PolicyHistory {
 /// of the same stream the lane kept, if known.
 pub fn sample_keeps(action: &Action, event: &RecordedEvent, last_bucket: Option<u64>) -> bool {
     match action {
-        Action::SampleEvery(n) => event.version % u64::from(*n) == 0,
+        Action::SampleEvery(n) => event.version.is_multiple_of(u64::from(*n)),
         Action::SamplePer(ms) => last_bucket != Some(event.timestamp_ms / ms),
         _ => true,
     }
@@ -191,13 +191,21 @@ mod tests {
             ],
         };
         let r = route();
-        assert!(matches!(set.decide(&r, &event("alerts.fire", 0)), Decision::Send { lane: 0, action: Action::Replicate, .. }));
-        assert!(matches!(set.decide(&r, &event("telemetry.t1", 3)), Decision::Send { lane: 1, action: Action::SampleEvery(10), .. }));
+        assert!(matches!(
+            set.decide(&r, &event("alerts.fire", 0)),
+            Decision::Send { lane: 0, action: Action::Replicate, .. }
+        ));
+        assert!(matches!(
+            set.decide(&r, &event("telemetry.t1", 3)),
+            Decision::Send { lane: 1, action: Action::SampleEvery(10), .. }
+        ));
         assert_eq!(set.decide(&r, &event("orders.secret.x", 0)), Decision::Skip);
         assert_eq!(set.decide(&r, &event("orders.junk.x", 0)), Decision::Drop { topic: "orders.junk.>".into() });
         assert_eq!(set.decide(&r, &event("orders.ap.x", 0)), Decision::Skip, "not a destination");
         assert_eq!(set.decide(&r, &event("other.x", 0)), Decision::Skip, "outside the route's topics");
-        assert!(matches!(set.decide(&r, &event("orders.o1", 0)), Decision::Send { lane: 0, topic, .. } if topic == ">"));
+        assert!(
+            matches!(set.decide(&r, &event("orders.o1", 0)), Decision::Send { lane: 0, topic, .. } if topic == ">")
+        );
     }
 
     #[test]
@@ -205,11 +213,26 @@ mod tests {
         let set = PolicySet::default();
         let r = route();
         let mut e = event("orders.o1", 0);
-        e.origin = Some(Origin { site: SiteName::new("us").unwrap(), position: 1, via: SiteName::new("us").unwrap(), note: String::new() });
+        e.origin = Some(Origin {
+            site: SiteName::new("us").unwrap(),
+            position: 1,
+            via: SiteName::new("us").unwrap(),
+            note: String::new(),
+        });
         assert_eq!(set.decide(&r, &e), Decision::Skip);
-        e.origin = Some(Origin { site: SiteName::new("ap").unwrap(), position: 1, via: SiteName::new("us").unwrap(), note: String::new() });
+        e.origin = Some(Origin {
+            site: SiteName::new("ap").unwrap(),
+            position: 1,
+            via: SiteName::new("us").unwrap(),
+            note: String::new(),
+        });
         assert_eq!(set.decide(&r, &e), Decision::Skip, "relayed by the remote site");
-        e.origin = Some(Origin { site: SiteName::new("ap").unwrap(), position: 1, via: SiteName::new("ap").unwrap(), note: String::new() });
+        e.origin = Some(Origin {
+            site: SiteName::new("ap").unwrap(),
+            position: 1,
+            via: SiteName::new("ap").unwrap(),
+            note: String::new(),
+        });
         assert!(matches!(set.decide(&r, &e), Decision::Send { .. }), "relayed onward");
     }
 

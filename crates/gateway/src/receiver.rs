@@ -179,15 +179,18 @@ impl Session {
 
     async fn refuse(&self, refusal: Closing) {
         let kind = v1::link_control::Kind::Close(v1::LinkClose { code: refusal.code, reason: refusal.reason });
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.out.send(Ok(v1::LinkControl { kind: Some(kind) })))
-            .await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.out.send(Ok(v1::LinkControl { kind: Some(kind) }))).await;
     }
 
     fn check_hello(&self, hello: &v1::LinkHello) -> Result<SiteName, Closing> {
         if hello.protocol_version != PROTOCOL_VERSION {
             return Err(closing(
                 close::VERSION,
-                format!("protocol version {} is unknown; this gateway speaks {PROTOCOL_VERSION}", hello.protocol_version),
+                format!(
+                    "protocol version {} is unknown; this gateway speaks {PROTOCOL_VERSION}",
+                    hello.protocol_version
+                ),
             ));
         }
         let site = &self.settings.site;
@@ -254,10 +257,12 @@ impl Session {
                     let durable = durable_rx.borrow_and_update().clone();
                     match durable {
                         Ok(amount) => {
+                            // Every durable step is acknowledged at once (a
+                            // grant is small, and write batches coalesce under
+                            // load), so the sender's cursors and ack latency
+                            // follow the writes, not the heartbeat.
                             credit.on_durable(amount, clock());
-                            if credit.grant_due() {
-                                self.send_grant(credit.grant(clock()));
-                            }
+                            self.send_grant(credit.grant(clock()));
                         }
                         Err((code, reason)) => break Err(closing(code, reason)),
                     }
@@ -309,9 +314,10 @@ impl Session {
         let mut writes = Vec::with_capacity(batch.events.len());
         for (i, event) in batch.events.into_iter().enumerate() {
             let seq = batch.first_seq + i as u64;
-            writes.push(self.replica_write(from, event).map_err(|reason| {
-                closing(close::REFUSED_EVENT, format!("event at sequence {seq}: {reason}"))
-            })?);
+            writes.push(
+                self.replica_write(from, event)
+                    .map_err(|reason| closing(close::REFUSED_EVENT, format!("event at sequence {seq}: {reason}")))?,
+            );
         }
         if !writes.is_empty() {
             let _ = pending.send(Pending { end: credit.received(), writes });
@@ -374,7 +380,8 @@ async fn write_loop(
         }
         let ends: Vec<(usize, Amount)> = batches.iter().map(|b| (b.writes.len(), b.end)).collect();
         let writes: Vec<ReplicaWrite> = batches.into_iter().flat_map(|b| b.writes).collect();
-        let stamps: Vec<(u64, String)> = writes.iter().map(|w| (w.event.timestamp_ms, w.origin.site.to_string())).collect();
+        let stamps: Vec<(u64, String)> =
+            writes.iter().map(|w| (w.event.timestamp_ms, w.origin.site.to_string())).collect();
         let store = Arc::clone(&store);
         let answers = match tokio::task::spawn_blocking(move || store.replicate(writes)).await {
             Ok(answers) => answers,

@@ -240,11 +240,7 @@ struct Lane {
 
 impl Lane {
     fn acked_pos(&self) -> u64 {
-        self.in_flight
-            .front()
-            .map(|f| f.1)
-            .or_else(|| self.buffer.front().map(|i| i.position))
-            .unwrap_or(self.read_pos)
+        self.in_flight.front().map(|f| f.1).or_else(|| self.buffer.front().map(|i| i.position)).unwrap_or(self.read_pos)
     }
 
     fn rewind(&mut self) {
@@ -501,7 +497,10 @@ impl RouteTask {
         match tokio::time::timeout(timeout, inbound.message()).await {
             Ok(Ok(Some(v1::LinkControl { kind: Some(v1::link_control::Kind::Welcome(welcome)) }))) => {
                 if welcome.site != self.route.remote_site.as_str() {
-                    return failed(format!("the gateway at {address} is site {:?}, not {}", welcome.site, self.route.remote_site));
+                    return failed(format!(
+                        "the gateway at {address} is site {:?}, not {}",
+                        welcome.site, self.route.remote_site
+                    ));
                 }
             }
             Ok(Ok(Some(v1::LinkControl { kind: Some(v1::link_control::Kind::Close(close)) }))) => {
@@ -513,20 +512,16 @@ impl RouteTask {
         }
         self.metrics.state.store(state::CONNECTED, Ordering::Relaxed);
         self.metrics.failures.store(0, Ordering::Relaxed);
-        let shares = self
-            .route
-            .lanes
-            .iter()
-            .map(|l| LaneShare { reserved_permille: l.reserved_permille, cap: l.cap })
-            .collect();
+        let shares =
+            self.route.lanes.iter().map(|l| LaneShare { reserved_permille: l.reserved_permille, cap: l.cap }).collect();
         let mut credit = match CreditSender::try_new(shares) {
             Ok(c) => c,
             Err(e) => return failed(format!("invalid lane shares: {e}")),
         };
         let progressed_before = self.metrics.lanes.iter().map(|l| l.acked_events.load(Ordering::Relaxed)).sum::<u64>();
         let error = self.pump(&mut credit, &tx, &mut inbound, stop).await;
-        let progressed = self.metrics.lanes.iter().map(|l| l.acked_events.load(Ordering::Relaxed)).sum::<u64>()
-            > progressed_before;
+        let progressed =
+            self.metrics.lanes.iter().map(|l| l.acked_events.load(Ordering::Relaxed)).sum::<u64>() > progressed_before;
         self.metrics.credit_granted_events.fetch_add(credit.limit().events, Ordering::Relaxed);
         self.metrics.credit_used_events.fetch_add(credit.sent().events, Ordering::Relaxed);
         match error {

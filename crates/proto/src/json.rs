@@ -12,7 +12,7 @@ pub fn payload_value(bytes: &[u8]) -> Value {
 
 /// One recorded event as a JSON object.
 pub fn event_value(event: &RecordedEvent) -> Value {
-    json!({
+    let mut value = json!({
         "stream": event.stream.as_str(),
         "version": event.version,
         "position": event.position,
@@ -21,7 +21,16 @@ pub fn event_value(event: &RecordedEvent) -> Value {
         "data": payload_value(&event.data),
         "metadata": if event.metadata.is_empty() { Value::Null } else { payload_value(&event.metadata) },
         "timestamp_ms": event.timestamp_ms,
-    })
+    });
+    // Replicated events say where they come from, and what a policy did.
+    if let (Some(origin), Some(object)) = (&event.origin, value.as_object_mut()) {
+        let mut o = json!({ "site": origin.site.as_str(), "position": origin.position, "via": origin.via.as_str() });
+        if !origin.note.is_empty() {
+            o["note"] = json!(origin.note);
+        }
+        object.insert("origin".into(), o);
+    }
+    value
 }
 
 #[cfg(test)]

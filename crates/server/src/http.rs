@@ -63,9 +63,9 @@ use crate::metrics::{NodeStats, Outcome, PROMETHEUS_CONTENT_TYPE};
 use crate::quota::QuotaRefusal;
 use crate::state::NodeState;
 
+mod gateway;
 pub mod groups;
 pub mod serve;
-mod gateway;
 mod sse;
 
 /// Largest request body the JSON API accepts: one maximal append (the log's

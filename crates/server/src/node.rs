@@ -238,10 +238,10 @@ pub async fn run(
     if let Some(gateway) = state.gateway.get() {
         gateway.stop().await;
     }
-    if let Some(wan) = wan {
-        if tokio::time::timeout(DRAIN_TIMEOUT, wan).await.is_err() {
-            eprintln!("edgebus: WAN links still open after {} s of draining", DRAIN_TIMEOUT.as_secs());
-        }
+    if let Some(wan) = wan
+        && tokio::time::timeout(DRAIN_TIMEOUT, wan).await.is_err()
+    {
+        eprintln!("edgebus: WAN links still open after {} s of draining", DRAIN_TIMEOUT.as_secs());
     }
     // Every request has finished; the groups write their last checkpoints.
     // Then stop following the log, and close the store (index flush, log

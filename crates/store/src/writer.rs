@@ -266,7 +266,7 @@ impl Shared {
                 self.process_exists_or_write(inner, &stream, Some(index), event, None, slot)
             }
             Request::Replica { stream, index, event, origin } => {
-                self.process_exists_or_write(inner, &stream, index, event, Some(origin), slot)
+                self.process_exists_or_write(inner, &stream, index, event, Some(&origin), slot)
             }
             Request::Command { stream, target, timestamp_ms, build } => {
                 let target_state =
@@ -323,17 +323,18 @@ impl Shared {
         stream: &StreamName,
         index: Option<u64>,
         event: NewEvent,
-        origin: Option<Origin>,
+        origin: Option<&Origin>,
         slot: &Arc<Slot>,
     ) -> Result<Option<Reply>, WriteError> {
         let state = inner.tail.state_for_write(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
         if state.tombstoned {
             return Err(WriteError::StreamDeleted { stream: stream.clone() });
         }
-        match &origin {
+        match origin {
             None if state.origin != 0 => return Err(WriteError::ReplicaStream { stream: stream.clone() }),
             Some(origin) if state.origin != origin.site.id() && (state.origin != 0 || state.next_version > 0) => {
-                let reason = if state.origin == 0 { "it is this site's own stream" } else { "it is another site's stream" };
+                let reason =
+                    if state.origin == 0 { "it is this site's own stream" } else { "it is another site's stream" };
                 return Err(WriteError::NotReplica { stream: stream.clone(), site: origin.site.to_string(), reason });
             }
             _ => {}
@@ -371,7 +372,7 @@ impl Shared {
             return Err(WriteError::Gap { stream: stream.clone(), index, count });
         }
         self.check_ids_unused(inner, std::slice::from_ref(&event))?;
-        self.submit(inner, stream, vec![event], index, origin.as_ref(), slot, |result| {
+        self.submit(inner, stream, vec![event], index, origin, slot, |result| {
             Outcome::ExistsOrWrite(ExistsOrWrite::Written { position: result.first_position })
         })?;
         Ok(None)
@@ -457,6 +458,7 @@ impl Shared {
     /// Encodes `events` at `first_version` of `stream`, submits them to the
     /// log and applies them to the state machine. The log's writer thread
     /// completes `slot` once they are durable.
+    #[allow(clippy::too_many_arguments, reason = "one call per write kind; a struct would only rename them")]
     fn submit(
         &self,
         inner: &mut Inner,
