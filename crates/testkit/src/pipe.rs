@@ -139,7 +139,9 @@ impl StallPlan {
             self.windows.pop_front();
         }
         while self.windows.back().is_none_or(|window| window.start <= at) && self.windows.len() < STALL_WINDOWS_MAX {
-            let from = self.planned_until.unwrap_or(now);
+            // After an idle spell the plan restarts from now rather than
+            // filling the past with windows (the intervals are memoryless).
+            let from = self.planned_until.map_or(now, |until| until.max(now));
             let start = from + exponential(rng, stall.every);
             let window = StallWindow { start, end: start + stall.duration };
             self.windows.push_back(window);
@@ -285,6 +287,21 @@ mod tests {
         // Removing stalls forgets every window that has not started.
         assert_eq!(plan.push_past(None, base, base + ms(500), &mut rng), base + ms(500));
         assert!(plan.windows.iter().all(|window| window.start <= base));
+    }
+
+    #[test]
+    fn stall_plan_restarts_after_an_idle_spell() {
+        let base = Instant::now();
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut plan = StallPlan::default();
+        let stall = Some(Stall { every: ms(1), duration: ms(1) });
+        let _ = plan.push_past(stall, base, base + ms(10), &mut rng);
+        // An hour later the plan covers the present, not the hour gone by.
+        let later = base + Duration::from_secs(3600);
+        let _ = plan.push_past(stall, later, later + ms(10), &mut rng);
+        assert!(plan.windows.iter().all(|window| window.end > later));
+        assert!(plan.windows.len() < 100, "{} windows planned", plan.windows.len());
+        assert!(plan.windows.back().is_some_and(|window| window.start > later + ms(10)));
     }
 
     #[test]
