@@ -23,3 +23,4 @@ mod store_determinism;
 mod store_model;
 mod store_race;
 mod transform;
+mod wan_emulator;
