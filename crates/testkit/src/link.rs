@@ -455,18 +455,23 @@ async fn forward_connection(shared: Arc<Shared>, mut client: TcpStream, cuts_at_
     let counters = &shared.counters;
     counters.connections_open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(counters);
-    let mut target = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(shared.target)).await {
-        Ok(Ok(target)) => target,
-        Ok(Err(_)) | Err(_) => {
-            counters.connections_reset.fetch_add(1, Ordering::Relaxed);
-            reset(&client);
-            return;
-        }
+    let tainted = AtomicBool::new(false);
+    let kill = killed(shared.state.subscribe(), cuts_at_accept, &tainted);
+    tokio::pin!(kill);
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(shared.target));
+    let connected = tokio::select! {
+        connected = connect => connected.ok().and_then(Result::ok),
+        // Cut while connecting.
+        () = &mut kill => None,
+    };
+    let Some(mut target) = connected else {
+        counters.connections_reset.fetch_add(1, Ordering::Relaxed);
+        reset(&client);
+        return;
     };
     // Nagle's algorithm would add delays the configuration did not ask for.
     let _ = client.set_nodelay(true);
     let _ = target.set_nodelay(true);
-    let tainted = AtomicBool::new(false);
     let completed = {
         let (client_read, client_write) = client.split();
         let (target_read, target_write) = target.split();
@@ -478,7 +483,7 @@ async fn forward_connection(shared: Arc<Shared>, mut client: TcpStream, cuts_at_
         };
         tokio::select! {
             outcome = forward => outcome.is_ok(),
-            () = killed(shared.state.subscribe(), cuts_at_accept, &tainted) => false,
+            () = &mut kill => false,
         }
     };
     if !completed {
