@@ -394,3 +394,28 @@ async fn invalid_configuration_is_refused() {
     let error = Link::start(echo.addr(), config).await.expect_err("a zero buffer");
     assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_target_resets_the_client() {
+    // A port that was bound and released: nothing listens there.
+    let target = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+    let link = Link::start(target, LinkConfig::default()).await.expect("link");
+    if let Ok(mut client) = TcpStream::connect(link.addr()).await {
+        assert!(within("the client's end", sees_end(&mut client)).await);
+    }
+    // The counters move just before the client's socket is closed, so they
+    // are usually right at once; a failed connect of our own gives no such
+    // moment to await, hence the bounded polling.
+    let started = Instant::now();
+    for _ in 0..1000 {
+        if link.stats().connections_reset == 1 {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "the failed connect was not counted within {DEADLINE:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stats = link.stats();
+    assert_eq!(stats.connections_reset, 1);
+    assert_eq!(stats.connections_open, 0);
+    link.stop().await;
+}
