@@ -24,3 +24,4 @@ mod store_model;
 mod store_race;
 mod store_replica;
 mod transform;
+mod wan_emulator;
