@@ -15,6 +15,7 @@ pub mod bench;
 pub mod client_cmds;
 pub mod config;
 pub mod group;
+pub mod routes;
 pub mod serve;
 pub mod subscribe;
 pub mod transform;
@@ -49,6 +50,10 @@ pub enum Command {
     Group(group::GroupArgs),
     /// Run racing deterministic transformers (a built-in example) and feed them.
     Transform(transform::TransformArgs),
+    /// A gateway's routes: list them with their lanes' figures, add, remove.
+    Routes(routes::RoutesArgs),
+    /// A site's topic policies: list, set, remove.
+    Policy(routes::PolicyArgs),
 }
 
 /// Runs a parsed command line to completion.
@@ -63,6 +68,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Subscribe(args) => subscribe::run(&args),
         Command::Group(args) => group::run(&args),
         Command::Transform(args) => transform::run(&args),
+        Command::Routes(args) => routes::routes(&args),
+        Command::Policy(args) => routes::policy(&args),
     }
 }
 
