@@ -383,7 +383,7 @@ async fn write_loop(
         let stamps: Vec<(u64, String)> =
             writes.iter().map(|w| (w.event.timestamp_ms, w.origin.site.to_string())).collect();
         let store = Arc::clone(&store);
-        let answers = match tokio::task::spawn_blocking(move || store.replicate(writes)).await {
+        let answers = match tokio::task::spawn_blocking(move || replicate_bridging_gaps(&store, writes)).await {
             Ok(answers) => answers,
             Err(e) => {
                 failed = true;
@@ -434,6 +434,38 @@ async fn write_loop(
             let _ = durable.send(Err(refusal));
         }
     }
+}
+
+/// Writes `writes`; an event that would leave a gap at its origin version
+/// (its replica has fewer events: an earlier policy sent the stream
+/// sampled or compacted, so its versions are the replica's own) is written
+/// again after the stream's last event unless its id is already there, with
+/// the gap said in its origin note. Order is kept: every later write of the
+/// same stream in the batch is sent the same way.
+fn replicate_bridging_gaps(store: &Store, writes: Vec<ReplicaWrite>) -> Vec<Result<ExistsOrWrite, WriteError>> {
+    let mut answers = store.replicate(writes.clone());
+    let mut bridged: std::collections::HashSet<StreamName> = std::collections::HashSet::new();
+    let mut retry = Vec::new();
+    for (i, answer) in answers.iter().enumerate() {
+        let gap = matches!(answer, Err(WriteError::Gap { .. }));
+        if gap || (bridged.contains(&writes[i].stream) && answer.is_err()) {
+            bridged.insert(writes[i].stream.clone());
+            let mut write = writes[i].clone();
+            if let Some(version) = write.version.take() {
+                let note = format!("origin version {version} after a gap");
+                write.origin.note = if write.origin.note.is_empty() { note } else { format!("{}; {note}", write.origin.note) };
+            }
+            retry.push((i, write));
+        }
+    }
+    if retry.is_empty() {
+        return answers;
+    }
+    let (indexes, writes): (Vec<usize>, Vec<ReplicaWrite>) = retry.into_iter().unzip();
+    for (i, answer) in indexes.into_iter().zip(store.replicate(writes)) {
+        answers[i] = answer;
+    }
+    answers
 }
 
 fn refusal_of(error: &WriteError) -> (u32, String) {
