@@ -345,8 +345,9 @@ impl Gateway {
                         })
                     })
                     .collect();
-                let granted = m.credit_granted_events.load(Ordering::Relaxed);
-                let used = m.credit_used_events.load(Ordering::Relaxed);
+                let granted =
+                    m.credit_granted_events.load(Ordering::Relaxed) + m.session_granted_events.load(Ordering::Relaxed);
+                let used = m.credit_used_events.load(Ordering::Relaxed) + m.session_used_events.load(Ordering::Relaxed);
                 serde_json::json!({
                     "route": route.name,
                     "remote_site": route.remote_site.as_str(),
@@ -367,6 +368,22 @@ impl Gateway {
             })
             .collect();
         serde_json::Value::Array(list)
+    }
+
+    /// `(wan_queue, dropped)` for the summary line: events read ahead or in
+    /// flight on every route (bounded by the windows), and events dropped
+    /// by policy since the node started.
+    pub fn summary(&self) -> (u64, u64) {
+        let routes = self.route_metrics.lock().clone();
+        let mut queue = 0;
+        let mut dropped = 0;
+        for (_, m) in routes.values() {
+            for lane in &m.lanes {
+                queue += lane.in_flight_events.load(Ordering::Relaxed) + lane.buffered_events.load(Ordering::Relaxed);
+            }
+            dropped += m.topics.lock().values().map(|c| c.dropped).sum::<u64>();
+        }
+        (queue, dropped)
     }
 
     /// The gateway section of `/v1/stats`.
@@ -415,14 +432,22 @@ impl Gateway {
         family(
             "edgebus_route_credit_granted_events_total",
             "counter",
-            "Credit granted by the remote site (events, summed over ended sessions).",
-            &mut route_rows(&|m| m.credit_granted_events.load(Ordering::Relaxed).to_string()).into_iter(),
+            "Credit granted by the remote site, in events (the highest limit of each session, summed).",
+            &mut route_rows(&|m| {
+                (m.credit_granted_events.load(Ordering::Relaxed) + m.session_granted_events.load(Ordering::Relaxed))
+                    .to_string()
+            })
+            .into_iter(),
         );
         family(
             "edgebus_route_credit_used_events_total",
             "counter",
-            "Credit used (events sent, summed over ended sessions).",
-            &mut route_rows(&|m| m.credit_used_events.load(Ordering::Relaxed).to_string()).into_iter(),
+            "Credit used: events sent, summed over sessions.",
+            &mut route_rows(&|m| {
+                (m.credit_used_events.load(Ordering::Relaxed) + m.session_used_events.load(Ordering::Relaxed))
+                    .to_string()
+            })
+            .into_iter(),
         );
         type LaneField = fn(&sender::LaneMetrics, u64, u64) -> u64;
         let lane_families: [(&str, &str, &str, LaneField); 8] = [

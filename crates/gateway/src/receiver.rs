@@ -383,7 +383,7 @@ async fn write_loop(
         let stamps: Vec<(u64, String)> =
             writes.iter().map(|w| (w.event.timestamp_ms, w.origin.site.to_string())).collect();
         let store = Arc::clone(&store);
-        let answers = match tokio::task::spawn_blocking(move || replicate_bridging_gaps(&store, writes)).await {
+        let answers = match tokio::task::spawn_blocking(move || replicate_bridging_gaps(&store, &writes)).await {
             Ok(answers) => answers,
             Err(e) => {
                 failed = true;
@@ -442,8 +442,8 @@ async fn write_loop(
 /// again after the stream's last event unless its id is already there, with
 /// the gap said in its origin note. Order is kept: every later write of the
 /// same stream in the batch is sent the same way.
-fn replicate_bridging_gaps(store: &Store, writes: Vec<ReplicaWrite>) -> Vec<Result<ExistsOrWrite, WriteError>> {
-    let mut answers = store.replicate(writes.clone());
+fn replicate_bridging_gaps(store: &Store, writes: &[ReplicaWrite]) -> Vec<Result<ExistsOrWrite, WriteError>> {
+    let mut answers = store.replicate(writes.to_vec());
     let mut bridged: std::collections::HashSet<StreamName> = std::collections::HashSet::new();
     let mut retry = Vec::new();
     for (i, answer) in answers.iter().enumerate() {
@@ -453,7 +453,8 @@ fn replicate_bridging_gaps(store: &Store, writes: Vec<ReplicaWrite>) -> Vec<Resu
             let mut write = writes[i].clone();
             if let Some(version) = write.version.take() {
                 let note = format!("origin version {version} after a gap");
-                write.origin.note = if write.origin.note.is_empty() { note } else { format!("{}; {note}", write.origin.note) };
+                write.origin.note =
+                    if write.origin.note.is_empty() { note } else { format!("{}; {note}", write.origin.note) };
             }
             retry.push((i, write));
         }

@@ -171,6 +171,10 @@ pub struct RouteMetrics {
     pub credit_granted_events: AtomicU64,
     /// Credit used (events sent, summed over sessions).
     pub credit_used_events: AtomicU64,
+    /// Credit granted in the current session (its highest limit, events).
+    pub session_granted_events: AtomicU64,
+    /// Credit used in the current session (events sent).
+    pub session_used_events: AtomicU64,
     /// Window of the current session (events).
     pub window_events: AtomicU64,
     /// Window of the current session (bytes).
@@ -524,6 +528,8 @@ impl RouteTask {
             self.metrics.lanes.iter().map(|l| l.acked_events.load(Ordering::Relaxed)).sum::<u64>() > progressed_before;
         self.metrics.credit_granted_events.fetch_add(credit.limit().events, Ordering::Relaxed);
         self.metrics.credit_used_events.fetch_add(credit.sent().events, Ordering::Relaxed);
+        self.metrics.session_granted_events.store(0, Ordering::Relaxed);
+        self.metrics.session_used_events.store(0, Ordering::Relaxed);
         match error {
             None => Ended::Stopped,
             Some(error) => Ended::Failed { error, progressed },
@@ -623,6 +629,7 @@ impl RouteTask {
         };
         let durable = credit.on_grant(&grant).map_err(|e| format!("bad grant from the remote site: {e}"))?;
         self.metrics.window_events.store(grant.window.events, Ordering::Relaxed);
+        self.metrics.session_granted_events.store(credit.limit().events, Ordering::Relaxed);
         self.metrics.window_bytes.store(grant.window.bytes, Ordering::Relaxed);
         let now = now_ms();
         for lane in &mut self.lanes {
@@ -691,6 +698,7 @@ impl RouteTask {
                 break;
             }
         }
+        self.metrics.session_used_events.store(credit.sent().events, Ordering::Relaxed);
         let batch = v1::LinkBatch {
             first_seq,
             lane: u32::try_from(lane_index).expect("at most LANES_MAX lanes"),

@@ -525,8 +525,12 @@ impl Metrics {
             "Events accepted but not yet durable (unacknowledged log records plus queued store requests).",
             stats.local_queue,
         );
-        out.gauge("edgebus_wan_queue", "Events waiting to be sent to other sites (no gateways yet).", stats.wan_queue);
-        out.counter("edgebus_dropped_total", "Events dropped by route policies (no gateways yet).", stats.dropped);
+        out.gauge(
+            "edgebus_wan_queue",
+            "Events read ahead or in flight on the gateway's routes (bounded by their windows).",
+            stats.wan_queue,
+        );
+        out.counter("edgebus_dropped_total", "Events dropped by the gateway's topic policies.", stats.dropped);
         out.family(
             "edgebus_backpressure",
             "gauge",
@@ -800,9 +804,9 @@ pub struct NodeStats {
     /// Events accepted but not yet durable: `log_records_unacknowledged`
     /// plus `store_queue_requests` (each one or more events, counted as one).
     pub local_queue: u64,
-    /// Events waiting for other sites; 0 until gateways exist.
+    /// Events read ahead or in flight on the gateway's routes.
     pub wan_queue: u64,
-    /// Events dropped by route policies; 0 until gateways exist.
+    /// Events dropped by the gateway's topic policies.
     pub dropped: u64,
     /// Whether writes are taken at full speed.
     pub backpressure: Backpressure,
@@ -888,10 +892,11 @@ impl NodeStats {
             ],
         );
         let (append_latency_ms_p50, append_latency_ms_p99) = state.metrics.append_latency_ms_p50_p99();
+        let (wan_queue, dropped) = state.gateway.get().map_or((0, 0), |g| g.summary());
         Self {
             local_queue: log_queue.records_unacknowledged + store_queue_requests,
-            wan_queue: 0,
-            dropped: 0,
+            wan_queue,
+            dropped,
             backpressure,
             subscriptions: state.metrics.subscriptions_open(),
             uptime_s: state.metrics.uptime().as_secs(),
