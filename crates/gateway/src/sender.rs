@@ -205,7 +205,10 @@ impl RouteMetrics {
     fn count(&self, topic: &str, change: impl FnOnce(&mut TopicCounts)) {
         let mut topics = self.topics.lock();
         // Bounded: topics are policy patterns (at most POLICIES_MAX) and `>`.
-        change(topics.entry(topic.to_owned()).or_default());
+        match topics.get_mut(topic) {
+            Some(counts) => change(counts),
+            None => change(topics.entry(topic.to_owned()).or_default()),
+        }
     }
 
     fn fail(&self, error: &str) {
@@ -677,6 +680,8 @@ impl RouteTask {
         let mut events = Vec::new();
         let mut bytes = 0u64;
         let now = now_ms();
+        // Sent per topic, counted once per batch.
+        let mut sent: Vec<(Arc<str>, u64)> = Vec::new();
         while let Some(item) = lane.buffer.front() {
             if !events.is_empty() && bytes + item.bytes > FRAME_BYTES_TARGET {
                 break;
@@ -691,12 +696,18 @@ impl RouteTask {
             lane.in_flight_bytes.push(item.bytes);
             m.sent_events.fetch_add(1, Ordering::Relaxed);
             m.sent_bytes.fetch_add(item.bytes, Ordering::Relaxed);
-            self.metrics.count(&item.topic, |c| c.sent += 1);
+            match sent.iter_mut().find(|(t, _)| Arc::ptr_eq(t, &item.topic) || **t == *item.topic) {
+                Some((_, n)) => *n += 1,
+                None => sent.push((Arc::clone(&item.topic), 1)),
+            }
             bytes += item.bytes;
             events.push(item.event);
             if bytes > FRAME_BYTES_TARGET {
                 break;
             }
+        }
+        for (topic, n) in sent {
+            self.metrics.count(&topic, |c| c.sent += n);
         }
         self.metrics.session_used_events.store(credit.sent().events, Ordering::Relaxed);
         let batch = v1::LinkBatch {
