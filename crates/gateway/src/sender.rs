@@ -556,6 +556,8 @@ impl RouteTask {
         let mut last_control = tokio::time::Instant::now();
         let mut last_sent = tokio::time::Instant::now();
         let mut echoed = 0u64;
+        // The end's watch closes when the node stops; then it is not polled.
+        let mut end_open = true;
         loop {
             let more = match self.refill().await {
                 Ok(more) => more,
@@ -596,7 +598,8 @@ impl RouteTask {
                     permit.send(frame);
                     last_sent = tokio::time::Instant::now();
                 }
-                _ = end.changed() => {
+                changed = end.changed(), if end_open => {
+                    end_open = changed.is_ok();
                     for lane in &mut self.lanes {
                         lane.at_end = false;
                     }
