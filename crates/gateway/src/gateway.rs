@@ -146,8 +146,10 @@ impl Gateway {
         }
         for def in &config.routes {
             let route = def.validate(&config.site)?;
-            if replayed.routes.get(&route.name) != Some(def) {
-                gateway.set_route(def.clone()).await?;
+            let mut named = def.clone();
+            named.name = route.name;
+            if replayed.routes.get(&named.name) != Some(&named) {
+                gateway.set_route(named).await?;
             }
         }
         for def in &config.policies {
