@@ -876,3 +876,151 @@ fn source_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use edgebus_store::StoreConfig;
+    use edgebus_types::{EventId, EventType, NewEvent};
+
+    use super::*;
+    use crate::def::{PolicyDef, RouteDef};
+    use crate::policy::PolicySet;
+
+    fn route() -> Route {
+        let def: RouteDef = serde_json::from_str(
+            r#"{"remote_site":"us","addresses":["h:1"],"lanes":[{"name":"critical","reserved_permille":250},{"name":"bulk"}]}"#,
+        )
+        .unwrap();
+        def.validate(&SiteName::new("eu").unwrap()).unwrap()
+    }
+
+    fn policy(pattern: &str, action: &str, lane: Option<&str>) -> crate::def::Policy {
+        PolicyDef { pattern: pattern.into(), action: action.into(), lane: lane.map(Into::into), destinations: vec![] }
+            .validate()
+            .unwrap()
+    }
+
+    fn event(stream: &str, version: u64, position: u64, data: &str) -> RecordedEvent {
+        let new = NewEvent {
+            id: EventId::from_u128(u128::from(position) + 1),
+            event_type: EventType::new("t").unwrap(),
+            data: data.as_bytes().to_vec(),
+            metadata: vec![],
+            timestamp_ms: 1_000 + position,
+        };
+        RecordedEvent::new(StreamName::new(stream).unwrap(), version, position, new)
+    }
+
+    fn task(dir: &std::path::Path, history: PolicyHistory) -> RouteTask {
+        let route = route();
+        let store = Arc::new(Store::open(dir, StoreConfig::default()).unwrap());
+        let (_, end) = watch::channel(100);
+        let (_, policies) = watch::channel(Arc::new(history));
+        let context = RouteContext {
+            store,
+            site: SiteName::new("eu").unwrap(),
+            end,
+            policies,
+            settings: SenderSettings {
+                heartbeat: Duration::from_millis(250),
+                dead_after: Duration::from_secs(5),
+                checkpoint_every: Duration::from_secs(1),
+                connect_timeout: Duration::from_secs(1),
+            },
+        };
+        let metrics = Arc::new(RouteMetrics::new(&route));
+        let lanes = (0..route.lanes.len())
+            .map(|index| Lane {
+                index,
+                read_pos: 0,
+                buffer: VecDeque::new(),
+                buffer_bytes: 0,
+                in_flight: VecDeque::new(),
+                in_flight_bytes: Vec::new(),
+                blocked: false,
+                last_bucket: HashMap::new(),
+                read_ahead: Amount::new(4096, 1 << 22),
+                at_end: false,
+                counted_to: 0,
+            })
+            .collect();
+        RouteTask { route, context, metrics, lanes, last_checkpoint: vec![0, 0] }
+    }
+
+    fn positions(lane: &Lane) -> Vec<u64> {
+        lane.buffer.iter().map(|i| i.position).collect()
+    }
+
+    #[test]
+    fn a_stream_moving_lanes_waits_until_the_old_lane_passed_the_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history = PolicyHistory::default();
+        history.push(0, PolicySet::default());
+        history.push(5, PolicySet { rules: vec![policy("alerts.>", "replicate", Some("bulk"))] });
+        let mut task = task(dir.path(), history.clone());
+        let events: Vec<_> = (0..10).map(|p| event("alerts.a", p, p, "{}")).collect();
+        // Bulk reads first: the old lane (critical) has acknowledged nothing.
+        task.take(1, events.clone(), &history, &[0, 0]);
+        assert!(task.lanes[1].blocked, "bulk waits at the change");
+        assert_eq!(task.lanes[1].read_pos, 5);
+        assert!(positions(&task.lanes[1]).is_empty());
+        task.take(0, events.clone(), &history, &[0, 0]);
+        assert_eq!(positions(&task.lanes[0]), vec![0, 1, 2, 3, 4], "critical sends what came before the change");
+        // Once critical has acknowledged past the change, bulk goes on.
+        task.lanes[1].blocked = false;
+        task.take(1, events[5..].to_vec(), &history, &[6, 0]);
+        assert!(!task.lanes[1].blocked);
+        assert_eq!(positions(&task.lanes[1]), vec![5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn sampling_compaction_and_drops_are_counted_once_per_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history = PolicyHistory::default();
+        history.push(
+            0,
+            PolicySet {
+                rules: vec![
+                    policy("telemetry.>", "sample 1/4", Some("bulk")),
+                    policy("state.>", "compact", Some("bulk")),
+                    policy("junk.>", "drop", None),
+                ],
+            },
+        );
+        let mut task = task(dir.path(), history.clone());
+        let mut events = Vec::new();
+        for v in 0..8 {
+            events.push(event("telemetry.t", v, events.len() as u64, "{}"));
+        }
+        for v in 0..3 {
+            events.push(event("state.s", v, events.len() as u64, "{}"));
+        }
+        events.push(event("junk.j", 0, events.len() as u64, "{}"));
+        for _ in 0..2 {
+            // The second pass is a re-read after a reconnect: counted once.
+            task.lanes[1].rewind();
+            task.lanes[1].read_pos = 0;
+            task.lanes[0].read_pos = 0;
+            task.take(1, events.clone(), &history, &[0, 0]);
+            task.take(0, events.clone(), &history, &[0, 0]);
+        }
+        let kept: Vec<(String, u64, String)> = task.lanes[1]
+            .buffer
+            .iter()
+            .map(|i| (i.event.stream.clone(), i.event.version, i.event.note.clone()))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                ("telemetry.t".into(), 0, "sampled 1/4".into()),
+                ("telemetry.t".into(), 4, "sampled 1/4".into()),
+                ("state.s".into(), 2, "compacted".into()),
+            ]
+        );
+        let topics = task.metrics.topics.lock().clone();
+        assert_eq!(topics["telemetry.>"].sampled_out, 6);
+        assert_eq!(topics["state.>"].compacted, 2);
+        assert_eq!(topics["junk.>"].dropped, 1);
+        assert!(task.lanes[0].buffer.is_empty(), "nothing for the critical lane");
+    }
+}
