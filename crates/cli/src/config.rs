@@ -455,6 +455,50 @@ mod tests {
     }
 
     #[test]
+    fn a_gateway_table_turns_the_gateway_on_with_its_routes_and_policies() {
+        let settings = file(
+            r#"
+            site = "eu"
+            [gateway]
+            wan_listen = "127.0.0.1:0"
+            peers = ["us"]
+            [[gateway.routes]]
+            remote_site = "us"
+            addresses = ["127.0.0.1:7392"]
+            lanes = [{ name = "critical", reserved_permille = 250 }, { name = "bulk" }]
+            [[gateway.policies]]
+            pattern = "telemetry.>"
+            action = "sample 1/10"
+            lane = "bulk"
+            "#,
+        )
+        .expect("a valid file");
+        let config = settings.resolve().expect("valid settings");
+        let gateway = config.gateway.expect("the gateway is on");
+        assert_eq!(gateway.gateway.site.as_str(), "eu");
+        assert_eq!(gateway.gateway.routes.len(), 1);
+        assert_eq!(gateway.gateway.policies[0].action, "sample 1/10");
+        assert_eq!(gateway.wan_listen, "127.0.0.1:0".parse().unwrap());
+        // Without the table or --gateway there is none.
+        assert!(file("site = \"eu\"").unwrap().resolve().unwrap().gateway.is_none());
+    }
+
+    #[test]
+    fn bad_gateway_settings_name_the_field() {
+        let e = error("[gateway]\n[[gateway.routes]]\nremote_site = \"us\"\naddress = [\"h:1\"]\n");
+        assert!(e.contains("line 4") && e.contains("address"), "{e}");
+        let resolve = |text: &str| file(text).unwrap().resolve().unwrap_err().to_string();
+        let e = resolve("site = \"eu\"\n[gateway]\n[[gateway.routes]]\nremote_site = \"eu\"\naddresses = [\"h:1\"]\n");
+        assert!(e.contains("gateway.routes[0].remote_site") && e.contains("is this site"), "{e}");
+        let e = resolve("[gateway]\n[[gateway.policies]]\npattern = \"a.>\"\naction = \"sample 10\"\n");
+        assert!(e.contains("gateway.policies[0].action") && e.contains("1/N"), "{e}");
+        let e = resolve("site = \"EU\"\n[gateway]\n");
+        assert!(e.contains("site") && e.contains("'E'"), "{e}");
+        let e = resolve("[gateway]\npeers = [\"a b\"]\n");
+        assert!(e.contains("gateway.peers[0]"), "{e}");
+    }
+
+    #[test]
     fn every_key_is_read() {
         let settings = file(
             r#"
