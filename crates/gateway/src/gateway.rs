@@ -364,6 +364,7 @@ impl Gateway {
                     "window_bytes": m.window_bytes.load(Ordering::Relaxed),
                     "credit_granted_events": granted,
                     "credit_used_events": used,
+                    "demand_fulfillment": m.demand_fulfillment(),
                     "lanes": lanes,
                     "topics_counts": m.topics.lock().clone(),
                 })
@@ -440,6 +441,12 @@ impl Gateway {
                     .to_string()
             })
             .into_iter(),
+        );
+        family(
+            "edgebus_route_demand_fulfillment_ratio",
+            "gauge",
+            "While data waited: the mean share of the granted window in use (1: the sender keeps the pipe full).",
+            &mut route_rows(&|m| m.demand_fulfillment().map_or("NaN".to_owned(), |r| format!("{r:.3}"))).into_iter(),
         );
         family(
             "edgebus_route_credit_used_events_total",

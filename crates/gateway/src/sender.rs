@@ -175,6 +175,11 @@ pub struct RouteMetrics {
     pub session_granted_events: AtomicU64,
     /// Credit used in the current session (events sent).
     pub session_used_events: AtomicU64,
+    /// Demand fulfillment samples: at each grant while the route has
+    /// backlog, the share of the granted window in use (per mille), summed.
+    pub fulfillment_permille_sum: AtomicU64,
+    /// How many samples `fulfillment_permille_sum` holds.
+    pub fulfillment_samples: AtomicU64,
     /// Window of the current session (events).
     pub window_events: AtomicU64,
     /// Window of the current session (bytes).
@@ -193,6 +198,13 @@ impl LaneMetrics {
 }
 
 impl RouteMetrics {
+    /// The mean share of the granted window in use while data waited (0..1);
+    /// `None` before any sample.
+    pub fn demand_fulfillment(&self) -> Option<f64> {
+        let samples = self.fulfillment_samples.load(Ordering::Relaxed);
+        (samples > 0).then(|| self.fulfillment_permille_sum.load(Ordering::Relaxed) as f64 / samples as f64 / 1000.0)
+    }
+
     fn new(route: &Route) -> Self {
         Self {
             name: route.name.clone(),
@@ -633,6 +645,15 @@ impl RouteTask {
             ping: grant.ping,
             ping_sent_ms: grant.ping_sent_ms,
         };
+        // Demand fulfillment, sampled before the grant is applied: while data
+        // waits, how much of what the receiver granted is in use.
+        let granted = credit.limit().saturating_sub(credit.durable());
+        if granted.events > 0 && self.lanes.iter().any(|l| !l.buffer.is_empty()) {
+            let used = credit.sent().saturating_sub(credit.durable());
+            let permille = (used.events * 1000 / granted.events).min(1000);
+            self.metrics.fulfillment_permille_sum.fetch_add(permille, Ordering::Relaxed);
+            self.metrics.fulfillment_samples.fetch_add(1, Ordering::Relaxed);
+        }
         let durable = credit.on_grant(&grant).map_err(|e| format!("bad grant from the remote site: {e}"))?;
         self.metrics.window_events.store(grant.window.events, Ordering::Relaxed);
         self.metrics.session_granted_events.store(credit.limit().events, Ordering::Relaxed);
