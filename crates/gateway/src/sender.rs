@@ -334,6 +334,10 @@ struct RouteTask {
     metrics: Arc<RouteMetrics>,
     lanes: Vec<Lane>,
     last_checkpoint: Vec<u64>,
+    /// Events acknowledged when the last checkpoint was written: progress
+    /// made only of skipped records (the checkpoints themselves among them)
+    /// writes no checkpoint, so an idle route writes none.
+    acked_at_checkpoint: u64,
 }
 
 async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mut stop: watch::Receiver<bool>) {
@@ -364,7 +368,7 @@ async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mu
         })
         .collect::<Vec<_>>();
     let last_checkpoint = lanes.iter().map(|l| l.read_pos).collect();
-    let mut task = RouteTask { route, context, metrics, lanes, last_checkpoint };
+    let mut task = RouteTask { route, context, metrics, lanes, last_checkpoint, acked_at_checkpoint: 0 };
     task.publish_positions();
     let mut failures = 0u32;
     let mut address = 0usize;
@@ -455,10 +459,13 @@ impl RouteTask {
         }
     }
 
-    /// Writes the acknowledged cursors if they moved (or when `force`).
-    async fn checkpoint(&mut self, force: bool) {
+    /// Writes the acknowledged cursors if they moved and events were
+    /// acknowledged since the last checkpoint; `last` (the route stopping)
+    /// writes them if they moved at all.
+    async fn checkpoint(&mut self, last: bool) {
         let positions: Vec<u64> = self.lanes.iter().map(Lane::acked_pos).collect();
-        if positions == self.last_checkpoint && !force {
+        let acked: u64 = self.metrics.lanes.iter().map(|l| l.acked_events.load(Ordering::Relaxed)).sum();
+        if positions == self.last_checkpoint || (acked == self.acked_at_checkpoint && !last) {
             return;
         }
         let record = CursorRecord {
@@ -476,7 +483,10 @@ impl RouteTask {
         let written =
             tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![event])).await;
         match written {
-            Ok(Ok(_)) => self.last_checkpoint = positions,
+            Ok(Ok(_)) => {
+                self.last_checkpoint = positions;
+                self.acked_at_checkpoint = acked;
+            }
             Ok(Err(e)) => eprintln!("edgebus gateway: route {}: cursor checkpoint failed: {e}", self.route.name),
             Err(e) => eprintln!("edgebus gateway: route {}: cursor checkpoint task failed: {e}", self.route.name),
         }
@@ -965,7 +975,7 @@ mod tests {
                 counted_to: 0,
             })
             .collect();
-        RouteTask { route, context, metrics, lanes, last_checkpoint: vec![0, 0] }
+        RouteTask { route, context, metrics, lanes, last_checkpoint: vec![0, 0], acked_at_checkpoint: 0 }
     }
 
     fn positions(lane: &Lane) -> Vec<u64> {
