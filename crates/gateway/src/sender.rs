@@ -46,6 +46,9 @@ const FRAME_BYTES_TARGET: u64 = 512 * 1024;
 /// Most per-stream sampling buckets remembered per lane; when full the
 /// memory is cleared (one extra event per stream may then be kept).
 const SAMPLE_STREAMS_MAX: usize = 65_536;
+/// Positions a lane may move over skipped records before its cursor is
+/// checkpointed although nothing was acknowledged.
+const SKIPPED_CHECKPOINT: u64 = 65_536;
 /// First and longest reconnect delays (with ±50 % jitter).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -465,7 +468,10 @@ impl RouteTask {
     async fn checkpoint(&mut self, last: bool) {
         let positions: Vec<u64> = self.lanes.iter().map(Lane::acked_pos).collect();
         let acked: u64 = self.metrics.lanes.iter().map(|l| l.acked_events.load(Ordering::Relaxed)).sum();
-        if positions == self.last_checkpoint || (acked == self.acked_at_checkpoint && !last) {
+        // Long runs of skipped records are checkpointed too, so a restart
+        // does not scan them again.
+        let far = positions.iter().zip(&self.last_checkpoint).any(|(p, l)| p.saturating_sub(*l) >= SKIPPED_CHECKPOINT);
+        if positions == self.last_checkpoint || (acked == self.acked_at_checkpoint && !last && !far) {
             return;
         }
         let record = CursorRecord {
