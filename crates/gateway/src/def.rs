@@ -18,12 +18,14 @@ pub const POLICIES_MAX: usize = 256;
 pub const ADDRESSES_MAX: usize = 8;
 /// Most topic patterns of one route.
 pub const ROUTE_TOPICS_MAX: usize = 64;
-/// Default window bounds of a route.
-pub const WINDOW_MIN_DEFAULT: Amount = Amount { events: 256, bytes: 256 * 1024 };
-/// Default upper window bound: also the bound of the memory a route holds.
-pub const WINDOW_MAX_DEFAULT: Amount = Amount { events: 65_536, bytes: 16 * 1024 * 1024 };
+/// Default window bounds a route asks for; the receiving gateway sizes its
+/// window within both these and its own bounds.
+pub const ROUTE_WINDOW_MIN_DEFAULT: Amount = Amount { events: 256, bytes: 256 * 1024 };
+/// Default upper window bound a route asks for: also bounds the memory the
+/// route holds (its lanes' read-ahead and what is in flight).
+pub const ROUTE_WINDOW_MAX_DEFAULT: Amount = Amount { events: 65_536, bytes: 16 * 1024 * 1024 };
 /// Largest window a route may be configured with.
-pub const WINDOW_MAX_LIMIT: Amount = Amount { events: 1_048_576, bytes: 256 * 1024 * 1024 };
+pub const ROUTE_WINDOW_MAX_LIMIT: Amount = Amount { events: 1_048_576, bytes: 256 * 1024 * 1024 };
 
 /// A route as declared.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,16 +267,16 @@ impl RouteDef {
             .map(|(i, t)| StreamPattern::new(t).or_else(|e| bad(format!("topics[{i}]"), e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         let window_min = Amount {
-            events: self.window_min_events.unwrap_or(WINDOW_MIN_DEFAULT.events),
-            bytes: self.window_min_bytes.unwrap_or(WINDOW_MIN_DEFAULT.bytes),
+            events: self.window_min_events.unwrap_or(ROUTE_WINDOW_MIN_DEFAULT.events),
+            bytes: self.window_min_bytes.unwrap_or(ROUTE_WINDOW_MIN_DEFAULT.bytes),
         };
         let window_max = Amount {
-            events: self.window_max_events.unwrap_or(WINDOW_MAX_DEFAULT.events.max(window_min.events)),
-            bytes: self.window_max_bytes.unwrap_or(WINDOW_MAX_DEFAULT.bytes.max(window_min.bytes)),
+            events: self.window_max_events.unwrap_or(ROUTE_WINDOW_MAX_DEFAULT.events.max(window_min.events)),
+            bytes: self.window_max_bytes.unwrap_or(ROUTE_WINDOW_MAX_DEFAULT.bytes.max(window_min.bytes)),
         };
         for (field, min, max, limit) in [
-            ("window_events", window_min.events, window_max.events, WINDOW_MAX_LIMIT.events),
-            ("window_bytes", window_min.bytes, window_max.bytes, WINDOW_MAX_LIMIT.bytes),
+            ("window_events", window_min.events, window_max.events, ROUTE_WINDOW_MAX_LIMIT.events),
+            ("window_bytes", window_min.bytes, window_max.bytes, ROUTE_WINDOW_MAX_LIMIT.bytes),
         ] {
             if min == 0 {
                 return bad(format!("{field} (min)"), "the window must be at least 1");

@@ -165,7 +165,8 @@ impl Session {
         }
         let site_metrics = self.metrics.inbound(from.as_str());
         site_metrics.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let ended = self.serve(&from, &mut inbound, &mut stop).await;
+        let credit = window_within(self.settings.credit, &hello);
+        let ended = self.serve(&from, credit, &mut inbound, &mut stop).await;
         site_metrics.sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(refusal) = ended {
             eprintln!(
@@ -210,12 +211,13 @@ impl Session {
     async fn serve(
         &self,
         from: &SiteName,
+        config: ReceiverConfig,
         inbound: &mut Streaming<v1::LinkFrame>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Closing> {
         let started = std::time::Instant::now();
         let clock = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let mut credit = CreditReceiver::try_new(self.settings.credit, clock())
+        let mut credit = CreditReceiver::try_new(config, clock())
             .map_err(|e| closing(close::STORE, format!("invalid receiver window settings: {e}")))?;
         let (pending_tx, pending_rx) = mpsc::unbounded_channel::<Pending>();
         let (durable_tx, mut durable_rx) = watch::channel(Ok(Amount::ZERO));
@@ -350,6 +352,25 @@ impl Session {
     }
 }
 
+/// This receiver's window settings, narrowed to the bounds the route asks
+/// for where they fit inside ours.
+fn window_within(mut config: ReceiverConfig, hello: &v1::LinkHello) -> ReceiverConfig {
+    let ours = config.bounds;
+    let clamp = |asked: u64, ours_min: u64, ours_max: u64, default: u64| {
+        if asked == 0 { default } else { asked.clamp(ours_min, ours_max) }
+    };
+    let max = Amount::new(
+        clamp(hello.window_max_events, ours.min.events, ours.max.events, ours.max.events),
+        clamp(hello.window_max_bytes, ours.min.bytes, ours.max.bytes, ours.max.bytes),
+    );
+    let min = Amount::new(
+        clamp(hello.window_min_events, ours.min.events, max.events, ours.min.events),
+        clamp(hello.window_min_bytes, ours.min.bytes, max.bytes, ours.min.bytes),
+    );
+    config.bounds = crate::credit::WindowBounds { min, max };
+    config
+}
+
 type Durable = Result<Amount, (u32, String)>;
 
 /// Writes what sessions accepted, coalescing queued batches into one store
@@ -475,5 +496,34 @@ fn refusal_of(error: &WriteError) -> (u32, String) {
             (close::STORE, format!("the store cannot write: {error}"))
         }
         other => (close::REFUSED_EVENT, other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credit::WindowBounds;
+
+    #[test]
+    fn a_route_narrows_the_window_within_the_receivers_bounds() {
+        let config = ReceiverConfig {
+            bounds: WindowBounds { min: Amount::new(64, 1 << 18), max: Amount::new(65_536, 1 << 26) },
+            ..ReceiverConfig::default()
+        };
+        let hello = |min: (u64, u64), max: (u64, u64)| v1::LinkHello {
+            window_min_events: min.0,
+            window_min_bytes: min.1,
+            window_max_events: max.0,
+            window_max_bytes: max.1,
+            ..v1::LinkHello::default()
+        };
+        assert_eq!(window_within(config, &hello((0, 0), (0, 0))).bounds.max, config.bounds.max);
+        let narrowed = window_within(config, &hello((256, 1 << 20), (1024, 1 << 22))).bounds;
+        assert_eq!((narrowed.min, narrowed.max), (Amount::new(256, 1 << 20), Amount::new(1024, 1 << 22)));
+        // Asking beyond ours gets ours; a minimum above the maximum gets the maximum.
+        let wide = window_within(config, &hello((1, 1), (1 << 40, 1 << 40))).bounds;
+        assert_eq!((wide.min, wide.max), (config.bounds.min, config.bounds.max));
+        let odd = window_within(config, &hello((5_000, 1 << 19), (1_000, 1 << 18))).bounds;
+        assert_eq!(odd.min, Amount::new(1_000, 1 << 18));
     }
 }

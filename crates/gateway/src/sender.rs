@@ -521,6 +521,10 @@ impl RouteTask {
             target_site: self.route.remote_site.to_string(),
             route: self.route.name.clone(),
             lanes: self.route.lanes.iter().map(|l| l.name.clone()).collect(),
+            window_min_events: self.route.window_min.events,
+            window_min_bytes: self.route.window_min.bytes,
+            window_max_events: self.route.window_max.events,
+            window_max_bytes: self.route.window_max.bytes,
         };
         let _ = tx.try_send(v1::LinkFrame { kind: Some(v1::link_frame::Kind::Hello(hello)) });
         let timeout = self.context.settings.dead_after;
