@@ -43,6 +43,11 @@ const READ_RECORDS: usize = 1024;
 const READ_BYTES: u64 = 1024 * 1024;
 /// Largest batch frame built (one larger event travels alone).
 const FRAME_BYTES_TARGET: u64 = 512 * 1024;
+/// A frame carries at most this fraction (1/N) of the current window, so
+/// that several frames are in flight at once (see `build_batch`).
+const FRAME_WINDOW_DIVISOR: u64 = 4;
+/// Smallest frame limit in bytes whatever the window (per-frame costs stay small).
+const FRAME_BYTES_MIN: u64 = 16 * 1024;
 /// Most per-stream sampling buckets remembered per lane; when full the
 /// memory is cleared (one extra event per stream may then be kept).
 const SAMPLE_STREAMS_MAX: usize = 65_536;
@@ -721,13 +726,22 @@ impl RouteTask {
         let lane = &mut self.lanes[lane_index];
         let m = &self.metrics.lanes[lane_index];
         let first_seq = credit.sent().events;
+        // A frame holds a fraction of the window. The receiver writes and
+        // acknowledges a frame only once it has all of it, so a frame as
+        // large as the window makes the route stop and wait every round
+        // trip: the link idles while the last bytes travel, are written and
+        // acknowledged (`edgebus bench wan` measured 0.69x of raw TCP at
+        // 10 Mbit/s and 50 ms with 256 KiB frames in a 256 KiB window).
+        let window = credit.window();
+        let frame_bytes_max = (window.bytes / FRAME_WINDOW_DIVISOR).clamp(FRAME_BYTES_MIN, FRAME_BYTES_TARGET);
+        let frame_events_max = (window.events / FRAME_WINDOW_DIVISOR).max(1);
         let mut events = Vec::new();
         let mut bytes = 0u64;
         let now = now_ms();
         // Sent per topic, counted once per batch.
         let mut sent: Vec<(Arc<str>, u64)> = Vec::new();
         while let Some(item) = lane.buffer.front() {
-            if !events.is_empty() && bytes + item.bytes > FRAME_BYTES_TARGET {
+            if !events.is_empty() && (bytes + item.bytes > frame_bytes_max || events.len() as u64 >= frame_events_max) {
                 break;
             }
             if !credit.may_send(lane_index, item.bytes) {
@@ -746,7 +760,7 @@ impl RouteTask {
             }
             bytes += item.bytes;
             events.push(item.event);
-            if bytes > FRAME_BYTES_TARGET {
+            if bytes > frame_bytes_max {
                 break;
             }
         }

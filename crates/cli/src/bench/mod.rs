@@ -11,6 +11,7 @@ pub mod node;
 pub mod quota;
 pub mod store;
 pub mod transform;
+pub mod wan;
 
 /// Arguments of `edgebus bench`.
 #[derive(Debug, Args)]
@@ -33,6 +34,8 @@ pub enum BenchTarget {
     Quota(quota::QuotaBenchArgs),
     /// Racing transform instances: input -> output latency with 1, 2 and 3 instances, with and without pauses.
     Transform(transform::TransformBenchArgs),
+    /// Federation through the WAN link emulator: goodput against raw TCP, end-to-end latency, a critical lane beside a saturated bulk lane, a dead route's backlog and RSS; NATS leaf nodes side by side.
+    Wan(wan::WanBenchArgs),
 }
 
 /// Runs one benchmark.
@@ -43,6 +46,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Node(args) => node::run(&args),
         BenchTarget::Quota(args) => quota::run(&args),
         BenchTarget::Transform(args) => transform::run(&args),
+        BenchTarget::Wan(args) => wan::run(&args),
     }
 }
 
