@@ -134,9 +134,11 @@ struct Session {
     peer: String,
 }
 
-/// Events handed to the writer, with the session amount they end at.
+/// Events handed to the writer, with the session amount they end at and
+/// when their frame arrived.
 struct Pending {
     end: Amount,
+    arrived: std::time::Instant,
     writes: Vec<ReplicaWrite>,
 }
 
@@ -220,7 +222,7 @@ impl Session {
         let mut credit = CreditReceiver::try_new(config, clock())
             .map_err(|e| closing(close::STORE, format!("invalid receiver window settings: {e}")))?;
         let (pending_tx, pending_rx) = mpsc::unbounded_channel::<Pending>();
-        let (durable_tx, mut durable_rx) = watch::channel(Ok(Amount::ZERO));
+        let (durable_tx, mut durable_rx) = watch::channel(Ok((Amount::ZERO, std::time::Instant::now())));
         let writer = tokio::spawn(write_loop(
             Arc::clone(&self.store),
             pending_rx,
@@ -258,7 +260,9 @@ impl Session {
                     }
                     let durable = durable_rx.borrow_and_update().clone();
                     match durable {
-                        Ok(amount) => {
+                        Ok((amount, arrived)) => {
+                            let service = u64::try_from(arrived.elapsed().as_millis()).unwrap_or(u64::MAX);
+                            credit.on_service_time(service, clock());
                             // Every durable step is acknowledged at once (a
                             // grant is small, and write batches coalesce under
                             // load), so the sender's cursors and ack latency
@@ -322,7 +326,7 @@ impl Session {
             );
         }
         if !writes.is_empty() {
-            let _ = pending.send(Pending { end: credit.received(), writes });
+            let _ = pending.send(Pending { end: credit.received(), arrived: std::time::Instant::now(), writes });
         }
         Ok(())
     }
@@ -371,7 +375,9 @@ fn window_within(mut config: ReceiverConfig, hello: &v1::LinkHello) -> ReceiverC
     config
 }
 
-type Durable = Result<Amount, (u32, String)>;
+/// The durable prefix and when the oldest frame written with it arrived, or
+/// why the session must close.
+type Durable = Result<(Amount, std::time::Instant), (u32, String)>;
 
 /// Writes what sessions accepted, coalescing queued batches into one store
 /// call, and publishes the durable prefix.
@@ -400,6 +406,7 @@ async fn write_loop(
             continue; // the session is closing; nothing more is acknowledged
         }
         let ends: Vec<(usize, Amount)> = batches.iter().map(|b| (b.writes.len(), b.end)).collect();
+        let arrived = batches[0].arrived;
         let writes: Vec<ReplicaWrite> = batches.into_iter().flat_map(|b| b.writes).collect();
         let stamps: Vec<(u64, String)> =
             writes.iter().map(|w| (w.event.timestamp_ms, w.origin.site.to_string())).collect();
@@ -447,7 +454,7 @@ async fn write_loop(
         }
         let _ = done;
         if let Some(end) = prefix {
-            let _ = durable.send(Ok(end));
+            let _ = durable.send(Ok((end, arrived)));
         }
         if let Some(refusal) = refusal {
             site_metrics.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

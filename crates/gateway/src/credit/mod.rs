@@ -88,11 +88,17 @@
 //! against the ping's issue time. Bandwidth is the largest delivery rate of
 //! durable bytes over the last [`BANDWIDTH_SAMPLES`] intervals, each lasting
 //! at least one RTT and at least [`BANDWIDTH_INTERVAL_MS_MIN`] and ending
-//! when something became durable. The window in bytes is
-//! `clamp(gain × bandwidth × RTT, min.bytes, max.bytes)`, in events
+//! when something became durable. Credit travels a longer loop than the
+//! path's round trip: the receiver acts on whole frames and acknowledges
+//! them once durable, so the *cycle* is `RTT + frame time + service time`,
+//! where frame time is the largest of the last [`SERVICE_SAMPLES`] frames
+//! divided by the bandwidth and service time the largest of the last
+//! [`SERVICE_SAMPLES`] arrival-to-durable times the driver reports
+//! ([`CreditReceiver::on_service_time`]). The window in bytes is
+//! `clamp(gain × bandwidth × cycle, min.bytes, max.bytes)`, in events
 //! `clamp(ceil(bytes / mean event size over those intervals), min.events, max.events)`.
 //! Before both are measured the window is `bounds.min`. When the window is
-//! the bottleneck, the delivery rate is `W / RTT`, so with the default gain
+//! the bottleneck, the delivery rate is `W / cycle`, so with the default gain
 //! of 200 % the window doubles per interval until the link is the
 //! bottleneck or it reaches `bounds.max`.
 //!
@@ -125,7 +131,7 @@ mod sender;
 #[cfg(test)]
 mod sim_tests;
 
-pub use receiver::{CreditReceiver, ReceiverConfig, WindowBounds};
+pub use receiver::{CreditReceiver, ReceiverConfig, SERVICE_SAMPLES, WindowBounds};
 pub use sender::{CreditSender, LaneShare};
 
 /// Pings a receiver remembers at once; a grant repeats the newest ping

@@ -198,7 +198,14 @@ pub struct CreditReceiver {
     ping_issued_ms: Option<u64>,
     probe: Probe,
     delivery: DeliveryFilter,
+    /// Recent service times (frame arrival → durable), newest last.
+    service_ms: VecDeque<u64>,
+    /// Recent frame sizes in bytes, newest last.
+    frame_bytes: VecDeque<u64>,
 }
+
+/// Service-time and frame-size samples kept for the window's cycle.
+pub const SERVICE_SAMPLES: usize = 8;
 
 impl CreditReceiver {
     /// A receiver for a new session; the window starts at `bounds.min`.
@@ -230,6 +237,8 @@ impl CreditReceiver {
             ping_issued_ms: None,
             probe: Probe::Off,
             delivery: DeliveryFilter { start_ms: now_ms, start: Amount::ZERO, samples: VecDeque::new() },
+            service_ms: VecDeque::with_capacity(SERVICE_SAMPLES),
+            frame_bytes: VecDeque::with_capacity(SERVICE_SAMPLES),
         })
     }
 
@@ -262,6 +271,10 @@ impl CreditReceiver {
             return Err(Violation::BeyondCredit { limit: self.limit, reached });
         }
         self.received = reached;
+        if self.frame_bytes.len() == SERVICE_SAMPLES {
+            self.frame_bytes.pop_front();
+        }
+        self.frame_bytes.push_back(bytes);
         Ok(())
     }
 
@@ -286,6 +299,17 @@ impl CreditReceiver {
         );
         self.durable = through;
         self.delivery.on_durable(through, now_ms, self.rtt_ms);
+        self.refresh(now_ms);
+    }
+
+    /// A frame that arrived `ms` milliseconds ago is now durable: the
+    /// receiver's part of the loop a byte of credit travels (written, then
+    /// acknowledged), added to the round-trip time when the window is sized.
+    pub fn on_service_time(&mut self, ms: u64, now_ms: u64) {
+        if self.service_ms.len() == SERVICE_SAMPLES {
+            self.service_ms.pop_front();
+        }
+        self.service_ms.push_back(ms.min(self.config.rtt_window_ms));
         self.refresh(now_ms);
     }
 
@@ -413,7 +437,14 @@ impl CreditReceiver {
         let (Some(rtt_ms), Some(bandwidth)) = (self.rtt_ms, self.bandwidth_bytes_per_s()) else {
             return min;
         };
-        let product = u128::from(self.config.gain_percent) * u128::from(bandwidth) * u128::from(rtt_ms) / (100 * 1000);
+        // The loop a byte of credit travels: the path's round trip, the
+        // time to put a whole frame on the wire (the receiver acts on whole
+        // frames), and the receiver's write until durable.
+        let service_ms = self.service_ms.iter().copied().max().unwrap_or(0);
+        let frame_ms = self.frame_bytes.iter().copied().max().unwrap_or(0).saturating_mul(1000) / bandwidth.max(1);
+        let cycle_ms = rtt_ms + service_ms + frame_ms;
+        let product =
+            u128::from(self.config.gain_percent) * u128::from(bandwidth) * u128::from(cycle_ms) / (100 * 1000);
         let bytes = u64::try_from(product).unwrap_or(u64::MAX).clamp(min.bytes, max.bytes);
         let events = match self.delivery.mean_event_bytes() {
             Some(mean_bytes) => bytes.div_ceil(mean_bytes).clamp(min.events, max.events),
@@ -663,16 +694,20 @@ mod tests {
         // 1000 bytes in the 200 ms since the session began: 5000 B/s.
         receiver.on_durable(Amount::new(10, 1000), 200);
         assert_eq!(receiver.bandwidth_bytes_per_s(), Some(5000));
-        // 2 × 5000 B/s × 0.1 s = 1000 bytes, 10 events of 100 bytes.
-        assert_eq!(receiver.window(), Amount::new(10, 1000));
+        // The cycle: 100 ms of RTT plus 200 ms to put the 1000-byte frame
+        // on the wire; 2 × 5000 B/s × 0.3 s = 3000 bytes, 30 events of 100 bytes.
+        assert_eq!(receiver.window(), Amount::new(30, 3000));
         let grant = receiver.grant(200);
         receiver.on_echo(grant.ping, 300);
-        receiver.on_data(10, 20, 2000, 300).unwrap_err();
+        receiver.on_data(10, 50, 5000, 300).unwrap_err();
         receiver.on_data(10, 10, 1000, 300).unwrap();
-        // 1000 bytes in 100 ms: 10 000 B/s, window 2000 bytes, 20 events.
+        // 1000 bytes in 100 ms: 10 000 B/s; cycle 100 + 100 ms: 4000 bytes, 40 events.
         receiver.on_durable(Amount::new(20, 2000), 300);
         assert_eq!(receiver.bandwidth_bytes_per_s(), Some(10_000));
-        assert_eq!(receiver.window(), Amount::new(20, 2000));
+        assert_eq!(receiver.window(), Amount::new(40, 4000));
+        // The receiver's write time counts too: 100 ms more, 6000 bytes.
+        receiver.on_service_time(100, 300);
+        assert_eq!(receiver.window(), Amount::new(60, 6000));
     }
 
     #[test]
@@ -681,9 +716,10 @@ mod tests {
         let ping = receiver.grant(0).ping;
         receiver.on_echo(ping, 100);
         receiver.on_data(0, 2, 100, 100).unwrap();
-        // 100 bytes in 100 ms: 1000 B/s × 0.1 s × 2 = 200 bytes, 4 events of 50.
+        // 100 bytes in 100 ms: 1000 B/s × (0.1 s RTT + 0.1 s frame) × 2 =
+        // 400 bytes, clamped to 300, and 8 events of 50 clamped to 4.
         receiver.on_durable(Amount::new(2, 100), 100);
-        assert_eq!(receiver.window(), Amount::new(4, 200));
+        assert_eq!(receiver.window(), Amount::new(4, 300));
         receiver.grant(100);
         receiver.on_data(2, 4, 200, 200).unwrap();
         // 200 bytes in 100 ms: 400 bytes and 8 events, clamped to 300 bytes and 4 events.
