@@ -268,7 +268,7 @@ impl Session {
                             // load), so the sender's cursors and ack latency
                             // follow the writes, not the heartbeat.
                             credit.on_durable(amount, clock());
-                            self.send_grant(credit.grant(clock()));
+                            self.send_grant(credit.grant(clock()), credit.bandwidth_bytes_per_s());
                         }
                         Err((code, reason)) => break Err(closing(code, reason)),
                     }
@@ -277,7 +277,7 @@ impl Session {
                     if clock().saturating_sub(last_frame) > dead_after {
                         break Err(closing(close::VIOLATION, format!("no frame for {} ms", dead_after)));
                     }
-                    self.send_grant(credit.grant(clock()));
+                    self.send_grant(credit.grant(clock()), credit.bandwidth_bytes_per_s());
                 }
                 _ = stop.changed() => break Err(closing(close::STOPPING, "the receiving gateway is stopping")),
             }
@@ -290,7 +290,7 @@ impl Session {
 
     /// Grants are absolute and repeated: one that finds the control queue
     /// full is dropped, the next repeats it.
-    fn send_grant(&self, grant: Grant) {
+    fn send_grant(&self, grant: Grant, bandwidth: Option<u64>) {
         let Grant { up_to, durable, window, ping, ping_sent_ms } = grant;
         let grant = v1::LinkGrant {
             up_to_events: up_to.events,
@@ -301,6 +301,7 @@ impl Session {
             window_bytes: window.bytes,
             ping,
             ping_sent_ms,
+            bandwidth_bytes_per_s: bandwidth.unwrap_or(0),
         };
         let _ = self.out.try_send(Ok(v1::LinkControl { kind: Some(v1::link_control::Kind::Grant(grant)) }));
     }

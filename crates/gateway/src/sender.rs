@@ -47,7 +47,11 @@ const FRAME_BYTES_TARGET: u64 = 512 * 1024;
 /// that several frames are in flight at once (see `build_batch`).
 const FRAME_WINDOW_DIVISOR: u64 = 4;
 /// Smallest frame limit in bytes whatever the window (per-frame costs stay small).
-const FRAME_BYTES_MIN: u64 = 16 * 1024;
+const FRAME_BYTES_MIN: u64 = 4 * 1024;
+/// A frame carries at most this many milliseconds of the link's measured
+/// bandwidth: a frame on the wire delays every other lane's next event by
+/// its transmission time.
+const FRAME_LINK_MS: u64 = 10;
 /// Most per-stream sampling buckets remembered per lane; when full the
 /// memory is cleared (one extra event per stream may then be kept).
 const SAMPLE_STREAMS_MAX: usize = 65_536;
@@ -342,6 +346,8 @@ struct RouteTask {
     metrics: Arc<RouteMetrics>,
     lanes: Vec<Lane>,
     last_checkpoint: Vec<u64>,
+    /// The link's delivery rate as the receiver last measured it (0: unknown).
+    bandwidth: u64,
     /// Events acknowledged when the last checkpoint was written: progress
     /// made only of skipped records (the checkpoints themselves among them)
     /// writes no checkpoint, so an idle route writes none.
@@ -376,7 +382,7 @@ async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mu
         })
         .collect::<Vec<_>>();
     let last_checkpoint = lanes.iter().map(|l| l.read_pos).collect();
-    let mut task = RouteTask { route, context, metrics, lanes, last_checkpoint, acked_at_checkpoint: 0 };
+    let mut task = RouteTask { route, context, metrics, lanes, last_checkpoint, acked_at_checkpoint: 0, bandwidth: 0 };
     task.publish_positions();
     let mut failures = 0u32;
     let mut address = 0usize;
@@ -663,6 +669,7 @@ impl RouteTask {
     }
 
     fn on_grant(&mut self, credit: &mut CreditSender, grant: &v1::LinkGrant) -> Result<(), String> {
+        let bandwidth = grant.bandwidth_bytes_per_s;
         let grant = Grant {
             up_to: Amount::new(grant.up_to_events, grant.up_to_bytes),
             durable: Amount::new(grant.durable_events, grant.durable_bytes),
@@ -680,6 +687,7 @@ impl RouteTask {
             self.metrics.fulfillment_samples.fetch_add(1, Ordering::Relaxed);
         }
         let durable = credit.on_grant(&grant).map_err(|e| format!("bad grant from the remote site: {e}"))?;
+        self.bandwidth = bandwidth;
         self.metrics.window_events.store(grant.window.events, Ordering::Relaxed);
         self.metrics.session_granted_events.store(credit.limit().events, Ordering::Relaxed);
         self.metrics.window_bytes.store(grant.window.bytes, Ordering::Relaxed);
@@ -733,7 +741,12 @@ impl RouteTask {
         // acknowledged (`edgebus bench wan` measured 0.69x of raw TCP at
         // 10 Mbit/s and 50 ms with 256 KiB frames in a 256 KiB window).
         let window = credit.window();
-        let frame_bytes_max = (window.bytes / FRAME_WINDOW_DIVISOR).clamp(FRAME_BYTES_MIN, FRAME_BYTES_TARGET);
+        let by_link = match self.bandwidth {
+            0 => FRAME_BYTES_TARGET,
+            bandwidth => bandwidth.saturating_mul(FRAME_LINK_MS) / 1000,
+        };
+        let frame_bytes_max =
+            (window.bytes / FRAME_WINDOW_DIVISOR).min(by_link).clamp(FRAME_BYTES_MIN, FRAME_BYTES_TARGET);
         let frame_events_max = (window.events / FRAME_WINDOW_DIVISOR).max(1);
         let mut events = Vec::new();
         let mut bytes = 0u64;
@@ -999,7 +1012,7 @@ mod tests {
                 counted_to: 0,
             })
             .collect();
-        RouteTask { route, context, metrics, lanes, last_checkpoint: vec![0, 0], acked_at_checkpoint: 0 }
+        RouteTask { route, context, metrics, lanes, last_checkpoint: vec![0, 0], acked_at_checkpoint: 0, bandwidth: 0 }
     }
 
     fn positions(lane: &Lane) -> Vec<u64> {
