@@ -116,11 +116,9 @@ impl RawLink {
 
     /// The first grant.
     async fn grant(&mut self) -> v1::LinkGrant {
-        loop {
-            match self.next().await {
-                Ok(Some(Control::Grant(grant))) => return grant,
-                other => panic!("expected a grant, got {other:?}"),
-            }
+        match self.next().await {
+            Ok(Some(Control::Grant(grant))) => grant,
+            other => panic!("expected a grant, got {other:?}"),
         }
     }
 
