@@ -193,6 +193,22 @@ fn wan_sites_two_sites_lanes_and_policies() {
     );
     let metrics = us.metrics();
     assert!(metrics.contains("edgebus_wan_inbound_events_written_total"), "{metrics}");
+
+    // An idle route stops checkpointing: its cursors do not move.
+    let checkpoints = cursor_checkpoints(&rt, &eu, "to-us");
+    std::thread::sleep(Duration::from_millis(3_500)); // quiet time: nothing may happen
+    let later = cursor_checkpoints(&rt, &eu, "to-us");
+    assert!(later <= checkpoints + 1, "an idle route wrote {} checkpoints in 3.5 s", later - checkpoints);
+}
+
+/// How many cursor checkpoints `route` of `site` has written.
+fn cursor_checkpoints(rt: &tokio::runtime::Runtime, site: &Site, route: &str) -> u64 {
+    rt.block_on(async {
+        let client = Client::connect(&site.grpc_uri()).await.expect("connect");
+        let stream = StreamName::system(&format!("$gateway.cursors.{route}")).expect("a name");
+        let info = client.stream_info(stream).await.expect("stream info");
+        info.and_then(|i| i.current_version).map_or(0, |v| v + 1)
+    })
 }
 
 /// A local append to a replicated stream is refused with REPLICA_STREAM (18).

@@ -52,6 +52,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Consecutive failed sessions after which the route reports `open`
 /// (circuit open) and waits the longest delay.
 const OPEN_AFTER_FAILURES: u32 = 5;
+/// Cursors that moved by fewer positions than this with nothing
+/// acknowledged since the last checkpoint are not checkpointed: they moved
+/// only over events the route does not send (every checkpoint record, of
+/// this route and of the others, is such an event), which a restart reads
+/// and skips again at little cost. Without this an idle route, or two
+/// routes of one site, would write a checkpoint every interval forever.
+const CHECKPOINT_SKIPPED_POSITIONS_MAX: u64 = 1024;
 
 /// The system stream holding a route's acknowledged cursors.
 pub fn cursor_stream(route: &str) -> StreamName {
@@ -315,6 +322,8 @@ struct RouteTask {
     metrics: Arc<RouteMetrics>,
     lanes: Vec<Lane>,
     last_checkpoint: Vec<u64>,
+    /// Events acknowledged (all lanes) when the last checkpoint was written.
+    acked_events_at_checkpoint: u64,
 }
 
 async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mut stop: watch::Receiver<bool>) {
@@ -345,7 +354,7 @@ async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mu
         })
         .collect::<Vec<_>>();
     let last_checkpoint = lanes.iter().map(|l| l.read_pos).collect();
-    let mut task = RouteTask { route, context, metrics, lanes, last_checkpoint };
+    let mut task = RouteTask { route, context, metrics, lanes, last_checkpoint, acked_events_at_checkpoint: 0 };
     task.publish_positions();
     let mut failures = 0u32;
     let mut address = 0usize;
@@ -439,7 +448,13 @@ impl RouteTask {
     /// Writes the acknowledged cursors if they moved (or when `force`).
     async fn checkpoint(&mut self, force: bool) {
         let positions: Vec<u64> = self.lanes.iter().map(Lane::acked_pos).collect();
-        if positions == self.last_checkpoint && !force {
+        let acked_events: u64 = self.metrics.lanes.iter().map(|l| l.acked_events.load(Ordering::Relaxed)).sum();
+        let skipped_far = positions
+            .iter()
+            .zip(&self.last_checkpoint)
+            .any(|(now, then)| now.saturating_sub(*then) >= CHECKPOINT_SKIPPED_POSITIONS_MAX);
+        let moved = positions != self.last_checkpoint;
+        if !force && !(moved && (acked_events != self.acked_events_at_checkpoint || skipped_far)) {
             return;
         }
         let record = CursorRecord {
@@ -457,7 +472,10 @@ impl RouteTask {
         let written =
             tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![event])).await;
         match written {
-            Ok(Ok(_)) => self.last_checkpoint = positions,
+            Ok(Ok(_)) => {
+                self.last_checkpoint = positions;
+                self.acked_events_at_checkpoint = acked_events;
+            }
             Ok(Err(e)) => eprintln!("edgebus gateway: route {}: cursor checkpoint failed: {e}", self.route.name),
             Err(e) => eprintln!("edgebus gateway: route {}: cursor checkpoint task failed: {e}", self.route.name),
         }
