@@ -20,6 +20,8 @@ pub struct Node {
     pub grpc: SocketAddr,
     /// Bound HTTP address.
     pub http: SocketAddr,
+    /// Bound WAN address of the site's gateway, if the node runs one.
+    pub wan: Option<SocketAddr>,
 }
 
 impl Node {
@@ -70,7 +72,11 @@ impl Node {
                 .parse()
                 .expect("an address")
         };
-        let node = Self { grpc: field("grpc"), http: field("http"), child: Some(child) };
+        let wan = ready
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("wan="))
+            .map(|addr| addr.parse().unwrap_or_else(|e| panic!("wan={addr} in {ready:?} is not an address: {e}")));
+        let node = Self { grpc: field("grpc"), http: field("http"), wan, child: Some(child) };
         (node, ready)
     }
 
@@ -89,6 +95,26 @@ impl Node {
         });
         let status = exited.recv_timeout(NODE_DEADLINE).expect("the node exits after SIGTERM").expect("wait");
         assert!(status.success(), "a drained node exits 0, got {status}");
+    }
+}
+
+impl Node {
+    /// SIGKILL (`kill -9`), then wait for the process to be gone: nothing
+    /// runs its shutdown, as in a crash.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().expect("a node is stopped once");
+        child.kill().expect("SIGKILL delivered");
+        child.wait().expect("wait for the killed node");
+    }
+
+    /// SIGSTOP: the process stays, frozen, with its sockets open.
+    pub fn pause(&self) {
+        assert!(send_signal("STOP", self.pid()), "SIGSTOP delivered");
+    }
+
+    /// SIGCONT after [`Node::pause`].
+    pub fn resume(&self) {
+        assert!(send_signal("CONT", self.pid()), "SIGCONT delivered");
     }
 }
 
@@ -140,7 +166,12 @@ pub fn serve_fails(args: &[&str], envs: &[(&str, &str)]) -> (std::process::ExitS
 
 /// Sends SIGTERM through the `kill` command, keeping `unsafe` out of the tests.
 fn send_sigterm(pid: u32) -> bool {
-    Command::new("kill").args(["-TERM", &pid.to_string()]).status().is_ok_and(|s| s.success())
+    send_signal("TERM", pid)
+}
+
+/// Sends `SIGNAL` (a name such as `TERM`) through the `kill` command.
+fn send_signal(signal: &str, pid: u32) -> bool {
+    Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().is_ok_and(|s| s.success())
 }
 
 /// A `GET` over a fresh connection; the whole response, head and body.

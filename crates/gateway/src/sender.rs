@@ -55,8 +55,12 @@ const FRAME_LINK_MS: u64 = 10;
 /// Most per-stream sampling buckets remembered per lane; when full the
 /// memory is cleared (one extra event per stream may then be kept).
 const SAMPLE_STREAMS_MAX: usize = 65_536;
-/// Positions a lane may move over skipped records before its cursor is
-/// checkpointed although nothing was acknowledged.
+/// Cursors that moved by fewer positions than this with nothing
+/// acknowledged since the last checkpoint are not checkpointed: they moved
+/// only over events the route does not send (every checkpoint record, of
+/// this route and of the others, is such an event), which a restart reads
+/// and skips again at little cost. Without this an idle route, or two
+/// routes of one site, would write a checkpoint every interval forever.
 const SKIPPED_CHECKPOINT: u64 = 65_536;
 /// First and longest reconnect delays (with ±50 % jitter).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
