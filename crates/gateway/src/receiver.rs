@@ -26,6 +26,10 @@ use crate::metrics::{GatewayMetrics, now_ms};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest WAN frame accepted (a batch of events, encoded).
 pub const WAN_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// HTTP/2 flow-control windows of WAN links (stream and connection), at
+/// least the largest credit window: HTTP/2's default 64 KiB would cap a
+/// route at 64 KiB per round trip whatever credit the receiver grants.
+pub const WAN_H2_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
 /// How long a new session may take to say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most replicated events written in one store call.

@@ -31,7 +31,7 @@ use crate::credit::{Amount, CreditSender, Grant, LaneShare, Stall};
 use crate::def::{Action, Route};
 use crate::metrics::{LatencyHistogram, now_ms};
 use crate::policy::{Decision, PolicyHistory, compact_key, sample_keeps};
-use crate::receiver::{PROTOCOL_VERSION, WAN_FRAME_BYTES_MAX};
+use crate::receiver::{PROTOCOL_VERSION, WAN_FRAME_BYTES_MAX, WAN_H2_WINDOW_BYTES};
 
 /// Most events a lane reads ahead of what it sent.
 pub const LANE_READ_AHEAD_EVENTS_MAX: u64 = 4096;
@@ -516,7 +516,13 @@ impl RouteTask {
     async fn session(&mut self, address: &str, stop: &mut watch::Receiver<bool>) -> Ended {
         let failed = |error: String| Ended::Failed { error, progressed: false };
         let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
-            Ok(e) => e.connect_timeout(self.context.settings.connect_timeout).tcp_nodelay(true),
+            Ok(e) => e
+                .connect_timeout(self.context.settings.connect_timeout)
+                .tcp_nodelay(true)
+                // HTTP/2's own flow control must not be what limits the
+                // route: the credit window (which bounds memory) is.
+                .initial_stream_window_size(Some(WAN_H2_WINDOW_BYTES))
+                .initial_connection_window_size(Some(WAN_H2_WINDOW_BYTES)),
             Err(e) => return failed(format!("bad address: {e}")),
         };
         let channel = tokio::select! {

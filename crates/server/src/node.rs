@@ -159,6 +159,8 @@ pub async fn run(
         wan = Some(tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
+                .initial_stream_window_size(edgebus_gateway::receiver::WAN_H2_WINDOW_BYTES)
+                .initial_connection_window_size(edgebus_gateway::receiver::WAN_H2_WINDOW_BYTES)
                 .add_service(gateway.wan_service().into_server())
                 .serve_with_incoming_shutdown(incoming, stopped(stop.clone())),
         ));
