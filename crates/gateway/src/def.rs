@@ -20,7 +20,7 @@ pub const ADDRESSES_MAX: usize = 8;
 pub const ROUTE_TOPICS_MAX: usize = 64;
 /// Default window bounds a route asks for; the receiving gateway sizes its
 /// window within both these and its own bounds.
-pub const ROUTE_WINDOW_MIN_DEFAULT: Amount = Amount { events: 64, bytes: 32 * 1024 };
+pub const ROUTE_WINDOW_MIN_DEFAULT: Amount = Amount { events: 64, bytes: 64 * 1024 };
 /// Default upper window bound a route asks for: also bounds the memory the
 /// route holds (its lanes' read-ahead and what is in flight).
 pub const ROUTE_WINDOW_MAX_DEFAULT: Amount = Amount { events: 65_536, bytes: 16 * 1024 * 1024 };
@@ -51,7 +51,7 @@ pub struct RouteDef {
     /// Largest window (events), default 65536.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_max_events: Option<u64>,
-    /// Smallest window (bytes), default 32 KiB.
+    /// Smallest window (bytes), default 64 KiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_min_bytes: Option<u64>,
     /// Largest window (bytes), default 16 MiB.

@@ -144,11 +144,11 @@ pub const BANDWIDTH_SAMPLES: usize = 8;
 /// Shortest delivery-rate interval, whatever the RTT.
 pub const BANDWIDTH_INTERVAL_MS_MIN: u64 = 100;
 /// Default gain of the window over bandwidth × RTT, in percent.
-pub const WINDOW_GAIN_PERCENT_DEFAULT: u32 = 150;
+pub const WINDOW_GAIN_PERCENT_DEFAULT: u32 = 200;
 /// Default horizon of the min-RTT filter.
 pub const RTT_WINDOW_MS_DEFAULT: u64 = 10_000;
 /// Default smallest window.
-pub const WINDOW_MIN_DEFAULT: Amount = Amount { events: 64, bytes: 32 * 1024 };
+pub const WINDOW_MIN_DEFAULT: Amount = Amount { events: 64, bytes: 64 * 1024 };
 /// Default largest window.
 pub const WINDOW_MAX_DEFAULT: Amount = Amount { events: 65_536, bytes: 64 * 1024 * 1024 };
 /// Grant early once this fraction (1/N) of the window was freed since the last grant.
