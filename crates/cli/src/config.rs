@@ -652,7 +652,7 @@ mod tests {
         assert_eq!(
             error("data_dir = \"d\"\ngrpc_lisen = \"127.0.0.1:1\"\n"),
             "invalid config file /etc/edgebus.toml, line 2, column 1: unknown field `grpc_lisen`, expected one of \
-             `data_dir`, `grpc_listen`, `http_listen`, `fsync`, `limits`, `quota`"
+             `data_dir`, `grpc_listen`, `http_listen`, `fsync`, `limits`, `quota`, `site`, `gateway`"
         );
         let message = error("[limits]\nmax_conections = 3\n");
         assert!(message.contains("line 2, column 1: unknown field `max_conections`"), "{message}");
@@ -724,6 +724,8 @@ mod tests {
         assert_eq!(settings.http_idle_timeout_ms, Some(30_000));
         let quotas = settings.quotas.expect("the example has quotas");
         assert_eq!(quotas[0].to_string(), "telemetry.>,events_per_sec=1000,bytes_per_sec=1048576");
+        let gateway = settings.gateway_file.clone().expect("the example has a gateway");
+        assert_eq!((gateway.routes.len(), gateway.policies.len()), (1, 1));
         Settings { quotas: Some(quotas), ..settings }.resolve().expect("the example resolves");
     }
 
