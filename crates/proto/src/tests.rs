@@ -503,10 +503,14 @@ struct ServiceDescriptor {
 fn the_descriptor_set_describes_the_service() {
     let set = DescriptorSet::decode(v1::FILE_DESCRIPTOR_SET).expect("a FileDescriptorSet");
     let files: Vec<_> = set.file.iter().map(|f| f.name.as_deref().unwrap_or("")).collect();
-    assert_eq!(files, ["edgebus/v1/edgebus.proto", "edgebus/v1/groups.proto"], "no other imports");
+    assert_eq!(
+        files,
+        ["edgebus/v1/edgebus.proto", "edgebus/v1/groups.proto", "edgebus/v1/wan.proto"],
+        "no other imports"
+    );
     assert!(set.file.iter().all(|f| f.package.as_deref() == Some("edgebus.v1")));
     let services: Vec<_> = set.file.iter().flat_map(|f| f.service.iter().filter_map(|s| s.name.as_deref())).collect();
-    assert_eq!(services, ["EventStore", "ConsumerGroups"]);
+    assert_eq!(services, ["EventStore", "ConsumerGroups", "Wan"]);
 }
 
 // ---- round trips -----------------------------------------------------------
