@@ -31,8 +31,8 @@ use crate::sender::{self, RouteContext, RouteHandle, SenderSettings, stall, stat
 pub const GATEWAY_STREAM: &str = "$gateway";
 const TYPE_ROUTE_SET: &str = "$route-set";
 const TYPE_ROUTE_REMOVED: &str = "$route-removed";
-const TYPE_POLICY_SET: &str = "$policy-set";
-const TYPE_POLICY_REMOVED: &str = "$policy-removed";
+pub(crate) const TYPE_POLICY_SET: &str = "$policy-set";
+pub(crate) const TYPE_POLICY_REMOVED: &str = "$policy-removed";
 /// Commands read per page when replaying `$gateway`.
 const REPLAY_PAGE: usize = 1024;
 

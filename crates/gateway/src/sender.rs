@@ -29,6 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::credit::{Amount, CreditSender, Grant, LaneShare, Stall};
 use crate::def::{Action, Route};
+use crate::gateway::{GATEWAY_STREAM, TYPE_POLICY_REMOVED, TYPE_POLICY_SET};
 use crate::metrics::{LatencyHistogram, now_ms};
 use crate::policy::{Decision, PolicyHistory, compact_key, sample_keeps};
 use crate::receiver::{PROTOCOL_VERSION, WAN_FRAME_BYTES_MAX, WAN_H2_WINDOW_BYTES};
@@ -606,6 +607,7 @@ impl RouteTask {
         let mut checkpoint = tokio::time::interval(settings.checkpoint_every);
         checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut end = self.context.end.clone();
+        let mut policies = self.context.policies.clone();
         let mut last_control = tokio::time::Instant::now();
         let mut last_sent = tokio::time::Instant::now();
         let mut echoed = 0u64;
@@ -650,6 +652,15 @@ impl RouteTask {
                     echoed = credit.echo();
                     permit.send(frame);
                     last_sent = tokio::time::Instant::now();
+                }
+                changed = policies.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    // A lane waiting for a policy change to reach it reads on.
+                    for lane in &mut self.lanes {
+                        lane.blocked = false;
+                    }
                 }
                 changed = end.changed(), if end_open => {
                     end_open = changed.is_ok();
@@ -853,6 +864,16 @@ impl RouteTask {
         }
         for (event, decision) in decided {
             let position = event.position;
+            // A policy change is in the log but not yet in the history this
+            // lane decides with: wait for it, so that no event after the
+            // change is decided under the old policy.
+            if event.stream.as_str() == GATEWAY_STREAM
+                && matches!(event.event_type.as_str(), TYPE_POLICY_SET | TYPE_POLICY_REMOVED)
+                && history.versions.last().is_none_or(|(from, _)| *from < position)
+            {
+                lane.blocked = true;
+                return;
+            }
             let fresh = position >= lane.counted_to;
             lane.counted_to = lane.counted_to.max(position + 1);
             let count = |topic: &str, change: fn(&mut TopicCounts)| {
@@ -1049,6 +1070,35 @@ mod tests {
         task.take(1, events[5..].to_vec(), &history, &[6, 0]);
         assert!(!task.lanes[1].blocked);
         assert_eq!(positions(&task.lanes[1]), vec![5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn a_lane_waits_at_a_policy_change_its_history_does_not_know_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history = PolicyHistory::default();
+        history.push(0, PolicySet::default());
+        let mut task = task(dir.path(), history.clone());
+        let mut events: Vec<_> = (0..3).map(|p| event("telemetry.t", p, p, "{}")).collect();
+        let command = NewEvent {
+            id: EventId::from_u128(99),
+            event_type: EventType::new(TYPE_POLICY_SET).unwrap(),
+            data: br#"{"pattern":"telemetry.>","action":"drop"}"#.to_vec(),
+            metadata: vec![],
+            timestamp_ms: 1,
+        };
+        events.push(RecordedEvent::new(StreamName::system(GATEWAY_STREAM).unwrap(), 0, 3, command));
+        events.extend((4..6).map(|p| event("telemetry.t", p - 1, p, "{}")));
+        task.take(0, events.clone(), &history, &[0, 0]);
+        assert!(task.lanes[0].blocked, "the lane waits for the change at position 3");
+        assert_eq!(task.lanes[0].read_pos, 3);
+        assert_eq!(positions(&task.lanes[0]), vec![0, 1, 2]);
+        // Once the history has it, the events after it follow the new policy.
+        history.push(3, PolicySet { rules: vec![policy("telemetry.>", "drop", None)] });
+        task.lanes[0].blocked = false;
+        task.take(0, events[3..].to_vec(), &history, &[0, 0]);
+        assert!(!task.lanes[0].blocked);
+        assert_eq!(positions(&task.lanes[0]), vec![0, 1, 2], "dropped after the change");
+        assert_eq!(task.lanes[0].read_pos, 6);
     }
 
     #[test]
