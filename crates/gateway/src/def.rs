@@ -346,6 +346,8 @@ pub struct Policy {
     pub lane: Option<String>,
     /// Where it goes; empty: every route.
     pub destinations: Vec<SiteName>,
+    /// Its pattern as the label its counts carry (shared, not copied per event).
+    pub topic: std::sync::Arc<str>,
     /// As declared.
     pub def: PolicyDef,
 }
@@ -365,7 +367,8 @@ impl PolicyDef {
             .enumerate()
             .map(|(i, d)| SiteName::new(d).or_else(|e| bad(format!("destinations[{i}]"), e.reason)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Policy { pattern, action, lane, destinations, def: self.clone() })
+        let topic = std::sync::Arc::from(pattern.as_str());
+        Ok(Policy { pattern, action, lane, destinations, topic, def: self.clone() })
     }
 }
 

@@ -117,15 +117,10 @@ impl GatewayMetrics {
         Self::bounded_key(&mut self.inbound.lock(), site)
     }
 
-    /// Records the end-to-end latency (origin append → our append) of one
-    /// event from `origin`.
-    pub fn latency(&self, origin: &str, ms: u64) {
-        Self::bounded_key(&mut self.latency.lock(), origin).observe(ms);
-    }
-
-    /// The latency histogram of events from `origin`, if any arrived.
-    pub fn latency_of(&self, origin: &str) -> Option<Arc<LatencyHistogram>> {
-        self.latency.lock().get(origin).cloned()
+    /// The end-to-end latency histogram of events from `origin` (shared by
+    /// every session from it; beyond [`INBOUND_SITES_MAX`] sites, `other`).
+    pub fn latency_histogram(&self, origin: &str) -> Arc<LatencyHistogram> {
+        Self::bounded_key(&mut self.latency.lock(), origin)
     }
 
     /// Prometheus text of the inbound side.

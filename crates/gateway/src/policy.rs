@@ -15,6 +15,9 @@ pub struct PolicySet {
     pub rules: Vec<Policy>,
 }
 
+/// The topic label of events no rule matches (sent as is in the default lane).
+static DEFAULT_TOPIC: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(">"));
+
 /// What a route does with one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -25,7 +28,7 @@ pub enum Decision {
     /// Dropped by policy (counted).
     Drop {
         /// The deciding rule's pattern.
-        topic: String,
+        topic: Arc<str>,
     },
     /// Sent in `lane` with `action` (replicate, sample or compact).
     Send {
@@ -34,7 +37,7 @@ pub enum Decision {
         /// What to do.
         action: Action,
         /// The deciding rule's pattern, or `>` for the route's default.
-        topic: String,
+        topic: Arc<str>,
     },
 }
 
@@ -55,12 +58,12 @@ impl PolicySet {
             return Decision::Skip;
         }
         let Some(rule) = self.rule_for(event) else {
-            return Decision::Send { lane: 0, action: Action::Replicate, topic: ">".into() };
+            return Decision::Send { lane: 0, action: Action::Replicate, topic: Arc::clone(&DEFAULT_TOPIC) };
         };
         if !rule.destinations.is_empty() && !rule.destinations.contains(&route.remote_site) {
             return Decision::Skip;
         }
-        let topic = rule.pattern.as_str().to_owned();
+        let topic = Arc::clone(&rule.topic);
         match &rule.action {
             Action::LocalOnly => Decision::Skip,
             Action::Drop => Decision::Drop { topic },
@@ -204,7 +207,7 @@ mod tests {
         assert_eq!(set.decide(&r, &event("orders.ap.x", 0)), Decision::Skip, "not a destination");
         assert_eq!(set.decide(&r, &event("other.x", 0)), Decision::Skip, "outside the route's topics");
         assert!(
-            matches!(set.decide(&r, &event("orders.o1", 0)), Decision::Send { lane: 0, topic, .. } if topic == ">")
+            matches!(set.decide(&r, &event("orders.o1", 0)), Decision::Send { lane: 0, topic, .. } if &*topic == ">")
         );
     }
 

@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::credit::{Amount, CreditReceiver, Grant, ReceiverConfig};
-use crate::metrics::{GatewayMetrics, now_ms};
+use crate::metrics::{GatewayMetrics, LatencyHistogram, now_ms};
 
 /// The WAN protocol version this gateway speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -225,6 +225,9 @@ impl Session {
         let clock = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut credit = CreditReceiver::try_new(config, clock())
             .map_err(|e| closing(close::STORE, format!("invalid receiver window settings: {e}")))?;
+        // Bounded by credit, not by the channel: a frame is queued only once
+        // the credit core accepted it, so what waits here is at most the
+        // window (received − durable ≤ the window's upper bound).
         let (pending_tx, pending_rx) = mpsc::unbounded_channel::<Pending>();
         let (durable_tx, mut durable_rx) = watch::channel(Ok((Amount::ZERO, std::time::Instant::now())));
         let writer = tokio::spawn(write_loop(
@@ -413,10 +416,23 @@ async fn write_loop(
         let ends: Vec<(usize, Amount)> = batches.iter().map(|b| (b.writes.len(), b.end)).collect();
         let arrived = batches[0].arrived;
         let writes: Vec<ReplicaWrite> = batches.into_iter().flat_map(|b| b.writes).collect();
-        let stamps: Vec<(u64, String)> =
-            writes.iter().map(|w| (w.event.timestamp_ms, w.origin.site.to_string())).collect();
+        // Origin timestamps for the latency histograms, which are looked up
+        // once per origin site in the batch, not once per event.
+        let mut histograms: Vec<(SiteName, Arc<LatencyHistogram>)> = Vec::new();
+        let mut stamps: Vec<(u64, usize)> = Vec::with_capacity(writes.len());
+        for write in &writes {
+            let site = &write.origin.site;
+            let at = match histograms.iter().position(|(s, _)| s == site) {
+                Some(at) => at,
+                None => {
+                    histograms.push((site.clone(), metrics.latency_histogram(site.as_str())));
+                    histograms.len() - 1
+                }
+            };
+            stamps.push((write.event.timestamp_ms, at));
+        }
         let store = Arc::clone(&store);
-        let answers = match tokio::task::spawn_blocking(move || replicate_bridging_gaps(&store, &writes)).await {
+        let answers = match tokio::task::spawn_blocking(move || store.replicate(writes)).await {
             Ok(answers) => answers,
             Err(e) => {
                 failed = true;
@@ -426,7 +442,6 @@ async fn write_loop(
         };
         let now = now_ms();
         // The durable prefix: whole frames up to the first refused event.
-        let mut done = 0usize;
         let mut prefix = None;
         let mut refusal = None;
         let mut answers = answers.into_iter().zip(stamps);
@@ -436,7 +451,7 @@ async fn write_loop(
                 match answer {
                     Ok(ExistsOrWrite::Written { .. }) => {
                         site_metrics.written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        metrics.latency(&origin, now.saturating_sub(stamp));
+                        histograms[origin].1.observe(now.saturating_sub(stamp));
                     }
                     Ok(ExistsOrWrite::Exists { same: true, .. }) => {
                         site_metrics.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -444,7 +459,11 @@ async fn write_loop(
                     Ok(ExistsOrWrite::Exists { same: false, position }) => {
                         refusal = Some((
                             close::REFUSED_EVENT,
-                            format!("a different event is already stored at that version (position {position})"),
+                            format!(
+                                "a different event is already stored at that version (position {position} here): \
+                                 the home site's history differs from this replica's; compare the two sites' \
+                                 streams before replicating again"
+                            ),
                         ));
                         break 'frames;
                     }
@@ -453,11 +472,9 @@ async fn write_loop(
                         break 'frames;
                     }
                 }
-                done += 1;
             }
             prefix = Some(end);
         }
-        let _ = done;
         if let Some(end) = prefix {
             let _ = durable.send(Ok((end, arrived)));
         }
@@ -467,39 +484,6 @@ async fn write_loop(
             let _ = durable.send(Err(refusal));
         }
     }
-}
-
-/// Writes `writes`; an event that would leave a gap at its origin version
-/// (its replica has fewer events: an earlier policy sent the stream
-/// sampled or compacted, so its versions are the replica's own) is written
-/// again after the stream's last event unless its id is already there, with
-/// the gap said in its origin note. Order is kept: every later write of the
-/// same stream in the batch is sent the same way.
-fn replicate_bridging_gaps(store: &Store, writes: &[ReplicaWrite]) -> Vec<Result<ExistsOrWrite, WriteError>> {
-    let mut answers = store.replicate(writes.to_vec());
-    let mut bridged: std::collections::HashSet<StreamName> = std::collections::HashSet::new();
-    let mut retry = Vec::new();
-    for (i, answer) in answers.iter().enumerate() {
-        let gap = matches!(answer, Err(WriteError::Gap { .. }));
-        if gap || (bridged.contains(&writes[i].stream) && answer.is_err()) {
-            bridged.insert(writes[i].stream.clone());
-            let mut write = writes[i].clone();
-            if let Some(version) = write.version.take() {
-                let note = format!("origin version {version} after a gap");
-                write.origin.note =
-                    if write.origin.note.is_empty() { note } else { format!("{}; {note}", write.origin.note) };
-            }
-            retry.push((i, write));
-        }
-    }
-    if retry.is_empty() {
-        return answers;
-    }
-    let (indexes, writes): (Vec<usize>, Vec<ReplicaWrite>) = retry.into_iter().unzip();
-    for (i, answer) in indexes.into_iter().zip(store.replicate(writes)) {
-        answers[i] = answer;
-    }
-    answers
 }
 
 fn refusal_of(error: &WriteError) -> (u32, String) {

@@ -256,6 +256,16 @@ struct Item {
     topic: Arc<str>,
 }
 
+/// One event sent and not yet acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    seq: u64,
+    position: u64,
+    bytes: u64,
+    sent_at_ms: u64,
+    timestamp_ms: u64,
+}
+
 #[derive(Debug)]
 struct Lane {
     index: usize,
@@ -263,8 +273,9 @@ struct Lane {
     buffer: VecDeque<Item>,
     buffer_bytes: u64,
     /// `(seq, position, sent at ms, event timestamp)` of events in flight, in seq order.
-    in_flight: VecDeque<(u64, u64, u64, u64)>,
-    in_flight_bytes: Vec<u64>,
+    in_flight: VecDeque<InFlight>,
+    /// Sum of `bytes` over `in_flight`.
+    in_flight_bytes: u64,
     blocked: bool,
     last_bucket: HashMap<String, u64>,
     read_ahead: Amount,
@@ -276,7 +287,11 @@ struct Lane {
 
 impl Lane {
     fn acked_pos(&self) -> u64 {
-        self.in_flight.front().map(|f| f.1).or_else(|| self.buffer.front().map(|i| i.position)).unwrap_or(self.read_pos)
+        self.in_flight
+            .front()
+            .map(|f| f.position)
+            .or_else(|| self.buffer.front().map(|i| i.position))
+            .unwrap_or(self.read_pos)
     }
 
     fn rewind(&mut self) {
@@ -284,7 +299,7 @@ impl Lane {
         self.buffer.clear();
         self.buffer_bytes = 0;
         self.in_flight.clear();
-        self.in_flight_bytes.clear();
+        self.in_flight_bytes = 0;
         self.blocked = false;
         self.at_end = false;
     }
@@ -378,7 +393,7 @@ async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mu
             buffer: VecDeque::new(),
             buffer_bytes: 0,
             in_flight: VecDeque::new(),
-            in_flight_bytes: Vec::new(),
+            in_flight_bytes: 0,
             blocked: false,
             last_bucket: HashMap::new(),
             read_ahead,
@@ -460,8 +475,9 @@ impl RouteTask {
             }
             m.buffered_events.store(lane.buffer.len() as u64, Ordering::Relaxed);
             m.in_flight_events.store(lane.in_flight.len() as u64, Ordering::Relaxed);
-            m.in_flight_bytes.store(lane.in_flight_bytes.iter().sum(), Ordering::Relaxed);
-            let oldest = lane.in_flight.front().map(|f| f.3).or_else(|| lane.buffer.front().map(|i| i.timestamp_ms));
+            m.in_flight_bytes.store(lane.in_flight_bytes, Ordering::Relaxed);
+            let oldest =
+                lane.in_flight.front().map(|f| f.timestamp_ms).or_else(|| lane.buffer.front().map(|i| i.timestamp_ms));
             m.oldest_unacked_ms.store(oldest.unwrap_or(0), Ordering::Relaxed);
             let backlog = *self.context.end.borrow() > acked;
             if backlog {
@@ -717,9 +733,10 @@ impl RouteTask {
             // Acknowledgements may release a stream that moved lanes.
             lane.blocked = false;
             let m = &self.metrics.lanes[lane.index];
-            while lane.in_flight.front().is_some_and(|f| f.0 < durable.events) {
-                let (_, _, sent_at, _) = lane.in_flight.pop_front().expect("checked");
-                lane.in_flight_bytes.remove(0);
+            while lane.in_flight.front().is_some_and(|f| f.seq < durable.events) {
+                let done = lane.in_flight.pop_front().expect("checked");
+                lane.in_flight_bytes -= done.bytes;
+                let sent_at = done.sent_at_ms;
                 m.acked_events.fetch_add(1, Ordering::Relaxed);
                 m.ack_latency.observe(now.saturating_sub(sent_at));
             }
@@ -784,8 +801,14 @@ impl RouteTask {
             let item = lane.buffer.pop_front().expect("checked");
             lane.buffer_bytes -= item.bytes;
             let seq = credit.on_sent(lane_index, item.bytes);
-            lane.in_flight.push_back((seq, item.position, now, item.timestamp_ms));
-            lane.in_flight_bytes.push(item.bytes);
+            lane.in_flight.push_back(InFlight {
+                seq,
+                position: item.position,
+                bytes: item.bytes,
+                sent_at_ms: now,
+                timestamp_ms: item.timestamp_ms,
+            });
+            lane.in_flight_bytes += item.bytes;
             m.sent_events.fetch_add(1, Ordering::Relaxed);
             m.sent_bytes.fetch_add(item.bytes, Ordering::Relaxed);
             match sent.iter_mut().find(|(t, _)| Arc::ptr_eq(t, &item.topic) || **t == *item.topic) {
@@ -817,12 +840,10 @@ impl RouteTask {
         const READS_PER_CALL: usize = 8;
         let history = Arc::clone(&self.context.policies.borrow());
         let acked: Vec<u64> = self.lanes.iter().map(Lane::acked_pos).collect();
-        let mut reads = 0;
         for i in (0..self.lanes.len()).cycle().take(self.lanes.len() * READS_PER_CALL) {
             if !self.lanes[i].wants_read() {
                 continue;
             }
-            reads += 1;
             let from = self.lanes[i].read_pos;
             if from >= *self.context.end.borrow() {
                 self.lanes[i].at_end = true;
@@ -839,7 +860,6 @@ impl RouteTask {
             }
             self.take(i, events, &history, &acked);
         }
-        let _ = reads;
         Ok(self.lanes.iter().any(Lane::wants_read))
     }
 
@@ -936,7 +956,7 @@ impl RouteTask {
     }
 }
 
-fn to_item(event: RecordedEvent, action: &Action, site: &SiteName, topic: String) -> Item {
+fn to_item(event: RecordedEvent, action: &Action, site: &SiteName, topic: Arc<str>) -> Item {
     let (origin_site, origin_position) = match &event.origin {
         Some(origin) => (origin.site.to_string(), origin.position),
         None => (site.to_string(), event.position),
@@ -962,7 +982,7 @@ fn to_item(event: RecordedEvent, action: &Action, site: &SiteName, topic: String
         note,
     };
     let bytes = wire.encoded_len() as u64;
-    Item { position, event: wire, bytes, timestamp_ms, topic: Arc::from(topic) }
+    Item { position, event: wire, bytes, timestamp_ms, topic }
 }
 
 fn source_chain(error: &dyn std::error::Error) -> String {
@@ -1035,7 +1055,7 @@ mod tests {
                 buffer: VecDeque::new(),
                 buffer_bytes: 0,
                 in_flight: VecDeque::new(),
-                in_flight_bytes: Vec::new(),
+                in_flight_bytes: 0,
                 blocked: false,
                 last_bucket: HashMap::new(),
                 read_ahead: Amount::new(4096, 1 << 22),

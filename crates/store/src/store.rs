@@ -449,7 +449,10 @@ impl Store {
     /// Writes events replicated from their home sites, each with
     /// exists-or-write at its origin version: the stream becomes (or must
     /// already be) a read-only replica of `origin.site`, which local writes
-    /// are refused. All requests are queued together, so the sequencer
+    /// are refused. An origin version beyond the replica's end is not a
+    /// gap but a stream that was sent sparse before (sampled, compacted):
+    /// the event goes after the last one unless its id is already in the
+    /// stream, and its origin note says `origin version N after a gap`. All requests are queued together, so the sequencer
     /// takes them in one pass and the log commits them in one batch; each
     /// gets its own answer, in order.
     pub fn replicate(&self, writes: Vec<ReplicaWrite>) -> Vec<Result<ExistsOrWrite, WriteError>> {

@@ -340,23 +340,27 @@ impl Shared {
             _ => {}
         }
         let count = state.next_version;
-        let index = match index {
-            Some(index) => index,
+        // A replicated event beyond the replica's end: the stream was sent
+        // sparse before (sampled, compacted), so the replica's versions are
+        // its own. It goes after the last event unless its id is already
+        // there, with the gap said in its origin note.
+        let mut bridged = None;
+        let index = match (index, origin) {
+            (Some(index), Some(from)) if index > count => match self.version_of_id(inner, stream, &event.id)? {
+                Some(version) => version,
+                None => {
+                    let gap = format!("origin version {index} after a gap");
+                    let note = if from.note.is_empty() { gap } else { format!("{}; {gap}", from.note) };
+                    bridged = Some(Origin { note, ..from.clone() });
+                    count
+                }
+            },
+            (Some(index), _) => index,
             // Where the id already is in this stream, else the end (where
             // an id used by another stream is refused below).
-            None => match inner.tail.id(&self.index, &event.id).map_err(index_write)? {
-                Some(existing)
-                    if inner
-                        .tail
-                        .version(&self.index, stream.as_str(), existing.version)
-                        .map_err(index_write)?
-                        .is_some_and(|entry| entry.position == existing.position) =>
-                {
-                    existing.version
-                }
-                _ => count,
-            },
+            (None, _) => self.version_of_id(inner, stream, &event.id)?.unwrap_or(count),
         };
+        let origin = bridged.as_ref().or(origin);
         if index < count {
             let entry = inner.tail.version(&self.index, stream.as_str(), index).map_err(index_write)?;
             // An index rebuilt after its record was reclaimed no longer knows it.
@@ -376,6 +380,13 @@ impl Shared {
             Outcome::ExistsOrWrite(ExistsOrWrite::Written { position: result.first_position })
         })?;
         Ok(None)
+    }
+
+    /// The version at which `id` sits in `stream`, if it does.
+    fn version_of_id(&self, inner: &Inner, stream: &StreamName, id: &EventId) -> Result<Option<u64>, WriteError> {
+        let Some(existing) = inner.tail.id(&self.index, id).map_err(index_write)? else { return Ok(None) };
+        let entry = inner.tail.version(&self.index, stream.as_str(), existing.version).map_err(index_write)?;
+        Ok(entry.is_some_and(|entry| entry.position == existing.position).then_some(existing.version))
     }
 
     fn check_ids_unused(&self, inner: &Inner, events: &[NewEvent]) -> Result<(), WriteError> {
