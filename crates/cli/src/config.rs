@@ -82,6 +82,13 @@ pub struct FileGateway {
     /// Silence after which a link is judged dead, in milliseconds (default 5000).
     #[serde(default)]
     pub dead_after_ms: Option<u64>,
+    /// This gateway's name, unique among the site's gateways (default `gw-SITE`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The lease: a standby gateway takes over after this much silence of the
+    /// active one, in milliseconds (default 3000).
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
     /// `[[gateway.routes]]`.
     #[serde(default)]
     pub routes: Vec<edgebus_gateway::def::RouteDef>,
@@ -181,6 +188,19 @@ impl Settings {
                 "gateway.dead_after_ms must be more than twice the heartbeat"
             );
             gateway.dead_after = std::time::Duration::from_millis(ms);
+        }
+        if let Some(name) = &file.name {
+            edgebus_gateway::def::route_name("gateway.name", name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            gateway.name.clone_from(name);
+        }
+        if let Some(ms) = file.lease_ms {
+            anyhow::ensure!(
+                (edgebus_gateway::lease::LEASE_MS_MIN..=edgebus_gateway::lease::LEASE_MS_MAX).contains(&ms),
+                "gateway.lease_ms {ms} is outside {}..={} (milliseconds)",
+                edgebus_gateway::lease::LEASE_MS_MIN,
+                edgebus_gateway::lease::LEASE_MS_MAX
+            );
+            gateway.lease_ms = ms;
         }
         let wan_listen = match (self.wan_listen, &file.wan_listen) {
             (Some(address), _) => address,

@@ -2,30 +2,40 @@
 //! log (`$gateway`), the route tasks, the WAN service, and what operators
 //! see (Prometheus text, JSON).
 //!
-//! Lifecycle: [`Gateway::start`] replays `$gateway`, writes the config
-//! file's routes and policies where they differ from the log (the config
-//! declares; runtime changes last until the next restart with a config
-//! that says otherwise), and starts one task per route. Runtime changes
-//! append a command and apply it at once; a policy change takes effect at
-//! its command's log position. [`Gateway::stop`] stops every route, which
-//! checkpoints its cursors.
+//! Lifecycle: [`Gateway::start`] runs the lease (see [`crate::lease`]): a
+//! site may run several gateways, and only the one holding the lease sends.
+//! When this gateway becomes active it replays `$gateway` (another gateway
+//! may have changed it), writes the config file's routes and policies where
+//! they differ from the log (the config declares; runtime changes last
+//! until the next restart with a config that says otherwise), and starts
+//! one task per route under its term; each resumes from the cursors the
+//! previous holder checkpointed. When it loses the lease it stops them.
+//! Runtime changes (only on the active gateway) append a command and apply
+//! it at once; a policy change takes effect at its command's log position.
+//! Every gateway, active or not, receives inbound links.
+//! [`Gateway::stop`] stops every route, which checkpoints its cursors, and
+//! releases the lease.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use edgebus_store::{Direction, Store, StreamFrom};
+use edgebus_store::{Direction, StreamFrom};
+
 use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, SiteName, StreamName};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::credit::ReceiverConfig;
 use crate::def::{DefError, POLICIES_MAX, Policy, PolicyDef, ROUTES_MAX, Route, RouteDef, route_name};
+use crate::lease::driver::{Authority, Clock, LeaseDriver, LeaseStatus, MonotonicClock};
+use crate::lease::{LEASE_MS_DEFAULT, LEASE_MS_MAX, LEASE_MS_MIN, Me};
 use crate::metrics::{GatewayMetrics, now_ms};
 use crate::policy::{PolicyHistory, PolicySet};
 use crate::receiver::{ReceiverSettings, WanService};
 use crate::sender::{self, RouteContext, RouteHandle, SenderSettings, stall, state};
+use crate::site::Site;
 
 /// The stream of route and policy commands.
 pub const GATEWAY_STREAM: &str = "$gateway";
@@ -53,19 +63,34 @@ pub struct GatewayConfig {
     pub heartbeat: Duration,
     /// Silence after which a link is dead.
     pub dead_after: Duration,
+    /// This gateway's name, unique among the site's gateways.
+    pub name: String,
+    /// The lease length: a standby takes over after this much silence.
+    pub lease_ms: u64,
+    /// The WAN address operators and peers are told (may be empty).
+    pub wan_address: String,
+    /// The HTTP address operators are told (may be empty).
+    pub http_address: String,
+    /// The clock of the lease (a test injects one that jumps).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl GatewayConfig {
     /// A gateway of `site` with no routes or policies and default timing.
     pub fn new(site: SiteName) -> Self {
         Self {
-            site,
             routes: Vec::new(),
             policies: Vec::new(),
             peers: Vec::new(),
             credit: ReceiverConfig::default(),
             heartbeat: Duration::from_millis(250),
             dead_after: Duration::from_secs(5),
+            name: format!("gw-{}", site.as_str()),
+            lease_ms: LEASE_MS_DEFAULT,
+            wan_address: String::new(),
+            http_address: String::new(),
+            clock: Arc::new(MonotonicClock::default()),
+            site,
         }
     }
 }
@@ -85,12 +110,15 @@ pub enum AdminError {
     /// The command could not be written.
     #[error("cannot record the change: {0}")]
     Store(String),
+    /// This gateway does not hold the lease; the active one takes changes.
+    #[error("{0}")]
+    Standby(String),
 }
 
 /// A site's gateway.
 #[derive(Debug)]
 pub struct Gateway {
-    store: Arc<Store>,
+    site: Arc<dyn Site>,
     config: GatewayConfig,
     metrics: Arc<GatewayMetrics>,
     routes: tokio::sync::Mutex<BTreeMap<String, RouteHandle>>,
@@ -99,6 +127,14 @@ pub struct Gateway {
     history: watch::Sender<Arc<PolicyHistory>>,
     end: watch::Receiver<u64>,
     stop: watch::Sender<bool>,
+    authority: Arc<Authority>,
+    lease: watch::Receiver<LeaseStatus>,
+    /// The term the routes run under (0: not active).
+    active_term: AtomicU64,
+    /// Times this gateway became active, and stopped being active.
+    pub(crate) activations: AtomicU64,
+    pub(crate) deactivations: AtomicU64,
+    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The state `$gateway` describes.
@@ -111,23 +147,35 @@ struct Replayed {
 
 impl Gateway {
     /// Starts the gateway (see the module docs). `end` follows the log's end.
-    pub async fn start(
-        store: Arc<Store>,
-        config: GatewayConfig,
-        end: watch::Receiver<u64>,
-    ) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(site: Arc<dyn Site>, config: GatewayConfig) -> anyhow::Result<Arc<Self>> {
+        let end = site.end();
         for (i, def) in config.routes.iter().enumerate() {
             def.validate(&config.site).map_err(|e| anyhow::anyhow!("gateway route {i} ({}): {e}", def.remote_site))?;
         }
         for (i, def) in config.policies.iter().enumerate() {
             def.validate().map_err(|e| anyhow::anyhow!("gateway policy {i} ({}): {e}", def.pattern))?;
         }
-        let replayed = replay(&store).await?;
+        if !(LEASE_MS_MIN..=LEASE_MS_MAX).contains(&config.lease_ms) {
+            anyhow::bail!(
+                "gateway lease_ms {} is outside {LEASE_MS_MIN}..={LEASE_MS_MAX} (milliseconds)",
+                config.lease_ms
+            );
+        }
+        route_name("gateway name", &config.name).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let replayed = replay(site.as_ref()).await?;
         let (history, _) = watch::channel(Arc::new(replayed.history.clone()));
         let (stop, _) = watch::channel(false);
         let policies = replayed.policies.iter().filter_map(|d| d.validate().ok()).collect::<Vec<_>>();
+        let me = Me {
+            gateway: config.name.clone(),
+            instance: format!("{:016x}", rand::random::<u64>()),
+            wan: config.wan_address.clone(),
+            http: config.http_address.clone(),
+            lease_ms: config.lease_ms,
+        };
+        let mut driver = LeaseDriver::new(Arc::clone(&site), me, Arc::clone(&config.clock));
         let gateway = Arc::new(Self {
-            store,
+            site,
             metrics: Arc::new(GatewayMetrics::default()),
             routes: tokio::sync::Mutex::new(BTreeMap::new()),
             route_metrics: Mutex::new(BTreeMap::new()),
@@ -135,29 +183,135 @@ impl Gateway {
             history,
             end,
             stop,
-            config: config.clone(),
+            authority: driver.authority(),
+            lease: driver.status(),
+            active_term: AtomicU64::new(0),
+            activations: AtomicU64::new(0),
+            deactivations: AtomicU64::new(0),
+            supervisor: Mutex::new(None),
+            config,
         });
-        // Routes from the log, then the config file's where they differ.
+        // The first steps run here, so a gateway whose lease is free or its
+        // own starts its routes before `start` returns.
+        driver.step().await;
+        if driver.status().borrow().role != "active" {
+            driver.step().await;
+        }
+        gateway.follow_lease().await?;
+        let supervisor = tokio::spawn(Arc::clone(&gateway).supervise(driver));
+        *gateway.supervisor.lock() = Some(supervisor);
+        Ok(gateway)
+    }
+
+    /// Runs the lease and follows its role until the gateway stops.
+    async fn supervise(self: Arc<Self>, driver: LeaseDriver) {
+        let mut status = driver.status();
+        let lease = tokio::spawn(driver.run(self.stop.subscribe()));
+        let mut stop = self.stop.subscribe();
+        loop {
+            tokio::select! {
+                changed = status.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if let Err(e) = self.follow_lease().await {
+                        eprintln!("edgebus gateway {}: cannot take over the routes: {e}", self.config.name);
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        let _ = lease.await;
+    }
+
+    /// Starts or stops the routes as the lease says.
+    async fn follow_lease(&self) -> anyhow::Result<()> {
+        let (role, term) = {
+            let status = self.lease.borrow();
+            (status.role, status.term)
+        };
+        let mut routes = self.routes.lock().await;
+        let running = self.active_term.load(Ordering::Acquire);
+        if role == "active" && running == term {
+            return Ok(());
+        }
+        if running != 0 {
+            self.active_term.store(0, Ordering::Release);
+            self.deactivations.fetch_add(1, Ordering::Relaxed);
+            for (_, handle) in std::mem::take(&mut *routes) {
+                handle.stop().await;
+            }
+            self.route_metrics.lock().clear();
+            eprintln!("edgebus gateway {}: standby (the lease of term {running} is no longer ours)", self.config.name);
+        }
+        if role != "active" || *self.stop.borrow() {
+            return Ok(());
+        }
+        // Active: the log's routes and policies, then the config file's
+        // where they differ.
+        let replayed = replay(self.site.as_ref()).await?;
+        {
+            let mut policies = self.policies.lock();
+            *policies = replayed.policies.iter().filter_map(|d| d.validate().ok()).collect();
+        }
+        self.history.send_replace(Arc::new(replayed.history.clone()));
+        self.active_term.store(term, Ordering::Release);
+        self.activations.fetch_add(1, Ordering::Relaxed);
+        eprintln!("edgebus gateway {}: active under term {term}", self.config.name);
         for def in replayed.routes.values() {
-            match def.validate(&config.site) {
-                Ok(route) => gateway.launch(route).await,
+            match def.validate(&self.config.site) {
+                Ok(route) => self.launch(&mut routes, route, term).await,
                 Err(e) => eprintln!("edgebus gateway: route {} in the log is invalid and not started: {e}", def.name),
             }
         }
-        for def in &config.routes {
-            let route = def.validate(&config.site)?;
+        for def in &self.config.routes {
+            let route = def.validate(&self.config.site)?;
             let mut named = def.clone();
-            named.name = route.name;
+            named.name = route.name.clone();
             if replayed.routes.get(&named.name) != Some(&named) {
-                gateway.set_route(named).await?;
+                self.record_route(&named).await?;
+                self.launch(&mut routes, route, term).await;
             }
         }
-        for def in &config.policies {
+        drop(routes);
+        for def in &self.config.policies {
             if !replayed.policies.contains(def) {
-                gateway.set_policy(def.clone()).await?;
+                self.set_policy(def.clone()).await?;
             }
         }
-        Ok(gateway)
+        Ok(())
+    }
+
+    /// The lease as this gateway sees it.
+    pub fn lease_status(&self) -> LeaseStatus {
+        self.lease.borrow().clone()
+    }
+
+    /// This gateway's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The site (for operator reads of the lease and members).
+    pub fn site_access(&self) -> &Arc<dyn Site> {
+        &self.site
+    }
+
+    fn require_active(&self) -> Result<u64, AdminError> {
+        match self.active_term.load(Ordering::Acquire) {
+            0 => {
+                let status = self.lease.borrow();
+                let holder = status.lease.holder.as_ref().map_or_else(
+                    || "no gateway holds the lease yet".to_owned(),
+                    |h| format!("the lease is held by {} (term {}, http {})", h.gateway, h.term, h.http),
+                );
+                Err(AdminError::Standby(format!(
+                    "gateway {} is standby and takes no route or policy changes; {holder}",
+                    self.config.name
+                )))
+            }
+            term => Ok(term),
+        }
     }
 
     /// This site.
@@ -174,7 +328,7 @@ impl Gateway {
             heartbeat: self.config.heartbeat,
             dead_after: self.config.dead_after,
         };
-        WanService::new(Arc::clone(&self.store), settings, Arc::clone(&self.metrics), self.stop.subscribe())
+        WanService::new(Arc::clone(&self.site), settings, Arc::clone(&self.metrics), self.stop.subscribe())
     }
 
     /// The inbound counters.
@@ -182,10 +336,13 @@ impl Gateway {
         &self.metrics
     }
 
-    async fn launch(&self, route: Route) {
+    async fn launch(&self, routes: &mut BTreeMap<String, RouteHandle>, route: Route, term: u64) {
         let context = RouteContext {
-            store: Arc::clone(&self.store),
-            site: self.config.site.clone(),
+            site: Arc::clone(&self.site),
+            site_name: self.config.site.clone(),
+            gateway: self.config.name.clone(),
+            term,
+            authority: Arc::clone(&self.authority),
             end: self.end.clone(),
             policies: self.history.subscribe(),
             settings: SenderSettings {
@@ -197,7 +354,7 @@ impl Gateway {
         };
         let handle = sender::start(route.clone(), context);
         self.route_metrics.lock().insert(route.name.clone(), (route.clone(), Arc::clone(&handle.metrics)));
-        if let Some(old) = self.routes.lock().await.insert(route.name.clone(), handle) {
+        if let Some(old) = routes.insert(route.name.clone(), handle) {
             old.stop().await;
         }
     }
@@ -210,13 +367,8 @@ impl Gateway {
             metadata: Vec::new(),
             timestamp_ms: now_ms(),
         };
-        let store = Arc::clone(&self.store);
-        let stream = gateway_stream();
-        let written =
-            tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![event]))
-                .await
-                .map_err(|e| AdminError::Store(e.to_string()))?
-                .map_err(|e| AdminError::Store(e.to_string()))?;
+        let written = (self.site.append(gateway_stream(), ExpectedVersion::Any, vec![event]).await)
+            .map_err(|e| AdminError::Store(e.to_string()))?;
         Ok(written.first_position)
     }
 
@@ -229,22 +381,30 @@ impl Gateway {
                 return Err(AdminError::TooMany(format!("a gateway has at most {ROUTES_MAX} routes")));
             }
         }
+        let mut routes = self.routes.lock().await;
+        let term = self.require_active()?;
         let mut stored = route.def.clone();
         stored.name = route.name.clone();
-        self.record(TYPE_ROUTE_SET, serde_json::to_value(&stored).expect("serializable")).await?;
-        self.launch(route.clone()).await;
+        self.record_route(&stored).await?;
+        self.launch(&mut routes, route.clone(), term).await;
         Ok(route)
+    }
+
+    async fn record_route(&self, def: &RouteDef) -> Result<u64, AdminError> {
+        self.record(TYPE_ROUTE_SET, serde_json::to_value(def).expect("serializable")).await
     }
 
     /// Removes a route; its task checkpoints its cursors and stops.
     pub async fn remove_route(&self, name: &str) -> Result<(), AdminError> {
         let name = route_name("name", name)?;
+        let mut routes = self.routes.lock().await;
+        self.require_active()?;
         if !self.route_metrics.lock().contains_key(&name) {
             return Err(AdminError::NotFound(format!("no route named {name}")));
         }
         self.record(TYPE_ROUTE_REMOVED, serde_json::json!({ "name": name })).await?;
         self.route_metrics.lock().remove(&name);
-        if let Some(handle) = self.routes.lock().await.remove(&name) {
+        if let Some(handle) = routes.remove(&name) {
             handle.stop().await;
         }
         Ok(())
@@ -255,6 +415,7 @@ impl Gateway {
     /// log position on.
     pub async fn set_policy(&self, def: PolicyDef) -> Result<(), AdminError> {
         let policy = def.validate()?;
+        self.require_active()?;
         {
             let policies = self.policies.lock();
             if !policies.iter().any(|p| p.def.pattern == def.pattern) && policies.len() >= POLICIES_MAX {
@@ -276,6 +437,7 @@ impl Gateway {
 
     /// Removes the policy for `pattern`.
     pub async fn remove_policy(&self, pattern: &str) -> Result<(), AdminError> {
+        self.require_active()?;
         if !self.policies.lock().iter().any(|p| p.def.pattern == pattern) {
             return Err(AdminError::NotFound(format!("no policy for pattern {pattern}")));
         }
@@ -308,6 +470,11 @@ impl Gateway {
         let routes = std::mem::take(&mut *self.routes.lock().await);
         for (_, handle) in routes {
             handle.stop().await;
+        }
+        self.active_term.store(0, Ordering::Release);
+        let supervisor = self.supervisor.lock().take();
+        if let Some(supervisor) = supervisor {
+            let _ = supervisor.await;
         }
     }
 
@@ -563,37 +730,24 @@ fn gateway_stream() -> StreamName {
     StreamName::system(GATEWAY_STREAM).expect("valid system stream")
 }
 
-async fn replay(store: &Arc<Store>) -> anyhow::Result<Replayed> {
-    let store = Arc::clone(store);
-    tokio::task::spawn_blocking(move || {
-        let mut replayed = Replayed::default();
-        replayed.history.push(0, PolicySet::default());
-        let stream = gateway_stream();
-        let mut from = 0u64;
-        loop {
-            let events = match store.read_stream(
-                &stream,
-                StreamFrom::Version(from),
-                Direction::Forward,
-                REPLAY_PAGE,
-                now_ms(),
-            ) {
-                Ok(events) => events,
-                Err(e) if e.code() == edgebus_store::ErrorCode::StreamNotFound => break,
-                Err(e) => return Err(anyhow::anyhow!("cannot read {GATEWAY_STREAM}: {e}")),
-            };
-            let Some(last) = events.last() else { break };
-            from = last.version + 1;
-            for event in &events {
-                apply(&mut replayed, event);
-            }
-            if events.len() < REPLAY_PAGE {
-                break;
-            }
+async fn replay(site: &dyn Site) -> anyhow::Result<Replayed> {
+    let mut replayed = Replayed::default();
+    replayed.history.push(0, PolicySet::default());
+    let mut from = 0u64;
+    loop {
+        let events =
+            (site.read_stream(gateway_stream(), StreamFrom::Version(from), Direction::Forward, REPLAY_PAGE).await)
+                .map_err(|e| anyhow::anyhow!("cannot read {GATEWAY_STREAM}: {e}"))?;
+        let Some(last) = events.last() else { break };
+        from = last.version + 1;
+        for event in &events {
+            apply(&mut replayed, event);
         }
-        Ok(replayed)
-    })
-    .await?
+        if events.len() < REPLAY_PAGE {
+            break;
+        }
+    }
+    Ok(replayed)
 }
 
 fn apply(replayed: &mut Replayed, event: &edgebus_types::RecordedEvent) {

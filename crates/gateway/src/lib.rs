@@ -6,9 +6,12 @@
 pub mod credit;
 pub mod def;
 pub mod gateway;
+pub mod lease;
 pub mod metrics;
 pub mod policy;
 pub mod receiver;
 pub mod sender;
+pub mod site;
 
 pub use gateway::{AdminError, Gateway, GatewayConfig};
+pub use site::{Fence, Fences, LocalSite, Site, SiteError};

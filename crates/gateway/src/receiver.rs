@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgebus_proto::v1;
-use edgebus_store::{ExistsOrWrite, ReplicaWrite, Store, WriteError};
+use edgebus_store::{ExistsOrWrite, ReplicaWrite};
+
+use crate::site::{Fence, ReplicaRefusal, Site, SiteError};
 use edgebus_types::{EventId, EventType, NewEvent, Origin, SiteName, StreamName};
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
@@ -51,6 +53,9 @@ pub mod close {
     pub const STOPPING: u32 = 6;
     /// The store failed.
     pub const STORE: u32 = 7;
+    /// The sending gateway's term is older than one its site has since
+    /// granted: it was deposed.
+    pub const FENCED: u32 = 8;
 }
 
 /// What the receiving side needs.
@@ -72,7 +77,7 @@ pub struct ReceiverSettings {
 /// The `Wan` gRPC service.
 #[derive(Debug, Clone)]
 pub struct WanService {
-    store: Arc<Store>,
+    site: Arc<dyn Site>,
     settings: Arc<ReceiverSettings>,
     metrics: Arc<GatewayMetrics>,
     stop: watch::Receiver<bool>,
@@ -81,12 +86,12 @@ pub struct WanService {
 impl WanService {
     /// A service writing into `store`; sessions end when `stop` turns true.
     pub fn new(
-        store: Arc<Store>,
+        site: Arc<dyn Site>,
         settings: ReceiverSettings,
         metrics: Arc<GatewayMetrics>,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        Self { store, settings: Arc::new(settings), metrics, stop }
+        Self { site, settings: Arc::new(settings), metrics, stop }
     }
 
     /// The tonic server for this service, with the frame limit.
@@ -108,7 +113,7 @@ impl v1::wan_server::Wan for WanService {
         let inbound = request.into_inner();
         let (out, rx) = mpsc::channel(16);
         let session = Session {
-            store: Arc::clone(&self.store),
+            site: Arc::clone(&self.site),
             settings: Arc::clone(&self.settings),
             metrics: Arc::clone(&self.metrics),
             out,
@@ -131,7 +136,7 @@ fn closing(code: u32, reason: impl Into<String>) -> Closing {
 }
 
 struct Session {
-    store: Arc<Store>,
+    site: Arc<dyn Site>,
     settings: Arc<ReceiverSettings>,
     metrics: Arc<GatewayMetrics>,
     out: ControlSender,
@@ -162,6 +167,13 @@ impl Session {
             Ok(from) => from,
             Err(refusal) => return self.refuse(refusal).await,
         };
+        // The link's term is admitted before anything else: a higher one
+        // fences every older session from that site at once.
+        let fence = Fence { origin: from.to_string(), term: hello.term };
+        if let Err(e) = self.site.replicate(fence.clone(), Vec::new()).await {
+            let code = if matches!(e, SiteError::Fenced { .. }) { close::FENCED } else { close::STORE };
+            return self.refuse(closing(code, e.to_string())).await;
+        }
         let welcome = v1::link_control::Kind::Welcome(v1::LinkWelcome {
             protocol_version: PROTOCOL_VERSION,
             site: self.settings.site.to_string(),
@@ -172,7 +184,7 @@ impl Session {
         let site_metrics = self.metrics.inbound(from.as_str());
         site_metrics.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let credit = window_within(self.settings.credit, &hello);
-        let ended = self.serve(&from, credit, &mut inbound, &mut stop).await;
+        let ended = self.serve(&from, &fence, credit, &mut inbound, &mut stop).await;
         site_metrics.sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(refusal) = ended {
             eprintln!(
@@ -217,6 +229,7 @@ impl Session {
     async fn serve(
         &self,
         from: &SiteName,
+        fence: &Fence,
         config: ReceiverConfig,
         inbound: &mut Streaming<v1::LinkFrame>,
         stop: &mut watch::Receiver<bool>,
@@ -231,11 +244,11 @@ impl Session {
         let (pending_tx, pending_rx) = mpsc::unbounded_channel::<Pending>();
         let (durable_tx, mut durable_rx) = watch::channel(Ok((Amount::ZERO, std::time::Instant::now())));
         let writer = tokio::spawn(write_loop(
-            Arc::clone(&self.store),
+            Arc::clone(&self.site),
             pending_rx,
             durable_tx,
             Arc::clone(&self.metrics),
-            from.to_string(),
+            fence.clone(),
         ));
         let mut tick = tokio::time::interval(self.settings.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -390,13 +403,13 @@ type Durable = Result<(Amount, std::time::Instant), (u32, String)>;
 /// Writes what sessions accepted, coalescing queued batches into one store
 /// call, and publishes the durable prefix.
 async fn write_loop(
-    store: Arc<Store>,
+    site: Arc<dyn Site>,
     mut pending: mpsc::UnboundedReceiver<Pending>,
     durable: watch::Sender<Durable>,
     metrics: Arc<GatewayMetrics>,
-    from: String,
+    fence: Fence,
 ) {
-    let site_metrics = metrics.inbound(&from);
+    let site_metrics = metrics.inbound(&fence.origin);
     let mut failed = false;
     while let Some(first) = pending.recv().await {
         let mut batches = vec![first];
@@ -431,12 +444,12 @@ async fn write_loop(
             };
             stamps.push((write.event.timestamp_ms, at));
         }
-        let store = Arc::clone(&store);
-        let answers = match tokio::task::spawn_blocking(move || store.replicate(writes)).await {
+        let answers = match site.replicate(fence.clone(), writes).await {
             Ok(answers) => answers,
             Err(e) => {
                 failed = true;
-                let _ = durable.send(Err((close::STORE, format!("the write task failed: {e}"))));
+                let code = if matches!(e, SiteError::Fenced { .. }) { close::FENCED } else { close::STORE };
+                let _ = durable.send(Err((code, e.to_string())));
                 continue;
             }
         };
@@ -486,12 +499,11 @@ async fn write_loop(
     }
 }
 
-fn refusal_of(error: &WriteError) -> (u32, String) {
-    match error {
-        WriteError::Busy | WriteError::Unavailable(_) | WriteError::Index(_) => {
-            (close::STORE, format!("the store cannot write: {error}"))
-        }
-        other => (close::REFUSED_EVENT, other.to_string()),
+fn refusal_of(refusal: &ReplicaRefusal) -> (u32, String) {
+    if refusal.retryable {
+        (close::STORE, format!("the store cannot write: {}", refusal.message))
+    } else {
+        (close::REFUSED_EVENT, refusal.message.clone())
     }
 }
 

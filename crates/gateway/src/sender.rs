@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use edgebus_proto::v1;
-use edgebus_store::{Direction, Store, StreamFrom};
+use edgebus_store::{Direction, StreamFrom};
 use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, SiteName, StreamName};
 use parking_lot::Mutex;
 use prost::Message as _;
@@ -30,9 +30,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::credit::{Amount, CreditSender, Grant, LaneShare, Stall};
 use crate::def::{Action, Route};
 use crate::gateway::{GATEWAY_STREAM, TYPE_POLICY_REMOVED, TYPE_POLICY_SET};
+use crate::lease::driver::Authority;
 use crate::metrics::{LatencyHistogram, now_ms};
 use crate::policy::{Decision, PolicyHistory, compact_key, sample_keeps};
 use crate::receiver::{PROTOCOL_VERSION, WAN_FRAME_BYTES_MAX, WAN_H2_WINDOW_BYTES};
+use crate::site::Site;
 
 /// Most events a lane reads ahead of what it sent.
 pub const LANE_READ_AHEAD_EVENTS_MAX: u64 = 4096;
@@ -334,10 +336,16 @@ impl RouteHandle {
 /// What a route task needs.
 #[derive(Debug, Clone)]
 pub struct RouteContext {
-    /// The local store.
-    pub store: Arc<Store>,
-    /// This site.
-    pub site: SiteName,
+    /// The local site.
+    pub site: Arc<dyn Site>,
+    /// This site's name.
+    pub site_name: SiteName,
+    /// This gateway's name.
+    pub gateway: String,
+    /// The lease term the route sends under.
+    pub term: u64,
+    /// Consulted before every frame: is the lease still held under `term`.
+    pub authority: Arc<Authority>,
     /// The log's end position, as it grows.
     pub end: watch::Receiver<u64>,
     /// Policy versions.
@@ -375,7 +383,7 @@ struct RouteTask {
 }
 
 async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mut stop: watch::Receiver<bool>) {
-    let cursors = load_cursors(&context.store, &route).await;
+    let cursors = load_cursors(context.site.as_ref(), &route).await;
     // A lane the checkpoint does not know starts where the slowest known
     // lane is: what it now carries was sent (or not yet) by another lane.
     let fresh_start = cursors.values().copied().min().unwrap_or(0);
@@ -442,14 +450,9 @@ async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mu
     task.metrics.state.store(state::STOPPED, Ordering::Relaxed);
 }
 
-async fn load_cursors(store: &Arc<Store>, route: &Route) -> HashMap<String, u64> {
-    let store = Arc::clone(store);
-    let stream = cursor_stream(&route.name);
-    let read = tokio::task::spawn_blocking(move || {
-        store.read_stream(&stream, StreamFrom::End, Direction::Backward, 1, now_ms())
-    })
-    .await;
-    let Ok(Ok(events)) = read else { return HashMap::new() };
+async fn load_cursors(site: &dyn Site, route: &Route) -> HashMap<String, u64> {
+    let read = site.read_stream(cursor_stream(&route.name), StreamFrom::End, Direction::Backward, 1).await;
+    let Ok(events) = read else { return HashMap::new() };
     events
         .first()
         .and_then(|e| serde_json::from_slice::<CursorRecord>(&e.data).ok())
@@ -516,17 +519,14 @@ impl RouteTask {
             metadata: Vec::new(),
             timestamp_ms: now_ms(),
         };
-        let store = Arc::clone(&self.context.store);
-        let stream = cursor_stream(&self.route.name);
         let written =
-            tokio::task::spawn_blocking(move || store.append_system(&stream, ExpectedVersion::Any, vec![event])).await;
+            self.context.site.append(cursor_stream(&self.route.name), ExpectedVersion::Any, vec![event]).await;
         match written {
-            Ok(Ok(_)) => {
+            Ok(_) => {
                 self.last_checkpoint = positions;
                 self.acked_at_checkpoint = acked;
             }
-            Ok(Err(e)) => eprintln!("edgebus gateway: route {}: cursor checkpoint failed: {e}", self.route.name),
-            Err(e) => eprintln!("edgebus gateway: route {}: cursor checkpoint task failed: {e}", self.route.name),
+            Err(e) => eprintln!("edgebus gateway: route {}: cursor checkpoint failed: {e}", self.route.name),
         }
     }
 
@@ -555,7 +555,7 @@ impl RouteTask {
         let (tx, rx) = mpsc::channel::<v1::LinkFrame>(4);
         let hello = v1::LinkHello {
             protocol_version: PROTOCOL_VERSION,
-            site: self.context.site.to_string(),
+            site: self.context.site_name.to_string(),
             target_site: self.route.remote_site.to_string(),
             route: self.route.name.clone(),
             lanes: self.route.lanes.iter().map(|l| l.name.clone()).collect(),
@@ -563,6 +563,8 @@ impl RouteTask {
             window_min_bytes: self.route.window_min.bytes,
             window_max_events: self.route.window_max.events,
             window_max_bytes: self.route.window_max.bytes,
+            term: self.context.term,
+            gateway: self.context.gateway.clone(),
         };
         let _ = tx.try_send(v1::LinkFrame { kind: Some(v1::link_frame::Kind::Hello(hello)) });
         let timeout = self.context.settings.dead_after;
@@ -658,6 +660,9 @@ impl RouteTask {
                 }
                 permit = tx.reserve(), if next.is_some() || echo_due => {
                     let Ok(permit) = permit else { return Some("the link's send side closed".into()) };
+                    if !self.context.authority.allows(self.context.term) {
+                        return Some(format!("the lease of term {} is no longer held: this gateway sends no more", self.context.term));
+                    }
                     let frame = match next {
                         Some(lane) => self.build_batch(credit, lane),
                         None => v1::LinkFrame { kind: Some(v1::link_frame::Kind::Heartbeat(v1::LinkHeartbeat {
@@ -849,10 +854,7 @@ impl RouteTask {
                 self.lanes[i].at_end = true;
                 continue;
             }
-            let store = Arc::clone(&self.context.store);
-            let events = tokio::task::spawn_blocking(move || store.read_log(from, READ_RECORDS, READ_BYTES))
-                .await
-                .map_err(|e| format!("log read task failed: {e}"))?
+            let events = (self.context.site.read_log(from, READ_RECORDS, READ_BYTES).await)
                 .map_err(|e| format!("cannot read the log at position {from}: {e}"))?;
             if events.is_empty() {
                 self.lanes[i].at_end = true;
@@ -946,7 +948,7 @@ impl RouteTask {
                         lane.read_pos = position + 1;
                         continue;
                     }
-                    let item = to_item(event, &action, &self.context.site, topic);
+                    let item = to_item(event, &action, &self.context.site_name, topic);
                     lane.buffer_bytes += item.bytes;
                     lane.buffer.push_back(item);
                 }
@@ -998,7 +1000,7 @@ fn source_chain(error: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use edgebus_store::StoreConfig;
+    use edgebus_store::{Store, StoreConfig};
     use edgebus_types::{EventId, EventType, NewEvent};
 
     use super::*;
@@ -1036,8 +1038,11 @@ mod tests {
         let (_, end) = watch::channel(100);
         let (_, policies) = watch::channel(Arc::new(history));
         let context = RouteContext {
-            store,
-            site: SiteName::new("eu").unwrap(),
+            site: Arc::new(crate::site::LocalSite::new(store, end.clone())),
+            site_name: SiteName::new("eu").unwrap(),
+            gateway: "gw-eu".into(),
+            term: 0,
+            authority: Arc::new(Authority::new(Arc::new(crate::lease::driver::MonotonicClock::default()))),
             end,
             policies,
             settings: SenderSettings {

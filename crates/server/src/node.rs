@@ -146,14 +146,23 @@ pub async fn run(
     };
 
     crate::group::Groups::load(&state).await.context("cannot start the consumer groups")?;
+    // The site as its gateways see it (embedded here, or remote through the
+    // `Site` gRPC service), with the terms it has seen from other sites.
+    let site = Arc::new(edgebus_gateway::LocalSite::new(Arc::clone(&store), follow_end(&state)));
+    let _ = state.site.set(Arc::clone(&site));
 
     // The gateway: route tasks follow the log's end through the live feed.
     let mut wan = None;
     if let (Some(gateway_config), Some(listener)) = (&config.gateway, wan_listener) {
-        let end = follow_end(&state);
-        let gateway = edgebus_gateway::Gateway::start(Arc::clone(&store), gateway_config.gateway.clone(), end)
-            .await
-            .context("cannot start the gateway")?;
+        let mut gateway_config = gateway_config.gateway.clone();
+        if gateway_config.wan_address.is_empty() {
+            gateway_config.wan_address = listener.local_addr()?.to_string();
+        }
+        if gateway_config.http_address.is_empty() {
+            gateway_config.http_address = http_listener.local_addr()?.to_string();
+        }
+        let gateway =
+            edgebus_gateway::Gateway::start(site.clone(), gateway_config).await.context("cannot start the gateway")?;
         let _ = state.gateway.set(Arc::clone(&gateway));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         wan = Some(tokio::spawn(

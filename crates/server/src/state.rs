@@ -38,6 +38,8 @@ pub struct NodeState {
     pub http_connections: Arc<ConnectionLimiter>,
     /// The site's gateway, when the node runs one (set once at start).
     pub gateway: std::sync::OnceLock<Arc<edgebus_gateway::Gateway>>,
+    /// The site as gateways see it (set once at start).
+    pub site: std::sync::OnceLock<Arc<edgebus_gateway::LocalSite>>,
 }
 
 impl NodeState {
@@ -62,6 +64,7 @@ impl NodeState {
             grpc_connections: ConnectionLimiter::new(Protocol::Grpc, limits.max_connections),
             http_connections: ConnectionLimiter::new(Protocol::Http, limits.max_connections),
             gateway: std::sync::OnceLock::new(),
+            site: std::sync::OnceLock::new(),
         })
     }
 }

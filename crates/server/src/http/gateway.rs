@@ -49,6 +49,7 @@ fn refusal(error: AdminError) -> ApiError {
         AdminError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, WireCode::InvalidArgument as u32, m),
         AdminError::TooMany(m) => ApiError::new(StatusCode::CONFLICT, WireCode::ResourceExhausted as u32, m),
         AdminError::Store(m) => ApiError::internal(m),
+        AdminError::Standby(m) => ApiError::new(StatusCode::CONFLICT, WireCode::Unavailable as u32, m),
     }
 }
 
