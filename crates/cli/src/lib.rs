@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod client_cmds;
 pub mod config;
+pub mod failover;
 pub mod group;
 pub mod routes;
 pub mod serve;
@@ -54,6 +55,10 @@ pub enum Command {
     Routes(routes::RoutesArgs),
     /// A site's topic policies: list, set, remove.
     Policy(routes::PolicyArgs),
+    /// A site's gateways: who holds the lease, under which term, since when.
+    Gateways(failover::GatewaysArgs),
+    /// The failover drill: move the lease from an active gateway to a standby.
+    Failover(failover::FailoverArgs),
 }
 
 /// Runs a parsed command line to completion.
@@ -70,6 +75,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Transform(args) => transform::run(&args),
         Command::Routes(args) => routes::routes(&args),
         Command::Policy(args) => routes::policy(&args),
+        Command::Gateways(args) => failover::gateways(&args),
+        Command::Failover(args) => failover::failover(&args),
     }
 }
 

@@ -112,7 +112,7 @@ enum PolicyCommand {
 
 /// One HTTP exchange; answers the status and the body parsed as JSON
 /// (`null` for an empty body).
-fn request(address: &str, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
+pub(crate) fn request(address: &str, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
     let mut stream = TcpStream::connect(address)
         .with_context(|| format!("cannot connect to the node's HTTP API at {address} (is it running? see --http)"))?;
     stream.set_read_timeout(Some(TIMEOUT))?;
@@ -155,7 +155,7 @@ fn dechunk(body: &str) -> String {
 }
 
 /// The answer's body, or an error with the node's message.
-fn expect(answer: (u16, Value), what: &str) -> anyhow::Result<Value> {
+pub(crate) fn expect(answer: (u16, Value), what: &str) -> anyhow::Result<Value> {
     let (status, body) = answer;
     if (200..300).contains(&status) {
         return Ok(body);

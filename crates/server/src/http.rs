@@ -65,6 +65,7 @@ use crate::state::NodeState;
 
 mod gateway;
 pub mod groups;
+mod lease;
 pub mod serve;
 mod sse;
 
@@ -95,6 +96,8 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/groups/{name}/replay-parked", post(groups::replay_parked))
         .route("/v1/routes", get(gateway::list_routes).post(gateway::set_route))
         .route("/v1/routes/{name}", delete(gateway::remove_route))
+        .route("/v1/gateways", get(lease::list))
+        .route("/v1/gateways/{name}/failover", post(lease::failover))
         .route("/v1/policies", get(gateway::list_policies).post(gateway::set_policy).delete(gateway::remove_policy))
         .fallback(no_such_route)
         .method_not_allowed_fallback(method_not_allowed)

@@ -160,10 +160,10 @@ pub async fn read_members(site: &dyn Site, count: usize) -> Result<Vec<(Member, 
     let events = site.read_stream(members_stream(), StreamFrom::End, Direction::Backward, count).await?;
     let mut seen: Vec<(Member, u64)> = Vec::new();
     for e in events {
-        if let Ok(member) = serde_json::from_slice::<Member>(&e.data) {
-            if !seen.iter().any(|(m, _)| m.gateway == member.gateway) {
-                seen.push((member, e.timestamp_ms));
-            }
+        if let Ok(member) = serde_json::from_slice::<Member>(&e.data)
+            && !seen.iter().any(|(m, _)| m.gateway == member.gateway)
+        {
+            seen.push((member, e.timestamp_ms));
         }
     }
     Ok(seen)
@@ -216,7 +216,6 @@ pub enum ReleaseError {
 impl LeaseDriver {
     /// A driver for `me` over `site`.
     pub fn new(site: Arc<dyn Site>, me: Me, clock: Arc<dyn Clock>) -> Self {
-        let core = LeaseCore::new(me.clone(), clock.now());
         let status = LeaseStatus {
             gateway: me.gateway.clone(),
             role: "standby",
@@ -224,6 +223,7 @@ impl LeaseDriver {
             lease: LeaseView::default(),
             lease_ms: me.lease_ms,
         };
+        let core = LeaseCore::new(me, clock.now());
         Self {
             site,
             authority: Arc::new(Authority::new(Arc::clone(&clock))),

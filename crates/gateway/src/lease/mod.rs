@@ -301,11 +301,12 @@ impl LeaseCore {
         if !mine {
             self.active = None;
         }
-        if let Some(released) = &self.view.released {
-            if released.gateway == self.me.gateway && released.by == "operator" {
-                // Let the others take it first.
-                self.hold_off_until = self.changed_at + self.me.lease_ms;
-            }
+        if let Some(released) = &self.view.released
+            && released.gateway == self.me.gateway
+            && released.by == "operator"
+        {
+            // Let the others take it first.
+            self.hold_off_until = self.changed_at + self.me.lease_ms;
         }
         let _ = now;
     }

@@ -92,7 +92,7 @@ fn a_standby_takes_over_a_lease_after_a_whole_lease_of_silence() {
         }
     }
     let at = took_over.expect("the standby took over");
-    assert!(at >= LEASE && at <= 340 + LEASE + 20, "took over at {at}");
+    assert!((LEASE..=340 + LEASE + 20).contains(&at), "took over at {at}");
     assert_eq!(active(&b, 4_000), Some(2), "under the next term");
 }
 
