@@ -287,6 +287,36 @@ impl Gateway {
         self.lease.borrow().clone()
     }
 
+    /// The lease's Prometheus figures: role, term, failovers.
+    fn render_lease_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let status = self.lease_status();
+        let gateway = &self.config.name;
+        let active = u8::from(status.role == "active");
+        let _ = writeln!(
+            out,
+            "# HELP edgebus_gateway_active 1 while this gateway holds its site's lease and sends on its routes.\n\
+             # TYPE edgebus_gateway_active gauge\n\
+             edgebus_gateway_active{{gateway=\"{gateway}\"}} {active}\n\
+             # HELP edgebus_gateway_lease_term The lease term this gateway sends under (0 while standby).\n\
+             # TYPE edgebus_gateway_lease_term gauge\n\
+             edgebus_gateway_lease_term{{gateway=\"{gateway}\"}} {}\n\
+             # HELP edgebus_gateway_lease_site_term The highest term in the site's lease stream.\n\
+             # TYPE edgebus_gateway_lease_site_term gauge\n\
+             edgebus_gateway_lease_site_term{{gateway=\"{gateway}\"}} {}\n\
+             # HELP edgebus_gateway_takeovers_total Times this gateway became active (took the lease).\n\
+             # TYPE edgebus_gateway_takeovers_total counter\n\
+             edgebus_gateway_takeovers_total{{gateway=\"{gateway}\"}} {}\n\
+             # HELP edgebus_gateway_failovers_total Times this gateway lost the lease (deposed, released or lapsed).\n\
+             # TYPE edgebus_gateway_failovers_total counter\n\
+             edgebus_gateway_failovers_total{{gateway=\"{gateway}\"}} {}",
+            status.term,
+            status.lease.term,
+            self.activations.load(Ordering::Relaxed),
+            self.deactivations.load(Ordering::Relaxed),
+        );
+    }
+
     /// This gateway's name.
     pub fn name(&self) -> &str {
         &self.config.name
@@ -560,6 +590,8 @@ impl Gateway {
     pub fn stats_json(&self) -> serde_json::Value {
         serde_json::json!({
             "site": self.config.site.as_str(),
+            "name": self.config.name,
+            "lease": self.lease_status(),
             "routes": self.routes_json(),
             "inbound": self.metrics.to_json(),
             "policies": self.policies(),
@@ -569,6 +601,7 @@ impl Gateway {
     /// Prometheus text of every route, lane and topic, and the inbound side.
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
+        self.render_lease_metrics(out);
         let end = *self.end.borrow();
         let now = now_ms();
         let routes = self.route_metrics.lock().clone();

@@ -61,6 +61,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use super::machine::{Filesystem, Machine, load_average, utc_now};
 use super::node::peers::ChildGuard;
 
+mod failover;
 mod nats;
 
 /// Arguments of `edgebus bench wan`.
@@ -78,6 +79,9 @@ pub struct WanBenchArgs {
     /// Leave out the NATS leaf-node comparison.
     #[arg(long)]
     pub no_nats: bool,
+    /// Run only the gateway failover drills.
+    #[arg(long)]
+    pub failover_only: bool,
     /// The nats-server binary [default: nats-server on PATH, installed with apt-get if missing].
     #[arg(long, value_name = "PATH")]
     pub nats_server: Option<PathBuf>,
@@ -232,9 +236,12 @@ pub fn run(args: &WanBenchArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let plan = if args.quick { PLAN_QUICK } else { PLAN_FULL };
+    let failover_plan = if args.quick { FAILOVER_QUICK } else { FAILOVER_FULL };
     let load_start = load_average();
     let started = Instant::now();
-    let (links, dead, nats_note) = runtime.block_on(measure(args, &plan, &dir))?;
+    let measured = if args.failover_only { None } else { Some(runtime.block_on(measure(args, &plan, &dir))?) };
+    progress(format_args!("gateway failover drills"));
+    let drills = runtime.block_on(failover::measure(failover_plan, &dir.join("failover"), Instant::now()))?;
     let load_end = load_average();
     runtime.shutdown_timeout(Duration::from_secs(10));
     scratch.close().with_context(|| format!("cannot remove the scratch directory {}", dir.display()))?;
@@ -246,12 +253,48 @@ pub fn run(args: &WanBenchArgs) -> anyhow::Result<()> {
         quick: args.quick,
         elapsed_s: started.elapsed().as_secs_f64(),
     };
+    if let Some((links, dead, nats_note)) = measured {
+        if args.json {
+            print_json(&header, &links, &dead, &nats_note)?;
+        } else {
+            print_report(&header, &links, &dead, &nats_note);
+        }
+    }
     if args.json {
-        print_json(&header, &links, &dead, &nats_note)?;
+        println!("{}", drills.to_json());
     } else {
-        print_report(&header, &links, &dead, &nats_note);
+        print_failover(&drills);
     }
     Ok(())
+}
+
+/// Failover drills of a full run: 20 SIGKILLs of the active gateway.
+const FAILOVER_FULL: failover::Plan = failover::Plan { drills: 20, lease_ms: 1_000, rtt_ms: 20 };
+/// Failover drills of a quick run.
+const FAILOVER_QUICK: failover::Plan = failover::Plan { drills: 3, lease_ms: 1_000, rtt_ms: 20 };
+
+fn print_failover(figures: &failover::Figures) {
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0} ms"));
+    println!();
+    println!(
+        "gateway failover: {} drills (SIGKILL of the active gateway), lease {} ms, link RTT {} ms",
+        figures.gaps_ms.len(),
+        figures.plan.lease_ms,
+        figures.plan.rtt_ms
+    );
+    println!(
+        "  kill -> first event from the standby: p50 {}  p99 {}  (target <= lease + 2 x RTT = {:.0} ms)",
+        ms(figures.gap_ms(0.5)),
+        ms(figures.gap_ms(0.99)),
+        figures.target_ms()
+    );
+    println!(
+        "  {} events published during the drills: {} lost, {} duplicated  [{}]",
+        figures.published,
+        figures.lost,
+        figures.duplicates,
+        verdict(Some(figures.pass()))
+    );
 }
 
 struct Header {
@@ -325,13 +368,34 @@ struct Site {
 /// on 127.0.0.1:0, default settings: `fsync=always`) and reads its ready
 /// line. `EDGEBUS_*` variables of this process are not passed on.
 async fn start_site(site: &'static str, data_dir: &Path) -> anyhow::Result<Site> {
+    let node = start_node(site, data_dir, true).await?;
+    Ok(Site {
+        guard: node.guard,
+        grpc: node.grpc,
+        http: node.http,
+        wan: node.wan.context("a gateway node has a WAN address")?,
+    })
+}
+
+/// A node process: its guard and addresses.
+struct Node {
+    guard: ChildGuard,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    wan: Option<SocketAddr>,
+}
+
+/// Starts `edgebus serve --site SITE [--gateway]` on `data_dir` (everything
+/// on 127.0.0.1:0, default settings: `fsync=always`) and reads its ready
+/// line. `EDGEBUS_*` variables of this process are not passed on.
+async fn start_node(site: &'static str, data_dir: &Path, gateway: bool) -> anyhow::Result<Node> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let mut command = std::process::Command::new(exe);
-    command
-        .args(["serve", "--site", site, "--gateway"])
-        .args(["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--wan-listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(data_dir);
+    command.args(["serve", "--site", site, "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
+    if gateway {
+        command.args(["--gateway", "--wan-listen", "127.0.0.1:0"]);
+    }
+    command.arg("--data-dir").arg(data_dir);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("EDGEBUS_") {
             command.env_remove(name);
@@ -343,12 +407,12 @@ async fn start_site(site: &'static str, data_dir: &Path) -> anyhow::Result<Site>
             let field = |key: &str| -> Option<SocketAddr> {
                 rest.split_whitespace().find_map(|w| w.strip_prefix(key))?.parse().ok()
             };
-            Some((field("grpc=")?, field("http=")?, field("wan=")?))
+            Some((field("grpc=")?, field("http=")?, field("wan=")))
         })
     })
     .await
     .context("the start task failed")??;
-    Ok(Site { guard, grpc, http, wan })
+    Ok(Node { guard, grpc, http, wan })
 }
 
 impl Site {
