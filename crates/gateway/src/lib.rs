@@ -6,6 +6,7 @@
 pub mod credit;
 pub mod def;
 pub mod gateway;
+pub mod health;
 pub mod metrics;
 pub mod policy;
 pub mod receiver;
