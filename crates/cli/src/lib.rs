@@ -15,6 +15,7 @@ pub mod bench;
 pub mod client_cmds;
 pub mod config;
 pub mod group;
+pub mod route_view;
 pub mod routes;
 pub mod serve;
 pub mod subscribe;
