@@ -16,6 +16,7 @@ pub mod client_cmds;
 pub mod config;
 pub mod failover;
 pub mod group;
+pub mod route_view;
 pub mod routes;
 pub mod serve;
 pub mod subscribe;
