@@ -45,7 +45,7 @@ async fn end_passes(site: &RemoteSite, position: u64) -> u64 {
 }
 
 /// A node without a gateway, on `data_dir`, listening for gRPC on `grpc`.
-fn plain_node(data_dir: &std::path::Path, grpc: &str) -> Node {
+pub fn plain_node(data_dir: &std::path::Path, grpc: &str) -> Node {
     let data_dir = data_dir.to_str().expect("a UTF-8 path");
     let args = ["--grpc-listen", grpc, "--http-listen", "127.0.0.1:0", "--data-dir", data_dir, "--fsync", "never"];
     Node::start_with(&args, &[]).0
@@ -152,10 +152,10 @@ fn gateway_process_remote_site_serves_every_call_of_the_site() {
 }
 
 /// A running `edgebus gateway` process.
-struct GatewayProcess {
+pub struct GatewayProcess {
     child: Option<Child>,
-    wan: SocketAddr,
-    http: SocketAddr,
+    pub wan: SocketAddr,
+    pub http: SocketAddr,
 }
 
 /// `edgebus gateway ARGS`, without the test's own `EDGEBUS_*` variables.
@@ -172,7 +172,7 @@ fn gateway_command(args: &[&str]) -> Command {
 
 impl GatewayProcess {
     /// Starts `edgebus gateway ARGS` and waits for its ready line.
-    fn start(args: &[&str]) -> Self {
+    pub fn start(args: &[&str]) -> Self {
         let starting = edgebus_tests::guarded::starting_child();
         let mut child = gateway_command(args)
             .stdout(Stdio::piped())
@@ -202,14 +202,34 @@ impl GatewayProcess {
         Self { wan: field("wan"), http: field("http"), child: Some(child) }
     }
 
-    fn get_json(&self, path: &str) -> Value {
+    pub fn get_json(&self, path: &str) -> Value {
         let response = http_request(self.http, "GET", path, &[], b"");
         assert_eq!(response.status, 200, "GET {path}: {}", response.body);
         serde_json::from_str(&response.body).expect("JSON")
     }
 
     /// SIGTERM, then a bounded wait for exit status 0.
-    fn stop(mut self) {
+    /// SIGKILL: no release, no checkpoint.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the process freezes with its lease.
+    pub fn pause(&self) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill").args(["-STOP", &pid]).status().is_ok_and(|s| s.success()), "SIGSTOP delivered");
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill").args(["-CONT", &pid]).status().is_ok_and(|s| s.success()), "SIGCONT delivered");
+    }
+
+    pub fn stop(mut self) {
         let mut child = self.child.take().expect("running");
         let signalled = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         assert!(signalled.is_ok_and(|s| s.success()), "SIGTERM delivered");
@@ -253,7 +273,13 @@ fn gateway_fails(args: &[&str]) -> String {
 }
 
 /// `edgebus gateway` arguments for gateway `name` of site `site` against `node`.
-fn gateway_args<'a>(name: &'a str, site: &'a str, node: &'a str, config: &'a str, lease_ms: &'a str) -> Vec<&'a str> {
+pub fn gateway_args<'a>(
+    name: &'a str,
+    site: &'a str,
+    node: &'a str,
+    config: &'a str,
+    lease_ms: &'a str,
+) -> Vec<&'a str> {
     vec![
         "--name",
         name,

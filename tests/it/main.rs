@@ -3,6 +3,7 @@
 mod cli_publish_read;
 mod cli_subscribe;
 mod fuzz_http;
+mod gateway_failover;
 mod gateway_lease;
 mod gateway_process;
 mod log_crash;
