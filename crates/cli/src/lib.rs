@@ -18,6 +18,7 @@ pub mod failover;
 pub mod group;
 pub mod routes;
 pub mod serve;
+mod sites;
 pub mod subscribe;
 pub mod transform;
 
