@@ -61,6 +61,8 @@ pub(crate) async fn start_node(site: &'static str, data_dir: &Path, gateway: boo
 pub(crate) struct Gateway {
     pub(crate) name: &'static str,
     pub(crate) guard: Option<ChildGuard>,
+    /// Its HTTP API (`/v1/stats`, `/v1/routes`, `/metrics`), from its ready line.
+    pub(crate) http: Option<SocketAddr>,
 }
 
 /// Starts `edgebus gateway --name NAME --site SITE --node NODE` with the
@@ -77,14 +79,15 @@ pub(crate) async fn start_gateway(
         .args(["gateway", "--name", name, "--site", site, "--node", &node.to_string()])
         .args(["--wan-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--config"])
         .arg(config);
-    let (guard, ()) = tokio::task::spawn_blocking(move || {
+    let (guard, http) = tokio::task::spawn_blocking(move || {
         ChildGuard::spawn_until("edgebus gateway", command, |line| {
-            line.starts_with("edgebus gateway ready ").then_some(())
+            let rest = line.strip_prefix("edgebus gateway ready ")?;
+            Some(ready_field(rest, "http="))
         })
     })
     .await
     .context("the start task failed")??;
-    Ok(Gateway { name, guard: Some(guard) })
+    Ok(Gateway { name, guard: Some(guard), http })
 }
 
 /// This executable, without the `EDGEBUS_*` variables of this process, so
