@@ -18,8 +18,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 pub(crate) use crate::bench::node::peers::ChildGuard;
 
-/// Events asked for per read when reading a whole stream.
-const READ_PAGE_EVENTS: usize = 4096;
+/// Events asked for per read when reading a whole stream: 1 KiB events
+/// stay well within the client's 4 MiB message limit.
+const READ_PAGE_EVENTS: usize = 1024;
 /// How long one HTTP exchange with a node or gateway may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new subscription may take to catch up.
