@@ -6,8 +6,12 @@
 use std::path::Path;
 
 const PROTO_ROOT: &str = "proto";
-const PROTO_FILES: &[&str] =
-    &["proto/edgebus/v1/edgebus.proto", "proto/edgebus/v1/groups.proto", "proto/edgebus/v1/wan.proto"];
+const PROTO_FILES: &[&str] = &[
+    "proto/edgebus/v1/edgebus.proto",
+    "proto/edgebus/v1/groups.proto",
+    "proto/edgebus/v1/wan.proto",
+    "proto/edgebus/v1/site.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
