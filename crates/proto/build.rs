@@ -32,6 +32,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The `connect` helper needs tonic's transport feature, which this
         // crate does not enable: the server and client crates bring their own.
         .build_transport(false)
+        // Rare and large: boxed, so that an `ErrorDetail` (which clients
+        // keep in their error types) stays small.
+        .boxed(".edgebus.v1.ErrorDetail.fenced")
         .out_dir(out_dir)
         .compile_fds(descriptors)?;
     Ok(())

@@ -363,11 +363,10 @@ fn site_error_of_status(address: &str, call: Call, status: &Status) -> SiteError
     };
     match detail.error_code() {
         v1::ErrorCode::WrongExpectedVersion => SiteError::WrongVersion { current: detail.current },
-        v1::ErrorCode::Fenced => SiteError::Fenced {
-            origin: detail.origin_site.unwrap_or_default(),
-            term: detail.term.unwrap_or_default(),
-            current: detail.current_term.unwrap_or_default(),
-        },
+        v1::ErrorCode::Fenced => {
+            let fenced = detail.fenced.unwrap_or_default();
+            SiteError::Fenced { origin: fenced.origin_site, term: fenced.term, current: fenced.current_term }
+        }
         v1::ErrorCode::Busy | v1::ErrorCode::Unavailable | v1::ErrorCode::IndexFailure => unavailable(&detail.message),
         _ if call == Call::Read => unavailable(&detail.message),
         _ => SiteError::Refused(detail.message),
@@ -384,9 +383,8 @@ pub fn status_of_site_error(error: &SiteError) -> Status {
             v1::ErrorCode::WrongExpectedVersion
         }
         SiteError::Fenced { origin, term, current } => {
-            detail.origin_site = Some(origin.clone());
-            detail.term = Some(*term);
-            detail.current_term = Some(*current);
+            detail.fenced =
+                Some(Box::new(v1::FencedDetail { origin_site: origin.clone(), term: *term, current_term: *current }));
             v1::ErrorCode::Fenced
         }
         SiteError::Refused(_) => v1::ErrorCode::InvalidArgument,
