@@ -3,6 +3,7 @@
 mod cli_publish_read;
 mod cli_subscribe;
 mod fuzz_http;
+mod gateway_process;
 mod log_crash;
 mod log_faults;
 mod log_model;
