@@ -6,8 +6,12 @@
 use std::path::Path;
 
 const PROTO_ROOT: &str = "proto";
-const PROTO_FILES: &[&str] =
-    &["proto/edgebus/v1/edgebus.proto", "proto/edgebus/v1/groups.proto", "proto/edgebus/v1/wan.proto"];
+const PROTO_FILES: &[&str] = &[
+    "proto/edgebus/v1/edgebus.proto",
+    "proto/edgebus/v1/groups.proto",
+    "proto/edgebus/v1/wan.proto",
+    "proto/edgebus/v1/site.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
@@ -28,6 +32,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The `connect` helper needs tonic's transport feature, which this
         // crate does not enable: the server and client crates bring their own.
         .build_transport(false)
+        // Rare and large: boxed, so that an `ErrorDetail` (which clients
+        // keep in their error types) stays small.
+        .boxed(".edgebus.v1.ErrorDetail.fenced")
         .out_dir(out_dir)
         .compile_fds(descriptors)?;
     Ok(())

@@ -5,6 +5,7 @@ mod cli_subscribe;
 mod demo;
 mod fuzz_http;
 mod gateway_lease;
+mod gateway_process;
 mod log_crash;
 mod log_faults;
 mod log_model;

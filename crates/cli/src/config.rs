@@ -154,8 +154,9 @@ impl Settings {
 }
 
 impl Settings {
-    /// The gateway, if `--gateway` or a `[gateway]` table asks for one.
-    fn gateway_config(&self) -> anyhow::Result<Option<GatewayNodeConfig>> {
+    /// The gateway, if `--gateway` or a `[gateway]` table asks for one (an
+    /// `edgebus gateway` process always does).
+    pub fn gateway_config(&self) -> anyhow::Result<Option<GatewayNodeConfig>> {
         let file = self.gateway_file.clone();
         if !self.gateway.unwrap_or(file.is_some()) {
             return Ok(None);

@@ -3,8 +3,8 @@
 //! The binary is thin: `main` calls [`main_from_env`], which parses the
 //! arguments into a [`Cli`] and hands it to [`run`]. Each subcommand lives in
 //! its own module with its own `Args` struct and `run` function, so that new
-//! ones (serve, publish, read, subscribe, stats, routes, policy, failover,
-//! demo, transform) slot into [`Command`] and the `match` in [`run`] without
+//! ones (serve, gateway, publish, read, subscribe, stats, routes, policy,
+//! failover, demo, transform) slot into [`Command`] and the `match` in [`run`] without
 //! touching the others.
 
 use std::process::ExitCode;
@@ -16,6 +16,7 @@ pub mod client_cmds;
 pub mod config;
 pub mod demo;
 pub mod failover;
+pub mod gateway_cmd;
 pub mod group;
 pub mod routes;
 pub mod serve;
@@ -37,6 +38,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a site node: the event store with its gRPC and HTTP APIs.
     Serve(serve::ServeArgs),
+    /// Run a site's gateway as its own process, against the site's node.
+    Gateway(gateway_cmd::GatewayArgs),
     /// Measure a component of edgebus on this machine and report the figures.
     Bench(bench::BenchArgs),
     /// Append one event to a stream on a node.
@@ -69,6 +72,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(&args),
+        Command::Gateway(args) => gateway_cmd::run(&args),
         Command::Bench(args) => bench::run(args),
         Command::Publish(args) => client_cmds::publish(&args),
         Command::Read(args) => client_cmds::read(&args),

@@ -155,7 +155,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let _runtime = runtime.enter();
         ShutdownSignals::install()?
     };
-    runtime.block_on(node::run(config, signals.wait(), move |ready| {
+    let draining = "draining: finishing acknowledged work and closing the log";
+    runtime.block_on(node::run(config, signals.wait(draining), move |ready| {
         let mut out = std::io::stdout().lock();
         let wan = ready.wan.map(|wan| format!(" wan={wan}")).unwrap_or_default();
         let _ = writeln!(out, "edgebus ready grpc={} http={}{wan} data={data_dir}", ready.grpc, ready.http);
@@ -163,30 +164,32 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     }))
 }
 
-/// The node's SIGTERM and SIGINT (Ctrl-C) handlers. From the moment they
-/// are installed, those signals no longer end the process by their default
-/// action: they are queued until [`ShutdownSignals::wait`] takes them.
-struct ShutdownSignals {
+/// The SIGTERM and SIGINT (Ctrl-C) handlers of a node or a gateway
+/// process. From the moment they are installed, those signals no longer
+/// end the process by their default action: they are queued until
+/// [`ShutdownSignals::wait`] takes them.
+pub(crate) struct ShutdownSignals {
     terminate: Signal,
     interrupt: Signal,
 }
 
 impl ShutdownSignals {
     /// Installs both handlers; needs a Tokio runtime's context.
-    fn install() -> anyhow::Result<Self> {
+    pub(crate) fn install() -> anyhow::Result<Self> {
         Ok(Self {
             terminate: signal(SignalKind::terminate()).context("cannot install a SIGTERM handler")?,
             interrupt: signal(SignalKind::interrupt()).context("cannot install a SIGINT handler")?,
         })
     }
 
-    /// Resolves at the first SIGTERM or SIGINT; a second one exits at once.
-    async fn wait(mut self) {
+    /// Resolves at the first SIGTERM or SIGINT, saying that the process is
+    /// `doing` what it does then; a second one exits at once.
+    pub(crate) async fn wait(mut self, doing: &'static str) {
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
         }
-        eprintln!("edgebus: draining: finishing acknowledged work and closing the log (signal again to exit at once)");
+        eprintln!("edgebus: {doing} (signal again to exit at once)");
         tokio::spawn(async move {
             tokio::select! {
                 _ = self.interrupt.recv() => {}

@@ -7,6 +7,7 @@ pub mod credit;
 pub mod def;
 pub mod gateway;
 pub mod lease;
+pub mod members;
 pub mod metrics;
 pub mod policy;
 pub mod receiver;
@@ -14,4 +15,4 @@ pub mod sender;
 pub mod site;
 
 pub use gateway::{AdminError, Gateway, GatewayConfig};
-pub use site::{Fence, Fences, LocalSite, Site, SiteError};
+pub use site::{Fence, Fences, LocalSite, RemoteSite, Site, SiteError};

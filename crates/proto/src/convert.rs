@@ -16,7 +16,10 @@
 //! [`v1::ErrorDetail`] and back) lives in the `status` submodule and is
 //! re-exported here.
 
+mod site;
 mod status;
+
+pub use site::{ReadLogArgs, SiteAppendArgs, replica_writes};
 
 pub use status::{
     BUSY_RETRY_AFTER_MS, RETRY_PUSHBACK_HEADER, error_detail_from_read_error, error_detail_from_status,
@@ -363,13 +366,17 @@ impl From<RecordedEvent> for v1::RecordedEvent {
             data: event.data,
             metadata: event.metadata,
             timestamp_ms: event.timestamp_ms,
-            origin: event.origin.map(|o| v1::Origin {
-                site: o.site.to_string(),
-                position: o.position,
-                via: o.via.to_string(),
-                note: o.note,
-            }),
+            origin: event.origin.map(wire_origin),
         }
+    }
+}
+
+fn wire_origin(origin: Origin) -> v1::Origin {
+    v1::Origin {
+        site: origin.site.to_string(),
+        position: origin.position,
+        via: origin.via.to_string(),
+        note: origin.note,
     }
 }
 

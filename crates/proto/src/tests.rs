@@ -67,7 +67,7 @@ const STORE_CODES: [(ErrorCode, v1::ErrorCode, u32); 19] = [
 ];
 
 /// Codes of the node and the wire, from 100 up.
-const WIRE_CODES: [(v1::ErrorCode, u32); 9] = [
+const WIRE_CODES: [(v1::ErrorCode, u32); 10] = [
     (v1::ErrorCode::InvalidName, 100),
     (v1::ErrorCode::InvalidFilter, 101),
     (v1::ErrorCode::Unauthenticated, 102),
@@ -77,6 +77,7 @@ const WIRE_CODES: [(v1::ErrorCode, u32); 9] = [
     (v1::ErrorCode::GroupExists, 106),
     (v1::ErrorCode::NotInFlight, 107),
     (v1::ErrorCode::ConsumerExists, 108),
+    (v1::ErrorCode::Fenced, 109),
 ];
 
 #[test]
@@ -134,6 +135,7 @@ fn every_code_maps_to_its_grpc_code() {
         (106, Code::AlreadyExists),
         (107, Code::FailedPrecondition),
         (108, Code::AlreadyExists),
+        (109, Code::FailedPrecondition),
         // A code from a newer node: the client does not know it.
         (20, Code::Unknown),
         (u32::MAX, Code::Unknown),
@@ -505,12 +507,12 @@ fn the_descriptor_set_describes_the_service() {
     let files: Vec<_> = set.file.iter().map(|f| f.name.as_deref().unwrap_or("")).collect();
     assert_eq!(
         files,
-        ["edgebus/v1/edgebus.proto", "edgebus/v1/groups.proto", "edgebus/v1/wan.proto"],
+        ["edgebus/v1/edgebus.proto", "edgebus/v1/groups.proto", "edgebus/v1/wan.proto", "edgebus/v1/site.proto"],
         "no other imports"
     );
     assert!(set.file.iter().all(|f| f.package.as_deref() == Some("edgebus.v1")));
     let services: Vec<_> = set.file.iter().flat_map(|f| f.service.iter().filter_map(|s| s.name.as_deref())).collect();
-    assert_eq!(services, ["EventStore", "ConsumerGroups", "Wan"]);
+    assert_eq!(services, ["EventStore", "ConsumerGroups", "Wan", "Site"]);
 }
 
 // ---- round trips -----------------------------------------------------------
@@ -821,4 +823,65 @@ fn subscription_filter_gives_the_store_filter() {
     assert_eq!(all.event_types, vec![event_type("OrderPlaced")]);
     let every = SubscriptionFilter { streams: StreamSelector::All, ..filter };
     assert!(every.all_filter().stream.is_none());
+}
+
+// ---- the Site service ------------------------------------------------------
+
+#[test]
+fn replica_writes_round_trip_with_the_origin_and_its_timestamp() {
+    use edgebus_store::ReplicaWrite;
+    use edgebus_types::{Origin, SiteName};
+    let site = |name: &str| SiteName::new(name).expect("a site name");
+    let write = |version: Option<u64>, note: &str| ReplicaWrite {
+        stream: name("orders.eu.1"),
+        version,
+        event: NewEvent {
+            id: EventId::from_u128(7),
+            event_type: event_type("OrderPlaced"),
+            data: b"{}".to_vec(),
+            metadata: b"m".to_vec(),
+            timestamp_ms: 1_700_000_000_123,
+        },
+        origin: Origin { site: site("eu"), position: 42, via: site("asia"), note: note.to_owned() },
+    };
+    for original in [write(Some(3), ""), write(None, "sampled 1/10")] {
+        let back = replica_writes(vec![wire(&v1::ReplicaWrite::from(original.clone()))]).expect("converts");
+        let [back] = <[ReplicaWrite; 1]>::try_from(back).expect("one write");
+        assert_eq!((&back.stream, back.version, &back.event), (&original.stream, original.version, &original.event));
+        assert_eq!(back.origin, original.origin);
+    }
+    let mut bad = v1::ReplicaWrite::from(write(Some(0), ""));
+    bad.origin.as_mut().expect("an origin").via = "EU".to_owned();
+    let good = v1::ReplicaWrite::from(write(Some(0), ""));
+    let error = replica_writes(vec![good.clone(), bad]).expect_err("a bad site name");
+    assert_eq!(error.field(), "writes[1].origin.via");
+    let error = replica_writes(vec![v1::ReplicaWrite { event: None, ..good }]).expect_err("no event");
+    assert_eq!(error.field(), "writes[0].event");
+}
+
+#[test]
+fn site_appends_take_system_streams_and_read_log_clamps_to_the_node_maximums() {
+    use edgebus_types::limits::{SITE_READ_LOG_BYTES_MAX, SITE_READ_LOG_RECORDS_MAX};
+    let args = SiteAppendArgs {
+        stream: StreamName::system("$gateway.lease").expect("a system stream"),
+        expected: ExpectedVersion::Exact(4),
+        events: vec![NewEvent {
+            id: EventId::from_u128(1),
+            event_type: event_type("$lease"),
+            data: b"{}".to_vec(),
+            metadata: Vec::new(),
+            timestamp_ms: 9,
+        }],
+    };
+    let back = SiteAppendArgs::from_wire(wire(&v1::SiteAppendRequest::from(args.clone())), 9).expect("converts");
+    assert_eq!(back, args);
+    let missing = v1::SiteAppendRequest { expected_version: None, ..v1::SiteAppendRequest::from(args) };
+    assert_eq!(SiteAppendArgs::from_wire(missing, 0).expect_err("no expectation").field(), "expected_version");
+    let read = |max_records, max_bytes| ReadLogArgs::from(v1::ReadLogRequest { from: 5, max_records, max_bytes });
+    assert_eq!(
+        read(0, 0),
+        ReadLogArgs { from: 5, max_records: SITE_READ_LOG_RECORDS_MAX, max_bytes: SITE_READ_LOG_BYTES_MAX }
+    );
+    assert_eq!(read(10, 100), ReadLogArgs { from: 5, max_records: 10, max_bytes: 100 });
+    assert_eq!(read(u32::MAX, u64::MAX), read(0, 0));
 }

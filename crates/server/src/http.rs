@@ -52,7 +52,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use edgebus_proto::convert::BUSY_RETRY_AFTER_MS;
 use edgebus_proto::v1::ErrorCode as WireCode;
 use edgebus_store::{Direction, ErrorCode, ReadError, Store, StreamFrom, WriteError};
@@ -63,7 +63,8 @@ use crate::metrics::{NodeStats, Outcome, PROMETHEUS_CONTENT_TYPE};
 use crate::quota::QuotaRefusal;
 use crate::state::NodeState;
 
-mod gateway;
+pub mod gateway;
+pub mod gateway_process;
 pub mod groups;
 mod lease;
 pub mod serve;
@@ -94,11 +95,9 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/groups/{name}", get(groups::describe).patch(groups::update).delete(groups::delete))
         .route("/v1/groups/{name}/parked", get(groups::parked))
         .route("/v1/groups/{name}/replay-parked", post(groups::replay_parked))
-        .route("/v1/routes", get(gateway::list_routes).post(gateway::set_route))
-        .route("/v1/routes/{name}", delete(gateway::remove_route))
+        .merge(gateway::routes())
         .route("/v1/gateways", get(lease::list))
         .route("/v1/gateways/{name}/failover", post(lease::failover))
-        .route("/v1/policies", get(gateway::list_policies).post(gateway::set_policy).delete(gateway::remove_policy))
         .fallback(no_such_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(HTTP_BODY_BYTES_MAX))

@@ -15,11 +15,13 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use edgebus_proto::v1::consumer_groups_server::ConsumerGroupsServer;
 use edgebus_proto::v1::event_store_server::EventStoreServer;
+use edgebus_proto::v1::site_server::SiteServer;
 use edgebus_store::{Store, StoreConfig};
 use tokio::net::TcpListener;
 
 use crate::group::service::ConsumerGroupsService;
 use crate::grpc::EventStoreService;
+use crate::grpc_site::SiteService;
 use crate::limits::{LimitedIncoming, LimitedListener, NodeLimits};
 use crate::live::LiveFeed;
 use crate::quota::{QuotaSpec, Quotas};
@@ -181,6 +183,10 @@ pub async fn run(
     let groups_service = ConsumerGroupsServer::new(ConsumerGroupsService::new(Arc::clone(&state)))
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    // Gateways in their own process (`edgebus gateway`) reach the site here.
+    let site_service = SiteServer::new(SiteService::new(Arc::clone(&state)))
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     // Each listener admits at most `max_connections` at once and refuses
     // the rest in its own protocol (see `limits`); the limiters live in the
     // state so that `/metrics` can report them.
@@ -190,6 +196,7 @@ pub async fn run(
         tonic::transport::Server::builder()
             .add_service(service)
             .add_service(groups_service)
+            .add_service(site_service)
             .serve_with_incoming_shutdown(LimitedIncoming::new(grpc_listener, grpc_limiter), stopped(stop.clone())),
     );
     let mut http = tokio::spawn(crate::http::serve::serve(

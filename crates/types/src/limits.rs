@@ -236,3 +236,28 @@ pub const NODE_HTTP_IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 pub const NODE_HTTP_IDLE_TIMEOUT_MS_MIN: u64 = 10;
 
 const _: () = assert!(NODE_HTTP_IDLE_TIMEOUT_MS_MIN <= NODE_HTTP_IDLE_TIMEOUT_MS_DEFAULT);
+
+// ---- the Site service (gateways in their own process) -----------------------
+
+/// Most events one `Site.ReadLog` call returns (default 4096; a request for
+/// more, or for 0, gets this many at most).
+pub const SITE_READ_LOG_RECORDS_MAX: usize = 4096;
+/// Most payload bytes one `Site.ReadLog` call returns past its first event
+/// (default 4 MiB). With the first event (at most one log record) and the
+/// per-event framing this keeps an answer within the node's gRPC message
+/// limit (8 MiB).
+pub const SITE_READ_LOG_BYTES_MAX: u64 = 4 * 1024 * 1024;
+/// Most writes in one `Site.Replicate` call (default 4096); a remote
+/// gateway splits larger batches.
+pub const SITE_REPLICATE_WRITES_MAX: usize = 4096;
+/// Most encoded bytes of the writes a remote gateway puts in one
+/// `Site.Replicate` call (default 4 MiB): a larger batch goes as several
+/// calls, so one call stays within the node's gRPC message limit (8 MiB)
+/// whatever the events.
+pub const SITE_REPLICATE_CALL_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+const _: () = assert!(
+    SITE_READ_LOG_BYTES_MAX + LOG_RECORD_BYTES_DEFAULT + SITE_READ_LOG_RECORDS_MAX as u64 * 64 <= 8 * 1024 * 1024
+);
+const _: () =
+    assert!(SITE_REPLICATE_CALL_BYTES_MAX + EVENT_DATA_BYTES_MAX + EVENT_METADATA_BYTES_MAX + 4096 <= 8 * 1024 * 1024);

@@ -61,6 +61,7 @@ pub fn grpc_code(code: u32) -> Code {
         E::GroupExists | E::ConsumerExists => Code::AlreadyExists,
         E::NotInFlight => Code::FailedPrecondition,
         E::ReplicaStream | E::NotReplica => Code::FailedPrecondition,
+        E::Fenced => Code::FailedPrecondition,
     }
 }
 

@@ -14,13 +14,19 @@
 //! - `DELETE /v1/policies?pattern=P`: `204`.
 //!
 //! A node started without `--gateway` answers `404` with a message saying so.
+//!
+//! The routes are mounted over anything that may hold a gateway
+//! ([`GatewayHost`]): the node's state, or a gateway process's own (see
+//! `gateway_process`).
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use axum::routing::{delete, get};
 use edgebus_gateway::def::{PolicyDef, RouteDef};
 use edgebus_gateway::{AdminError, Gateway};
 use edgebus_proto::v1::ErrorCode as WireCode;
@@ -29,8 +35,30 @@ use serde_json::json;
 use super::{ApiError, json_response};
 use crate::state::NodeState;
 
-fn gateway(state: &NodeState) -> Result<Arc<Gateway>, ApiError> {
-    state.gateway.get().cloned().ok_or_else(|| {
+/// What the gateway routes are served over: something that may hold a
+/// gateway.
+pub trait GatewayHost: Clone + Send + Sync + 'static {
+    /// The gateway, if there is one.
+    fn gateway(&self) -> Option<Arc<Gateway>>;
+}
+
+/// A node runs its site's gateway only when started with `--gateway`.
+impl GatewayHost for Arc<NodeState> {
+    fn gateway(&self) -> Option<Arc<Gateway>> {
+        self.gateway.get().cloned()
+    }
+}
+
+/// `/v1/routes` and `/v1/policies` over `S`'s gateway.
+pub(super) fn routes<S: GatewayHost>() -> Router<S> {
+    Router::new()
+        .route("/v1/routes", get(list_routes::<S>).post(set_route::<S>))
+        .route("/v1/routes/{name}", delete(remove_route::<S>))
+        .route("/v1/policies", get(list_policies::<S>).post(set_policy::<S>).delete(remove_policy::<S>))
+}
+
+fn gateway<S: GatewayHost>(host: &S) -> Result<Arc<Gateway>, ApiError> {
+    host.gateway().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             WireCode::InvalidArgument as u32,
@@ -57,33 +85,30 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, 
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the body is not a valid {what}: {e}")))
 }
 
-pub(super) async fn list_routes(State(state): State<Arc<NodeState>>) -> Result<Response, ApiError> {
+async fn list_routes<S: GatewayHost>(State(state): State<S>) -> Result<Response, ApiError> {
     let gateway = gateway(&state)?;
     Ok(json_response(StatusCode::OK, &json!({ "site": gateway.site().as_str(), "routes": gateway.routes_json() })))
 }
 
-pub(super) async fn set_route(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<Response, ApiError> {
+async fn set_route<S: GatewayHost>(State(state): State<S>, body: Bytes) -> Result<Response, ApiError> {
     let gateway = gateway(&state)?;
     let def: RouteDef = parse(&body, "route definition")?;
     let route = gateway.set_route(def).await.map_err(refusal)?;
     Ok(json_response(StatusCode::CREATED, &json!({ "route": route.name })))
 }
 
-pub(super) async fn remove_route(
-    State(state): State<Arc<NodeState>>,
-    Path(name): Path<String>,
-) -> Result<Response, ApiError> {
+async fn remove_route<S: GatewayHost>(State(state): State<S>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let gateway = gateway(&state)?;
     gateway.remove_route(&name).await.map_err(refusal)?;
     Ok(StatusCode::NO_CONTENT.into_response_body())
 }
 
-pub(super) async fn list_policies(State(state): State<Arc<NodeState>>) -> Result<Response, ApiError> {
+async fn list_policies<S: GatewayHost>(State(state): State<S>) -> Result<Response, ApiError> {
     let gateway = gateway(&state)?;
     Ok(json_response(StatusCode::OK, &json!({ "policies": gateway.policies() })))
 }
 
-pub(super) async fn set_policy(State(state): State<Arc<NodeState>>, body: Bytes) -> Result<Response, ApiError> {
+async fn set_policy<S: GatewayHost>(State(state): State<S>, body: Bytes) -> Result<Response, ApiError> {
     let gateway = gateway(&state)?;
     let def: PolicyDef = parse(&body, "policy definition")?;
     let pattern = def.pattern.clone();
@@ -91,8 +116,8 @@ pub(super) async fn set_policy(State(state): State<Arc<NodeState>>, body: Bytes)
     Ok(json_response(StatusCode::CREATED, &json!({ "pattern": pattern })))
 }
 
-pub(super) async fn remove_policy(
-    State(state): State<Arc<NodeState>>,
+async fn remove_policy<S: GatewayHost>(
+    State(state): State<S>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let gateway = gateway(&state)?;

@@ -1,6 +1,6 @@
 //! What a gateway needs of its site, behind one trait: a gateway runs inside
 //! the node ([`LocalSite`], the store itself) or as its own process talking
-//! to the node over gRPC (`RemoteSite`, the node's `edgebus.v1.Site`
+//! to the node over gRPC ([`RemoteSite`], the node's `edgebus.v1.Site`
 //! service). Everything a gateway keeps — routes, policies, cursors, the
 //! lease — lives in the site's log, so any gateway of the site can take
 //! over from any other.
@@ -17,6 +17,10 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::metrics::now_ms;
+
+pub mod remote;
+
+pub use remote::RemoteSite;
 
 /// A boxed future of a site call.
 pub type SiteFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SiteError>> + Send + 'a>>;
