@@ -1,7 +1,8 @@
 //! A node's figures over a real `edgebus serve`: `/metrics` counts appends
 //! by outcome over both transports and carries the latency histogram,
 //! `/v1/stats` has the summary fields, and `edgebus stats` prints the summary
-//! line and, with `--json`, the same figures as `/v1/stats`.
+//! line and, with `--json`, the same figures as `/v1/stats`; `stats -v` and
+//! `edgebus routes` say when a node runs no gateway.
 
 use std::process::{Command, Output, Stdio};
 
@@ -102,6 +103,16 @@ fn metrics_stats_and_the_stats_command_report_a_nodes_writes() {
     for field in ["local_queue", "backpressure", "appends", "records", "end_position", "append_latency_ms_p99"] {
         assert_eq!(json[field], stats[field], "{field}: {json} against {stats}");
     }
+
+    // `-v` reads the HTTP API; a node without a gateway says it has none.
+    let http = node.http.to_string();
+    let verbose = stdout(&edgebus(&["stats", "-v", "--http", &http]));
+    let mut lines = verbose.lines();
+    assert_eq!(lines.next(), Some("local_queue=0 wan_queue=0 dropped=0 backpressure=healthy"), "{verbose}");
+    assert_eq!(lines.next(), Some("gateway  none (the node runs no gateway)"), "{verbose}");
+    let routes = edgebus(&["routes", "--http", &http]);
+    let refusal = String::from_utf8_lossy(&routes.stderr);
+    assert!(!routes.status.success() && refusal.contains("runs no gateway"), "{refusal}");
 
     node.stop();
 }

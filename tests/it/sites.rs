@@ -150,6 +150,11 @@ impl Site {
             .unwrap_or_else(|| panic!("site {} has no route {name}: {routes}", self.name))
     }
 
+    /// `GET /v1/stats`.
+    pub fn stats(&self) -> Value {
+        self.get_json("/v1/stats")
+    }
+
     /// The `gateway.inbound` entry of `/v1/stats` for links from `from`
     /// (zeros if none came yet).
     pub fn inbound(&self, from: &str) -> Value {

@@ -558,12 +558,32 @@ lanes = [{{ name = "bulk" }}, {{ name = "critical", reserved_permille = 250 }}]
     assert_eq!(us.inbound("eu")["refused"], 0);
 }
 
+/// Runs the `edgebus` binary with `args` and returns its standard output.
+fn edgebus_cli(args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_edgebus-node"))
+        .args(args)
+        .env_remove("EDGEBUS_SERVER")
+        .env_remove("EDGEBUS_HTTP")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run edgebus");
+    assert!(output.status.success(), "edgebus {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).expect("utf-8 stdout")
+}
+
+/// The value of the sample `series` (name and labels exactly as rendered) in `/metrics`.
+fn metric(site: &Site, series: &str) -> Option<f64> {
+    site.metrics().lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Scenario 8: a remote site that is dead (nothing listens at its address)
 /// while 50k events pile up: local appends succeed, the route backs off
-/// and says why it stalls, and its read-ahead does not follow the backlog.
-/// Then the route is pointed at a live site behind a slow link: the lanes
-/// read ahead within their bound while the backlog drains, and it all
-/// arrives.
+/// and says why it stalls — `stalled` since its cursor last moved, on no
+/// link, in `/v1/routes`, `edgebus routes`, `edgebus stats -v`, the
+/// summary line's `backpressure` and `/metrics` — and its read-ahead does
+/// not follow the backlog. Then the route is pointed at a live site behind
+/// a slow link: the lanes read ahead within their bound while the backlog
+/// drains, it all arrives, and the site is healthy again.
 #[test]
 fn wan_sites_dead_remote_keeps_memory_bounded() {
     let rt = runtime();
@@ -572,11 +592,13 @@ fn wan_sites_dead_remote_keeps_memory_bounded() {
     eu.set_route(&route_def("to-us", "us", dead));
     let all = streams("orders", "eu", 10);
     publish(&rt, &eu, &all, 5_000, 500);
+    // Stalled once the cursor has been still for 10 s (`STALLED_AFTER_MS`).
     let route = wait_until("the route reports the dead link", || {
         let r = eu.route("to-us");
         let lane = &r["lanes"][0];
         let waiting = matches!(r["state"].as_str(), Some("backoff" | "open" | "connecting"));
-        if waiting && lane["stall"] == "no link" && lane["stalled_since_ms"].is_u64() && r["last_error"] != "" {
+        let no_link = matches!(lane["reason"].as_str(), Some("no link" | "open circuit"));
+        if waiting && lane["stall"] == "no link" && lane["health"] == "stalled" && no_link && r["last_error"] != "" {
             Ok(r)
         } else {
             Err(r.to_string())
@@ -586,6 +608,30 @@ fn wan_sites_dead_remote_keeps_memory_bounded() {
     assert!(lane["backlog_positions"].as_u64().unwrap_or(0) >= 50_000, "{route}");
     assert!(lane["buffered_events"].as_u64().unwrap_or(u64::MAX) <= 4096, "{route}");
     assert_eq!(lane["in_flight_events"], 0, "{route}");
+    assert!(lane["stalled_since_ms"].is_u64() && lane["stalled_for_ms"].as_u64() > Some(10_000), "{route}");
+    assert_eq!(route["health"], "stalled", "the route is its lane's: {route}");
+    assert_eq!(route["stalled_since_ms"], lane["stalled_since_ms"], "{route}");
+    // What operators read: the table, the verbose stats, the summary line, /metrics.
+    let http = eu.http.to_string();
+    let table = edgebus_cli(&["routes", "--http", &http]);
+    let row = table.lines().find(|l| l.starts_with("to-us")).unwrap_or_else(|| panic!("a row for to-us: {table}"));
+    assert!(row.contains("stalled since") && row.contains("no link"), "{table}");
+    assert!(table.contains("last error: "), "{table}");
+    let json: Value = serde_json::from_str(&edgebus_cli(&["routes", "--http", &http, "--json"])).expect("JSON");
+    assert_eq!(json["routes"][0]["health"], "stalled", "{json}");
+    let stats = edgebus_cli(&["stats", "-v", "--http", &http]);
+    let mut lines = stats.lines();
+    let summary = lines.next().unwrap_or_default();
+    assert!(summary.starts_with("local_queue=") && summary.ends_with(" backpressure=stalled"), "{stats}");
+    let route_line = lines.next().unwrap_or_default();
+    assert!(
+        route_line.starts_with("route  to-us  remote=us") && route_line.contains("health=stalled since"),
+        "{stats}"
+    );
+    assert!(stats.lines().any(|l| l.starts_with("lane  to-us/default  backlog=")), "{stats}");
+    let lane_series = r#"edgebus_lane_health{route="to-us",lane="default",state="stalled"}"#;
+    assert_eq!(metric(&eu, lane_series), Some(1.0));
+    assert_eq!(metric(&eu, r#"edgebus_backpressure{state="stalled"}"#), Some(1.0));
 
     // A live site behind a slow link: the backlog drains through a bounded read-ahead.
     let us = Site::start("us", &gateway_config(&["eu"], ""));
@@ -617,5 +663,16 @@ fn wan_sites_dead_remote_keeps_memory_bounded() {
     let home = snapshot(&rt, &eu.grpc_uri());
     let (_, counts) = await_flows(&rt, &us, &[(&home, Flow { home: "eu", via: "eu", rule: &|_| Expect::Replicate })]);
     assert_eq!(counts, [50_000]);
+    wait_until("the site is healthy again", || {
+        let stats = eu.stats();
+        if stats["backpressure"] == "healthy" && stats["gateway"]["routes"][0]["health"] == "healthy" {
+            Ok(())
+        } else {
+            Err(stats.to_string())
+        }
+    });
+    // Once read, each event is counted under the topic pattern that decided it.
+    let stats = edgebus_cli(&["stats", "-v", "--http", &eu.http.to_string()]);
+    assert!(stats.lines().any(|l| l.starts_with("topic  to-us/") && !l.contains("sent=0 ")), "{stats}");
     rt.block_on(link.stop());
 }

@@ -117,6 +117,14 @@ pub struct StreamsArgs {
 /// `edgebus stats`.
 #[derive(Debug, Clone, Args)]
 pub struct StatsArgs {
+    /// After the summary line, one line per route, lane, topic and inbound
+    /// site; read from the node's HTTP API (`--http`), which serves the
+    /// gateway's figures. With --json: the whole object of `/v1/stats`.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// The node's HTTP address (used with -v).
+    #[arg(long, value_name = "ADDR", env = "EDGEBUS_HTTP", default_value = crate::routes::DEFAULT_HTTP)]
+    pub http: String,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub connect: ConnectArgs,
@@ -236,47 +244,74 @@ pub fn streams(args: &StreamsArgs) -> anyhow::Result<()> {
 }
 
 /// Runs `edgebus stats`: the summary line, then a few aligned figures; with
-/// `--json`, the object of the node's `GET /v1/stats`.
+/// `--json`, the object of the node's `GET /v1/stats`. With `-v`, the
+/// figures come from `GET /v1/stats` over HTTP (the gRPC `Stats` rpc has no
+/// per-route figures) and the route, lane, topic and inbound lines follow
+/// the summary line.
 pub fn stats(args: &StatsArgs) -> anyhow::Result<()> {
-    let response = block_on(async {
-        let client = Client::connect(&args.connect.server).await?;
-        client.stats().await
-    })?;
-    let stats = NodeStats::from(response);
+    let stats = if args.verbose {
+        crate::routes::expect(crate::routes::request(&args.http, "GET", "/v1/stats", None)?, "reading the stats")?
+    } else {
+        let response = block_on(async {
+            let client = Client::connect(&args.connect.server).await?;
+            client.stats().await
+        })?;
+        NodeStats::from(response).to_json()
+    };
     if args.connect.json {
-        println!("{}", stats.to_json());
+        println!("{stats}");
+    } else if args.verbose {
+        print!("{}", stats_verbose_text(&stats));
     } else {
         print!("{}", stats_text(&stats));
     }
     Ok(())
 }
 
-/// The summary line (the shape every edgebus node and gateway prints), then
-/// one aligned figure per line.
-fn stats_text(stats: &NodeStats) -> String {
-    let mut out = format!(
-        "local_queue={} wan_queue={} dropped={} backpressure={}\n",
-        stats.local_queue,
-        stats.wan_queue,
-        stats.dropped,
-        stats.backpressure.as_str()
-    );
+/// The summary line, the shape every edgebus node and gateway prints:
+/// `local_queue=N wan_queue=N dropped=N backpressure=STATE`.
+fn summary_line(stats: &Value) -> String {
+    let n = |key: &str| stats.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let backpressure = stats.get("backpressure").and_then(Value::as_str).unwrap_or("unknown");
+    format!(
+        "local_queue={} wan_queue={} dropped={} backpressure={backpressure}\n",
+        n("local_queue"),
+        n("wan_queue"),
+        n("dropped")
+    )
+}
+
+/// The node's own figures, one aligned figure per line.
+fn node_figures_text(stats: &Value) -> String {
+    let n = |key: &str| stats.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let ms = |key: &str| stats.get(key).and_then(Value::as_f64).unwrap_or(0.0);
     let rows = [
-        ["positions".to_owned(), format!("start={} end={}", stats.start_position, stats.end_position)],
+        ["positions".to_owned(), format!("start={} end={}", n("start_position"), n("end_position"))],
         [
             "appends".to_owned(),
-            format!("{} ({} records, {} bytes written)", stats.appends, stats.records, stats.bytes_written),
+            format!("{} ({} records, {} bytes written)", n("appends"), n("records"), n("bytes_written")),
         ],
-        ["fsyncs".to_owned(), format!("{} ({} batches)", stats.fsyncs, stats.batches)],
-        ["subscriptions".to_owned(), stats.subscriptions.to_string()],
+        ["fsyncs".to_owned(), format!("{} ({} batches)", n("fsyncs"), n("batches"))],
+        ["subscriptions".to_owned(), n("subscriptions").to_string()],
         [
             "append latency".to_owned(),
-            format!("p50={:.2}ms p99={:.2}ms", stats.append_latency_ms_p50, stats.append_latency_ms_p99),
+            format!("p50={:.2}ms p99={:.2}ms", ms("append_latency_ms_p50"), ms("append_latency_ms_p99")),
         ],
-        ["uptime".to_owned(), format!("{}s", stats.uptime_s)],
+        ["uptime".to_owned(), format!("{}s", n("uptime_s"))],
     ];
-    out.push_str(&aligned(&rows));
-    out
+    aligned(&rows)
+}
+
+/// `edgebus stats`: the summary line, then the node's figures. `stats` is
+/// the object of `/v1/stats`.
+fn stats_text(stats: &Value) -> String {
+    summary_line(stats) + &node_figures_text(stats)
+}
+
+/// `edgebus stats -v`: the summary line, the gateway's route, lane, topic
+/// and inbound lines, then the node's figures.
+fn stats_verbose_text(stats: &Value) -> String {
+    summary_line(stats) + &crate::route_view::gateway_lines(stats.get("gateway")) + &node_figures_text(stats)
 }
 
 pub(crate) fn block_on<T>(future: impl Future<Output = Result<T, edgebus_client::ClientError>>) -> anyhow::Result<T> {
@@ -380,12 +415,47 @@ mod tests {
             append_latency_ms_p99: 1.234,
             ..NodeStats::default()
         };
-        let text = stats_text(&stats);
+        let text = stats_text(&stats.to_json());
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "local_queue=2 wan_queue=0 dropped=0 backpressure=healthy");
         assert_eq!(lines[1], "positions       start=0 end=7");
         assert!(lines.contains(&"append latency  p50=0.00ms p99=1.23ms"), "{text}");
         assert!(lines.contains(&"subscriptions   0"), "{text}");
+    }
+
+    #[test]
+    fn verbose_stats_put_the_gateway_between_the_summary_line_and_the_figures() {
+        let stats = NodeStats { wan_queue: 3, dropped: 1, end_position: 9, ..NodeStats::default() };
+        let mut json = stats.to_json();
+        json["backpressure"] = "stalled".into();
+        let text = stats_verbose_text(&json);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "local_queue=0 wan_queue=3 dropped=1 backpressure=stalled");
+        assert_eq!(lines[1], "gateway  none (the node runs no gateway)");
+        assert_eq!(lines[2], "positions       start=0 end=9");
+        json["gateway"] = json!({
+            "site": "eu",
+            "routes": [{"route": "to-us", "remote_site": "us", "state": "backoff", "reconnects": 2,
+                        "window_events": 0, "window_bytes": 0, "health": "stalled",
+                        "stalled_since_ms": 0, "stalled_for_ms": 11_000, "reason": "no link",
+                        "reason_text": "no link: connecting or backing off",
+                        "lanes": [{"lane": "default", "backlog_positions": 3, "health": "stalled",
+                                   "stalled_since_ms": 0, "stalled_for_ms": 11_000, "reason": "no link"}],
+                        "topics_counts": {">": {"sent": 4, "sampled_out": 0, "compacted": 0, "dropped": 1}}}],
+            "inbound": [],
+        });
+        let text = stats_verbose_text(&json);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "local_queue=0 wan_queue=3 dropped=1 backpressure=stalled");
+        assert!(lines[1].starts_with("route  to-us  remote=us  link=backoff  reconnects=2"), "{text}");
+        assert!(
+            lines[1].ends_with("health=stalled since 1970-01-01T00:00:00Z (11s): no link: connecting or backing off"),
+            "{text}"
+        );
+        assert!(lines[2].starts_with("lane  to-us/default  backlog=3"), "{text}");
+        assert!(lines[2].ends_with("health=stalled since 1970-01-01T00:00:00Z (11s): no link"), "{text}");
+        assert_eq!(lines[3], "topic  to-us/>  sent=4  sampled=0  compacted=0  dropped=1");
+        assert_eq!(lines[4], "positions       start=0 end=9");
     }
 
     #[test]

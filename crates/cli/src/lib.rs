@@ -18,6 +18,7 @@ pub mod demo;
 pub mod failover;
 pub mod gateway_cmd;
 pub mod group;
+pub mod route_view;
 pub mod routes;
 pub mod serve;
 mod sites;

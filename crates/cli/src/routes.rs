@@ -14,6 +14,7 @@ use edgebus_gateway::def::{LaneDef, PolicyDef, RouteDef};
 use serde_json::Value;
 
 use crate::client_cmds::aligned;
+use crate::route_view::routes_table;
 
 /// Default HTTP address of a node.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:7291";
@@ -44,7 +45,7 @@ pub struct RoutesArgs {
 
 #[derive(Debug, Clone, Subcommand)]
 enum RoutesCommand {
-    /// A table per route and lane: state, backlog, in flight, window, ack latency, stall (the default).
+    /// A table per route and lane: link, health (stalled since when and why), backlog, in flight, credit, ack p99 (the default).
     Ls,
     /// Add a route, or replace the route of the same name; it starts at once.
     Add(AddRoute),
@@ -169,7 +170,12 @@ pub fn routes(args: &RoutesArgs) -> anyhow::Result<()> {
     let http = &args.http.http;
     match args.command.clone().unwrap_or(RoutesCommand::Ls) {
         RoutesCommand::Ls => {
-            let body = expect(request(http, "GET", "/v1/routes", None)?, "listing routes")?;
+            let (status, body) = request(http, "GET", "/v1/routes", None)?;
+            if status == 404 {
+                let message = body.get("message").and_then(Value::as_str).unwrap_or("no /v1/routes");
+                bail!("the node at {http} has no routes: {message}");
+            }
+            let body = expect((status, body), "listing routes")?;
             if args.http.json {
                 println!("{body}");
             } else {
@@ -212,43 +218,6 @@ fn lane_def(text: &str) -> anyhow::Result<LaneDef> {
         None => (text, 0),
     };
     Ok(LaneDef { name: name.to_owned(), reserved_permille: permille, cap_events: None, cap_bytes: None })
-}
-
-/// One row per route and lane.
-fn routes_table(body: &Value) -> String {
-    let mut rows = vec![
-        ["ROUTE", "REMOTE", "STATE", "LANE", "BACKLOG", "IN FLIGHT", "WINDOW", "ACK P99", "STALL"].map(str::to_owned),
-    ];
-    let empty = Vec::new();
-    let mut errors = String::new();
-    for route in body.get("routes").and_then(Value::as_array).unwrap_or(&empty) {
-        let s =
-            |k: &str| route.get(k).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).unwrap_or_default();
-        for lane in route.get("lanes").and_then(Value::as_array).unwrap_or(&empty) {
-            let n = |k: &str| lane.get(k).and_then(Value::as_u64);
-            let stall = lane.get("stall").and_then(Value::as_str).unwrap_or("?");
-            let stall = match lane.get("stalled_since_ms").and_then(Value::as_u64) {
-                Some(since) => format!("{stall} (stalled since {since} ms epoch)"),
-                None => stall.to_owned(),
-            };
-            rows.push([
-                s("route"),
-                s("remote_site"),
-                s("state"),
-                lane.get("lane").and_then(Value::as_str).unwrap_or("?").to_owned(),
-                n("backlog_positions").unwrap_or(0).to_string(),
-                format!("{} ev / {} B", n("in_flight_events").unwrap_or(0), n("in_flight_bytes").unwrap_or(0)),
-                format!("{} ev / {} B", s("window_events"), s("window_bytes")),
-                n("ack_p99_ms").map_or("-".to_owned(), |ms| format!("{ms}ms")),
-                stall,
-            ]);
-        }
-        let error = s("last_error");
-        if !error.is_empty() && s("state") != "connected" {
-            errors.push_str(&format!("route {} ({} reconnects): {error}\n", s("route"), s("reconnects")));
-        }
-    }
-    aligned(&rows) + &errors
 }
 
 /// Runs `edgebus policy`.
@@ -311,16 +280,5 @@ mod tests {
     #[test]
     fn chunked_bodies_are_joined() {
         assert_eq!(dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
-    }
-
-    #[test]
-    fn the_routes_table_has_a_row_per_lane() {
-        let body = serde_json::json!({"routes": [{"route": "us", "remote_site": "us", "state": "connected",
-            "window_events": 64, "window_bytes": 262144, "last_error": "",
-            "lanes": [{"lane": "critical", "backlog_positions": 3, "in_flight_events": 1, "in_flight_bytes": 90, "ack_p99_ms": 5, "stall": "none"},
-                      {"lane": "bulk", "backlog_positions": 9, "in_flight_events": 0, "in_flight_bytes": 0, "stall": "no credit", "stalled_since_ms": 7}]}]});
-        let table = routes_table(&body);
-        assert_eq!(table.lines().count(), 3, "{table}");
-        assert!(table.contains("no credit (stalled since 7 ms epoch)"), "{table}");
     }
 }

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 
 use crate::credit::ReceiverConfig;
 use crate::def::{DefError, POLICIES_MAX, Policy, PolicyDef, ROUTES_MAX, Route, RouteDef, route_name};
+use crate::health::{self, Health};
 use crate::lease::driver::{Authority, Clock, LeaseDriver, LeaseStatus, MonotonicClock};
 use crate::lease::{LEASE_MS_DEFAULT, LEASE_MS_MAX, LEASE_MS_MIN, Me};
 use crate::metrics::{GatewayMetrics, now_ms};
@@ -508,23 +509,34 @@ impl Gateway {
         }
     }
 
-    /// Every route and lane, as JSON (for `/v1/routes` and `/v1/stats`).
+    /// Every route and lane, as JSON (for `/v1/routes` and `/v1/stats`),
+    /// each with its health (see [`health`]): `health`, and when stalled
+    /// `stalled_since_ms` / `stalled_for_ms`, and when throttled or stalled
+    /// `reason`.
     pub fn routes_json(&self) -> serde_json::Value {
         let end = *self.end.borrow();
         let now = now_ms();
         let routes = self.route_metrics.lock().clone();
+        let health_fields = |object: &mut serde_json::Value, h: &Health| {
+            object["health"] = h.state.as_str().into();
+            object["stalled_since_ms"] = h.since_ms.into();
+            object["stalled_for_ms"] = h.since_ms.map(|since| now.saturating_sub(since)).into();
+            object["reason"] = h.reason.map(health::Reason::code).into();
+            object["reason_text"] = h.reason.map(health::Reason::text).into();
+        };
         let list: Vec<serde_json::Value> = routes
             .values()
             .map(|(route, m)| {
+                let (route_health, lane_health) = health::assess(m, end, now);
                 let lanes: Vec<serde_json::Value> = m
                     .lanes
                     .iter()
                     .zip(&route.lanes)
-                    .map(|(l, def)| {
+                    .zip(&lane_health)
+                    .map(|((l, def), h)| {
                         let acked = l.acked_position.load(Ordering::Relaxed);
                         let oldest = l.oldest_unacked_ms.load(Ordering::Relaxed);
-                        let since = l.stalled_since_ms.load(Ordering::Relaxed);
-                        serde_json::json!({
+                        let mut lane = serde_json::json!({
                             "lane": l.name,
                             "reserved_permille": def.reserved_permille,
                             "read_position": l.read_position.load(Ordering::Relaxed),
@@ -540,14 +552,15 @@ impl Gateway {
                             "ack_p50_ms": l.ack_latency.quantile_ms(0.5),
                             "ack_p99_ms": l.ack_latency.quantile_ms(0.99),
                             "stall": stall::NAMES[usize::from(l.stall.load(Ordering::Relaxed))],
-                            "stalled_since_ms": (since > 0 && now.saturating_sub(since) > 1_000).then_some(since),
-                        })
+                        });
+                        health_fields(&mut lane, h);
+                        lane
                     })
                     .collect();
                 let granted =
                     m.credit_granted_events.load(Ordering::Relaxed) + m.session_granted_events.load(Ordering::Relaxed);
                 let used = m.credit_used_events.load(Ordering::Relaxed) + m.session_used_events.load(Ordering::Relaxed);
-                serde_json::json!({
+                let mut route_json = serde_json::json!({
                     "route": route.name,
                     "remote_site": route.remote_site.as_str(),
                     "addresses": route.addresses,
@@ -564,26 +577,31 @@ impl Gateway {
                     "demand_fulfillment": m.demand_fulfillment(),
                     "lanes": lanes,
                     "topics_counts": m.topics.lock().clone(),
-                })
+                });
+                health_fields(&mut route_json, &route_health);
+                route_json
             })
             .collect();
         serde_json::Value::Array(list)
     }
 
-    /// `(wan_queue, dropped)` for the summary line: events read ahead or in
-    /// flight on every route (bounded by the windows), and events dropped
-    /// by policy since the node started.
-    pub fn summary(&self) -> (u64, u64) {
+    /// The gateway's part of the summary line: events read ahead or in
+    /// flight on every route (bounded by the windows), events dropped by
+    /// policy since the node started, and the worst route's health.
+    pub fn summary(&self) -> health::Summary {
+        let end = *self.end.borrow();
+        let now = now_ms();
         let routes = self.route_metrics.lock().clone();
-        let mut queue = 0;
-        let mut dropped = 0;
+        let mut summary = health::Summary::default();
         for (_, m) in routes.values() {
             for lane in &m.lanes {
-                queue += lane.in_flight_events.load(Ordering::Relaxed) + lane.buffered_events.load(Ordering::Relaxed);
+                summary.wan_queue +=
+                    lane.in_flight_events.load(Ordering::Relaxed) + lane.buffered_events.load(Ordering::Relaxed);
             }
-            dropped += m.topics.lock().values().map(|c| c.dropped).sum::<u64>();
+            summary.dropped += m.topics.lock().values().map(|c| c.dropped).sum::<u64>();
+            summary.health = summary.health.max(health::assess(m, end, now).0.state);
         }
-        (queue, dropped)
+        summary
     }
 
     /// The gateway section of `/v1/stats`.
@@ -593,6 +611,7 @@ impl Gateway {
             "name": self.config.name,
             "lease": self.lease_status(),
             "routes": self.routes_json(),
+            "health": self.summary().health.as_str(),
             "inbound": self.metrics.to_json(),
             "policies": self.policies(),
         })
@@ -605,6 +624,8 @@ impl Gateway {
         let end = *self.end.borrow();
         let now = now_ms();
         let routes = self.route_metrics.lock().clone();
+        let healths: BTreeMap<&str, (Health, Vec<Health>)> =
+            routes.iter().map(|(name, (_, m))| (name.as_str(), health::assess(m, end, now))).collect();
         let mut family = |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = (String, String)>| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (labels, value) in rows {
@@ -620,6 +641,42 @@ impl Gateway {
             "1 while the route has a link session.",
             &mut route_rows(&|m| u8::from(m.state.load(Ordering::Relaxed) == state::CONNECTED).to_string()).into_iter(),
         );
+        let mut rows = routes.values().flat_map(|(r, _)| {
+            let current = healths[r.name.as_str()].0.state;
+            health::State::ALL.into_iter().map(move |state| {
+                (
+                    format!("route=\"{}\",remote=\"{}\",state=\"{}\"", r.name, r.remote_site, state.as_str()),
+                    u8::from(state == current).to_string(),
+                )
+            })
+        });
+        family(
+            "edgebus_route_health",
+            "gauge",
+            "1 for the route's health: healthy, throttled (moving at the pace credit allows) or stalled (backlog and a cursor that has not moved for 10 s); its worst lane's.",
+            &mut rows,
+        );
+        let mut rows = routes.values().flat_map(|(r, m)| {
+            let current = usize::from(m.state.load(Ordering::Relaxed));
+            state::NAMES.iter().enumerate().map(move |(i, name)| {
+                (
+                    format!("route=\"{}\",remote=\"{}\",state=\"{name}\"", r.name, r.remote_site),
+                    u8::from(i == current).to_string(),
+                )
+            })
+        });
+        family(
+            "edgebus_route_link_state",
+            "gauge",
+            "1 for the route's link state: connecting, connected, backoff, open (failing repeatedly, retried at the longest delay) or stopped.",
+            &mut rows,
+        );
+        family(
+            "edgebus_route_failures",
+            "gauge",
+            "Consecutive failed link sessions (0 once a session makes progress).",
+            &mut route_rows(&|m| m.failures.load(Ordering::Relaxed).to_string()).into_iter(),
+        );
         family(
             "edgebus_route_reconnects_total",
             "counter",
@@ -631,6 +688,12 @@ impl Gateway {
             "gauge",
             "The receiver's current credit window in bytes.",
             &mut route_rows(&|m| m.window_bytes.load(Ordering::Relaxed).to_string()).into_iter(),
+        );
+        family(
+            "edgebus_route_window_events",
+            "gauge",
+            "The receiver's current credit window in events.",
+            &mut route_rows(&|m| m.window_events.load(Ordering::Relaxed).to_string()).into_iter(),
         );
         family(
             "edgebus_route_credit_granted_events_total",
@@ -659,7 +722,16 @@ impl Gateway {
             .into_iter(),
         );
         type LaneField = fn(&sender::LaneMetrics, u64, u64) -> u64;
-        let lane_families: [(&str, &str, &str, LaneField); 8] = [
+        let lane_families: [(&str, &str, &str, LaneField); 11] = [
+            (
+                "edgebus_lane_acked_position",
+                "gauge",
+                "The lane's acknowledged cursor: every event of the lane below it is durable at the remote site.",
+                |l, _, _| l.acked_position.load(Ordering::Relaxed),
+            ),
+            ("edgebus_lane_read_position", "gauge", "The next log position the lane reads.", |l, _, _| {
+                l.read_position.load(Ordering::Relaxed)
+            }),
             (
                 "edgebus_lane_backlog_positions",
                 "gauge",
@@ -681,6 +753,12 @@ impl Gateway {
             ("edgebus_lane_in_flight_bytes", "gauge", "Bytes sent and not yet acknowledged.", |l, _, _| {
                 l.in_flight_bytes.load(Ordering::Relaxed)
             }),
+            (
+                "edgebus_lane_buffered_events",
+                "gauge",
+                "Events read ahead and not yet sent (bounded by the read-ahead).",
+                |l, _, _| l.buffered_events.load(Ordering::Relaxed),
+            ),
             (
                 "edgebus_lane_sent_events_total",
                 "counter",
@@ -724,6 +802,52 @@ impl Gateway {
             })
         });
         family("edgebus_lane_stalled", "gauge", "1 for the reason the lane waits although it has data.", &mut rows);
+        let lane_healths = || {
+            routes
+                .values()
+                .flat_map(|(r, m)| m.lanes.iter().zip(&healths[r.name.as_str()].1).map(move |(l, h)| (r, l, *h)))
+        };
+        let mut rows = lane_healths().flat_map(|(r, l, h)| {
+            health::State::ALL.into_iter().map(move |state| {
+                (
+                    format!("route=\"{}\",lane=\"{}\",state=\"{}\"", r.name, l.name, state.as_str()),
+                    u8::from(state == h.state).to_string(),
+                )
+            })
+        });
+        family(
+            "edgebus_lane_health",
+            "gauge",
+            "1 for the lane's health: healthy, throttled (moving at the pace credit allows) or stalled (backlog and a cursor that has not moved for 10 s).",
+            &mut rows,
+        );
+        let mut rows = lane_healths().flat_map(|(r, l, h)| {
+            let current = h.reason.map(health::Reason::code);
+            health::Reason::CODES.into_iter().map(move |reason| {
+                (
+                    format!("route=\"{}\",lane=\"{}\",reason=\"{reason}\"", r.name, l.name),
+                    u8::from(current == Some(reason)).to_string(),
+                )
+            })
+        });
+        family(
+            "edgebus_lane_health_reason",
+            "gauge",
+            "1 for the reason the lane is throttled or stalled (all 0 when healthy).",
+            &mut rows,
+        );
+        let mut rows = lane_healths().map(|(r, l, h)| {
+            (
+                format!("route=\"{}\",lane=\"{}\"", r.name, l.name),
+                h.since_ms.map_or("0".to_owned(), |ms| format!("{:.3}", ms as f64 / 1000.0)),
+            )
+        });
+        family(
+            "edgebus_lane_stalled_since_timestamp_seconds",
+            "gauge",
+            "When a stalled lane's acknowledged cursor last moved, in seconds since the epoch (0: not stalled).",
+            &mut rows,
+        );
         let topics: Vec<(String, String, sender::TopicCounts)> = routes
             .values()
             .flat_map(|(r, m)| m.topics.lock().iter().map(|(t, c)| (r.name.clone(), t.clone(), *c)).collect::<Vec<_>>())

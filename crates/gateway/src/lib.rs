@@ -6,6 +6,7 @@
 pub mod credit;
 pub mod def;
 pub mod gateway;
+pub mod health;
 pub mod lease;
 pub mod members;
 pub mod metrics;

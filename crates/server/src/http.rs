@@ -23,12 +23,15 @@
 //! - `GET /v1/stats`: the node's figures as one JSON object (the same as
 //!   the gRPC `Stats` rpc and `edgebus stats --json`, from
 //!   [`NodeStats::gather`]): `local_queue` (events accepted but not yet
-//!   durable), `wan_queue` and `dropped` (0 until gateways exist),
-//!   `backpressure` (`healthy`, `throttling` when a write queue is above 80%
-//!   of its capacity, `blocked` when the store takes no writes; see
+//!   durable), `wan_queue` and `dropped` (0 without a gateway),
+//!   `backpressure` (`healthy`; `throttled` when a write queue is above 80%
+//!   of its capacity or a route moves at the pace of its credit; `stalled`
+//!   when the store takes no writes or a route is stalled; see
 //!   [`Backpressure`](crate::metrics::Backpressure)), `subscriptions`,
 //!   `uptime_s`, the log's counters and positions, the queues one by one and
-//!   append latency `append_latency_ms_p50`/`_p99`.
+//!   append latency `append_latency_ms_p50`/`_p99`; with a gateway,
+//!   `gateway` (its site, every route and lane with its health, the inbound
+//!   side, the policies).
 //! - `GET /metrics`: Prometheus text format 0.0.4, every metric prefixed
 //!   `edgebus_` (see [`crate::metrics`]).
 //! - `GET /v1/subscribe?stream=|pattern=&type=&predicate=&from=`: a

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use edgebus_gateway::health::State as RouteHealth;
 use edgebus_proto::v1;
 use edgebus_store::Store;
 use serde_json::{Value, json};
@@ -63,9 +64,9 @@ pub const APPEND_LATENCY_BUCKETS_NS: [u64; 16] = [
     10_000_000_000,
 ];
 
-/// Backpressure turns to `throttling` when a queue holds more than this
+/// Backpressure turns to `throttled` when a queue holds more than this
 /// share of its capacity, in percent.
-pub const THROTTLING_PERCENT: u64 = 80;
+pub const THROTTLED_PERCENT: u64 = 80;
 
 /// The content type of `GET /metrics`: Prometheus text exposition 0.0.4.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -534,9 +535,9 @@ impl Metrics {
         out.family(
             "edgebus_backpressure",
             "gauge",
-            "1 for the node's backpressure state: healthy, throttling (a queue above 80% full) or blocked (no writes taken).",
+            "1 for the site's backpressure state, the worst of the node's write queues and the gateway's routes: healthy, throttled (a queue above 80% full, or a route moving at the pace its credit allows) or stalled (no writes taken, or a route stalled).",
         );
-        for state in [Backpressure::Healthy, Backpressure::Throttling, Backpressure::Blocked] {
+        for state in [Backpressure::Healthy, Backpressure::Throttled, Backpressure::Stalled] {
             out.sample("edgebus_backpressure", &[("state", state.as_str())], u8::from(stats.backpressure == state));
         }
         self.render_subscriptions(&mut out);
@@ -727,47 +728,67 @@ fn escape_label_value(value: &str) -> String {
     out
 }
 
-/// Whether a node takes writes at full speed.
+/// Whether a site moves at full speed: the worst of the node's local write
+/// queues ([`Backpressure::assess`]) and of its gateway's routes
+/// ([`Backpressure::with_routes`], see `edgebus_gateway::health`).
 ///
-/// The rule: `blocked` if the store takes no writes (closing, or poisoned by
-/// a failed write, `fdatasync` or index update); else `throttling` if a
-/// queue holds more than [`THROTTLING_PERCENT`] of its capacity (the store's
-/// write requests, the log's queued appends, the log's queued bytes); else
-/// `healthy`.
+/// The local rule: `stalled` if the store takes no writes (closing, or
+/// poisoned by a failed write, `fdatasync` or index update); else
+/// `throttled` if a queue holds more than [`THROTTLED_PERCENT`] of its
+/// capacity (the store's write requests, the log's queued appends, the
+/// log's queued bytes); else `healthy`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Backpressure {
-    /// Every queue is at or below 80% of its capacity and writes are taken.
+    /// Every queue is at or below 80% of its capacity, writes are taken and
+    /// every route is healthy.
     #[default]
     Healthy,
-    /// A queue is above 80% of its capacity: writers are about to wait.
-    Throttling,
-    /// The store takes no writes.
-    Blocked,
+    /// A queue is above 80% of its capacity (writers are about to wait), or
+    /// a route moves only at the pace its credit allows.
+    Throttled,
+    /// The store takes no writes, or a route is stalled.
+    Stalled,
     /// A state this version does not know (from a newer node).
     Unknown,
 }
 
 impl Backpressure {
-    /// Applies the rule (see the type's docs) to `(depth, capacity)` pairs.
+    /// Applies the local rule (see the type's docs) to `(depth, capacity)` pairs.
     pub fn assess(accepts_writes: bool, queues: &[(u64, u64)]) -> Self {
         if !accepts_writes {
-            Self::Blocked
+            Self::Stalled
         } else if queues
             .iter()
-            .any(|(depth, capacity)| u128::from(*depth) * 100 > u128::from(*capacity) * u128::from(THROTTLING_PERCENT))
+            .any(|(depth, capacity)| u128::from(*depth) * 100 > u128::from(*capacity) * u128::from(THROTTLED_PERCENT))
         {
-            Self::Throttling
+            Self::Throttled
         } else {
             Self::Healthy
         }
     }
 
-    /// `healthy`, `throttling`, `blocked` or `unknown`.
+    /// The worse of `self` and the health of the gateway's worst route.
+    pub fn with_routes(self, routes: RouteHealth) -> Self {
+        let from_routes = match routes {
+            RouteHealth::Healthy => Self::Healthy,
+            RouteHealth::Throttled => Self::Throttled,
+            RouteHealth::Stalled => Self::Stalled,
+        };
+        let rank = |state: Self| match state {
+            Self::Healthy => 0,
+            Self::Throttled => 1,
+            Self::Stalled => 2,
+            Self::Unknown => 3,
+        };
+        if rank(from_routes) > rank(self) { from_routes } else { self }
+    }
+
+    /// `healthy`, `throttled`, `stalled` or `unknown`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Healthy => "healthy",
-            Self::Throttling => "throttling",
-            Self::Blocked => "blocked",
+            Self::Throttled => "throttled",
+            Self::Stalled => "stalled",
             Self::Unknown => "unknown",
         }
     }
@@ -777,8 +798,8 @@ impl From<Backpressure> for v1::Backpressure {
     fn from(state: Backpressure) -> Self {
         match state {
             Backpressure::Healthy => Self::Healthy,
-            Backpressure::Throttling => Self::Throttling,
-            Backpressure::Blocked => Self::Blocked,
+            Backpressure::Throttled => Self::Throttled,
+            Backpressure::Stalled => Self::Stalled,
             Backpressure::Unknown => Self::Unspecified,
         }
     }
@@ -789,8 +810,8 @@ impl From<i32> for Backpressure {
     fn from(number: i32) -> Self {
         match v1::Backpressure::try_from(number) {
             Ok(v1::Backpressure::Healthy) => Self::Healthy,
-            Ok(v1::Backpressure::Throttling) => Self::Throttling,
-            Ok(v1::Backpressure::Blocked) => Self::Blocked,
+            Ok(v1::Backpressure::Throttled) => Self::Throttled,
+            Ok(v1::Backpressure::Stalled) => Self::Stalled,
             Ok(v1::Backpressure::Unspecified) | Err(_) => Self::Unknown,
         }
     }
@@ -808,7 +829,7 @@ pub struct NodeStats {
     pub wan_queue: u64,
     /// Events dropped by the gateway's topic policies.
     pub dropped: u64,
-    /// Whether writes are taken at full speed.
+    /// Whether the site moves at full speed: its write queues and its routes.
     pub backpressure: Backpressure,
     /// Open subscriptions.
     pub subscriptions: u64,
@@ -892,7 +913,9 @@ impl NodeStats {
             ],
         );
         let (append_latency_ms_p50, append_latency_ms_p99) = state.metrics.append_latency_ms_p50_p99();
-        let (wan_queue, dropped) = state.gateway.get().map_or((0, 0), |g| g.summary());
+        let gateway = state.gateway.get().map(|g| g.summary()).unwrap_or_default();
+        let backpressure = backpressure.with_routes(gateway.health);
+        let (wan_queue, dropped) = (gateway.wan_queue, gateway.dropped);
         Self {
             local_queue: log_queue.records_unacknowledged + store_queue_requests,
             wan_queue,
@@ -1190,7 +1213,7 @@ mod tests {
         assert_eq!(value(&samples, "edgebus_log_fsyncs_total", &[]), Some(7.0));
         assert_eq!(value(&samples, "edgebus_local_queue", &[]), Some(2.0));
         assert_eq!(value(&samples, "edgebus_backpressure", &[("state", "healthy")]), Some(1.0));
-        assert_eq!(value(&samples, "edgebus_backpressure", &[("state", "blocked")]), Some(0.0));
+        assert_eq!(value(&samples, "edgebus_backpressure", &[("state", "stalled")]), Some(0.0));
         // The escaped pattern comes back intact.
         let pattern = [("pattern", "orders.\"eu\"\\\n>")];
         assert_eq!(value(&samples, "edgebus_subscriptions", &pattern), Some(1.0), "{text}");
@@ -1331,17 +1354,33 @@ mod tests {
     }
 
     #[test]
-    fn backpressure_blocks_without_writes_and_throttles_above_80_percent() {
+    fn backpressure_stalls_without_writes_and_throttles_above_80_percent() {
         assert_eq!(Backpressure::assess(true, &[(0, 4096), (0, 10)]), Backpressure::Healthy);
         assert_eq!(Backpressure::assess(true, &[(80, 100)]), Backpressure::Healthy, "80% is not above 80%");
-        assert_eq!(Backpressure::assess(true, &[(0, 100), (81, 100)]), Backpressure::Throttling);
-        assert_eq!(Backpressure::assess(true, &[(u64::MAX, u64::MAX)]), Backpressure::Throttling, "no overflow");
-        assert_eq!(Backpressure::assess(false, &[(0, 100)]), Backpressure::Blocked);
-        for state in [Backpressure::Healthy, Backpressure::Throttling, Backpressure::Blocked] {
+        assert_eq!(Backpressure::assess(true, &[(0, 100), (81, 100)]), Backpressure::Throttled);
+        assert_eq!(Backpressure::assess(true, &[(u64::MAX, u64::MAX)]), Backpressure::Throttled, "no overflow");
+        assert_eq!(Backpressure::assess(false, &[(0, 100)]), Backpressure::Stalled);
+        for state in [Backpressure::Healthy, Backpressure::Throttled, Backpressure::Stalled] {
             assert_eq!(Backpressure::from(v1::Backpressure::from(state) as i32), state);
         }
         assert_eq!(Backpressure::from(99), Backpressure::Unknown);
         assert_eq!(Backpressure::from(0), Backpressure::Unknown);
+    }
+
+    #[test]
+    fn backpressure_is_the_worst_of_the_queues_and_the_routes() {
+        let cases = [
+            (Backpressure::Healthy, RouteHealth::Healthy, Backpressure::Healthy),
+            (Backpressure::Healthy, RouteHealth::Throttled, Backpressure::Throttled),
+            (Backpressure::Healthy, RouteHealth::Stalled, Backpressure::Stalled),
+            (Backpressure::Throttled, RouteHealth::Healthy, Backpressure::Throttled),
+            (Backpressure::Throttled, RouteHealth::Stalled, Backpressure::Stalled),
+            (Backpressure::Stalled, RouteHealth::Throttled, Backpressure::Stalled),
+            (Backpressure::Unknown, RouteHealth::Stalled, Backpressure::Unknown),
+        ];
+        for (local, routes, site) in cases {
+            assert_eq!(local.with_routes(routes), site, "{local:?} and routes {routes:?}");
+        }
     }
 
     #[test]
@@ -1350,7 +1389,7 @@ mod tests {
             local_queue: 1,
             wan_queue: 0,
             dropped: 0,
-            backpressure: Backpressure::Throttling,
+            backpressure: Backpressure::Throttled,
             subscriptions: 3,
             uptime_s: 4,
             start_position: 5,
@@ -1387,7 +1426,7 @@ mod tests {
         };
         assert_eq!(NodeStats::from(v1::StatsResponse::from(stats.clone())), stats);
         let json = stats.to_json();
-        assert_eq!(json["backpressure"], "throttling");
+        assert_eq!(json["backpressure"], "throttled");
         assert_eq!(json["log_records_unacknowledged"], 15);
         assert_eq!(json["append_latency_ms_p99"], 9.75);
         assert_eq!(json.as_object().map(serde_json::Map::len), Some(22), "every field: {json}");

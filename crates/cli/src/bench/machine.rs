@@ -159,7 +159,7 @@ pub fn utc_now() -> String {
 
 /// Year, month and day of a count of days since 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`, for the proleptic Gregorian calendar).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);

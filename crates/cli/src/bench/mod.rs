@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 
 mod histogram;
 pub mod log;
-mod machine;
+pub(crate) mod machine;
 pub mod node;
 pub mod quota;
 pub mod store;
