@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 use edgebus_client::{Client, RetryPolicy};
+use edgebus_gateway::health;
 use edgebus_gateway::sender::LANE_READ_AHEAD_EVENTS_MAX;
 use edgebus_proto::convert::SubscribeFrom;
 use edgebus_testkit::{Link, LinkConfig};
@@ -100,7 +101,7 @@ struct Plan {
     drill_at: Duration,
 }
 
-const PLAN_QUICK: Plan = Plan { run: Duration::from_secs(8), drill_at: Duration::from_secs(4) };
+const PLAN_QUICK: Plan = Plan { run: Duration::from_secs(10), drill_at: Duration::from_secs(5) };
 const PLAN_FULL: Plan = Plan { run: Duration::from_secs(50), drill_at: Duration::from_secs(25) };
 
 /// Most events the route holds in memory: each lane's read-ahead (at most
@@ -451,18 +452,18 @@ struct Sample {
 }
 
 impl Sample {
-    /// From the `us` node's `/v1/stats` and the active gateway's, if any.
+    /// From the `us` node's `/v1/stats` and the active gateway's, if any:
+    /// the gateway's queue and drops summed over its routes and lanes as a
+    /// node sums its embedded gateway's, and the backpressure of the site,
+    /// the worse of the node's write queues and the gateway's route health.
     fn of(node: &Value, gateway: Option<&Value>) -> Self {
         let routes = gateway.and_then(|g| g["gateway"]["routes"].as_array()).cloned().unwrap_or_default();
-        let lanes = routes.iter().flat_map(|r| r["lanes"].as_array().cloned().unwrap_or_default());
-        let mut wan_queue = 0;
-        let mut throttled = false;
-        for lane in lanes {
-            let queued = lane["in_flight_events"].as_u64().unwrap_or(0) + lane["buffered_events"].as_u64().unwrap_or(0);
-            wan_queue += queued;
-            let waits_on_credit = matches!(lane["stall"].as_str(), Some("no credit" | "lane share" | "lane cap"));
-            throttled |= waits_on_credit && queued > 0;
-        }
+        let wan_queue = routes
+            .iter()
+            .filter_map(|r| r["lanes"].as_array())
+            .flatten()
+            .map(|lane| lane["in_flight_events"].as_u64().unwrap_or(0) + lane["buffered_events"].as_u64().unwrap_or(0))
+            .sum();
         let dropped = routes
             .iter()
             .filter_map(|r| r["topics_counts"].as_object())
@@ -470,14 +471,12 @@ impl Sample {
             .map(|counts| counts["dropped"].as_u64().unwrap_or(0))
             .sum();
         let node_state = node["backpressure"].as_str().unwrap_or("unknown");
-        // The node's own state (its write queues) first; when it is healthy,
-        // whether the WAN holds the route back.
-        let backpressure = if node_state == "healthy" && throttled { "throttled" } else { node_state };
+        let routes_state = gateway.and_then(|g| g["gateway"]["health"].as_str()).unwrap_or("healthy");
         Self {
             local_queue: node["local_queue"].as_u64().unwrap_or(0),
             wan_queue,
             dropped,
-            backpressure: backpressure.to_owned(),
+            backpressure: worse(node_state, routes_state).to_owned(),
             active: gateway.and_then(|g| g["active"].as_str()).map(str::to_owned),
         }
     }
@@ -489,6 +488,13 @@ impl Sample {
             self.local_queue, self.wan_queue, self.dropped, self.backpressure
         )
     }
+}
+
+/// The worse of two health states (`healthy` < `throttled` < `stalled`);
+/// a state this build does not know counts as the worst, so it shows.
+fn worse<'a>(a: &'a str, b: &'a str) -> &'a str {
+    let rank = |s: &str| health::State::ALL.iter().position(|h| h.as_str() == s).unwrap_or(usize::MAX);
+    if rank(b) > rank(a) { b } else { a }
 }
 
 async fn sample(sites: &Sites) -> anyhow::Result<Sample> {
@@ -876,26 +882,26 @@ mod tests {
     }
 
     #[test]
-    fn the_stats_line_says_throttled_only_when_the_wan_holds_a_healthy_node_back() {
+    fn the_stats_line_sums_the_gateways_lanes_and_takes_the_worse_health() {
         let node = json!({"local_queue": 4, "backpressure": "healthy"});
-        let gateway = json!({"active": "gw-us", "gateway": {"routes": [{
+        let gateway = json!({"active": "gw-us", "gateway": {"health": "throttled", "routes": [{
             "lanes": [
-                {"lane": "critical", "in_flight_events": 1, "buffered_events": 0, "stall": "none"},
-                {"lane": "bulk", "in_flight_events": 14, "buffered_events": 700, "stall": "lane cap"},
+                {"lane": "critical", "in_flight_events": 1, "buffered_events": 0},
+                {"lane": "bulk", "in_flight_events": 14, "buffered_events": 700},
             ],
             "topics_counts": {"telemetry.>": {"sent": 9, "sampled_out": 81, "compacted": 0, "dropped": 2}},
         }]}});
         let sample = Sample::of(&node, Some(&gateway));
         assert_eq!(sample.summary(), "local_queue=4 wan_queue=715 dropped=2 backpressure=throttled");
         assert_eq!(sample.active.as_deref(), Some("gw-us"));
-        let mut idle = gateway.clone();
-        idle["gateway"]["routes"][0]["lanes"][1]["stall"] = json!("none");
-        assert_eq!(Sample::of(&node, Some(&idle)).backpressure, "healthy");
-        let busy_node = json!({"local_queue": 9000, "backpressure": "throttling"});
-        assert_eq!(Sample::of(&busy_node, Some(&gateway)).backpressure, "throttling", "the node's own state first");
+        let stalled_node = json!({"local_queue": 9000, "backpressure": "stalled"});
+        assert_eq!(Sample::of(&stalled_node, Some(&gateway)).backpressure, "stalled", "the worse of the two");
         let none = Sample::of(&node, None);
         assert_eq!(none.summary(), "local_queue=4 wan_queue=0 dropped=0 backpressure=healthy");
         assert_eq!(none.active, None);
+        assert_eq!(worse("healthy", "healthy"), "healthy");
+        assert_eq!(worse("throttled", "healthy"), "throttled");
+        assert_eq!(worse("healthy", "on fire"), "on fire", "an unknown state shows");
     }
 
     #[test]
