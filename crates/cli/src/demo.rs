@@ -187,8 +187,11 @@ struct Observed {
     local_queue_max: u64,
     samples: u64,
     throttled_samples: u64,
-    /// Drill → arrival at `eu` of the first alert sent after it.
+    /// Drill → arrival at `eu` of the first alert sent after the standby
+    /// took the lease (see [`Drill`]).
     failover_gap_ms: Option<f64>,
+    /// Drill → the standby seen holding the lease.
+    failover_takeover_ms: Option<f64>,
     /// Who took over.
     failover_via: Option<String>,
     /// Latencies (send → `eu` subscriber) of the alerts sent outside the
@@ -280,11 +283,13 @@ fn verdict(o: &Observed) -> Vec<Check> {
         pass: o.failover_gap_ms.is_some_and(|gap| gap <= target),
         figures: match (o.failover_gap_ms, &o.failover_via) {
             (Some(gap), via) => format!(
-                "{gap:.0} ms from the drill to the first alert sent after it at eu, via {} \
-                 (target <= lease {LEASE_MS} ms + 2 x RTT {LINK_RTT_MS} ms = {target:.0} ms)",
-                via.as_deref().unwrap_or("?")
+                "{gap:.0} ms from the drill until alerts flowed via {} (it held the lease after {}; \
+                 the first alert sent after that reached eu at {gap:.0} ms); \
+                 target <= lease {LEASE_MS} ms + 2 x RTT {LINK_RTT_MS} ms = {target:.0} ms",
+                via.as_deref().unwrap_or("?"),
+                ms(o.failover_takeover_ms)
             ),
-            (None, _) => "no alert sent after the drill arrived at eu".to_owned(),
+            (None, _) => "no alert sent after the takeover arrived at eu".to_owned(),
         },
     });
 
@@ -327,6 +332,7 @@ fn verdict_json(o: &Observed, checks: &[Check], elapsed_s: f64) -> Value {
         "throttled_samples": o.throttled_samples,
         "samples": o.samples,
         "failover_gap_ms": o.failover_gap_ms,
+        "failover_takeover_ms": o.failover_takeover_ms,
         "failover_target_ms": failover_bound_ms(),
         "failover_via": o.failover_via,
         "alert_p50_ms": quantile(&o.alert_latencies_ms, 0.5),
@@ -553,18 +559,30 @@ async fn produce_telemetry(client: Client, flow: Arc<Flow>, sensor: usize) -> an
     Ok(())
 }
 
-/// The failover drill's moment and outcome.
+/// The failover drill: when it started, when the standby was seen holding
+/// the lease, who that is, and the gap once known.
+///
+/// The gap ends with the arrival at `eu` of the first alert sent after the
+/// takeover: the released gateway may still deliver what it read before it
+/// noticed the release, so an alert sent between the drill and the
+/// takeover can arrive without any gap and say nothing of the standby; one
+/// sent after the takeover is carried by the new holder.
 #[derive(Debug, Clone)]
 struct Drill {
     at_us: u64,
+    taken_us: u64,
     via: String,
     gap_ms: Option<f64>,
 }
 
 impl Drill {
-    /// The arrival of the first alert sent after the drill, if there is one yet.
+    /// The arrival of the first alert sent after the takeover, if there is one yet.
     fn resumed_at_us(&self, arrivals: &[Arrival]) -> Option<u64> {
-        arrivals.iter().filter(|a| a.sent_us >= self.at_us).map(|a| a.at_us).min()
+        arrivals.iter().filter(|a| a.sent_us >= self.taken_us).map(|a| a.at_us).min()
+    }
+
+    fn ms_after(&self, us: u64) -> f64 {
+        us.saturating_sub(self.at_us) as f64 / 1e3
     }
 }
 
@@ -632,10 +650,12 @@ async fn demo(plan: Plan, dir: &Path, out: Out) -> anyhow::Result<Observed> {
         if let Some(d) = drill.as_mut().filter(|d| d.gap_ms.is_none()) {
             let arrivals = flow.arrivals.lock().expect("arrivals lock").clone();
             if let Some(at_us) = d.resumed_at_us(&arrivals) {
-                let gap_ms = at_us.saturating_sub(d.at_us) as f64 / 1e3;
+                let gap_ms = d.ms_after(at_us);
                 d.gap_ms = Some(gap_ms);
                 out.line(format_args!(
-                    "     failover gap: the first alert sent after the drill reached eu {gap_ms:.0} ms after it"
+                    "     failover gap {gap_ms:.0} ms: {} held the lease {:.0} ms after the drill; the first alert sent after that reached eu at {gap_ms:.0} ms",
+                    d.via,
+                    d.ms_after(d.taken_us)
                 ));
             }
         }
@@ -683,7 +703,8 @@ async fn demo(plan: Plan, dir: &Path, out: Out) -> anyhow::Result<Observed> {
     if let Some(d) = &drill {
         observed.failover_via = Some(d.via.clone());
         let resumed = d.resumed_at_us(&arrivals);
-        observed.failover_gap_ms = resumed.map(|at| at.saturating_sub(d.at_us) as f64 / 1e3);
+        observed.failover_gap_ms = resumed.map(|at| d.ms_after(at));
+        observed.failover_takeover_ms = Some(d.ms_after(d.taken_us));
         // Alerts sent from one latency bound before the drill (they may
         // have been in flight when the lease moved) until traffic resumed
         // carry the failover in their latency: the gap check covers them.
@@ -732,8 +753,9 @@ async fn run_drill(sites: &Sites, clock: Instant, out: Out) -> anyhow::Result<Dr
     let takeover = tokio::task::spawn_blocking(move || crate::failover::drill(&node_http, &active, None))
         .await
         .context("the drill task")??;
+    let taken_us = micros_since(clock, Instant::now());
     out.line(format_args!("{}", takeover.line()));
-    Ok(Drill { at_us, via: takeover.via, gap_ms: None })
+    Ok(Drill { at_us, taken_us, via: takeover.via, gap_ms: None })
 }
 
 fn banner(sites: &Sites, plan: Plan, out: Out) {
@@ -804,6 +826,7 @@ mod tests {
             samples: 8,
             throttled_samples: 7,
             failover_gap_ms: Some(420.0),
+            failover_takeover_ms: Some(150.0),
             failover_via: Some("gw-us-backup".to_owned()),
             alert_latencies_ms: vec![90.0; 30],
             alerts_in_failover_window: 10,
@@ -921,14 +944,16 @@ mod tests {
     }
 
     #[test]
-    fn the_failover_gap_ends_at_the_first_alert_sent_after_the_drill() {
-        let drill = Drill { at_us: 1_000, via: "gw-us-backup".to_owned(), gap_ms: None };
+    fn the_failover_gap_ends_at_the_first_alert_sent_after_the_takeover() {
+        let drill = Drill { at_us: 1_000, taken_us: 1_200, via: "gw-us-backup".to_owned(), gap_ms: None };
         let arrivals = [
             Arrival { sent_us: 900, at_us: 1_600 },
-            Arrival { sent_us: 1_050, at_us: 1_500 },
-            Arrival { sent_us: 1_100, at_us: 1_450 },
+            Arrival { sent_us: 1_050, at_us: 1_100 },
+            Arrival { sent_us: 1_250, at_us: 1_700 },
+            Arrival { sent_us: 1_300, at_us: 1_650 },
         ];
-        assert_eq!(drill.resumed_at_us(&arrivals), Some(1_450));
-        assert_eq!(drill.resumed_at_us(&arrivals[..1]), None);
+        assert_eq!(drill.resumed_at_us(&arrivals), Some(1_650), "sent after the takeover, arrived first");
+        assert_eq!(drill.resumed_at_us(&arrivals[..2]), None, "an alert sent before the takeover does not count");
+        assert_eq!(drill.ms_after(1_650), 0.65);
     }
 }
