@@ -89,7 +89,7 @@ fn issue_8_the_quick_demo_runs_the_drill_and_passes_every_check() {
         assert!(line.starts_with(&format!("PASS {check}: ")), "{line}\n{context}");
     }
     let gap = out.lines().find(|l| l.starts_with("PASS failover gap: ")).expect("a gap line");
-    assert!(gap.contains("via gw-us-backup"), "{gap}");
+    assert!(gap.contains("after gw-us-backup took the lease"), "{gap}");
 
     // The scratch directory is gone.
     let left: Vec<_> = std::fs::read_dir(scratch.path()).expect("read the scratch parent").collect();

@@ -283,9 +283,8 @@ fn verdict(o: &Observed) -> Vec<Check> {
         pass: o.failover_gap_ms.is_some_and(|gap| gap <= target),
         figures: match (o.failover_gap_ms, &o.failover_via) {
             (Some(gap), via) => format!(
-                "{gap:.0} ms from the drill until alerts flowed via {} (it held the lease after {}; \
-                 the first alert sent after that reached eu at {gap:.0} ms); \
-                 target <= lease {LEASE_MS} ms + 2 x RTT {LINK_RTT_MS} ms = {target:.0} ms",
+                "{gap:.0} ms from the drill to the arrival at eu of the first alert sent after {} took the lease \
+                 (at {}); target <= lease {LEASE_MS} ms + 2 x RTT {LINK_RTT_MS} ms = {target:.0} ms",
                 via.as_deref().unwrap_or("?"),
                 ms(o.failover_takeover_ms)
             ),
