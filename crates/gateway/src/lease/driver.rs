@@ -246,7 +246,7 @@ impl LeaseDriver {
 
     /// How often the driver runs a step.
     pub fn tick(&self) -> Duration {
-        Duration::from_millis((self.core.me().lease_ms / 10).clamp(10, 250))
+        Duration::from_millis((self.core.me().lease_ms / 20).clamp(5, 250))
     }
 
     /// One step: read what is new, append what the core asks for, publish.

@@ -7,12 +7,16 @@
 //! one writer wins each version, and every acquisition raises the term.
 //!
 //! - The holder renews every third of the lease. It considers itself active
-//!   until the time it *sent* its last successful renewal plus 90% of the
+//!   until the time it *sent* its last successful renewal plus 80% of the
 //!   lease, on its own monotonic clock.
 //! - A standby takes over (`acquired`, term + 1) once the stream has not
-//!   changed for a whole lease since it *saw* the last change; that moment
-//!   is after the holder sent it, so the holder's validity ends first. A
-//!   released lease is taken at once.
+//!   changed for 85% of the lease since it *saw* the last change; that
+//!   moment is after the holder sent it, so the holder's validity ends
+//!   first (the 5% between them absorbs clocks running at slightly
+//!   different rates). The standby reads the stream every twentieth of the
+//!   lease, so it takes over within about 90% of the lease after the
+//!   holder's last renewal: `lease_ms` bounds the silence before a
+//!   takeover. A released lease is taken at once.
 //! - A holder whose append finds the stream moved has been deposed.
 //! - Clocks only ever shorten a holder's belief or hasten a standby; two
 //!   gateways that both believe they hold the lease (a frozen process, a
@@ -274,10 +278,16 @@ impl LeaseCore {
         (self.me.lease_ms / 3).max(1)
     }
 
-    /// How long this gateway keeps acting after sending a renewal: 90% of
-    /// the lease, a margin for clocks running at slightly different rates.
+    /// How long this gateway keeps acting after sending a renewal: 80% of
+    /// the lease.
     fn validity(&self) -> u64 {
-        self.me.lease_ms * 9 / 10
+        self.me.lease_ms * 8 / 10
+    }
+
+    /// How long a standby waits after it saw the lease stream change: 85%
+    /// of the lease, longer than any holder's validity.
+    fn silence(lease_ms: u64) -> u64 {
+        lease_ms * 85 / 100
     }
 
     /// The lease stream has been read to its end (possibly with no new
@@ -344,8 +354,8 @@ impl LeaseCore {
             // gateways; `edgebus gateway` checks before it starts).
             Some(holder) if starting && holder.gateway == self.me.gateway => acquire(&self.me),
             Some(holder) => {
-                let lease = holder.lease_ms.max(self.me.lease_ms);
-                if now < self.changed_at + lease || now < self.hold_off_until {
+                let silence = Self::silence(holder.lease_ms.max(self.me.lease_ms));
+                if now < self.changed_at + silence || now < self.hold_off_until {
                     return None;
                 }
                 acquire(&self.me)

@@ -160,11 +160,15 @@ pub async fn measure(plan: Plan, dir: &Path, clock: Instant) -> anyhow::Result<F
         let killed_ns = u64::try_from(killed_at.duration_since(clock).as_nanos()).unwrap_or(u64::MAX);
         drop(gateways[index].guard.take()); // SIGKILL
         let limit = 10 * lease + Duration::from_secs(5);
+        let mut taken = None;
         let first = loop {
             let found =
                 arrivals.lock().expect("arrivals lock").iter().find(|(_, sent)| *sent >= killed_ns).map(|(at, _)| *at);
             if let Some(at) = found {
                 break at;
+            }
+            if taken.is_none() && holder(us.http).await?.is_some_and(|(h, _)| h != active) {
+                taken = Some(killed_at.elapsed().as_secs_f64() * 1e3);
             }
             if killed_at.elapsed() > limit {
                 bail!("drill {drill}: no event sent after the kill of {active} arrived within {limit:?}");
@@ -172,8 +176,9 @@ pub async fn measure(plan: Plan, dir: &Path, clock: Instant) -> anyhow::Result<F
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
         let gap = first.duration_since(killed_at).as_secs_f64() * 1e3;
+        let taken = taken.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.0} ms"));
         progress(format_args!(
-            "  drill {}/{}: {active} killed, first event from the standby after {gap:.0} ms",
+            "  drill {}/{}: {active} killed, lease taken after {taken}, first event from the standby after {gap:.0} ms",
             drill + 1,
             plan.drills
         ));
