@@ -2,6 +2,7 @@
 
 mod cli_publish_read;
 mod cli_subscribe;
+mod demo;
 mod fuzz_http;
 mod gateway_failover;
 mod gateway_lease;

@@ -101,32 +101,58 @@ fn gateways_text(body: &Value, now: u64) -> String {
     out
 }
 
-/// Runs `edgebus failover`: releases the lease `gateway` holds, then waits
-/// until another gateway holds it.
+/// Runs `edgebus failover`: the drill, then one line (or object) saying
+/// which gateway took over.
 pub fn failover(args: &FailoverArgs) -> anyhow::Result<()> {
-    let http = &args.http.http;
-    let name = &args.gateway;
+    let takeover = drill(&args.http.http, &args.gateway, args.wait_ms)?;
+    if args.http.json {
+        println!(
+            "{}",
+            serde_json::json!({ "down": takeover.down, "via": takeover.via, "term": takeover.term, "took_ms": takeover.took_ms })
+        );
+    } else {
+        println!("{}", takeover.line());
+    }
+    Ok(())
+}
+
+/// What a drill did: the gateway that gave the lease up, the one that holds
+/// it now, under which term, and how long the handover took.
+#[derive(Debug, Clone)]
+pub(crate) struct Takeover {
+    pub(crate) down: String,
+    pub(crate) via: String,
+    pub(crate) term: Value,
+    pub(crate) took_ms: u128,
+}
+
+impl Takeover {
+    /// `gateway gw-us down; traffic rerouted via gw-us-backup`.
+    pub(crate) fn line(&self) -> String {
+        format!("gateway {} down; traffic rerouted via {}", self.down, self.via)
+    }
+}
+
+/// The failover drill against the node whose HTTP API is at `http`:
+/// releases the lease `name` holds, then waits (`wait_ms`, by default three
+/// of its leases) until another gateway holds it.
+pub(crate) fn drill(http: &str, name: &str, wait_ms: Option<u64>) -> anyhow::Result<Takeover> {
     let path = format!("/v1/gateways/{name}/failover");
     expect(request(http, "POST", &path, None)?, &format!("the failover of {name}"))?;
     let lease_ms = lease_of(http, name).unwrap_or(edgebus_gateway::lease::LEASE_MS_DEFAULT);
-    let wait = Duration::from_millis(args.wait_ms.unwrap_or(3 * lease_ms));
+    let wait = Duration::from_millis(wait_ms.unwrap_or(3 * lease_ms));
     let started = Instant::now();
     loop {
         let body = expect(request(http, "GET", "/v1/gateways", None)?, "reading the lease")?;
         if let Some(holder) = body["lease"]["holder"].as_object() {
             let gateway = holder.get("gateway").and_then(Value::as_str).unwrap_or("?");
             if gateway != name {
-                let took_ms = started.elapsed().as_millis();
-                if args.http.json {
-                    let term = holder.get("term").cloned().unwrap_or(Value::Null);
-                    println!(
-                        "{}",
-                        serde_json::json!({ "down": name, "via": gateway, "term": term, "took_ms": took_ms })
-                    );
-                } else {
-                    println!("gateway {name} down; traffic rerouted via {gateway}");
-                }
-                return Ok(());
+                return Ok(Takeover {
+                    down: name.to_owned(),
+                    via: gateway.to_owned(),
+                    term: holder.get("term").cloned().unwrap_or(Value::Null),
+                    took_ms: started.elapsed().as_millis(),
+                });
             }
         }
         if started.elapsed() >= wait {

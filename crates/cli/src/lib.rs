@@ -14,12 +14,14 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod client_cmds;
 pub mod config;
+pub mod demo;
 pub mod failover;
 pub mod gateway_cmd;
 pub mod group;
 pub mod route_view;
 pub mod routes;
 pub mod serve;
+mod sites;
 pub mod subscribe;
 pub mod transform;
 
@@ -63,6 +65,8 @@ pub enum Command {
     Gateways(failover::GatewaysArgs),
     /// The failover drill: move the lease from an active gateway to a standby.
     Failover(failover::FailoverArgs),
+    /// The golden path in one command: two sites, a WAN link, alerts and telemetry, a failover drill, a verdict.
+    Demo(demo::DemoArgs),
 }
 
 /// Runs a parsed command line to completion.
@@ -82,6 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(args) => routes::policy(&args),
         Command::Gateways(args) => failover::gateways(&args),
         Command::Failover(args) => failover::failover(&args),
+        Command::Demo(args) => demo::run(&args),
     }
 }
 

@@ -53,7 +53,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 /// A fresh scratch directory for one benchmark run, removed when dropped: in
 /// `dir` if given (put it on the filesystem of the real data directory), else
 /// under `./target` if it exists, else under `$TMPDIR`.
-fn scratch_dir(dir: Option<&std::path::Path>, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+pub(crate) fn scratch_dir(dir: Option<&std::path::Path>, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
     use anyhow::Context as _;
     let parent = match dir {
         Some(dir) => {

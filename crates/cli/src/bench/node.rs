@@ -28,7 +28,7 @@
 
 mod drive;
 mod groups;
-pub(super) mod peers;
+pub(crate) mod peers;
 mod report;
 
 use std::collections::BTreeMap;

@@ -51,15 +51,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use edgebus_client::{Client, Credit, RetryPolicy, SubscriptionItem};
-use edgebus_proto::convert::{StreamSelector, SubscribeFrom, SubscriptionFilter};
+use edgebus_client::{Client, RetryPolicy};
+use edgebus_proto::convert::SubscribeFrom;
 use edgebus_testkit::{Link, LinkConfig, measure_raw_goodput};
-use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName, StreamPattern};
+use edgebus_types::{ExpectedVersion, StreamName};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::machine::{Filesystem, Machine, load_average, utc_now};
-use super::node::peers::ChildGuard;
+use crate::sites::{ChildGuard, event, http, start_node, subscribe};
 
 mod failover;
 mod nats;
@@ -377,44 +376,6 @@ async fn start_site(site: &'static str, data_dir: &Path) -> anyhow::Result<Site>
     })
 }
 
-/// A node process: its guard and addresses.
-struct Node {
-    guard: ChildGuard,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    wan: Option<SocketAddr>,
-}
-
-/// Starts `edgebus serve --site SITE [--gateway]` on `data_dir` (everything
-/// on 127.0.0.1:0, default settings: `fsync=always`) and reads its ready
-/// line. `EDGEBUS_*` variables of this process are not passed on.
-async fn start_node(site: &'static str, data_dir: &Path, gateway: bool) -> anyhow::Result<Node> {
-    let exe = std::env::current_exe().context("cannot find this executable")?;
-    let mut command = std::process::Command::new(exe);
-    command.args(["serve", "--site", site, "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
-    if gateway {
-        command.args(["--gateway", "--wan-listen", "127.0.0.1:0"]);
-    }
-    command.arg("--data-dir").arg(data_dir);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("EDGEBUS_") {
-            command.env_remove(name);
-        }
-    }
-    let (guard, (grpc, http, wan)) = tokio::task::spawn_blocking(move || {
-        ChildGuard::spawn_until("edgebus serve", command, |line| {
-            let rest = line.strip_prefix("edgebus ready ")?;
-            let field = |key: &str| -> Option<SocketAddr> {
-                rest.split_whitespace().find_map(|w| w.strip_prefix(key))?.parse().ok()
-            };
-            Some((field("grpc=")?, field("http=")?, field("wan=")))
-        })
-    })
-    .await
-    .context("the start task failed")??;
-    Ok(Node { guard, grpc, http, wan })
-}
-
 impl Site {
     async fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::connect(&self.grpc.to_string()).await?.with_retry(RetryPolicy::none()))
@@ -441,60 +402,6 @@ fn status_mib(pid: u32, key: &str) -> anyhow::Result<f64> {
         .and_then(|kib| kib.parse().ok())
         .with_context(|| format!("no {key} in /proc/{pid}/status"))?;
     Ok(kib / 1024.0)
-}
-
-/// One HTTP/1.1 request to a node's HTTP API; the JSON answer, or an error
-/// with the status and body when it is not a success.
-async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
-    };
-    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .with_context(|| format!("{method} {path}: no answer within 10 s"))??;
-    let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response without a header end")?;
-    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
-    let body =
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
-    anyhow::ensure!((200..300).contains(&status), "{method} {path}: HTTP {status}: {body}");
-    if body.trim().is_empty() {
-        Ok(Value::Null)
-    } else {
-        serde_json::from_str(&body).context("a response that is not JSON")
-    }
-}
-
-/// The body of a chunked HTTP/1.1 response.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-fn event(data: Vec<u8>, event_type: &str) -> NewEvent {
-    NewEvent {
-        id: EventId::from_u128(rand::random()),
-        event_type: EventType::new(event_type).expect("a valid type"),
-        data,
-        metadata: Vec::new(),
-        timestamp_ms: 0,
-    }
 }
 
 /// Appends `events` events of `payload_bytes` in appends of `per_append`,
@@ -535,44 +442,6 @@ async fn write_backlog(
 struct Arrivals {
     count: AtomicU64,
     samples: std::sync::Mutex<Vec<(Instant, u32)>>,
-}
-
-/// A subscription to `pattern` at `client`'s node from `from`; returns
-/// once the node said it is caught up, with the task that feeds `on_event`
-/// each event and its arrival instant.
-async fn subscribe(
-    client: &Client,
-    pattern: &str,
-    from: SubscribeFrom,
-    mut on_event: impl FnMut(Instant, &[u8]) + Send + 'static,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let filter = SubscriptionFilter {
-        streams: StreamSelector::Pattern(StreamPattern::new(pattern).expect("a valid pattern")),
-        event_types: Vec::new(),
-        predicate: None,
-        include_system: false,
-    };
-    let mut subscription = client.subscribe(filter, from, Credit::Window(8192)).await?;
-    let (caught_up_tx, caught_up) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let mut caught_up_tx = Some(caught_up_tx);
-        while let Some(Ok(item)) = subscription.next().await {
-            match item {
-                SubscriptionItem::Event(event) => on_event(Instant::now(), &event.data),
-                SubscriptionItem::CaughtUp { .. } => {
-                    if let Some(tx) = caught_up_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                SubscriptionItem::Checkpoint { .. } => {}
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(30), caught_up)
-        .await
-        .context("the subscription did not catch up within 30 s")?
-        .context("the subscription ended before it caught up")?;
-    Ok(task)
 }
 
 fn stamped(clock: Instant, payload_bytes: usize) -> Vec<u8> {
@@ -669,9 +538,9 @@ async fn measure_edgebus(profile: &Profile, plan: &Plan, dir: &Path, clock: Inst
     write_backlog(&eu_client, "bulk.goodput", goodput_events, BULK_PAYLOAD_BYTES, BULK_APPEND_EVENTS).await?;
     let arrivals = Arc::new(Arrivals::default());
     let sink = Arc::clone(&arrivals);
-    let bulk_task = subscribe(&us_client, "bulk.>", SubscribeFrom::Beginning, move |at, data| {
+    let bulk_task = subscribe(&us_client, "bulk.>", SubscribeFrom::Beginning, move |at, event| {
         sink.count.fetch_add(1, Ordering::Relaxed);
-        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let len = u32::try_from(event.data.len()).unwrap_or(u32::MAX);
         sink.samples.lock().expect("arrivals lock").push((at, len));
     })
     .await?;
@@ -715,8 +584,8 @@ async fn measure_edgebus(profile: &Profile, plan: &Plan, dir: &Path, clock: Inst
     // Latency, unloaded: the critical producer alone.
     let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = Arc::clone(&latencies);
-    let critical_task = subscribe(&us_client, "critical.>", SubscribeFrom::End, move |at, data| {
-        if let Some(ms) = latency_ms(clock, at, data) {
+    let critical_task = subscribe(&us_client, "critical.>", SubscribeFrom::End, move |at, event| {
+        if let Some(ms) = latency_ms(clock, at, &event.data) {
             sink.lock().expect("latency lock").push(ms);
         }
     })
@@ -1136,11 +1005,6 @@ mod tests {
         assert_eq!(quantile(&[3.0, 1.0, 2.0, 4.0], 0.5), Some(2.0));
         let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(quantile(&hundred, 0.99), Some(99.0));
-    }
-
-    #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(dechunk("4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n"), "{\"a\":1}");
     }
 
     #[test]

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use edgebus_client::Client;
 use edgebus_proto::convert::SubscribeFrom;
-use edgebus_store::{Direction, StreamFrom};
 use edgebus_testkit::{Link, LinkConfig};
 use edgebus_types::{ExpectedVersion, StreamName};
 use serde_json::Value;
 
-use super::{ChildGuard, event, http, progress, quantile, stamped, start_node, subscribe};
+use super::{progress, quantile, stamped};
+use crate::sites::{await_condition, event, holder, read_all, standing_by, start_gateway, start_node, subscribe};
 
 /// Streams the producer writes, round robin.
 const STREAMS: usize = 8;
@@ -93,64 +93,6 @@ impl Figures {
     }
 }
 
-/// A gateway process of `us`.
-struct Gateway {
-    name: &'static str,
-    guard: Option<ChildGuard>,
-}
-
-async fn start_gateway(name: &'static str, node: std::net::SocketAddr, config: &Path) -> anyhow::Result<Gateway> {
-    let exe = std::env::current_exe().context("cannot find this executable")?;
-    let mut command = std::process::Command::new(exe);
-    command
-        .args(["gateway", "--name", name, "--site", "us", "--node", &node.to_string()])
-        .args(["--wan-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--config"])
-        .arg(config);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("EDGEBUS_") {
-            command.env_remove(key);
-        }
-    }
-    let (guard, ()) = tokio::task::spawn_blocking(move || {
-        ChildGuard::spawn_until("edgebus gateway", command, |line| {
-            line.starts_with("edgebus gateway ready ").then_some(())
-        })
-    })
-    .await
-    .context("the start task failed")??;
-    Ok(Gateway { name, guard: Some(guard) })
-}
-
-/// The lease holder's name at the site whose node serves HTTP at `http`.
-async fn holder(http_addr: std::net::SocketAddr) -> anyhow::Result<Option<String>> {
-    let body = http(http_addr, "GET", "/v1/gateways", None).await?;
-    Ok(body["lease"]["holder"]["gateway"].as_str().map(str::to_owned))
-}
-
-/// Whether `name` said it is alive lately and is not the holder.
-async fn standing_by(http_addr: std::net::SocketAddr, name: &str) -> anyhow::Result<bool> {
-    let body = http(http_addr, "GET", "/v1/gateways", None).await?;
-    let listed = body["gateways"].as_array().cloned().unwrap_or_default();
-    Ok(listed.iter().any(|g| g["gateway"] == name && g["role"] == "standby" && g["alive"] == true))
-}
-
-async fn await_condition<F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Runs the drills in `dir`.
 pub async fn measure(plan: Plan, dir: &Path, clock: Instant) -> anyhow::Result<Figures> {
     let eu = start_node("eu", &dir.join("eu"), true).await?;
@@ -171,13 +113,13 @@ pub async fn measure(plan: Plan, dir: &Path, clock: Instant) -> anyhow::Result<F
             link.addr()
         ),
     )?;
-    let primary = start_gateway("gw-us", us.grpc, &gateway_config).await?;
+    let primary = start_gateway("gw-us", "us", us.grpc, &gateway_config).await?;
     let lease = Duration::from_millis(plan.lease_ms);
     await_condition("gw-us holds the lease", 10 * lease, || async {
-        Ok(holder(us.http).await?.as_deref() == Some("gw-us"))
+        Ok(holder(us.http).await?.is_some_and(|(name, _)| name == "gw-us"))
     })
     .await?;
-    let backup = start_gateway("gw-us-backup", us.grpc, &gateway_config).await?;
+    let backup = start_gateway("gw-us-backup", "us", us.grpc, &gateway_config).await?;
     let mut gateways = [primary, backup];
     await_condition("gw-us-backup stands by", 10 * lease, || standing_by(us.http, "gw-us-backup")).await?;
 
@@ -185,8 +127,8 @@ pub async fn measure(plan: Plan, dir: &Path, clock: Instant) -> anyhow::Result<F
     let arrivals: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::new(Mutex::new(Vec::new()));
     let eu_client = Client::connect(&eu.grpc.to_string()).await?;
     let feed = Arc::clone(&arrivals);
-    let subscriber = subscribe(&eu_client, "orders.>", SubscribeFrom::Beginning, move |at, data| {
-        let sent_ns = data.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+    let subscriber = subscribe(&eu_client, "orders.>", SubscribeFrom::Beginning, move |at, event| {
+        let sent_ns = event.data.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
         feed.lock().expect("arrivals lock").push((at, sent_ns));
     })
     .await?;
@@ -212,7 +154,7 @@ pub async fn measure(plan: Plan, dir: &Path, clock: Instant) -> anyhow::Result<F
 
     let mut gaps_ms = Vec::with_capacity(plan.drills);
     for drill in 0..plan.drills {
-        let active = holder(us.http).await?.context("no gateway holds the lease before the drill")?;
+        let (active, _) = holder(us.http).await?.context("no gateway holds the lease before the drill")?;
         let index = gateways.iter().position(|g| g.name == active).context("the holder is one of ours")?;
         let killed_at = Instant::now();
         let killed_ns = u64::try_from(killed_at.duration_since(clock).as_nanos()).unwrap_or(u64::MAX);
@@ -225,7 +167,7 @@ pub async fn measure(plan: Plan, dir: &Path, clock: Instant) -> anyhow::Result<F
             if let Some(at) = found {
                 break at;
             }
-            if taken.is_none() && holder(us.http).await?.is_some_and(|h| h != active) {
+            if taken.is_none() && holder(us.http).await?.is_some_and(|(h, _)| h != active) {
                 taken = Some(killed_at.elapsed().as_secs_f64() * 1e3);
             }
             if killed_at.elapsed() > limit {
@@ -242,7 +184,7 @@ pub async fn measure(plan: Plan, dir: &Path, clock: Instant) -> anyhow::Result<F
         ));
         gaps_ms.push(gap);
         let name = gateways[index].name;
-        gateways[index] = start_gateway(name, us.grpc, &gateway_config).await?;
+        gateways[index] = start_gateway(name, "us", us.grpc, &gateway_config).await?;
         await_condition(&format!("{name} stands by again"), limit, || standing_by(us.http, name)).await?;
     }
 
@@ -266,8 +208,8 @@ async fn compare(home: &Client, replica: &Client) -> anyhow::Result<(u64, u64)> 
     let (mut lost, mut duplicates) = (0u64, 0u64);
     for i in 0..STREAMS {
         let stream = StreamName::new(&format!("orders.us.{i}")).expect("a valid name");
-        let sent = read_all(home, &stream).await?;
-        let got = read_all(replica, &stream).await?;
+        let sent = read_all(home, &stream, |e| e.id).await?;
+        let got = read_all(replica, &stream, |e| e.id).await?;
         let mut seen = std::collections::HashSet::new();
         for id in &got {
             if !seen.insert(*id) {
@@ -277,23 +219,4 @@ async fn compare(home: &Client, replica: &Client) -> anyhow::Result<(u64, u64)> 
         lost += sent.iter().filter(|id| !seen.contains(*id)).count() as u64;
     }
     Ok((lost, duplicates))
-}
-
-async fn read_all(client: &Client, stream: &StreamName) -> anyhow::Result<Vec<edgebus_types::EventId>> {
-    let mut ids = Vec::new();
-    let mut from = 0u64;
-    loop {
-        let events = match client.read_stream(stream.clone(), StreamFrom::Version(from), Direction::Forward, 4096).await
-        {
-            Ok(events) => events,
-            Err(e) if e.to_string().contains("not found") => return Ok(ids),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {stream}")),
-        };
-        let Some(last) = events.last() else { return Ok(ids) };
-        from = last.version + 1;
-        ids.extend(events.iter().map(|e| e.id));
-        if events.len() < 4096 {
-            return Ok(ids);
-        }
-    }
 }
