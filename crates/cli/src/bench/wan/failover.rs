@@ -154,6 +154,10 @@ pub async fn measure(plan: Plan, dir: &Path, clock: Instant) -> anyhow::Result<F
 
     let mut gaps_ms = Vec::with_capacity(plan.drills);
     for drill in 0..plan.drills {
+        // A random moment of the holder's renewal cycle: each drill starts a
+        // fixed time after the previous takeover, which would otherwise
+        // kill at the same phase every time.
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..plan.lease_ms))).await;
         let (active, _) = holder(us.http).await?.context("no gateway holds the lease before the drill")?;
         let index = gateways.iter().position(|g| g.name == active).context("the holder is one of ours")?;
         let killed_at = Instant::now();
