@@ -458,23 +458,13 @@ struct Sample {
 
 impl Sample {
     /// From the `us` node's `/v1/stats` and the active gateway's, if any:
-    /// the gateway's queue and drops summed over its routes and lanes as a
-    /// node sums its embedded gateway's, and the backpressure of the site,
-    /// the worse of the node's write queues and the gateway's route health.
+    /// the gateway's queue and drops (its `wan_queue` and `dropped`, as a
+    /// node reports its embedded gateway's), and the backpressure of the
+    /// site, the worse of the node's write queues and the gateway's route
+    /// health.
     fn of(node: &Value, gateway: Option<&Value>) -> Self {
-        let routes = gateway.and_then(|g| g["gateway"]["routes"].as_array()).cloned().unwrap_or_default();
-        let wan_queue = routes
-            .iter()
-            .filter_map(|r| r["lanes"].as_array())
-            .flatten()
-            .map(|lane| lane["in_flight_events"].as_u64().unwrap_or(0) + lane["buffered_events"].as_u64().unwrap_or(0))
-            .sum();
-        let dropped = routes
-            .iter()
-            .filter_map(|r| r["topics_counts"].as_object())
-            .flat_map(|topics| topics.values())
-            .map(|counts| counts["dropped"].as_u64().unwrap_or(0))
-            .sum();
+        let figure = |key: &str| gateway.and_then(|g| g["gateway"][key].as_u64()).unwrap_or(0);
+        let (wan_queue, dropped) = (figure("wan_queue"), figure("dropped"));
         let node_state = node["backpressure"].as_str().unwrap_or("unknown");
         let routes_state = gateway.and_then(|g| g["gateway"]["health"].as_str()).unwrap_or("healthy");
         Self {
@@ -904,15 +894,9 @@ mod tests {
     }
 
     #[test]
-    fn the_stats_line_sums_the_gateways_lanes_and_takes_the_worse_health() {
+    fn the_stats_line_takes_the_gateways_queue_and_the_worse_health() {
         let node = json!({"local_queue": 4, "backpressure": "healthy"});
-        let gateway = json!({"active": "gw-us", "gateway": {"health": "throttled", "routes": [{
-            "lanes": [
-                {"lane": "critical", "in_flight_events": 1, "buffered_events": 0},
-                {"lane": "bulk", "in_flight_events": 14, "buffered_events": 700},
-            ],
-            "topics_counts": {"telemetry.>": {"sent": 9, "sampled_out": 81, "compacted": 0, "dropped": 2}},
-        }]}});
+        let gateway = json!({"active": "gw-us", "gateway": {"health": "throttled", "wan_queue": 715, "dropped": 2}});
         let sample = Sample::of(&node, Some(&gateway));
         assert_eq!(sample.summary(), "local_queue=4 wan_queue=715 dropped=2 backpressure=throttled");
         assert_eq!(sample.active.as_deref(), Some("gw-us"));

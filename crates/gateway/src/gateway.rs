@@ -606,12 +606,15 @@ impl Gateway {
 
     /// The gateway section of `/v1/stats`.
     pub fn stats_json(&self) -> serde_json::Value {
+        let summary = self.summary();
         serde_json::json!({
             "site": self.config.site.as_str(),
             "name": self.config.name,
             "lease": self.lease_status(),
             "routes": self.routes_json(),
-            "health": self.summary().health.as_str(),
+            "health": summary.health.as_str(),
+            "wan_queue": summary.wan_queue,
+            "dropped": summary.dropped,
             "inbound": self.metrics.to_json(),
             "policies": self.policies(),
         })
