@@ -130,3 +130,53 @@ fn gateway_failover_during_a_burst_loses_and_duplicates_nothing_and_a_frozen_hol
     }
     us.stop();
 }
+
+/// A route knows every inbound gateway of its remote site: site `eu` runs
+/// two gateway processes (the standby receives too), and when the one the
+/// route is linked to is killed mid-burst, the route moves to the other
+/// address and everything arrives exactly once.
+#[test]
+fn gateway_failover_a_route_moves_to_the_remote_sites_other_gateway() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let eu = plain_node(&dir.path().join("eu"), "127.0.0.1:0");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, format!("[gateway]\n{GATEWAY_TIMING}")).expect("write the config file");
+    let (config, node) = (config.to_str().expect("a UTF-8 path").to_owned(), eu.grpc.to_string());
+    let first = GatewayProcess::start(&gateway_args("gw-eu", "eu", &node, &config, LEASE_MS));
+    let second = GatewayProcess::start(&gateway_args("gw-eu-backup", "eu", &node, &config, LEASE_MS));
+    let us = Site::start(
+        "us",
+        &format!(
+            "[gateway]\n{GATEWAY_TIMING}\n[[gateway.routes]]\nname = \"to-eu\"\nremote_site = \"eu\"\naddresses = [\"{}\", \"{}\"]\n",
+            first.wan, second.wan
+        ),
+    );
+    let publisher =
+        Publisher::start(&rt, &us.grpc_uri(), streams("orders", "us", 4), 1_500, 10, Duration::from_millis(2));
+    let linked = |gateway: &GatewayProcess| {
+        let stats = gateway.get_json("/v1/stats");
+        stats["gateway"]["inbound"]
+            .as_array()
+            .and_then(|sites| sites.iter().find(|s| s["site"] == "us"))
+            .map_or(0, |s| s["events_written"].as_u64().unwrap_or(0))
+    };
+    wait_until("the route delivers through gw-eu", || {
+        let written = linked(&first);
+        if written > 300 { Ok(()) } else { Err(written.to_string()) }
+    });
+    first.kill();
+    wait_until("the route delivers through gw-eu-backup", || {
+        let written = linked(&second);
+        if written > 0 { Ok(()) } else { Err(written.to_string()) }
+    });
+    let published = publisher.finish(&rt).expect("the publisher");
+    assert_eq!(published, 4 * 1_500);
+    let home = snapshot(&rt, &us.grpc_uri());
+    let eu_uri = format!("http://{}", eu.grpc);
+    let flow = Flow { home: "us", via: "us", rule: &|_| crate::sites::Expect::Replicate };
+    let checked = wait_until("everything at eu", || crate::sites::check_flow(&home, &snapshot(&rt, &eu_uri), &flow));
+    assert_eq!(checked, 4 * 1_500);
+    second.stop();
+    eu.stop();
+}
