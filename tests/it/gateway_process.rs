@@ -4,7 +4,7 @@
 //! a second process refused under a running gateway's name, a standby
 //! process that takes over, and a node that cannot be reached.
 
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -253,21 +253,7 @@ impl Drop for GatewayProcess {
 
 /// Runs `edgebus gateway ARGS`, which must fail; answers its stderr.
 fn gateway_fails(args: &[&str]) -> String {
-    let mut child =
-        gateway_command(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start edgebus gateway");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let (sender, read) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        let _ = sender.send(text);
-    });
-    let Ok(stderr) = read.recv_timeout(NODE_DEADLINE) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("edgebus gateway {args:?} kept running; it was expected to fail");
-    };
-    let status = child.wait().expect("wait for edgebus gateway");
+    let (status, stderr) = crate::node::run_expecting_exit(gateway_command(args), &format!("edgebus gateway {args:?}"));
     assert!(!status.success(), "edgebus gateway {args:?} must fail: {status}; stderr: {stderr}");
     stderr
 }

@@ -145,8 +145,14 @@ pub fn serve_command(args: &[&str], envs: &[(&str, &str)]) -> Command {
 /// ready; answers its exit status and its stderr. Kills it and fails the
 /// test if it is still running after [`NODE_DEADLINE`].
 pub fn serve_fails(args: &[&str], envs: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
-    let mut child =
-        serve_command(args, envs).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start edgebus serve");
+    run_expecting_exit(serve_command(args, envs), &format!("edgebus serve {args:?}"))
+}
+
+/// Runs `command`, which is expected to exit by itself; answers its exit
+/// status and its stderr. Kills it and fails the test if it is still
+/// running after [`NODE_DEADLINE`].
+pub fn run_expecting_exit(mut command: Command, what: &str) -> (std::process::ExitStatus, String) {
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start the process");
     let mut stderr = child.stderr.take().expect("piped stderr");
     let (sender, read) = mpsc::channel();
     std::thread::spawn(move || {
@@ -157,10 +163,10 @@ pub fn serve_fails(args: &[&str], envs: &[(&str, &str)]) -> (std::process::ExitS
     let Ok(stderr) = read.recv_timeout(NODE_DEADLINE) else {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("edgebus serve {args:?} kept running; it was expected to fail");
+        panic!("{what} kept running; it was expected to fail");
     };
     // stderr closed: the process has exited or is exiting.
-    let status = child.wait().expect("wait for edgebus serve");
+    let status = child.wait().expect("wait for the process");
     (status, stderr)
 }
 

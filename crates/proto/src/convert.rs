@@ -576,14 +576,18 @@ impl AppendArgs {
         Ok(Self {
             stream: client_stream("stream", &request.stream)?,
             expected: expected_version("expected_version", request.expected_version)?,
-            events: request
-                .events
-                .into_iter()
-                .enumerate()
-                .map(|(i, e)| new_event(e, timestamp_ms).map_err(|err| err.within(&format!("events[{i}]"))))
-                .collect::<Result<_, _>>()?,
+            events: new_events(request.events, timestamp_ms)?,
         })
     }
+}
+
+/// Every event of a request, validated and stamped; an error names its index.
+fn new_events(events: Vec<v1::NewEvent>, timestamp_ms: u64) -> Result<Vec<NewEvent>, ConvertError> {
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| new_event(e, timestamp_ms).map_err(|err| err.within(&format!("events[{i}]"))))
+        .collect()
 }
 
 impl From<AppendArgs> for v1::AppendRequest {

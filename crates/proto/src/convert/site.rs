@@ -7,7 +7,7 @@ use edgebus_store::ReplicaWrite;
 use edgebus_types::limits::{SITE_READ_LOG_BYTES_MAX, SITE_READ_LOG_RECORDS_MAX};
 use edgebus_types::{ExpectedVersion, NewEvent, StreamName};
 
-use super::{ConvertError, any_stream, count, expected_version, new_event, origin, required, wire_origin};
+use super::{ConvertError, any_stream, count, expected_version, new_event, new_events, origin, required, wire_origin};
 use crate::v1;
 
 /// The arguments of a `Site.ReadLog` call, clamped to the node's maximums.
@@ -50,12 +50,7 @@ impl SiteAppendArgs {
         Ok(Self {
             stream: any_stream("stream", &request.stream)?,
             expected: expected_version("expected_version", request.expected_version)?,
-            events: request
-                .events
-                .into_iter()
-                .enumerate()
-                .map(|(i, e)| new_event(e, timestamp_ms).map_err(|err| err.within(&format!("events[{i}]"))))
-                .collect::<Result<_, _>>()?,
+            events: new_events(request.events, timestamp_ms)?,
         })
     }
 }
