@@ -805,6 +805,22 @@ impl Gateway {
             })
         });
         family("edgebus_lane_stalled", "gauge", "1 for the reason the lane waits although it has data.", &mut rows);
+        let mut rows = routes.values().flat_map(|(r, m)| {
+            m.lanes.iter().flat_map(move |l| {
+                stall::NAMES.iter().enumerate().skip(1).map(move |(i, reason)| {
+                    (
+                        format!("route=\"{}\",lane=\"{}\",reason=\"{reason}\"", r.name, l.name),
+                        l.stalls[i].load(Ordering::Relaxed).to_string(),
+                    )
+                })
+            })
+        });
+        family(
+            "edgebus_lane_stalls_total",
+            "counter",
+            "Times the lane started waiting although it had data, by reason (credit stalls: reason=\"no credit\").",
+            &mut rows,
+        );
         let lane_healths = || {
             routes
                 .values()

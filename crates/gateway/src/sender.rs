@@ -147,6 +147,8 @@ pub struct LaneMetrics {
     pub buffered_events: AtomicU64,
     /// Current [`stall`] reason.
     pub stall: AtomicU8,
+    /// Times the lane started waiting, by [`stall`] reason (index).
+    pub stalls: [AtomicU64; stall::NAMES.len()],
     /// Since when (ms since epoch) the acknowledged cursor has not moved
     /// while the lane had backlog; 0 when moving or idle.
     pub stalled_since_ms: AtomicU64,
@@ -154,6 +156,16 @@ pub struct LaneMetrics {
     pub oldest_unacked_ms: AtomicU64,
     /// Send → durable acknowledgement latency.
     pub ack_latency: LatencyHistogram,
+}
+
+impl LaneMetrics {
+    /// Records the lane's current stall reason, counting each start of a wait.
+    pub fn set_stall(&self, reason: u8) {
+        let before = self.stall.swap(reason, Ordering::Relaxed);
+        if before != reason && reason != stall::NONE {
+            self.stalls[usize::from(reason)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Per topic pattern counters of a route.
@@ -493,7 +505,7 @@ impl RouteTask {
 
     fn set_stall_all(&self, reason: u8) {
         for m in &self.metrics.lanes {
-            m.stall.store(reason, Ordering::Relaxed);
+            m.set_stall(reason);
         }
     }
 
@@ -768,7 +780,7 @@ impl RouteTask {
                     Some(Stall::LaneCap) => stall::LANE_CAP,
                 },
             };
-            m.stall.store(reason, Ordering::Relaxed);
+            m.set_stall(reason);
         }
         chosen
     }
@@ -1073,6 +1085,19 @@ mod tests {
 
     fn positions(lane: &Lane) -> Vec<u64> {
         lane.buffer.iter().map(|i| i.position).collect()
+    }
+
+    #[test]
+    fn a_lane_counts_each_start_of_a_wait_by_reason() {
+        let m = LaneMetrics::default();
+        for reason in [stall::NO_CREDIT, stall::NO_CREDIT, stall::NONE, stall::NO_CREDIT, stall::LANE_CAP, stall::NONE]
+        {
+            m.set_stall(reason);
+        }
+        assert_eq!(m.stalls[usize::from(stall::NO_CREDIT)].load(Ordering::Relaxed), 2, "two credit stalls");
+        assert_eq!(m.stalls[usize::from(stall::LANE_CAP)].load(Ordering::Relaxed), 1);
+        assert_eq!(m.stalls[usize::from(stall::NONE)].load(Ordering::Relaxed), 0, "moving is not a stall");
+        assert_eq!(m.stall.load(Ordering::Relaxed), stall::NONE);
     }
 
     #[test]
