@@ -577,6 +577,7 @@ impl Gateway {
                     "demand_fulfillment": m.demand_fulfillment(),
                     "lanes": lanes,
                     "topics_counts": m.topics.lock().clone(),
+                    "topics_queued": m.topics_queued.lock().clone(),
                 });
                 health_fields(&mut route_json, &route_health);
                 route_json
@@ -888,6 +889,20 @@ impl Gateway {
             "edgebus_route_topic_sent_total",
             "counter",
             "Events sent per route and deciding topic pattern.",
+            &mut rows,
+        );
+        let queued: Vec<(String, String, u64)> = routes
+            .values()
+            .flat_map(|(r, m)| {
+                m.topics_queued.lock().iter().map(|(t, n)| (r.name.clone(), t.clone(), *n)).collect::<Vec<_>>()
+            })
+            .collect();
+        let mut rows =
+            queued.iter().map(|(route, topic, n)| (format!("route=\"{route}\",topic=\"{topic}\""), n.to_string()));
+        family(
+            "edgebus_route_topic_queued_events",
+            "gauge",
+            "Events read ahead or in flight on the route now, per deciding topic pattern (the rest of the backlog is in the log).",
             &mut rows,
         );
         let name = "edgebus_lane_ack_latency_seconds";

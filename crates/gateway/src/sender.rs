@@ -219,6 +219,8 @@ pub struct RouteMetrics {
     pub lanes: Vec<LaneMetrics>,
     /// Per deciding topic pattern.
     pub topics: Mutex<BTreeMap<String, TopicCounts>>,
+    /// Events read ahead or in flight now, per deciding topic pattern.
+    pub topics_queued: Mutex<BTreeMap<String, u64>>,
 }
 
 impl LaneMetrics {
@@ -271,8 +273,9 @@ struct Item {
 }
 
 /// One event sent and not yet acknowledged.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct InFlight {
+    topic: Arc<str>,
     seq: u64,
     position: u64,
     bytes: u64,
@@ -288,6 +291,8 @@ struct Lane {
     buffer_bytes: u64,
     /// `(seq, position, sent at ms, event timestamp)` of events in flight, in seq order.
     in_flight: VecDeque<InFlight>,
+    /// Events read ahead or in flight, per deciding topic pattern.
+    queued: HashMap<Arc<str>, u64>,
     /// Sum of `bytes` over `in_flight`.
     in_flight_bytes: u64,
     blocked: bool,
@@ -314,6 +319,7 @@ impl Lane {
         self.buffer_bytes = 0;
         self.in_flight.clear();
         self.in_flight_bytes = 0;
+        self.queued.clear();
         self.blocked = false;
         self.at_end = false;
     }
@@ -414,6 +420,7 @@ async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mu
             buffer_bytes: 0,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
+            queued: HashMap::new(),
             blocked: false,
             last_bucket: HashMap::new(),
             read_ahead,
@@ -481,6 +488,13 @@ struct CursorRecord {
 
 impl RouteTask {
     fn publish_positions(&self) {
+        let mut queued: BTreeMap<String, u64> = BTreeMap::new();
+        for lane in &self.lanes {
+            for (topic, n) in &lane.queued {
+                *queued.entry(topic.to_string()).or_default() += n;
+            }
+        }
+        *self.metrics.topics_queued.lock() = queued;
         for lane in &self.lanes {
             let m = &self.metrics.lanes[lane.index];
             m.read_position.store(lane.read_pos, Ordering::Relaxed);
@@ -753,6 +767,12 @@ impl RouteTask {
             while lane.in_flight.front().is_some_and(|f| f.seq < durable.events) {
                 let done = lane.in_flight.pop_front().expect("checked");
                 lane.in_flight_bytes -= done.bytes;
+                if let Some(n) = lane.queued.get_mut(&done.topic) {
+                    *n -= 1;
+                    if *n == 0 {
+                        lane.queued.remove(&done.topic);
+                    }
+                }
                 let sent_at = done.sent_at_ms;
                 m.acked_events.fetch_add(1, Ordering::Relaxed);
                 m.ack_latency.observe(now.saturating_sub(sent_at));
@@ -819,6 +839,7 @@ impl RouteTask {
             lane.buffer_bytes -= item.bytes;
             let seq = credit.on_sent(lane_index, item.bytes);
             lane.in_flight.push_back(InFlight {
+                topic: Arc::clone(&item.topic),
                 seq,
                 position: item.position,
                 bytes: item.bytes,
@@ -961,6 +982,7 @@ impl RouteTask {
                         continue;
                     }
                     let item = to_item(event, &action, &self.context.site_name, topic);
+                    *lane.queued.entry(Arc::clone(&item.topic)).or_default() += 1;
                     lane.buffer_bytes += item.bytes;
                     lane.buffer.push_back(item);
                 }
@@ -1073,6 +1095,7 @@ mod tests {
                 buffer_bytes: 0,
                 in_flight: VecDeque::new(),
                 in_flight_bytes: 0,
+                queued: HashMap::new(),
                 blocked: false,
                 last_bucket: HashMap::new(),
                 read_ahead: Amount::new(4096, 1 << 22),
@@ -1200,5 +1223,13 @@ mod tests {
         assert_eq!(topics["state.>"].compacted, 2);
         assert_eq!(topics["junk.>"].dropped, 1);
         assert!(task.lanes[0].buffer.is_empty(), "nothing for the critical lane");
+        // What waits is counted per topic, once, until it leaves (here: a
+        // rewind, as when a session ends).
+        task.publish_positions();
+        let queued = task.metrics.topics_queued.lock().clone();
+        assert_eq!(queued, BTreeMap::from([("telemetry.>".to_owned(), 2), ("state.>".to_owned(), 1)]));
+        task.lanes[1].rewind();
+        task.publish_positions();
+        assert!(task.metrics.topics_queued.lock().is_empty());
     }
 }
