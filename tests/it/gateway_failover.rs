@@ -68,12 +68,14 @@ fn gateway_failover_during_a_burst_loses_and_duplicates_nothing_and_a_frozen_hol
     });
 
     // 1. The operator's drill.
+    let starting = edgebus_tests::guarded::starting_child();
     let drill = Command::new(env!("CARGO_BIN_EXE_edgebus-node"))
         .args(["failover", "gw-us", "--http", &us.http.to_string()])
         .env_remove("EDGEBUS_HTTP")
         .stdin(Stdio::null())
         .output()
         .expect("run edgebus failover");
+    drop(starting);
     let said = String::from_utf8_lossy(&drill.stdout).trim().to_owned();
     assert!(drill.status.success(), "the drill: {said} {}", String::from_utf8_lossy(&drill.stderr));
     let (second, term) = holder(us.http).expect("a holder after the drill");

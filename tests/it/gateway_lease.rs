@@ -10,6 +10,8 @@ use serde_json::Value;
 use crate::sites::{Site, wait_until};
 
 fn edgebus(args: &[&str]) -> Output {
+    // No log opens in this process while the child forks (see `guarded`).
+    let _starting = edgebus_tests::guarded::starting_child();
     Command::new(env!("CARGO_BIN_EXE_edgebus-node"))
         .args(args)
         .env_remove("EDGEBUS_HTTP")

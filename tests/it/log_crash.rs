@@ -171,6 +171,9 @@ fn run_child_until_killed(dir: &Path, round: u32, rng: &mut StdRng, totals: &mut
                 panic!("round {round}: no `opened` line from the child within {WAIT_LIMIT:?}: {e}")
             });
             let line = parse_line(&line);
+            if let Line::Error(message) = &line {
+                panic!("round {round}: the child failed before it opened the log: {message}");
+            }
             let opened = matches!(line, Line::Opened { .. });
             lines.push(line);
             if opened {
