@@ -140,19 +140,19 @@ fn event(event_type: &str, data: &impl Serialize) -> NewEvent {
 /// Reads the lease stream's records from `from` (for operators and tests).
 pub async fn read_lease(site: &dyn Site) -> Result<LeaseView, SiteError> {
     let mut view = LeaseView::default();
-    let mut from = 0;
-    loop {
-        let events = site.read_stream(lease_stream(), StreamFrom::Version(from), Direction::Forward, READ_PAGE).await?;
-        for e in &events {
-            if let Ok(record) = serde_json::from_slice::<LeaseRecord>(&e.data) {
-                view.apply(e.version, &record, e.timestamp_ms);
-            }
-            from = e.version + 1;
-        }
-        if events.len() < READ_PAGE {
-            return Ok(view);
-        }
+    if let Some((version, record, timestamp_ms)) = last_record(site).await? {
+        view.apply(version, &record, timestamp_ms);
     }
+    Ok(view)
+}
+
+/// The lease stream's last record: it alone tells the lease (see
+/// [`LeaseView::apply`]).
+async fn last_record(site: &dyn Site) -> Result<Option<(u64, LeaseRecord, u64)>, SiteError> {
+    let events = site.read_stream(lease_stream(), StreamFrom::End, Direction::Backward, 1).await?;
+    Ok(events.first().and_then(|e| {
+        serde_json::from_slice::<LeaseRecord>(&e.data).ok().map(|record| (e.version, record, e.timestamp_ms))
+    }))
 }
 
 /// The last heartbeat of every gateway, newest first (for operators).
@@ -307,6 +307,16 @@ impl LeaseDriver {
     }
 
     async fn read(&mut self) {
+        if self.core.view().version.is_none() {
+            // First read: the last record, not the stream's whole history.
+            match last_record(self.site.as_ref()).await {
+                Ok(Some((version, record, timestamp_ms))) => {
+                    self.core.observe(version, &record, timestamp_ms, self.clock.now());
+                }
+                Ok(None) => {}
+                Err(_) => return,
+            }
+        }
         loop {
             let from = self.core.view().version.map_or(0, |v| v + 1);
             let Ok(events) =

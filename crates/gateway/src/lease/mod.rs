@@ -66,7 +66,9 @@ pub enum LeaseRecord {
         /// The holder's HTTP address (empty: none).
         http: String,
     },
-    /// The holder is alive.
+    /// The holder is alive. It repeats what `acquired` said, so that the
+    /// last record alone tells the whole lease: nobody reads the stream's
+    /// history, however long a holder keeps renewing.
     Renewed {
         /// The gateway's name.
         gateway: String,
@@ -74,6 +76,14 @@ pub enum LeaseRecord {
         instance: String,
         /// Its term.
         term: u64,
+        /// Its lease length.
+        lease_ms: u64,
+        /// Its WAN address.
+        wan: String,
+        /// Its HTTP address.
+        http: String,
+        /// When it acquired the lease (the `acquired` record's timestamp).
+        since_ms: u64,
     },
     /// The lease of `term` ends now: its holder stopped, or an operator
     /// moved it (`edgebus failover`).
@@ -137,39 +147,39 @@ pub struct Released {
 }
 
 impl LeaseView {
-    /// Applies the record at `version` (stamped `timestamp_ms`).
+    /// Applies the record at `version` (stamped `timestamp_ms`). Every
+    /// record is appended conditionally on the one before, so it speaks of
+    /// the current lease, and the last record alone gives the whole view.
     pub fn apply(&mut self, version: u64, record: &LeaseRecord, timestamp_ms: u64) {
         self.version = Some(version);
+        let holder =
+            |gateway: &String, instance: &String, term: u64, lease_ms: u64, wan: &String, http: &String| Holder {
+                gateway: gateway.clone(),
+                instance: instance.clone(),
+                term,
+                lease_ms,
+                wan: wan.clone(),
+                http: http.clone(),
+                since_ms: timestamp_ms,
+                renewed_ms: timestamp_ms,
+            };
         match record {
             LeaseRecord::Acquired { gateway, instance, term, lease_ms, wan, http } => {
                 self.term = self.term.max(*term);
                 self.released = None;
-                self.holder = Some(Holder {
-                    gateway: gateway.clone(),
-                    instance: instance.clone(),
-                    term: *term,
-                    lease_ms: *lease_ms,
-                    wan: wan.clone(),
-                    http: http.clone(),
-                    since_ms: timestamp_ms,
-                    renewed_ms: timestamp_ms,
-                });
+                self.holder = Some(holder(gateway, instance, *term, *lease_ms, wan, http));
             }
-            LeaseRecord::Renewed { term, .. } => {
-                if let Some(holder) = self.holder.as_mut().filter(|h| h.term == *term) {
-                    holder.renewed_ms = timestamp_ms;
-                }
+            LeaseRecord::Renewed { gateway, instance, term, lease_ms, wan, http, since_ms } => {
+                self.term = self.term.max(*term);
+                self.released = None;
+                self.holder =
+                    Some(Holder { since_ms: *since_ms, ..holder(gateway, instance, *term, *lease_ms, wan, http) });
             }
             LeaseRecord::Released { gateway, term, reason, by } => {
-                if self.holder.as_ref().is_some_and(|h| h.term == *term) {
-                    self.holder = None;
-                    self.released = Some(Released {
-                        gateway: gateway.clone(),
-                        term: *term,
-                        reason: reason.clone(),
-                        by: by.clone(),
-                    });
-                }
+                self.term = self.term.max(*term);
+                self.holder = None;
+                self.released =
+                    Some(Released { gateway: gateway.clone(), term: *term, reason: reason.clone(), by: by.clone() });
             }
         }
     }
@@ -347,6 +357,10 @@ impl LeaseCore {
                     gateway: self.me.gateway.clone(),
                     instance: self.me.instance.clone(),
                     term: holder.term,
+                    lease_ms: self.me.lease_ms,
+                    wan: self.me.wan.clone(),
+                    http: self.me.http.clone(),
+                    since_ms: holder.since_ms,
                 }
             }
             // At start, our own name in the lease under another process: an

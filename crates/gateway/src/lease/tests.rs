@@ -276,6 +276,16 @@ proptest! {
                     }
                 }
             }
+            // The last record alone tells what the whole stream tells.
+            if let Some(last) = log.records.last() {
+                let mut full = LeaseView::default();
+                for (v, r) in log.records.iter().enumerate() {
+                    full.apply(v as u64, r, 0);
+                }
+                let mut alone = LeaseView::default();
+                alone.apply(log.records.len() as u64 - 1, last, 0);
+                prop_assert_eq!(alone, full);
+            }
             // Terms in the log only grow, one holder each.
             let mut last = 0;
             for record in &log.records {

@@ -126,10 +126,19 @@ pub struct Fences {
     terms: Mutex<HashMap<String, u64>>,
 }
 
+/// Most origin sites whose gateway terms a site keeps (one entry each).
+pub const FENCED_ORIGINS_MAX: usize = 1024;
+
 impl Fences {
     /// Admits `fence` (raising the origin's term) or says why not.
     pub fn admit(&self, fence: &Fence) -> Result<(), SiteError> {
         let mut terms = self.terms.lock();
+        if !terms.contains_key(&fence.origin) && terms.len() >= FENCED_ORIGINS_MAX {
+            return Err(SiteError::Refused(format!(
+                "this site already keeps gateway terms for {FENCED_ORIGINS_MAX} origin sites and takes links from no \
+                 other; list the sites it replicates from in [gateway] peers"
+            )));
+        }
         let current = terms.entry(fence.origin.clone()).or_insert(0);
         if fence.term < *current {
             return Err(SiteError::Fenced { origin: fence.origin.clone(), term: fence.term, current: *current });
@@ -245,5 +254,30 @@ pub fn site_error_of_write(error: &WriteError) -> SiteError {
             SiteError::Unavailable(error.to_string())
         }
         other => SiteError::Refused(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fence(origin: &str, term: u64) -> Fence {
+        Fence { origin: origin.to_owned(), term }
+    }
+
+    #[test]
+    fn a_lower_term_is_fenced_and_the_origins_kept_are_bounded() {
+        let fences = Fences::default();
+        assert_eq!(fences.admit(&fence("eu", 3)), Ok(()));
+        assert_eq!(fences.admit(&fence("eu", 3)), Ok(()), "the same term again");
+        assert_eq!(fences.admit(&fence("eu", 2)), Err(SiteError::Fenced { origin: "eu".into(), term: 2, current: 3 }));
+        assert_eq!(fences.term("eu"), 3);
+        for i in 1..FENCED_ORIGINS_MAX {
+            assert_eq!(fences.admit(&fence(&format!("s{i}"), 1)), Ok(()));
+        }
+        assert!(
+            matches!(fences.admit(&fence("one-more", 1)), Err(SiteError::Refused(m)) if m.contains("1024 origin sites"))
+        );
+        assert_eq!(fences.admit(&fence("eu", 4)), Ok(()), "a known origin still moves on");
     }
 }
