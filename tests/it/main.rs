@@ -22,6 +22,7 @@ mod node_stats;
 mod node_subscribe;
 mod node_subscribe_load;
 mod sites;
+mod store_async;
 mod store_bad_input;
 mod store_checkpoint_crash;
 mod store_determinism;

@@ -97,7 +97,8 @@ impl EventStore for EventStoreService {
                 return Err(refused_by_quota(refusal).await);
             }
             let started = Instant::now();
-            let result = self.write(move |store| store.append(&args.stream, args.expected, args.events)).await;
+            let result = self.state.store.append_async(&args.stream, args.expected, args.events).await;
+            let result = result.map_err(|e| convert::status_from_write_error(&e));
             self.state.metrics.record_append_latency(started.elapsed());
             result
         }
@@ -118,7 +119,8 @@ impl EventStore for EventStoreService {
                 return Err(refused_by_quota(refusal).await);
             }
             let started = Instant::now();
-            let result = self.write(move |store| store.exists_or_write(&args.stream, args.index, args.event)).await;
+            let result = self.state.store.exists_or_write_async(&args.stream, args.index, args.event).await;
+            let result = result.map_err(|e| convert::status_from_write_error(&e));
             self.state.metrics.record_append_latency(started.elapsed());
             result
         }

@@ -387,7 +387,7 @@ async fn append_counted(
         return Err(refusal.into());
     }
     let started = Instant::now();
-    let result = blocking(&state.store, move |store| store.append(&stream, expected, events)).await;
+    let result = state.store.append_async(&stream, expected, events).await.map_err(ApiError::from);
     state.metrics.record_append_latency(started.elapsed());
     let result = result?;
     let body = json!({

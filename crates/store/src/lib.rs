@@ -8,6 +8,7 @@
 
 mod error;
 mod index;
+mod pending;
 pub mod record;
 mod store;
 mod tail;
@@ -15,6 +16,7 @@ mod writer;
 
 pub use error::{ErrorCode, ReadError, StoreOpenError, WriteError};
 pub use index::StreamState;
+pub use pending::PendingWrite;
 pub use record::StreamMetadata;
 pub use store::{
     AllFilter, AllSlice, AppendResult, Direction, ExistsOrWrite, OpenReport, READ_ALL_SCAN_MAX, READ_COUNT_MAX,

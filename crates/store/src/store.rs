@@ -23,6 +23,7 @@ use edgebus_types::{EventType, ExpectedVersion, NewEvent, Origin, RecordedEvent,
 
 use crate::error::{ReadError, StoreOpenError, WriteError};
 use crate::index::{Index, StreamState, VersionEntry, snapshot_key};
+use crate::pending::PendingWrite;
 use crate::record::{self, Command, SNAPSHOTS_PREFIX, STREAMS_STREAM, StreamMetadata};
 use crate::tail::{Applied, Tail};
 use crate::writer::{CommandBuilder, Outcome, Request, Requests};
@@ -279,7 +280,7 @@ pub(crate) struct Shared {
 
 /// The event store. `Send + Sync`; share it behind an `Arc`.
 pub struct Store {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     sequencer: Mutex<Option<JoinHandle<()>>>,
     indexer: Mutex<Option<JoinHandle<()>>>,
     report: OpenReport,
@@ -338,7 +339,7 @@ impl Store {
             tail_space: Condvar::new(),
             flush_wanted: Condvar::new(),
             poisoned: AtomicBool::new(false),
-            durable: Arc::new((Mutex::new(DurableState { end, failed: false }), Condvar::new())),
+            durable: Arc::new((Mutex::new(DurableState { end, failed: false, waiters: Vec::new() }), Condvar::new())),
             flush_lock: Mutex::new(()),
             requests: Mutex::new(Requests::default()),
             requests_ready: Condvar::new(),
@@ -401,6 +402,26 @@ impl Store {
         }
     }
 
+    /// [`Store::append`] for async callers: the returned future queues the
+    /// write and is woken when it is answered, so no thread is blocked
+    /// while the write waits for the disk.
+    pub fn append_async(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> PendingWrite<AppendResult> {
+        let request = if stream.is_system() {
+            Err(WriteError::ReservedStream { stream: stream.clone() })
+        } else {
+            self.shared.check_append(&events).map(|()| Request::Append { stream: stream.clone(), expected, events })
+        };
+        PendingWrite::new(Arc::clone(&self.shared), request, |outcome| match outcome {
+            Outcome::Append(result) => result,
+            other => unreachable!("append answered {other:?}"),
+        })
+    }
+
     /// Appends `events` to a system stream that the node owns (such as
     /// `$groups.orders.checkpoint`), with the same atomicity, expected
     /// version and idempotency as [`Store::append`]. The store's own system
@@ -444,6 +465,28 @@ impl Store {
             Outcome::ExistsOrWrite(result) => Ok(result),
             other => unreachable!("exists_or_write answered {other:?}"),
         }
+    }
+
+    /// [`Store::exists_or_write`] for async callers (see [`Store::append_async`]).
+    pub fn exists_or_write_async(
+        &self,
+        stream: &StreamName,
+        index: u64,
+        event: NewEvent,
+    ) -> PendingWrite<ExistsOrWrite> {
+        let request = if stream.is_system() {
+            Err(WriteError::ReservedStream { stream: stream.clone() })
+        } else {
+            event.validate().map_err(WriteError::from).map(|()| Request::ExistsOrWrite {
+                stream: stream.clone(),
+                index,
+                event,
+            })
+        };
+        PendingWrite::new(Arc::clone(&self.shared), request, |outcome| match outcome {
+            Outcome::ExistsOrWrite(result) => result,
+            other => unreachable!("exists_or_write answered {other:?}"),
+        })
     }
 
     /// Writes events replicated from their home sites, each with
@@ -1079,9 +1122,13 @@ impl Store {
     /// Stops taking writes, flushes the index and closes the log. Idempotent.
     /// The directory stays locked until the `Store` is dropped.
     pub fn close(&self) -> Result<(), WriteError> {
-        self.shared.requests.lock().closing = true;
+        let space_waiters = {
+            let mut requests = self.shared.requests.lock();
+            requests.closing = true;
+            std::mem::take(&mut requests.space_waiters)
+        };
         self.shared.requests_ready.notify_all();
-        self.shared.requests_space.notify_all();
+        self.shared.notify_space(space_waiters);
         if let Some(handle) = lock(&self.sequencer).take() {
             handle.join().expect("sequencer thread panicked");
         }
@@ -1263,4 +1310,19 @@ impl Shared {
 pub(crate) struct DurableState {
     pub(crate) end: u64,
     pub(crate) failed: bool,
+    /// Tasks waiting for positions below `.0` to become durable.
+    pub(crate) waiters: Vec<(u64, std::task::Waker)>,
+}
+
+impl DurableState {
+    /// Takes the waiters whose positions are durable (all of them once the log has failed).
+    pub(crate) fn take_ready_waiters(&mut self) -> Vec<std::task::Waker> {
+        if self.waiters.is_empty() {
+            return Vec::new();
+        }
+        let (end, failed) = (self.end, self.failed);
+        let (ready, waiting) = std::mem::take(&mut self.waiters).into_iter().partition(|(e, _)| failed || *e <= end);
+        self.waiters = waiting;
+        ready.into_iter().map(|(_, waker)| waker).collect()
+    }
 }

@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Waker;
 use std::thread::Thread;
 
 use edgebus_log::{AppendError, AppendOutcome};
@@ -71,7 +72,7 @@ pub(crate) enum Outcome {
     Position(u64),
 }
 
-enum Reply {
+pub(crate) enum Reply {
     Done(Result<Outcome, WriteError>),
     /// The answer is known, but refers to positions that may not be durable
     /// yet: the writer waits for them before returning it.
@@ -81,25 +82,74 @@ enum Reply {
     },
 }
 
+/// Who waits for a slot's reply: a parked thread or an async task.
+enum Waiter {
+    Thread(Thread),
+    Task(Option<Waker>),
+}
+
+struct SlotState {
+    reply: Option<Reply>,
+    waiter: Waiter,
+}
+
 /// Where the sequencer or the log's writer thread leaves a request's reply.
 pub(crate) struct Slot {
-    thread: Thread,
-    reply: Mutex<Option<Reply>>,
+    state: Mutex<SlotState>,
 }
 
 impl Slot {
+    /// A slot the calling thread waits on (parks).
+    fn for_thread() -> Arc<Self> {
+        Arc::new(Self { state: Mutex::new(SlotState { reply: None, waiter: Waiter::Thread(std::thread::current()) }) })
+    }
+
+    /// A slot a task polls (see [`crate::pending`]).
+    pub(crate) fn for_task() -> Arc<Self> {
+        Arc::new(Self { state: Mutex::new(SlotState { reply: None, waiter: Waiter::Task(None) }) })
+    }
+
     fn complete(&self, reply: Reply) {
-        *self.reply.lock() = Some(reply);
-        self.thread.unpark();
+        enum Wake {
+            Thread(Thread),
+            Task(Waker),
+        }
+        let wake = {
+            let mut state = self.state.lock();
+            state.reply = Some(reply);
+            match &mut state.waiter {
+                Waiter::Thread(thread) => Some(Wake::Thread(thread.clone())),
+                Waiter::Task(waker) => waker.take().map(Wake::Task),
+            }
+        };
+        match wake {
+            Some(Wake::Thread(thread)) => thread.unpark(),
+            Some(Wake::Task(waker)) => waker.wake(),
+            None => {}
+        }
     }
 
     fn wait(&self) -> Reply {
         loop {
-            if let Some(reply) = self.reply.lock().take() {
+            if let Some(reply) = self.state.lock().reply.take() {
                 return reply;
             }
             std::thread::park();
         }
+    }
+
+    /// The reply if it has come; else `waker` is woken when it does.
+    pub(crate) fn poll_reply(&self, waker: &Waker) -> Option<Reply> {
+        let mut state = self.state.lock();
+        if let Some(reply) = state.reply.take() {
+            return Some(reply);
+        }
+        if let Waiter::Task(registered) = &mut state.waiter
+            && !registered.as_ref().is_some_and(|w| w.will_wake(waker))
+        {
+            *registered = Some(waker.clone());
+        }
+        None
     }
 }
 
@@ -108,6 +158,16 @@ impl Slot {
 pub(crate) struct Requests {
     pub(crate) items: Vec<(Request, Arc<Slot>)>,
     pub(crate) closing: bool,
+    /// Tasks waiting for room in `items`, woken when the sequencer takes it
+    /// (or the store closes). At most one entry per waiting write per wake.
+    pub(crate) space_waiters: Vec<Waker>,
+}
+
+/// Why a write could not be queued without waiting.
+pub(crate) enum QueueRefused {
+    /// The queue is full; the waker is woken when it has room.
+    Full(Request),
+    Closed(WriteError),
 }
 
 /// Ids of system events: a fixed prefix and the position, so they are
@@ -119,7 +179,7 @@ fn system_event_id(position: u64) -> EventId {
 impl Shared {
     /// Queues `request`, waits for its reply, and for durability where needed.
     pub(crate) fn execute(&self, request: Request) -> Result<Outcome, WriteError> {
-        let slot = Arc::new(Slot { thread: std::thread::current(), reply: Mutex::new(None) });
+        let slot = Slot::for_thread();
         {
             let mut requests = self.requests.lock();
             loop {
@@ -162,7 +222,7 @@ impl Shared {
             let wake = queue.items.is_empty();
             while queue.items.len() < REQUESTS_QUEUED_MAX {
                 let Some(request) = requests.next() else { break };
-                let slot = Arc::new(Slot { thread: std::thread::current(), reply: Mutex::new(None) });
+                let slot = Slot::for_thread();
                 queue.items.push((request, Arc::clone(&slot)));
                 slots.push(slot);
             }
@@ -171,6 +231,35 @@ impl Shared {
             }
         }
         slots.iter().map(|slot| self.reply_of(slot)).collect()
+    }
+
+    /// Queues `request` if the queue has room, without waiting; when it is
+    /// full, `waker` is woken once the sequencer has taken the queue.
+    pub(crate) fn try_queue(&self, request: Request, slot: &Arc<Slot>, waker: &Waker) -> Result<(), QueueRefused> {
+        let mut requests = self.requests.lock();
+        if requests.closing || self.poisoned.load(Ordering::Acquire) {
+            return Err(QueueRefused::Closed(WriteError::Unavailable(AppendError::Closed)));
+        }
+        if requests.items.len() >= REQUESTS_QUEUED_MAX {
+            if !requests.space_waiters.iter().any(|w| w.will_wake(waker)) {
+                requests.space_waiters.push(waker.clone());
+            }
+            return Err(QueueRefused::Full(request));
+        }
+        let wake = requests.items.is_empty();
+        requests.items.push((request, Arc::clone(slot)));
+        if wake {
+            self.requests_ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Wakes every thread and task waiting for room in the queue.
+    pub(crate) fn notify_space(&self, waiters: Vec<Waker>) {
+        self.requests_space.notify_all();
+        for waker in waiters {
+            waker.wake();
+        }
     }
 
     fn reply_of(&self, slot: &Slot) -> Result<Outcome, WriteError> {
@@ -188,7 +277,7 @@ impl Shared {
     pub(crate) fn run_sequencer(&self) {
         let mut batch = Vec::new();
         loop {
-            {
+            let space_waiters = {
                 let mut requests = self.requests.lock();
                 while requests.items.is_empty() && !requests.closing {
                     self.requests_ready.wait(&mut requests);
@@ -197,8 +286,9 @@ impl Shared {
                     return;
                 }
                 std::mem::swap(&mut requests.items, &mut batch);
-            }
-            self.requests_space.notify_all();
+                std::mem::take(&mut requests.space_waiters)
+            };
+            self.notify_space(space_waiters);
             let mut inner = self.inner.lock();
             let mut pending = batch.drain(..);
             while let Some((request, slot)) = pending.next() {
@@ -251,11 +341,14 @@ impl Shared {
         for (_, waiting) in pending.by_ref() {
             waiting.complete(Reply::Done(Err(failure())));
         }
-        let queued = std::mem::take(&mut self.requests.lock().items);
+        let (queued, space_waiters) = {
+            let mut requests = self.requests.lock();
+            (std::mem::take(&mut requests.items), std::mem::take(&mut requests.space_waiters))
+        };
         for (_, waiting) in queued {
             waiting.complete(Reply::Done(Err(failure())));
         }
-        self.requests_space.notify_all();
+        self.notify_space(space_waiters);
         self.tail_space.notify_all();
     }
 
@@ -489,7 +582,7 @@ impl Shared {
         let signal = Arc::clone(&self.durable);
         let slot = Arc::clone(slot);
         let done = move |result: Result<AppendOutcome, AppendError>| {
-            {
+            let durable_waiters = {
                 let (state, condvar) = &*signal;
                 let mut state = state.lock();
                 match &result {
@@ -497,6 +590,10 @@ impl Shared {
                     Err(_) => state.failed = true,
                 }
                 condvar.notify_all();
+                state.take_ready_waiters()
+            };
+            for waker in durable_waiters {
+                waker.wake();
             }
             let reply = result
                 .map(|o| {
@@ -549,6 +646,23 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// Whether every position below `end` is durable; if not yet, `waker`
+    /// is woken when it is (or when the log fails).
+    pub(crate) fn poll_durable(&self, end: u64, waker: &Waker) -> Option<Result<(), WriteError>> {
+        let (state, _) = &*self.durable;
+        let mut guard = state.lock();
+        if guard.end >= end || self.log.end_position() >= end {
+            return Some(Ok(()));
+        }
+        if guard.failed {
+            return Some(Err(WriteError::Unavailable(AppendError::Closed)));
+        }
+        if !guard.waiters.iter().any(|(e, w)| *e == end && w.will_wake(waker)) {
+            guard.waiters.push((end, waker.clone()));
+        }
+        None
     }
 
     /// Waits until every position below `end` is durable.
