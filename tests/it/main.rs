@@ -11,6 +11,7 @@ mod log_crash;
 mod log_faults;
 mod log_model;
 mod node;
+mod node_append_stream;
 mod node_config;
 mod node_groups;
 mod node_groups_scenario;

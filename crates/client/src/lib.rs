@@ -22,6 +22,7 @@
 //!
 //! [`transform`] runs racing deterministic transformers over a node.
 
+mod append_stream;
 mod group;
 mod store_calls;
 mod subscription;
@@ -56,6 +57,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: EventStoreClient<Channel>,
+    /// The connection's `AppendStream`, shared by clones.
+    appends: std::sync::Arc<append_stream::AppendStreams>,
     groups: ConsumerGroupsClient<Channel>,
     addr: String,
     retry: RetryPolicy,
@@ -73,6 +76,7 @@ impl Client {
         let channel = endpoint.connect().await.map_err(|source| ClientError::Connect { addr: uri.clone(), source })?;
         Ok(Self {
             inner: EventStoreClient::new(channel.clone()),
+            appends: std::sync::Arc::default(),
             groups: ConsumerGroupsClient::new(channel),
             addr: uri,
             retry: RetryPolicy::default(),
@@ -101,8 +105,26 @@ impl Client {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, ClientError> {
         let request = v1::AppendRequest::from(AppendArgs { stream, expected, events });
-        let response = self.retrying(request, |mut inner, r| async move { inner.append(r).await }).await?;
+        let response = self.retrying(request, |inner, r| self.append_once(inner, r)).await?;
         Ok(AppendResult::from(response.into_inner()))
+    }
+
+    /// One attempt of an append: over the connection's append stream, or
+    /// by unary call if the stream broke before answering (the same event
+    /// ids make the second sending idempotent) or the node has no stream.
+    async fn append_once(
+        &self,
+        mut inner: EventStoreClient<Channel>,
+        request: v1::AppendRequest,
+    ) -> Result<tonic::Response<v1::AppendResponse>, tonic::Status> {
+        let streamed = tokio::time::timeout(REQUEST_TIMEOUT, self.appends.append(&inner, request.clone())).await;
+        match streamed {
+            Ok(append_stream::Answer::Answered(answer)) => answer.map(tonic::Response::new),
+            Ok(append_stream::Answer::Broken) => inner.append(request).await,
+            Err(_) => {
+                Err(tonic::Status::deadline_exceeded(format!("no answer to the append within {REQUEST_TIMEOUT:?}")))
+            }
+        }
     }
 
     /// Reads up to `max_count` events of `stream` from `from` in `direction`.
@@ -468,6 +490,7 @@ mod tests {
         let channel = Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
         Client {
             inner: EventStoreClient::new(channel.clone()),
+            appends: std::sync::Arc::default(),
             groups: ConsumerGroupsClient::new(channel),
             addr: "http://127.0.0.1:9".to_owned(),
             retry,

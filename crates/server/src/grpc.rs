@@ -85,13 +85,13 @@ impl EventStoreService {
     }
 }
 
-#[tonic::async_trait]
-impl EventStore for EventStoreService {
-    async fn append(&self, request: Request<v1::AppendRequest>) -> Result<Response<v1::AppendResponse>, Status> {
-        let events = request.get_ref().events.len() as u64;
-        let bytes = request.get_ref().events.iter().map(wire_payload_bytes).sum();
+impl EventStoreService {
+    /// One append, as `Append` answers it (and each request of `AppendStream`).
+    pub(crate) async fn append_one(&self, request: v1::AppendRequest) -> Result<v1::AppendResponse, Status> {
+        let events = request.events.len() as u64;
+        let bytes = request.events.iter().map(wire_payload_bytes).sum();
         let result = async {
-            let args = AppendArgs::from_wire(request.into_inner(), now_ms())?;
+            let args = AppendArgs::from_wire(request, now_ms())?;
             if let Err(refusal) = self.state.quotas.admit(&args.stream, events, bytes) {
                 drop(args);
                 return Err(refused_by_quota(refusal).await);
@@ -104,7 +104,28 @@ impl EventStore for EventStoreService {
         }
         .await;
         self.state.metrics.record_append(result.as_ref().map_or_else(refused, |_| Outcome::Ok), events, bytes);
-        Ok(Response::new(result?.into()))
+        result.map(Into::into)
+    }
+
+    /// The node's state.
+    pub(crate) fn state(&self) -> &NodeState {
+        &self.state
+    }
+}
+
+#[tonic::async_trait]
+impl EventStore for EventStoreService {
+    async fn append(&self, request: Request<v1::AppendRequest>) -> Result<Response<v1::AppendResponse>, Status> {
+        Ok(Response::new(self.append_one(request.into_inner()).await?))
+    }
+
+    type AppendStreamStream = tokio_stream::wrappers::ReceiverStream<Result<v1::AppendStreamResponse, Status>>;
+
+    async fn append_stream(
+        &self,
+        request: Request<tonic::Streaming<v1::AppendStreamRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        Ok(Response::new(crate::append_stream::serve(self.clone(), request.into_inner())))
     }
 
     async fn exists_or_write(

@@ -7,6 +7,7 @@
 //! subscriptions; [`group`] runs consumer groups; [`quota`] throttles
 //! writes per stream pattern.
 
+mod append_stream;
 pub mod filter;
 pub mod group;
 pub mod grpc;

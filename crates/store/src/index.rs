@@ -197,10 +197,20 @@ pub enum IndexWrite<'a> {
     Snapshot(&'a str, &'a str, u64, Option<u64>),
 }
 
+/// fjall's background threads (flushes and compactions); see [`Index::open`].
+const INDEX_WORKERS: usize = 1;
+
 impl Index {
     /// Opens (creating if needed) the index in `path` with a block cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, IndexError> {
+        // One background worker: with two or more, fjall's first worker
+        // hands every compaction request back to the queue for the others
+        // (leaving itself free for flushes), and while another worker
+        // compacts it spins on those requests, a whole core on a two-core
+        // machine (seen in `perf` under `bench node`: fjall's workers in
+        // flume send/receive). One worker flushes and compacts in turn.
         let db = Database::builder(path)
+            .worker_threads(INDEX_WORKERS)
             .cache_size(cache_bytes)
             .manual_journal_persist(true)
             .max_journaling_size(JOURNAL_BYTES_MAX)
