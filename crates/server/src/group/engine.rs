@@ -410,6 +410,15 @@ impl Engine {
         self.main.len() + self.replay.len() < self.buffer_events_max() && self.buffer_bytes < GROUP_BUFFER_BYTES_MAX
     }
 
+    /// Whether a read from the log is worth its trip through the blocking
+    /// pool now: a whole page fits, or nothing is left to hand out. Acks
+    /// free a few places at a time; reading each time would cost a trip per
+    /// handful of events.
+    fn worth_reading(&self) -> bool {
+        let room = self.buffer_events_max().saturating_sub(self.main.len() + self.replay.len());
+        room >= SUBSCRIPTION_PAGE_EVENTS_MAX || self.waiting.is_empty()
+    }
+
     /// Runs until the group is deleted or the node stops.
     pub async fn run(mut self) {
         let mut live = self.state.live.subscribe();
@@ -825,7 +834,7 @@ impl Engine {
                 return;
             }
         }
-        while !self.end_of_log && self.has_room() {
+        while !self.end_of_log && self.has_room() && self.worth_reading() {
             if !self.read_main().await {
                 return;
             }
