@@ -270,7 +270,9 @@ impl Consumer {
         })
     }
 
-    /// Acks deliveries by their events' positions: processed.
+    /// Acks deliveries by their events' positions: processed. Returns once
+    /// queued (waits only when [`SETTLEMENTS_QUEUED_MAX`] messages are
+    /// queued); acks queued back to back go to the node as one message.
     pub async fn ack(&self, positions: Vec<u64>) -> Result<(), ClientError> {
         self.send(v1::consume_request::Kind::Ack(v1::consume_request::Ack { positions })).await
     }
@@ -280,5 +282,50 @@ impl Consumer {
     pub async fn nack(&self, positions: Vec<u64>, action: v1::NackAction, reason: &str) -> Result<(), ClientError> {
         let nack = v1::consume_request::Nack { positions, action: action as i32, reason: reason.to_owned() };
         self.send(v1::consume_request::Kind::Nack(nack)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+
+    fn ack(positions: Vec<u64>) -> v1::ConsumeRequest {
+        v1::ConsumeRequest { kind: Some(v1::consume_request::Kind::Ack(v1::consume_request::Ack { positions })) }
+    }
+
+    fn nack(positions: Vec<u64>) -> v1::ConsumeRequest {
+        let nack = v1::consume_request::Nack { positions, action: v1::NackAction::Retry as i32, reason: String::new() };
+        v1::ConsumeRequest { kind: Some(v1::consume_request::Kind::Nack(nack)) }
+    }
+
+    #[tokio::test]
+    async fn queued_acks_go_as_one_message_in_order_with_nacks_between() {
+        let (requests, queued) = mpsc::channel(16);
+        for request in [ack(vec![1]), ack(vec![2, 3]), nack(vec![4]), ack(vec![5]), ack(vec![6])] {
+            requests.try_send(request).expect("room");
+        }
+        drop(requests);
+        let sent: Vec<_> = Outgoing { queued, held: None }.collect().await;
+        assert_eq!(sent, vec![ack(vec![1, 2, 3]), nack(vec![4]), ack(vec![5, 6])]);
+    }
+
+    #[tokio::test]
+    async fn a_merged_ack_stops_at_the_most_positions() {
+        let (requests, queued) = mpsc::channel(GROUP_ACK_POSITIONS_MAX + 1);
+        for position in 0..=GROUP_ACK_POSITIONS_MAX as u64 {
+            requests.try_send(ack(vec![position])).expect("room");
+        }
+        drop(requests);
+        let sent: Vec<_> = Outgoing { queued, held: None }.collect().await;
+        let sizes: Vec<usize> = sent
+            .iter()
+            .map(|r| match &r.kind {
+                Some(v1::consume_request::Kind::Ack(a)) => a.positions.len(),
+                other => panic!("not an ack: {other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, vec![GROUP_ACK_POSITIONS_MAX, 1]);
     }
 }

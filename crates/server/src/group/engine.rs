@@ -25,7 +25,10 @@
 //! restart resumes from the last checkpoint written, so it redelivers at
 //! most what was in flight plus what settled after the checkpoint before
 //! it was started: fewer than twice `checkpoint_after` plus two ack
-//! messages' worth. At least once, never more than that window. The node's
+//! commands' worth (a command is one ack message, or acks of one consumer
+//! that arrived back to back, merged up to
+//! [`GROUP_ACK_POSITIONS_MAX`](edgebus_types::limits::GROUP_ACK_POSITIONS_MAX)
+//! positions). At least once, never more than that window. The node's
 //! stop writes a last checkpoint.
 //!
 //! # Strategies
@@ -1270,6 +1273,35 @@ mod tests {
         let ranges = [(3, 6), (9, 10)];
         let inside: Vec<u64> = (0..12).filter(|v| in_ranges(&ranges, *v)).collect();
         assert_eq!(inside, vec![3, 4, 5, 9]);
+    }
+
+    #[test]
+    fn settled_ranges_merge_neighbours_and_follow_the_low_water_mark() {
+        let mut settled = SettledRanges::default();
+        for position in [5, 7, 6, 10, 3, 11, 9] {
+            settled.insert(position);
+        }
+        assert_eq!(settled.ranges().collect::<Vec<_>>(), vec![(3, 4), (5, 8), (9, 12)]);
+        assert_eq!(
+            settled.ranges().collect::<Vec<_>>(),
+            to_ranges([3, 5, 6, 7, 9, 10, 11]),
+            "the same ranges as a scan of the buffer"
+        );
+        // 4 settles: everything up to 8 leaves the buffer.
+        settled.insert(4);
+        settled.drop_below(8);
+        assert_eq!(settled.ranges().collect::<Vec<_>>(), vec![(9, 12)]);
+        settled.drop_below(12);
+        assert_eq!(settled.ranges().count(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "settled twice")]
+    fn settled_ranges_refuse_a_position_twice() {
+        let mut settled = SettledRanges::default();
+        settled.insert(4);
+        settled.insert(5);
+        settled.insert(4);
     }
 
     #[test]
