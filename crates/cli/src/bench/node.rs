@@ -488,6 +488,38 @@ mod tests {
     use clap::Parser as _;
 
     #[test]
+    fn group_targets_compare_equal_durabilities() {
+        use super::{System, groups, report::Verdict};
+        let mut rows = Vec::new();
+        for consumers in groups::CONSUMERS {
+            for (system, events_per_s) in
+                [(System::Edgebus, 50.0), (System::EdgebusRelaxed, 160.0), (System::Nats, 100.0)]
+            {
+                rows.push(groups::GroupRow {
+                    system,
+                    consumers,
+                    events: 100,
+                    elapsed_s: 1.0,
+                    events_per_s,
+                    ratio: None,
+                });
+            }
+        }
+        groups::add_ratios(&mut rows);
+        let checks = super::group_checks(&rows, Some((System::EdgebusRelaxed, System::Nats)));
+        assert_eq!(checks.len(), 2 * groups::CONSUMERS.len());
+        for check in &checks {
+            if check.target.contains("edgebus-relaxed >=") {
+                assert_eq!(check.verdict, Verdict::Pass, "{}", check.target);
+            } else {
+                assert_eq!(check.verdict, Verdict::Info, "{}", check.target);
+            }
+        }
+        let skipped = super::group_checks(&rows, None);
+        assert!(skipped.iter().all(|c| c.verdict == Verdict::Skip));
+    }
+
+    #[test]
     fn bench_node_parses_its_flags() {
         let cli = crate::Cli::try_parse_from(["edgebus", "bench", "node", "--quick", "--json", "--no-postgres"])
             .expect("parses");
