@@ -12,8 +12,12 @@
 //! checkpoint did not cover. Write effects with `exists_or_write` (or check
 //! the event id) to make them exactly once.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use edgebus_proto::v1;
 use edgebus_types::RecordedEvent;
+use edgebus_types::limits::GROUP_ACK_POSITIONS_MAX;
 use tokio::sync::mpsc;
 
 use crate::{Client, ClientError};
@@ -91,12 +95,8 @@ impl Client {
         let (requests, outgoing) = mpsc::channel(SETTLEMENTS_QUEUED_MAX);
         let first = v1::ConsumeRequest { kind: Some(v1::consume_request::Kind::Join(join)) };
         requests.try_send(first).expect("an empty channel takes the join");
-        let response = self
-            .groups
-            .clone()
-            .consume(tokio_stream::wrappers::ReceiverStream::new(outgoing))
-            .await
-            .map_err(|s| self.status(s))?;
+        let response =
+            self.groups.clone().consume(Outgoing { queued: outgoing, held: None }).await.map_err(|s| self.status(s))?;
         let mut responses = response.into_inner();
         let joined = match responses.message().await {
             Ok(Some(v1::ConsumeResponse { kind: Some(v1::consume_response::Kind::Joined(joined)) })) => joined,
@@ -119,6 +119,48 @@ impl Client {
             addr: self.addr.clone(),
             ended: false,
         })
+    }
+}
+
+/// A consumer's messages to the node, in the order queued, as the
+/// connection takes them: acks queued back to back while it was busy go as
+/// one message (up to [`GROUP_ACK_POSITIONS_MAX`] positions). Nothing waits
+/// to be merged: an ack queued alone goes alone, at once.
+struct Outgoing {
+    queued: mpsc::Receiver<v1::ConsumeRequest>,
+    /// A message taken while merging acks that was not an ack: next.
+    held: Option<v1::ConsumeRequest>,
+}
+
+impl tokio_stream::Stream for Outgoing {
+    type Item = v1::ConsumeRequest;
+
+    fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        use v1::consume_request::Kind;
+        let this = self.get_mut();
+        let first = match this.held.take() {
+            Some(held) => held,
+            None => match this.queued.poll_recv(context) {
+                Poll::Ready(Some(request)) => request,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        let mut ack = match first.kind {
+            Some(Kind::Ack(ack)) => ack,
+            kind => return Poll::Ready(Some(v1::ConsumeRequest { kind })),
+        };
+        while ack.positions.len() < GROUP_ACK_POSITIONS_MAX {
+            match this.queued.try_recv() {
+                Ok(v1::ConsumeRequest { kind: Some(Kind::Ack(more)) }) => ack.positions.extend(more.positions),
+                Ok(other) => {
+                    this.held = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        Poll::Ready(Some(v1::ConsumeRequest { kind: Some(Kind::Ack(ack)) }))
     }
 }
 
@@ -228,7 +270,9 @@ impl Consumer {
         })
     }
 
-    /// Acks deliveries by their events' positions: processed.
+    /// Acks deliveries by their events' positions: processed. Returns once
+    /// queued (waits only when [`SETTLEMENTS_QUEUED_MAX`] messages are
+    /// queued); acks queued back to back go to the node as one message.
     pub async fn ack(&self, positions: Vec<u64>) -> Result<(), ClientError> {
         self.send(v1::consume_request::Kind::Ack(v1::consume_request::Ack { positions })).await
     }
@@ -238,5 +282,50 @@ impl Consumer {
     pub async fn nack(&self, positions: Vec<u64>, action: v1::NackAction, reason: &str) -> Result<(), ClientError> {
         let nack = v1::consume_request::Nack { positions, action: action as i32, reason: reason.to_owned() };
         self.send(v1::consume_request::Kind::Nack(nack)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+
+    fn ack(positions: Vec<u64>) -> v1::ConsumeRequest {
+        v1::ConsumeRequest { kind: Some(v1::consume_request::Kind::Ack(v1::consume_request::Ack { positions })) }
+    }
+
+    fn nack(positions: Vec<u64>) -> v1::ConsumeRequest {
+        let nack = v1::consume_request::Nack { positions, action: v1::NackAction::Retry as i32, reason: String::new() };
+        v1::ConsumeRequest { kind: Some(v1::consume_request::Kind::Nack(nack)) }
+    }
+
+    #[tokio::test]
+    async fn queued_acks_go_as_one_message_in_order_with_nacks_between() {
+        let (requests, queued) = mpsc::channel(16);
+        for request in [ack(vec![1]), ack(vec![2, 3]), nack(vec![4]), ack(vec![5]), ack(vec![6])] {
+            requests.try_send(request).expect("room");
+        }
+        drop(requests);
+        let sent: Vec<_> = Outgoing { queued, held: None }.collect().await;
+        assert_eq!(sent, vec![ack(vec![1, 2, 3]), nack(vec![4]), ack(vec![5, 6])]);
+    }
+
+    #[tokio::test]
+    async fn a_merged_ack_stops_at_the_most_positions() {
+        let (requests, queued) = mpsc::channel(GROUP_ACK_POSITIONS_MAX + 1);
+        for position in 0..=GROUP_ACK_POSITIONS_MAX as u64 {
+            requests.try_send(ack(vec![position])).expect("room");
+        }
+        drop(requests);
+        let sent: Vec<_> = Outgoing { queued, held: None }.collect().await;
+        let sizes: Vec<usize> = sent
+            .iter()
+            .map(|r| match &r.kind {
+                Some(v1::consume_request::Kind::Ack(a)) => a.positions.len(),
+                other => panic!("not an ack: {other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, vec![GROUP_ACK_POSITIONS_MAX, 1]);
     }
 }

@@ -194,10 +194,16 @@ pub const GROUP_BUFFER_EVENTS_MAX: usize = 131_072;
 pub const GROUP_BUFFER_BYTES_MAX: u64 = 16 * 1024 * 1024;
 /// Commands queued towards one group's engine (acks, nacks, joins).
 pub const GROUP_COMMANDS_QUEUED: usize = 1024;
+/// Most positions merged into one ack: the node merges a consumer's acks
+/// that arrive back to back into one engine command up to this count, and
+/// the client merges acks queued behind its connection into one message up
+/// to this count.
+pub const GROUP_ACK_POSITIONS_MAX: usize = 512;
 /// Most parked events one `ListParked` returns.
 pub const GROUP_PARKED_PAGE_MAX: u32 = 1000;
 
 const _: () = assert!(GROUP_BUFFER_EVENTS_MAX >= 4 * GROUP_MAX_IN_FLIGHT_MAX as usize);
+const _: () = assert!(GROUP_ACK_POSITIONS_MAX <= GROUP_MAX_IN_FLIGHT_MAX as usize);
 
 // ---- ingest quotas ----------------------------------------------------------
 

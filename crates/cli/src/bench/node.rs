@@ -32,6 +32,7 @@ pub(crate) mod peers;
 mod report;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -369,11 +370,33 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
             _ => None,
         })
     });
+    // Both of our nodes consume: the fsync=always one, and the relaxed one,
+    // whose durability matches a JetStream that cannot fsync each write.
+    // The target is checked between equal durabilities, as for publishing.
+    let ours: Vec<(System, SocketAddr)> = [System::Edgebus, System::EdgebusRelaxed]
+        .into_iter()
+        .filter_map(|wanted| {
+            fleet.targets.iter().find_map(|(system, target)| match target {
+                Target::Edgebus(addr) if *system == wanted => Some((*system, *addr)),
+                _ => None,
+            })
+        })
+        .collect();
+    let group_pair = nats_target.map(|(peer, _)| {
+        let ours = if peer.fsync_per_ack() { System::Edgebus } else { System::EdgebusRelaxed };
+        (ours, peer)
+    });
     let mut group_rows = Vec::new();
     for consumers in groups::CONSUMERS {
-        progress(format_args!("  group consumption, {consumers} consumers, {group_events} events: edgebus ..."));
         let tag = format!("c{consumers}");
-        group_rows.push(groups::edgebus(grpc, consumers, group_events, &tag).await.context("group consumption")?);
+        for &(system, addr) in &ours {
+            progress(format_args!(
+                "  group consumption, {consumers} consumers, {group_events} events: {} ...",
+                system.name()
+            ));
+            let row = groups::edgebus(system, addr, consumers, group_events, &tag).await;
+            group_rows.push(row.with_context(|| format!("group consumption on {}", system.name()))?);
+        }
         if let Some((system, addr)) = nats_target {
             progress(format_args!("  group consumption, {consumers} consumers: {} ...", system.name()));
             match groups::nats(system, addr, consumers, group_events, &tag).await {
@@ -385,7 +408,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
     groups::add_ratios(&mut group_rows);
     let load_average_end = load_average();
     let mut checks = check_targets(&rows);
-    checks.extend(group_checks(&group_rows, nats_target.map(|(s, _)| s)));
+    checks.extend(group_checks(&group_rows, group_pair));
     // Stop everything before the report: the guards print as they go.
     let Fleet { durability, peers, .. } = fleet;
     Ok(Report {
@@ -424,34 +447,77 @@ fn fan_out_row(fan: &drive::FanOut) -> FanOutRow {
     }
 }
 
-/// The group-consumption target per number of consumers.
-fn group_checks(rows: &[groups::GroupRow], peer: Option<System>) -> Vec<report::Check> {
-    groups::CONSUMERS
-        .iter()
-        .map(|&consumers| {
-            let ratio = rows.iter().find(|r| r.system.is_ours() && r.consumers == consumers).and_then(|r| r.ratio);
-            let peer_name = peer.map_or("nats", System::name);
-            report::Check {
-                verdict: match (peer, ratio) {
-                    (None, _) | (_, None) => report::Verdict::Skip,
-                    (Some(_), Some(r)) if r >= groups::TARGET_RATIO_MIN => report::Verdict::Pass,
-                    _ => report::Verdict::Fail,
-                },
+/// The group-consumption target per number of consumers, between `pair`
+/// (ours, the JetStream peer) of equal durability; our other node's ratio
+/// is information.
+fn group_checks(rows: &[groups::GroupRow], pair: Option<(System, System)>) -> Vec<report::Check> {
+    let mut checks = Vec::new();
+    for &consumers in &groups::CONSUMERS {
+        for ours in [System::Edgebus, System::EdgebusRelaxed] {
+            let Some(row) = rows.iter().find(|r| r.system == ours && r.consumers == consumers) else { continue };
+            let paired = pair.filter(|(o, _)| *o == ours);
+            let peer_name = pair.map_or("nats", |(_, peer)| peer.name());
+            let verdict = match (pair, paired, row.ratio) {
+                (None, _, _) | (_, _, None) => report::Verdict::Skip,
+                (_, None, _) => report::Verdict::Info,
+                (_, Some(_), Some(r)) if r >= groups::TARGET_RATIO_MIN => report::Verdict::Pass,
+                _ => report::Verdict::Fail,
+            };
+            let durability = match paired {
+                Some(_) => "equal durability",
+                None => "unequal durability, information",
+            };
+            checks.push(report::Check {
+                verdict,
                 target: format!(
-                    "group consumption events/s, {consumers} consumers acking every event: edgebus >= {}x {peer_name} durable pull",
+                    "group consumption events/s, {consumers} consumers acking every event: {} >= {}x {peer_name} durable pull",
+                    ours.name(),
                     groups::TARGET_RATIO_MIN
                 ),
-                measured: ratio,
+                measured: row.ratio,
                 required: Some(groups::TARGET_RATIO_MIN),
-                detail: "same backlog size, same window per consumer".to_owned(),
-            }
-        })
-        .collect()
+                detail: format!("same backlog size, same window per consumer; {durability}"),
+            });
+        }
+    }
+    checks
 }
 
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
+
+    #[test]
+    fn group_targets_compare_equal_durabilities() {
+        use super::{System, groups, report::Verdict};
+        let mut rows = Vec::new();
+        for consumers in groups::CONSUMERS {
+            for (system, events_per_s) in
+                [(System::Edgebus, 50.0), (System::EdgebusRelaxed, 160.0), (System::Nats, 100.0)]
+            {
+                rows.push(groups::GroupRow {
+                    system,
+                    consumers,
+                    events: 100,
+                    elapsed_s: 1.0,
+                    events_per_s,
+                    ratio: None,
+                });
+            }
+        }
+        groups::add_ratios(&mut rows);
+        let checks = super::group_checks(&rows, Some((System::EdgebusRelaxed, System::Nats)));
+        assert_eq!(checks.len(), 2 * groups::CONSUMERS.len());
+        for check in &checks {
+            if check.target.contains("edgebus-relaxed >=") {
+                assert_eq!(check.verdict, Verdict::Pass, "{}", check.target);
+            } else {
+                assert_eq!(check.verdict, Verdict::Info, "{}", check.target);
+            }
+        }
+        let skipped = super::group_checks(&rows, None);
+        assert!(skipped.iter().all(|c| c.verdict == Verdict::Skip));
+    }
 
     #[test]
     fn bench_node_parses_its_flags() {

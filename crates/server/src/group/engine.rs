@@ -25,7 +25,10 @@
 //! restart resumes from the last checkpoint written, so it redelivers at
 //! most what was in flight plus what settled after the checkpoint before
 //! it was started: fewer than twice `checkpoint_after` plus two ack
-//! messages' worth. At least once, never more than that window. The node's
+//! commands' worth (a command is one ack message, or acks of one consumer
+//! that arrived back to back, merged up to
+//! [`GROUP_ACK_POSITIONS_MAX`](edgebus_types::limits::GROUP_ACK_POSITIONS_MAX)
+//! positions). At least once, never more than that window. The node's
 //! stop writes a last checkpoint.
 //!
 //! # Strategies
@@ -133,15 +136,15 @@ struct Entry {
     state: EntryState,
     /// Deliveries so far.
     attempts: u32,
-    /// The consumer that held it last.
-    last_consumer: String,
+    /// The consumer that held it last (shared with [`Consumer::name`]).
+    last_consumer: Arc<str>,
     /// Payload bytes, counted in the buffer until settled.
     bytes: u64,
 }
 
 #[derive(Debug)]
 struct Consumer {
-    name: String,
+    name: Arc<str>,
     window: u32,
     in_flight: u32,
     outbox: Outbox,
@@ -199,6 +202,48 @@ impl ByStream {
     }
 }
 
+/// Settled positions above the low-water mark as ranges of consecutive
+/// positions: `start → end` (exclusive), disjoint and not adjacent.
+#[derive(Debug, Default)]
+struct SettledRanges {
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl SettledRanges {
+    /// Adds `position`, which must not be in a range yet.
+    fn insert(&mut self, position: u64) {
+        let before = self.ranges.range(..=position).next_back().map(|(&start, &end)| (start, end));
+        if let Some((_, end)) = before {
+            assert!(end <= position, "position {position} settled twice");
+        }
+        let after_end = self.ranges.remove(&(position + 1));
+        match before {
+            Some((start, end)) if end == position => {
+                self.ranges.insert(start, after_end.unwrap_or(position + 1));
+            }
+            _ => {
+                self.ranges.insert(position, after_end.unwrap_or(position + 1));
+            }
+        }
+    }
+
+    /// Forgets the ranges below `low_water`: the low-water mark only moves
+    /// over settled positions, so no range reaches past it.
+    fn drop_below(&mut self, low_water: u64) {
+        while let Some(first) = self.ranges.first_entry() {
+            if *first.key() >= low_water {
+                break;
+            }
+            debug_assert!(*first.get() <= low_water, "a settled range spans the low-water mark");
+            first.remove();
+        }
+    }
+
+    fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(&start, &end)| (start, end))
+    }
+}
+
 /// Totals since the node started.
 #[derive(Debug, Default, Clone, Copy)]
 struct Totals {
@@ -224,6 +269,10 @@ pub struct Engine {
     /// Round robin: the consumer that had the last delivery.
     rr_last: ConsumerId,
     main: BTreeMap<u64, Entry>,
+    /// The positions of `main` that are settled, as ranges of consecutive
+    /// positions (start → end, exclusive), kept as acks arrive so that a
+    /// checkpoint costs the number of ranges, not the size of the buffer.
+    main_settled: SettledRanges,
     replay: BTreeMap<u64, Entry>,
     /// Waiting keys in order (both strategies).
     waiting: BTreeSet<Key>,
@@ -329,6 +378,7 @@ impl Engine {
             next_consumer_id: 1,
             rr_last: 0,
             main: BTreeMap::new(),
+            main_settled: SettledRanges::default(),
             replay: BTreeMap::new(),
             waiting: BTreeSet::new(),
             by_stream: ByStream::default(),
@@ -361,6 +411,15 @@ impl Engine {
 
     fn has_room(&self) -> bool {
         self.main.len() + self.replay.len() < self.buffer_events_max() && self.buffer_bytes < GROUP_BUFFER_BYTES_MAX
+    }
+
+    /// Whether a read from the log is worth its trip through the blocking
+    /// pool now: a whole page fits, or nothing is left to hand out. Acks
+    /// free a few places at a time; reading each time would cost a trip per
+    /// handful of events.
+    fn worth_reading(&self) -> bool {
+        let room = self.buffer_events_max().saturating_sub(self.main.len() + self.replay.len());
+        room >= SUBSCRIPTION_PAGE_EVENTS_MAX || self.waiting.is_empty()
     }
 
     /// Runs until the group is deleted or the node stops.
@@ -488,8 +547,8 @@ impl Engine {
         }
         let id = self.next_consumer_id;
         self.next_consumer_id += 1;
-        let name = name.unwrap_or_else(|| format!("consumer-{id}"));
-        if self.consumers.values().any(|c| c.name == name) {
+        let name: Arc<str> = Arc::from(name.unwrap_or_else(|| format!("consumer-{id}")));
+        if self.consumers.values().any(|c| *c.name == *name) {
             return Err(Box::new(detail(
                 v1::ErrorCode::ConsumerExists,
                 format!("a consumer named {name} is connected to group {} already", self.record.name),
@@ -499,7 +558,7 @@ impl Engine {
             if window == 0 { self.settings().max_in_flight } else { window.min(self.settings().max_in_flight) };
         let joined = v1::ConsumeResponse {
             kind: Some(v1::consume_response::Kind::Joined(v1::consume_response::Joined {
-                consumer: name.clone(),
+                consumer: name.to_string(),
                 max_in_flight: window,
             })),
         };
@@ -611,7 +670,7 @@ impl Engine {
 
     async fn nack(&mut self, consumer: ConsumerId, positions: &[u64], action: NackAction, reason: &str) {
         let mut refused = Vec::new();
-        let name = self.consumers.get(&consumer).map(|c| c.name.clone()).unwrap_or_default();
+        let name = self.consumers.get(&consumer).map(|c| c.name.to_string()).unwrap_or_default();
         for &position in positions {
             let Some(key) = self.in_flight_key(consumer, position) else {
                 refused.push(position);
@@ -671,7 +730,7 @@ impl Engine {
             generation: self.generation,
             reason: reason.to_owned(),
             attempts: entry.attempts,
-            consumer: entry.last_consumer.clone(),
+            consumer: entry.last_consumer.to_string(),
             parked_at_ms: now_ms(),
             stream: event.stream.as_str().to_owned(),
             version: event.version,
@@ -726,13 +785,16 @@ impl Engine {
         self.buffer_bytes -= bytes;
         self.settled_since_checkpoint += 1;
         match key {
-            Key::Main(_) => {
+            Key::Main(position) => {
+                self.main_settled.insert(position);
                 while let Some(first) = self.main.first_entry() {
                     if first.get().state != EntryState::Settled {
                         break;
                     }
                     first.remove();
                 }
+                let low_water = self.main.first_key_value().map_or(self.read_next, |(p, _)| *p);
+                self.main_settled.drop_below(low_water);
             }
             Key::Replay(_) => {
                 while let Some(first) = self.replay.first_entry() {
@@ -759,7 +821,7 @@ impl Engine {
                     continue;
                 }
             };
-            let name = self.consumers.get(&holder).map(|c| c.name.clone()).unwrap_or_default();
+            let name = self.consumers.get(&holder).map(|c| c.name.to_string()).unwrap_or_default();
             self.take_back(key);
             self.retry_or_park(key, &format!("message timeout ({timeout} ms) expired on consumer {name}")).await;
         }
@@ -775,7 +837,7 @@ impl Engine {
                 return;
             }
         }
-        while !self.end_of_log && self.has_room() {
+        while !self.end_of_log && self.has_room() && self.worth_reading() {
             if !self.read_main().await {
                 return;
             }
@@ -846,7 +908,7 @@ impl Engine {
                     event: Some(Arc::new(event)),
                     state: EntryState::Waiting,
                     attempts: 0,
-                    last_consumer: String::new(),
+                    last_consumer: Arc::from(""),
                     bytes,
                 },
             );
@@ -916,7 +978,7 @@ impl Engine {
                     event: Some(Arc::new(original)),
                     state: EntryState::Waiting,
                     attempts: 0,
-                    last_consumer: String::new(),
+                    last_consumer: Arc::from(""),
                     bytes,
                 },
             );
@@ -989,7 +1051,7 @@ impl Engine {
     fn deliver(&mut self, key: Key, consumer: ConsumerId) {
         let deadline = Instant::now() + Duration::from_millis(self.settings().message_timeout_ms);
         let Some(c) = self.consumers.get_mut(&consumer) else { return };
-        let name = c.name.clone();
+        let name = Arc::clone(&c.name);
         let Some(entry) = (match key {
             Key::Main(p) => self.main.get_mut(&p),
             Key::Replay(v) => self.replay.get_mut(&v),
@@ -1001,7 +1063,7 @@ impl Engine {
         entry.last_consumer = name;
         entry.state = EntryState::InFlight { consumer, deadline };
         let delivery = v1::consume_response::Delivery {
-            event: Some(v1::RecordedEvent::from((*event).clone())),
+            event: Some(wire_event(&event)),
             attempt: entry.attempts,
             replayed: matches!(key, Key::Replay(_)),
         };
@@ -1018,7 +1080,11 @@ impl Engine {
 
     fn checkpoint_record(&self) -> CheckpointRecord {
         let position = self.main.first_key_value().map_or(self.read_next, |(p, _)| *p);
-        let mut settled = to_ranges(self.main.iter().filter(|(_, e)| e.state == EntryState::Settled).map(|(p, _)| *p));
+        debug_assert_eq!(
+            self.main_settled.ranges().collect::<Vec<_>>(),
+            to_ranges(self.main.iter().filter(|(_, e)| e.state == EntryState::Settled).map(|(p, _)| *p)),
+        );
+        let mut settled: Vec<(u64, u64)> = self.main_settled.ranges().collect();
         settled.extend(self.restored_settled.iter().copied().filter(|&(_, end)| end > position));
         settled.sort_unstable();
         let replay_next = self.replay.first_key_value().map_or(self.replay_read, |(v, _)| *v);
@@ -1123,7 +1189,7 @@ impl Engine {
                 .consumers
                 .values()
                 .map(|c| v1::ConsumerInfo {
-                    name: c.name.clone(),
+                    name: c.name.to_string(),
                     max_in_flight: c.window,
                     in_flight: c.in_flight,
                     delivered: c.delivered,
@@ -1137,6 +1203,25 @@ impl Engine {
             skipped: self.totals.skipped,
             lag: self.state.store.log().end_position().saturating_sub(self.read_next),
         }
+    }
+}
+
+/// `event` as sent to a consumer, copied once rather than cloned and then
+/// converted (events from other sites, rarer, take the general path).
+fn wire_event(event: &RecordedEvent) -> v1::RecordedEvent {
+    if event.origin.is_some() {
+        return v1::RecordedEvent::from(event.clone());
+    }
+    v1::RecordedEvent {
+        stream: event.stream.as_str().to_owned(),
+        version: event.version,
+        position: event.position,
+        id: event.id.as_bytes().to_vec(),
+        r#type: event.event_type.as_str().to_owned(),
+        data: event.data.clone(),
+        metadata: event.metadata.clone(),
+        timestamp_ms: event.timestamp_ms,
+        origin: None,
     }
 }
 
@@ -1188,6 +1273,35 @@ mod tests {
         let ranges = [(3, 6), (9, 10)];
         let inside: Vec<u64> = (0..12).filter(|v| in_ranges(&ranges, *v)).collect();
         assert_eq!(inside, vec![3, 4, 5, 9]);
+    }
+
+    #[test]
+    fn settled_ranges_merge_neighbours_and_follow_the_low_water_mark() {
+        let mut settled = SettledRanges::default();
+        for position in [5, 7, 6, 10, 3, 11, 9] {
+            settled.insert(position);
+        }
+        assert_eq!(settled.ranges().collect::<Vec<_>>(), vec![(3, 4), (5, 8), (9, 12)]);
+        assert_eq!(
+            settled.ranges().collect::<Vec<_>>(),
+            to_ranges([3, 5, 6, 7, 9, 10, 11]),
+            "the same ranges as a scan of the buffer"
+        );
+        // 4 settles: everything up to 8 leaves the buffer.
+        settled.insert(4);
+        settled.drop_below(8);
+        assert_eq!(settled.ranges().collect::<Vec<_>>(), vec![(9, 12)]);
+        settled.drop_below(12);
+        assert_eq!(settled.ranges().count(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "settled twice")]
+    fn settled_ranges_refuse_a_position_twice() {
+        let mut settled = SettledRanges::default();
+        settled.insert(4);
+        settled.insert(5);
+        settled.insert(4);
     }
 
     #[test]

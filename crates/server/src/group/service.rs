@@ -8,7 +8,7 @@ use std::time::Duration;
 use edgebus_proto::convert::status_from_error_detail;
 use edgebus_proto::v1;
 use edgebus_proto::v1::consumer_groups_server::ConsumerGroups;
-use edgebus_types::limits::GROUP_MAX_IN_FLIGHT_MAX;
+use edgebus_types::limits::{GROUP_ACK_POSITIONS_MAX, GROUP_MAX_IN_FLIGHT_MAX};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
@@ -75,6 +75,57 @@ fn consumer_name(name: String) -> Result<Option<String>, Status> {
         return Err(invalid(format!("consumer name {name:?} has {c:?}; use printable ASCII without spaces")));
     }
     Ok(Some(name))
+}
+
+/// A consumer's messages after its join, with a look at what has arrived
+/// already: acks that came back to back are merged without waiting for
+/// more, so merging adds no latency.
+struct Inbound {
+    messages: tonic::Streaming<v1::ConsumeRequest>,
+    /// A message taken while looking for acks that was not one: next.
+    held: Option<v1::ConsumeRequest>,
+    /// The call ended (cleanly or not) while looking ahead.
+    ended: bool,
+}
+
+impl Inbound {
+    fn new(messages: tonic::Streaming<v1::ConsumeRequest>) -> Self {
+        Self { messages, held: None, ended: false }
+    }
+
+    /// The next message; `None` once the call has ended or broken.
+    async fn next(&mut self) -> Option<v1::ConsumeRequest> {
+        if let Some(held) = self.held.take() {
+            return Some(held);
+        }
+        if self.ended {
+            return None;
+        }
+        self.messages.message().await.ok().flatten()
+    }
+
+    /// The next message if it has arrived already and is an ack; never
+    /// waits.
+    async fn next_ack_if_ready(&mut self) -> Option<v1::consume_request::Ack> {
+        use std::task::Poll;
+        use tokio_stream::Stream as _;
+        if self.held.is_some() || self.ended {
+            return None;
+        }
+        let polled = std::future::poll_fn(|context| Poll::Ready(Pin::new(&mut self.messages).poll_next(context))).await;
+        match polled {
+            Poll::Pending => None,
+            Poll::Ready(Some(Ok(v1::ConsumeRequest { kind: Some(v1::consume_request::Kind::Ack(ack)) }))) => Some(ack),
+            Poll::Ready(Some(Ok(other))) => {
+                self.held = Some(other);
+                None
+            }
+            Poll::Ready(Some(Err(_)) | None) => {
+                self.ended = true;
+                None
+            }
+        }
+    }
 }
 
 type ConsumeStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::ConsumeResponse, Status>> + Send>>;
@@ -195,9 +246,19 @@ impl ConsumerGroups for ConsumerGroupsService {
             // Ends when the consumer half-closes, the call breaks, or the
             // consumer breaks the protocol; then it leaves the group, and its
             // events go to the others.
-            while let Ok(Some(message)) = inbound.message().await {
+            let mut inbound = Inbound::new(inbound);
+            while let Some(message) = inbound.next().await {
                 let command = match message.kind {
-                    Some(Kind::Ack(ack)) => Command::Ack { consumer, positions: ack.positions },
+                    Some(Kind::Ack(ack)) => {
+                        // Acks received already behind this one go with it:
+                        // one engine command for many, same order.
+                        let mut positions = ack.positions;
+                        while positions.len() < GROUP_ACK_POSITIONS_MAX {
+                            let Some(more) = inbound.next_ack_if_ready().await else { break };
+                            positions.extend(more.positions);
+                        }
+                        Command::Ack { consumer, positions }
+                    }
                     Some(Kind::Nack(nack)) => match nack_action(nack.action) {
                         Ok(action) => {
                             Command::Nack { consumer, positions: nack.positions, action, reason: nack.reason }

@@ -1,15 +1,21 @@
 //! Group consumption for `edgebus bench node`: a backlog of events is
 //! consumed through a consumer group by 1, 4 and 16 consumers that ack
-//! every event, beside a NATS JetStream durable pull consumer (explicit
-//! acks) doing the same over the same backlog size in the same run.
+//! every event, on each of our nodes (fsync=always and relaxed), beside a
+//! NATS JetStream durable pull consumer (explicit acks) doing the same over
+//! the same backlog size in the same run. The target compares the pair of
+//! equal durability (the relaxed node with a JetStream that cannot fsync
+//! each write, as for publishing); the other ratio is information.
 //!
 //! Both sides: the backlog is written first; the clock runs from the
 //! consumers' start to the last ack counted. Each consumer holds at most
 //! [`WINDOW_PER_CONSUMER`] unacked events (edgebus: the consumer's window,
 //! and the group's is consumers × that; JetStream: pull batches of that
-//! size, `max_ack_pending` consumers × that). Every ack is its own message
-//! and no consumer waits for an ack's answer (JetStream's `ack` does not
-//! wait for one either).
+//! size, `max_ack_pending` consumers × that). Every event is acked by its
+//! own call and no consumer waits for an ack's answer (JetStream's `ack`
+//! does not wait for one either). Each client library sends acks as it
+//! does for any application: async-nats writes one `+ACK` message per
+//! event (buffered writes on its connection), our client merges the acks
+//! queued behind its connection into one message.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -99,8 +105,15 @@ impl Tally {
     }
 }
 
-/// Consumes `events` through a new group of `consumers` on our node.
-pub async fn edgebus(addr: SocketAddr, consumers: usize, events: u64, tag: &str) -> anyhow::Result<GroupRow> {
+/// Consumes `events` through a new group of `consumers` on our node
+/// `system` at `addr`.
+pub async fn edgebus(
+    system: System,
+    addr: SocketAddr,
+    consumers: usize,
+    events: u64,
+    tag: &str,
+) -> anyhow::Result<GroupRow> {
     let client = Client::connect(&addr.to_string()).await?;
     let name = format!("bench-{tag}");
     let window = WINDOW_PER_CONSUMER * u32::try_from(consumers).context("consumers")?;
@@ -157,7 +170,7 @@ pub async fn edgebus(addr: SocketAddr, consumers: usize, events: u64, tag: &str)
     tasks.abort_all();
     waited?;
     client.delete_group(&name).await.context("delete the group")?;
-    Ok(row(System::Edgebus, consumers, events, elapsed))
+    Ok(row(system, consumers, events, elapsed))
 }
 
 /// Consumes `events` through a JetStream durable pull consumer.
@@ -257,10 +270,10 @@ pub fn print(rows: &[GroupRow]) {
         "group consumption: a backlog of {}-byte events, every event acked (window {WINDOW_PER_CONSUMER} per consumer)",
         PAYLOAD_BYTES
     );
-    println!("{:<10} {:>9} {:>8} {:>9} {:>11} {:>8}", "system", "consumers", "events", "seconds", "events/s", "ratio");
+    println!("{:<15} {:>9} {:>8} {:>9} {:>11} {:>8}", "system", "consumers", "events", "seconds", "events/s", "ratio");
     for r in rows {
         println!(
-            "{:<10} {:>9} {:>8} {:>9.2} {:>11.0} {:>8}",
+            "{:<15} {:>9} {:>8} {:>9.2} {:>11.0} {:>8}",
             r.system.name(),
             r.consumers,
             r.events,
