@@ -38,6 +38,10 @@ pub struct StoreConfig {
     /// Index changes the in-memory tail may hold; writers wait beyond it.
     pub tail_events_max: usize,
     /// The indexer flushes once the tail holds this many changes...
+    /// Each flush writes one table per index keyspace, which fjall then
+    /// compacts: larger flushes mean fewer tables to merge and to look
+    /// through (`bench store --quick`, 100,000 streams, 256 writers:
+    /// 48,600 events/s at 32,768, 89,400 at 131,072).
     pub index_flush_events: usize,
     /// ...or this long after the last flush.
     pub index_flush_interval: Duration,
@@ -49,7 +53,7 @@ impl Default for StoreConfig {
             log: LogConfig::default(),
             index_cache_bytes: 32 * 1024 * 1024,
             tail_events_max: 262_144,
-            index_flush_events: 32_768,
+            index_flush_events: 131_072,
             index_flush_interval: Duration::from_millis(200),
         }
     }
