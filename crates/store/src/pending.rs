@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 
 use crate::error::WriteError;
 use crate::store::Shared;
-use crate::writer::{Outcome, QueueRefused, Reply, Request, Slot};
+use crate::writer::{Outcome, QueueAttempt, Reply, Request, Slot};
 
 /// A write on its way through the store; await it for the answer. It
 /// answers exactly as the blocking call of the same name would. Dropping it
@@ -77,12 +77,12 @@ impl<T> Future for PendingWrite<T> {
                 Stage::Queueing(request) => {
                     let slot = Slot::for_task();
                     match this.shared.try_queue(request, &slot, cx.waker()) {
-                        Ok(()) => this.stage = Stage::Queued(slot),
-                        Err(QueueRefused::Full(request)) => {
+                        QueueAttempt::Queued => this.stage = Stage::Queued(slot),
+                        QueueAttempt::Full(request) => {
                             this.stage = Stage::Queueing(request);
                             return Poll::Pending;
                         }
-                        Err(QueueRefused::Closed(error)) => return Poll::Ready(Err(error)),
+                        QueueAttempt::Closed(error) => return Poll::Ready(Err(error)),
                     }
                 }
                 Stage::Queued(slot) => match slot.poll_reply(cx.waker()) {

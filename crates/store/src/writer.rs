@@ -163,8 +163,9 @@ pub(crate) struct Requests {
     pub(crate) space_waiters: Vec<Waker>,
 }
 
-/// Why a write could not be queued without waiting.
-pub(crate) enum QueueRefused {
+/// What came of queueing a write without waiting.
+pub(crate) enum QueueAttempt {
+    Queued,
     /// The queue is full; the waker is woken when it has room.
     Full(Request),
     Closed(WriteError),
@@ -235,23 +236,23 @@ impl Shared {
 
     /// Queues `request` if the queue has room, without waiting; when it is
     /// full, `waker` is woken once the sequencer has taken the queue.
-    pub(crate) fn try_queue(&self, request: Request, slot: &Arc<Slot>, waker: &Waker) -> Result<(), QueueRefused> {
+    pub(crate) fn try_queue(&self, request: Request, slot: &Arc<Slot>, waker: &Waker) -> QueueAttempt {
         let mut requests = self.requests.lock();
         if requests.closing || self.poisoned.load(Ordering::Acquire) {
-            return Err(QueueRefused::Closed(WriteError::Unavailable(AppendError::Closed)));
+            return QueueAttempt::Closed(WriteError::Unavailable(AppendError::Closed));
         }
         if requests.items.len() >= REQUESTS_QUEUED_MAX {
             if !requests.space_waiters.iter().any(|w| w.will_wake(waker)) {
                 requests.space_waiters.push(waker.clone());
             }
-            return Err(QueueRefused::Full(request));
+            return QueueAttempt::Full(request);
         }
         let wake = requests.items.is_empty();
         requests.items.push((request, Arc::clone(slot)));
         if wake {
             self.requests_ready.notify_one();
         }
-        Ok(())
+        QueueAttempt::Queued
     }
 
     /// Wakes every thread and task waiting for room in the queue.
