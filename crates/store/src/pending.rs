@@ -19,8 +19,9 @@ use crate::writer::{Outcome, QueueAttempt, Reply, Request, Slot};
 
 /// A write on its way through the store; await it for the answer. It
 /// answers exactly as the blocking call of the same name would. Dropping it
-/// once polled does not withdraw the write (as with a blocking call whose
-/// caller went away); it only stops waiting for the answer.
+/// after its request was queued (normally at the first poll; later only if
+/// the queue was full) does not withdraw the write, as with a blocking call
+/// whose caller went away; it only stops waiting for the answer.
 #[must_use = "a pending write does nothing until awaited"]
 pub struct PendingWrite<T> {
     shared: Arc<Shared>,

@@ -41,7 +41,7 @@ pub struct StoreConfig {
     /// Each flush writes one table per index keyspace, which fjall then
     /// compacts: larger flushes mean fewer tables to merge and to look
     /// through (`bench store --quick`, 100,000 streams, 256 writers:
-    /// 48,600 events/s at 32,768, 89,400 at 131,072).
+    /// 48,600 events/s at 32,768, 77,500 at 131,072).
     pub index_flush_events: usize,
     /// ...or this long after the last flush.
     pub index_flush_interval: Duration,
