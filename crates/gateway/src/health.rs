@@ -82,6 +82,9 @@ pub enum Reason {
     LaneShare,
     /// The lane's cap is reached.
     LaneCap,
+    /// The route has as many bytes in flight as the link carries in one
+    /// credit cycle (plus a short queue): the link is full.
+    Pace,
     /// The lane waits for a policy change: a stream moved to it and the old
     /// lane has not passed the change, or a change in the log is not yet in
     /// effect.
@@ -97,7 +100,7 @@ pub enum Reason {
 impl Reason {
     /// Every reason's code, for label values (`open circuit` stands for
     /// every count of failures).
-    pub const CODES: [&'static str; 9] = [
+    pub const CODES: [&'static str; 10] = [
         "stopped",
         "open circuit",
         "no link",
@@ -107,6 +110,7 @@ impl Reason {
         "policy change",
         "no acknowledgement",
         "no progress",
+        "pace",
     ];
 
     /// The reason's stable code, one of [`Reason::CODES`].
@@ -121,6 +125,7 @@ impl Reason {
             Self::PolicyChange => Self::CODES[6],
             Self::NoAcknowledgement => Self::CODES[7],
             Self::NoProgress => Self::CODES[8],
+            Self::Pace => Self::CODES[9],
         }
     }
 
@@ -133,6 +138,7 @@ impl Reason {
             Self::NoCredit => "no credit: the remote site grants none".to_owned(),
             Self::LaneShare => "the lane's share of the window is used".to_owned(),
             Self::LaneCap => "the lane's cap is reached".to_owned(),
+            Self::Pace => "paced: the link is full (one credit cycle and a short queue in flight)".to_owned(),
             Self::PolicyChange => "waiting for a policy change to pass".to_owned(),
             Self::NoAcknowledgement => "events in flight are not acknowledged".to_owned(),
             Self::NoProgress => "no progress with a link and nothing in flight".to_owned(),
@@ -210,6 +216,7 @@ pub fn assess_lane(link: LinkFigures, lane: LaneFigures, now_ms: u64) -> Health 
         stall::NO_CREDIT => Some(Reason::NoCredit),
         stall::LANE_SHARE => Some(Reason::LaneShare),
         stall::LANE_CAP => Some(Reason::LaneCap),
+        stall::PACE => Some(Reason::Pace),
         _ => None,
     };
     match throttle {
@@ -235,6 +242,7 @@ fn lane_reason(link: LinkFigures, lane: LaneFigures) -> Reason {
         stall::NO_CREDIT => Reason::NoCredit,
         stall::LANE_SHARE => Reason::LaneShare,
         stall::LANE_CAP => Reason::LaneCap,
+        stall::PACE => Reason::Pace,
         stall::LANE_MOVE => Reason::PolicyChange,
         _ if lane.in_flight_events > 0 => Reason::NoAcknowledgement,
         _ => Reason::NoProgress,
@@ -317,6 +325,7 @@ mod tests {
             throttled(Reason::LaneShare)
         );
         assert_eq!(assess_lane(CONNECTED, lane(500, stall::LANE_CAP, None), NOW), throttled(Reason::LaneCap));
+        assert_eq!(assess_lane(CONNECTED, lane(500, stall::PACE, None), NOW), throttled(Reason::Pace));
         // Waiting for a policy change for a moment is no throttle.
         assert_eq!(assess_lane(CONNECTED, lane(500, stall::LANE_MOVE, Some(1_000)), NOW), Health::default());
         // A stale credit stall once the link is gone is no throttle: the link decides.
@@ -402,6 +411,7 @@ mod tests {
             Reason::PolicyChange,
             Reason::NoAcknowledgement,
             Reason::NoProgress,
+            Reason::Pace,
         ];
         assert_eq!(reasons.map(Reason::code), Reason::CODES);
         assert!(Reason::OpenCircuit { failures: 7 }.text().contains("after 7 failed sessions"));

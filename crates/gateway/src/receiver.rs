@@ -311,7 +311,7 @@ impl Session {
     /// Grants are absolute and repeated: one that finds the control queue
     /// full is dropped, the next repeats it.
     fn send_grant(&self, grant: Grant, bandwidth: Option<u64>) {
-        let Grant { up_to, durable, window, ping, ping_sent_ms } = grant;
+        let Grant { up_to, durable, window, ping, ping_sent_ms, pace_bytes } = grant;
         let grant = v1::LinkGrant {
             up_to_events: up_to.events,
             up_to_bytes: up_to.bytes,
@@ -322,6 +322,7 @@ impl Session {
             ping,
             ping_sent_ms,
             bandwidth_bytes_per_s: bandwidth.unwrap_or(0),
+            pace_bytes,
         };
         let _ = self.out.try_send(Ok(v1::LinkControl { kind: Some(v1::link_control::Kind::Grant(grant)) }));
     }

@@ -120,8 +120,10 @@ pub mod stall {
     pub const LANE_CAP: u8 = 4;
     /// A stream moved to this lane and the old lane has not passed the change.
     pub const LANE_MOVE: u8 = 5;
+    /// The route has the link's pace in flight; the lane's reservation is used.
+    pub const PACE: u8 = 6;
     /// Names, by value.
-    pub const NAMES: [&str; 6] = ["none", "no link", "no credit", "lane share", "lane cap", "lane move"];
+    pub const NAMES: [&str; 7] = ["none", "no link", "no credit", "lane share", "lane cap", "lane move", "pace"];
 }
 
 /// Counters of one lane.
@@ -744,6 +746,7 @@ impl RouteTask {
             window: Amount::new(grant.window_events, grant.window_bytes),
             ping: grant.ping,
             ping_sent_ms: grant.ping_sent_ms,
+            pace_bytes: grant.pace_bytes,
         };
         // Demand fulfillment, sampled before the grant is applied: while data
         // waits, how much of what the receiver granted is in use.
@@ -798,6 +801,7 @@ impl RouteTask {
                     Some(Stall::NoCredit) => stall::NO_CREDIT,
                     Some(Stall::LaneShare) => stall::LANE_SHARE,
                     Some(Stall::LaneCap) => stall::LANE_CAP,
+                    Some(Stall::Pace) => stall::PACE,
                 },
             };
             m.set_stall(reason);

@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 
 use super::{
     Amount, BANDWIDTH_INTERVAL_MS_MIN, BANDWIDTH_SAMPLES, CreditConfigError, GRANT_DUE_FRACTION, Grant,
-    PINGS_OUTSTANDING_MAX, RTT_BUCKETS, RTT_WINDOW_MS_DEFAULT, Violation, WINDOW_GAIN_PERCENT_DEFAULT,
-    WINDOW_MAX_DEFAULT, WINDOW_MIN_DEFAULT,
+    PACE_QUEUE_CYCLE_DIVISOR, PACE_QUEUE_MS_MIN, PINGS_OUTSTANDING_MAX, RTT_BUCKETS, RTT_WINDOW_MS_DEFAULT, Violation,
+    WINDOW_GAIN_PERCENT_DEFAULT, WINDOW_MAX_DEFAULT, WINDOW_MIN_DEFAULT,
 };
 
 /// The smallest and largest window the receiver grants.
@@ -124,7 +124,17 @@ struct DeliveryFilter {
     start_ms: u64,
     start: Amount,
     samples: VecDeque<DeliverySample>,
+    /// Startup: the bandwidth to beat by [`PIPE_FULL_GROWTH_PERCENT`], and
+    /// how many samples in a row did not ([`PIPE_FULL_SAMPLES`] of them and
+    /// the pipe is full: the window, not the link, had limited the rate).
+    full_bw: u64,
+    samples_without_growth: u32,
 }
+
+/// Startup ends when the bandwidth has not grown by this much ...
+const PIPE_FULL_GROWTH_PERCENT: u64 = 125;
+/// ... over this many delivery samples in a row (BBR's full-pipe test).
+const PIPE_FULL_SAMPLES: u32 = 3;
 
 impl DeliveryFilter {
     fn on_durable(&mut self, durable: Amount, now_ms: u64, rtt_ms: Option<u64>) {
@@ -144,6 +154,19 @@ impl DeliveryFilter {
         self.samples.push_back(DeliverySample { bytes_per_s, delivered });
         self.start_ms = now_ms;
         self.start = durable;
+        let bandwidth = self.bandwidth_bytes_per_s().unwrap_or(0);
+        if u128::from(bandwidth) * 100 >= u128::from(self.full_bw) * u128::from(PIPE_FULL_GROWTH_PERCENT) {
+            self.full_bw = bandwidth;
+            self.samples_without_growth = 0;
+        } else {
+            self.samples_without_growth = self.samples_without_growth.saturating_add(1);
+        }
+    }
+
+    /// True once the bandwidth stopped growing: the link, not the window,
+    /// limits the rate (it stays true for the session).
+    fn pipe_full(&self) -> bool {
+        self.samples_without_growth >= PIPE_FULL_SAMPLES
     }
 
     fn bandwidth_bytes_per_s(&self) -> Option<u64> {
@@ -236,7 +259,13 @@ impl CreditReceiver {
             rtt_confirmed_ms: now_ms,
             ping_issued_ms: None,
             probe: Probe::Off,
-            delivery: DeliveryFilter { start_ms: now_ms, start: Amount::ZERO, samples: VecDeque::new() },
+            delivery: DeliveryFilter {
+                start_ms: now_ms,
+                start: Amount::ZERO,
+                samples: VecDeque::new(),
+                full_bw: 0,
+                samples_without_growth: 0,
+            },
             service_ms: VecDeque::with_capacity(SERVICE_SAMPLES),
             frame_bytes: VecDeque::with_capacity(SERVICE_SAMPLES),
         })
@@ -355,11 +384,12 @@ impl CreditReceiver {
             window: self.limit.saturating_sub(self.durable),
             ping,
             ping_sent_ms,
+            pace_bytes: self.pace_bytes(),
         }
     }
 
-    /// True when a grant now would raise the limit by at least a quarter of
-    /// the window (events or bytes), or no grant was sent yet, or an RTT
+    /// True when a grant now would raise the limit by at least a sixteenth
+    /// ([`GRANT_DUE_FRACTION`]) of the window (events or bytes), or no grant was sent yet, or an RTT
     /// probe needs a fresh ping.
     pub fn grant_due(&self) -> bool {
         if let Probe::Measuring { since_ms, .. } = self.probe
@@ -432,17 +462,48 @@ impl CreditReceiver {
         self.window = if self.probing() { self.config.bounds.min } else { self.target_window() };
     }
 
-    fn target_window(&self) -> Amount {
-        let WindowBounds { min, max } = self.config.bounds;
+    /// The loop a byte of credit travels: the path's round trip, the time
+    /// to put a whole frame on the wire (the receiver acts on whole frames),
+    /// and the receiver's write until durable. `None` before the RTT and the
+    /// bandwidth are measured.
+    pub fn cycle_ms(&self) -> Option<u64> {
         let (Some(rtt_ms), Some(bandwidth)) = (self.rtt_ms, self.bandwidth_bytes_per_s()) else {
-            return min;
+            return None;
         };
-        // The loop a byte of credit travels: the path's round trip, the
-        // time to put a whole frame on the wire (the receiver acts on whole
-        // frames), and the receiver's write until durable.
         let service_ms = self.service_ms.iter().copied().max().unwrap_or(0);
         let frame_ms = self.frame_bytes.iter().copied().max().unwrap_or(0).saturating_mul(1000) / bandwidth.max(1);
-        let cycle_ms = rtt_ms + service_ms + frame_ms;
+        Some(rtt_ms + service_ms + frame_ms)
+    }
+
+    /// Bytes in flight that keep the link busy with a short queue, 0 (no
+    /// pacing) before the cycle is measured, during startup (until the
+    /// bandwidth stops growing by a quarter per delivery interval for three
+    /// intervals: the window's gain finds the link's rate fastest) and
+    /// during an RTT probe. The
+    /// sender counts a byte in flight until a grant acknowledges it, and a
+    /// grant waits until a sixteenth of the window is free
+    /// ([`CreditReceiver::grant_due`]), so the sender's loop is the cycle
+    /// plus that wait: `bandwidth × (cycle + window / GRANT_DUE_FRACTION /
+    /// bandwidth + q)`, with the queue allowance
+    /// `q = max(PACE_QUEUE_MS_MIN, cycle / PACE_QUEUE_CYCLE_DIVISOR)`.
+    pub fn pace_bytes(&self) -> u64 {
+        let (Some(cycle_ms), Some(bandwidth)) = (self.cycle_ms(), self.bandwidth_bytes_per_s()) else {
+            return 0;
+        };
+        if self.probing() || !self.delivery.pipe_full() {
+            return 0;
+        }
+        let queue_ms = (cycle_ms / PACE_QUEUE_CYCLE_DIVISOR).max(PACE_QUEUE_MS_MIN);
+        let cycle_bytes = u128::from(bandwidth) * u128::from(cycle_ms + queue_ms) / 1000;
+        let grant_wait_bytes = u128::from(self.window.bytes / GRANT_DUE_FRACTION);
+        u64::try_from(cycle_bytes + grant_wait_bytes).unwrap_or(u64::MAX).max(1)
+    }
+
+    fn target_window(&self) -> Amount {
+        let WindowBounds { min, max } = self.config.bounds;
+        let (Some(cycle_ms), Some(bandwidth)) = (self.cycle_ms(), self.bandwidth_bytes_per_s()) else {
+            return min;
+        };
         let product =
             u128::from(self.config.gain_percent) * u128::from(bandwidth) * u128::from(cycle_ms) / (100 * 1000);
         let bytes = u64::try_from(product).unwrap_or(u64::MAX).clamp(min.bytes, max.bytes);
@@ -553,23 +614,23 @@ mod tests {
 
     #[test]
     fn limits_are_monotonic_and_follow_durable() {
-        let mut receiver = receiver();
+        let mut receiver = CreditReceiver::new(config(Amount::new(64, 6400), Amount::new(1000, 1_000_000)), 0);
         let first = receiver.grant(0);
-        receiver.on_data(0, 5, 500, 0).unwrap();
+        receiver.on_data(0, 10, 1000, 0).unwrap();
         assert!(!receiver.grant_due());
-        receiver.on_durable(Amount::new(1, 100), 1);
-        // 1 of 10 events and 100 of 1000 bytes freed: less than a quarter of either.
+        receiver.on_durable(Amount::new(3, 300), 1);
+        // 3 of 64 events and 300 of 6400 bytes freed: less than a sixteenth of either.
         assert!(!receiver.grant_due());
-        receiver.on_durable(Amount::new(3, 300), 2);
+        receiver.on_durable(Amount::new(4, 400), 2);
         assert!(receiver.grant_due());
         let second = receiver.grant(2);
-        assert_eq!(second.up_to, Amount::new(13, 1300));
-        assert_eq!(second.durable, Amount::new(3, 300));
+        assert_eq!(second.up_to, Amount::new(68, 6800));
+        assert_eq!(second.durable, Amount::new(4, 400));
         assert!(first.up_to.fits_within(second.up_to));
         // A stale durable report changes nothing.
         receiver.on_durable(Amount::new(1, 100), 3);
-        assert_eq!(receiver.durable(), Amount::new(3, 300));
-        assert_eq!(receiver.grant(3).up_to, Amount::new(13, 1300));
+        assert_eq!(receiver.durable(), Amount::new(4, 400));
+        assert_eq!(receiver.grant(3).up_to, Amount::new(68, 6800));
     }
 
     #[test]
@@ -794,5 +855,33 @@ mod tests {
         let horizon = ReceiverConfig { rtt_window_ms: 3, ..ok };
         assert!(matches!(horizon.validate(), Err(CreditConfigError::RttWindowTooShort { .. })));
         assert!(CreditReceiver::try_new(horizon, 0).is_err());
+    }
+
+    #[test]
+    fn pace_starts_once_the_bandwidth_stops_growing_and_pauses_in_a_probe() {
+        let mut receiver = CreditReceiver::new(config(Amount::new(10, 1000), Amount::new(100_000, 10_000_000)), 0);
+        let first = receiver.grant(0);
+        receiver.on_echo(first.ping, 50);
+        assert_eq!(receiver.rtt_ms(), Some(50));
+        // 100 KB made durable every 100 ms: 1 MB/s, in frames of 100 KB.
+        let mut paces = Vec::new();
+        for step in 1..=6u64 {
+            let now = 50 + step * 100;
+            receiver.limit = Amount::new(u64::MAX / 2, u64::MAX / 2);
+            receiver.on_data(step - 1, 1, 100_000, now).unwrap();
+            receiver.on_durable(Amount::new(step, step * 100_000), now);
+            paces.push(receiver.pace_bytes());
+        }
+        // The first sample sets the bandwidth; three without growth end startup.
+        assert_eq!(paces[..4], [0, 0, 0, 0], "{paces:?}");
+        // cycle = 50 ms RTT + 100 ms for a 100 KB frame; queue max(5, 150 / 8) = 18 ms;
+        // grant wait = window / 16 = (2 x 1 MB/s x 150 ms) / 16.
+        assert_eq!(receiver.cycle_ms(), Some(150));
+        assert_eq!(paces[5], 1_000_000 * 168 / 1000 + 300_000 / 16, "{paces:?}");
+        // An RTT probe pauses the pace (the window is at its minimum then).
+        receiver.rtt_confirmed_ms = 0;
+        receiver.refresh(50 + 6 * 100 + 10_000);
+        assert!(receiver.probing());
+        assert_eq!(receiver.pace_bytes(), 0);
     }
 }

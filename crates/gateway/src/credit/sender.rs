@@ -42,6 +42,8 @@ pub struct CreditSender {
     durable: Amount,
     limit: Amount,
     echo: u64,
+    /// `pace_bytes` of the grant with the newest ping (0: no pacing).
+    pace_bytes: u64,
 }
 
 impl CreditSender {
@@ -86,6 +88,7 @@ impl CreditSender {
             durable: Amount::ZERO,
             limit: Amount::ZERO,
             echo: 0,
+            pace_bytes: 0,
         })
     }
 
@@ -124,6 +127,9 @@ impl CreditSender {
         // A stale grant's durable (below ours) cannot be checked against
         // released entries; it carries nothing new, so it is ignored.
         self.limit = self.limit.max_each(grant.up_to);
+        if grant.ping >= self.echo {
+            self.pace_bytes = grant.pace_bytes;
+        }
         self.echo = self.echo.max(grant.ping);
         self.recompute_shares();
         debug_assert_eq!(self.in_flight.len() as u64, self.sent.events - self.durable.events);
@@ -205,10 +211,17 @@ impl CreditSender {
         self.pool
     }
 
+    /// Bytes in flight beyond which lanes send only inside their
+    /// reservations (0: no pacing); see the module doc.
+    pub fn pace_bytes(&self) -> u64 {
+        self.pace_bytes
+    }
+
     /// Why `lane` cannot send an event of `bytes` bytes now: `None` if it
     /// can; [`Stall::NoCredit`] when the absolute limit blocks,
     /// [`Stall::LaneCap`] when (only) the lane cap blocks, [`Stall::LaneShare`]
-    /// when only the lane's reservation and the pool block.
+    /// when only the lane's reservation and the pool block, [`Stall::Pace`]
+    /// when the event needs the pool and the route has its pace in flight.
     ///
     /// # Panics
     ///
@@ -242,7 +255,15 @@ impl CreditSender {
                 - this.in_flight.bytes.saturating_sub(this.reserved.bytes);
             excess.saturating_add(added) <= self.pool.bytes
         };
-        if events_fit && bytes_fit { None } else { Some(Stall::LaneShare) }
+        if !(events_fit && bytes_fit) {
+            return Some(Stall::LaneShare);
+        }
+        let in_flight_bytes = self.sent.bytes - self.durable.bytes;
+        let paced = !idle
+            && self.pace_bytes > 0
+            && after.bytes > this.reserved.bytes
+            && in_flight_bytes.saturating_add(bytes) > self.pace_bytes;
+        if paced { Some(Stall::Pace) } else { None }
     }
 
     fn recompute_shares(&mut self) {
@@ -277,7 +298,7 @@ mod tests {
     }
 
     fn grant(up_to: Amount, durable: Amount) -> Grant {
-        Grant { up_to, durable, window: up_to.saturating_sub(durable), ping: 0, ping_sent_ms: 0 }
+        Grant { up_to, durable, window: up_to.saturating_sub(durable), ping: 0, ping_sent_ms: 0, pace_bytes: 0 }
     }
 
     fn send(sender: &mut CreditSender, lane: usize, bytes: u64) -> u64 {
@@ -615,5 +636,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn paced(up_to: Amount, durable: Amount, ping: u64, pace_bytes: u64) -> Grant {
+        Grant { ping, pace_bytes, ..grant(up_to, durable) }
+    }
+
+    #[test]
+    fn pace_holds_sends_from_the_pool_but_not_from_a_reservation() {
+        // Lane 0 reserves 200 of 10 000 bytes, lane 1 uses the pool; pace 3000 bytes.
+        let mut sender = CreditSender::new(vec![lane(200), lane(0)]);
+        sender.on_grant(&paced(Amount::new(100, 10_000), Amount::ZERO, 1, 3000)).unwrap();
+        assert_eq!(sender.pace_bytes(), 3000);
+        for _ in 0..3 {
+            send(&mut sender, 1, 1000);
+        }
+        // 3000 in flight: the pool has room, the pace does not.
+        assert_eq!(sender.stall(1, 1), Some(Stall::Pace));
+        // Lane 0 sends inside its reservation of 2000 bytes whatever the pace ...
+        send(&mut sender, 0, 1500);
+        send(&mut sender, 0, 500);
+        // ... and is paced beyond it, like any lane using the pool.
+        assert_eq!(sender.stall(0, 1), Some(Stall::Pace));
+        // Acknowledgements release the pace.
+        sender.on_grant(&paced(Amount::new(100, 10_000), Amount::new(1, 1000), 2, 3000)).unwrap();
+        assert_eq!(sender.stall(1, 1000), Some(Stall::Pace), "4000 in flight");
+        sender.on_grant(&paced(Amount::new(100, 10_000), Amount::new(3, 3000), 3, 3000)).unwrap();
+        assert_eq!(sender.stall(1, 1000), None, "2000 in flight, 1000 more fits the pace");
+        assert_eq!(sender.stall(1, 1001), Some(Stall::Pace));
+    }
+
+    #[test]
+    fn pace_follows_the_newest_ping_and_zero_means_none() {
+        let mut sender = CreditSender::new(vec![lane(0)]);
+        let up_to = Amount::new(100, 100_000);
+        sender.on_grant(&paced(up_to, Amount::ZERO, 5, 2000)).unwrap();
+        // A reordered older grant does not change the pace; a newer one does.
+        sender.on_grant(&paced(up_to, Amount::ZERO, 4, 50_000)).unwrap();
+        assert_eq!(sender.pace_bytes(), 2000);
+        send(&mut sender, 0, 1500);
+        assert_eq!(sender.stall(0, 1000), Some(Stall::Pace));
+        sender.on_grant(&paced(up_to, Amount::ZERO, 6, 0)).unwrap();
+        assert_eq!(sender.pace_bytes(), 0);
+        assert_eq!(sender.stall(0, 1000), None, "no pacing without a measured pace");
+    }
+
+    #[test]
+    fn pace_never_holds_the_idle_rule() {
+        let mut sender = CreditSender::new(vec![lane(0)]);
+        sender.on_grant(&paced(Amount::new(10, 1000), Amount::ZERO, 1, 100)).unwrap();
+        // Nothing in flight: one event of any size goes, whatever the pace.
+        assert_eq!(sender.stall(0, 5000), None);
+        send(&mut sender, 0, 5000);
+        assert_eq!(sender.stall(0, 1), Some(Stall::NoCredit));
     }
 }

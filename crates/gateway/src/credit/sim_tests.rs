@@ -75,6 +75,7 @@ struct Stats {
     stalls_no_credit: u64,
     stalls_lane_share: u64,
     stalls_lane_cap: u64,
+    stalls_pace: u64,
     window_max: Amount,
 }
 
@@ -103,6 +104,12 @@ struct Sim {
     sent_sizes: Vec<u64>,
     lossy: bool,
     stats: Stats,
+    /// A lane whose events are timed from send to arrival, and whether the
+    /// sender obeys the grants' pace (a test turns it off to compare).
+    timed_lane: Option<usize>,
+    paced: bool,
+    sent_at_ms: std::collections::HashMap<u64, u64>,
+    latencies_ms: Vec<u64>,
 }
 
 impl Sim {
@@ -131,6 +138,10 @@ impl Sim {
             sent_sizes: Vec::new(),
             lossy: true,
             stats: Stats::default(),
+            timed_lane: None,
+            paced: true,
+            sent_at_ms: std::collections::HashMap::new(),
+            latencies_ms: Vec::new(),
         }
     }
 
@@ -162,6 +173,9 @@ impl Sim {
             let mut through = before;
             for (offset, &size) in frame.sizes.iter().enumerate() {
                 assert_eq!(self.sent_sizes[(frame.first_seq + offset as u64) as usize], size);
+                if let Some(sent_ms) = self.sent_at_ms.remove(&(frame.first_seq + offset as u64)) {
+                    self.latencies_ms.push(self.now_ms - sent_ms);
+                }
                 through = through.saturating_add(Amount::new(1, size));
                 let ready_ms =
                     (self.now_ms + self.rng.upto(self.scenario.durable_delay_ms_max)).max(self.durable_ready_last_ms);
@@ -251,7 +265,8 @@ impl Sim {
 
     fn deliver_grant(&mut self, grant: &Grant) {
         let before = self.sender.durable();
-        match self.sender.on_grant(grant) {
+        let grant = if self.paced { *grant } else { Grant { pace_bytes: 0, ..*grant } };
+        match self.sender.on_grant(&grant) {
             Ok(durable) => assert!(before.fits_within(durable), "sender's durable went back"),
             Err(violation) => panic!("sender rejected an honest grant: {violation}"),
         }
@@ -291,6 +306,7 @@ impl Sim {
                         Some(Stall::NoCredit) => self.stats.stalls_no_credit += 1,
                         Some(Stall::LaneShare) => self.stats.stalls_lane_share += 1,
                         Some(Stall::LaneCap) => self.stats.stalls_lane_cap += 1,
+                        Some(Stall::Pace) => self.stats.stalls_pace += 1,
                     }
                 }
             }
@@ -327,6 +343,9 @@ impl Sim {
         }
         let seq = self.sender.on_sent(lane, size);
         assert_eq!(seq, self.sent_sizes.len() as u64);
+        if self.timed_lane == Some(lane) {
+            self.sent_at_ms.insert(seq, self.now_ms);
+        }
         self.sent_sizes.push(size);
         self.stats.events_sent += 1;
         check_lane_shares(&self.sender, &lanes, lane, window, idle);
@@ -607,6 +626,7 @@ fn seeded_simulations_cover_many_scenarios() {
         totals.stalls_no_credit += stats.stalls_no_credit;
         totals.stalls_lane_share += stats.stalls_lane_share;
         totals.stalls_lane_cap += stats.stalls_lane_cap;
+        totals.stalls_pace += stats.stalls_pace;
         totals.grants_issued += stats.grants_issued;
         totals.grants_delivered += stats.grants_delivered;
     }
@@ -617,6 +637,7 @@ fn seeded_simulations_cover_many_scenarios() {
     assert!(totals.stalls_no_credit > 0, "{totals:?}");
     assert!(totals.stalls_lane_share > 0, "{totals:?}");
     assert!(totals.stalls_lane_cap > 0, "{totals:?}");
+    assert!(totals.stalls_pace > 0, "{totals:?}");
     assert!(totals.grants_delivered < totals.grants_issued * 2, "{totals:?}");
 }
 
@@ -740,4 +761,60 @@ fn window_stays_within_its_bounds_on_a_clean_link() {
     assert!(bandwidth <= 20_000, "bandwidth {bandwidth} B/s");
     let rtt_ms = sim.receiver.rtt_ms().expect("rtt measured");
     assert!((50..=52).contains(&rtt_ms), "rtt {rtt_ms} ms");
+}
+
+/// The p99 of the timed lane's send → arrival latencies after `settle_ms`,
+/// running until `until_ms` with one 200-byte event of lane 0 every 20 ms
+/// and, when `bulk`, lane 1 backlogged with 1000-byte events; and the bytes
+/// that became durable after `settle_ms`.
+fn timed_critical_lane(paced: bool, bulk: bool, until_ms: u64, settle_ms: u64) -> (u64, u64) {
+    let bounds = WindowBounds { min: Amount::new(4, 4000), max: Amount::new(100_000, 10_000_000) };
+    let mut sim = clean_link(1000, 25, bounds);
+    sim.scenario.lanes = vec![
+        LaneShare { reserved_permille: 200, cap: Amount::new(u64::MAX, u64::MAX) },
+        LaneShare { reserved_permille: 0, cap: Amount::new(u64::MAX, u64::MAX) },
+    ];
+    sim.sender = CreditSender::new(sim.scenario.lanes.clone());
+    sim.backlog = vec![VecDeque::new(), VecDeque::new()];
+    sim.timed_lane = Some(0);
+    sim.paced = paced;
+    let mut next_critical_ms = 0;
+    let mut durable_at_settle = None;
+    while sim.now_ms < until_ms {
+        if bulk && sim.backlog[1].len() < 1000 {
+            sim.backlog[1].extend(std::iter::repeat_n(1000, 1000));
+        }
+        if sim.now_ms >= next_critical_ms {
+            sim.backlog[0].push_back(200);
+            next_critical_ms += 20;
+        }
+        sim.step(false, 1);
+        if sim.now_ms >= settle_ms && durable_at_settle.is_none() {
+            durable_at_settle = Some(sim.receiver.durable().bytes);
+            sim.latencies_ms.clear();
+        }
+    }
+    let mut latencies = std::mem::take(&mut sim.latencies_ms);
+    latencies.sort_unstable();
+    assert!(latencies.len() > 100, "{} critical events timed", latencies.len());
+    let p99 = latencies[latencies.len() * 99 / 100];
+    (p99, sim.receiver.durable().bytes - durable_at_settle.unwrap_or(0))
+}
+
+#[test]
+fn pace_keeps_a_reserved_lane_fast_beside_a_saturated_lane_and_the_link_full() {
+    // 1 MB/s, 25 ms each way: alone, a critical event takes 25 ms and a bit.
+    let (alone_ms, _) = timed_critical_lane(true, false, 20_000, 5_000);
+    let (paced_ms, paced_bytes) = timed_critical_lane(true, true, 40_000, 10_000);
+    let (unpaced_ms, unpaced_bytes) = timed_critical_lane(false, true, 40_000, 10_000);
+    eprintln!(
+        "critical p99: alone {alone_ms} ms, beside bulk paced {paced_ms} ms / unpaced {unpaced_ms} ms; \
+         delivered in 30 s: paced {paced_bytes} B, unpaced {unpaced_bytes} B"
+    );
+    assert!((25..=30).contains(&alone_ms), "alone {alone_ms} ms");
+    // Without the pace the bulk lane queues about one cycle in the link.
+    assert!(unpaced_ms > 2 * alone_ms, "unpaced {unpaced_ms} ms vs alone {alone_ms} ms");
+    assert!(paced_ms <= 2 * alone_ms, "paced {paced_ms} ms vs alone {alone_ms} ms");
+    // ... and the link stays full: at least 90 % of 30 s at 1 MB/s, RTT probes included.
+    assert!(paced_bytes >= 27_000_000, "paced: delivered {paced_bytes} bytes in 30 s");
 }
