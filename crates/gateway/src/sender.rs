@@ -54,7 +54,7 @@ const FRAME_BYTES_MIN: u64 = 4 * 1024;
 /// A frame carries at most this many milliseconds of the link's measured
 /// bandwidth: a frame on the wire delays every other lane's next event by
 /// its transmission time.
-const FRAME_LINK_MS: u64 = 10;
+const FRAME_LINK_MS: u64 = 5;
 /// Most per-stream sampling buckets remembered per lane; when full the
 /// memory is cleared (one extra event per stream may then be kept).
 const SAMPLE_STREAMS_MAX: usize = 65_536;

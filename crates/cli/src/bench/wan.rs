@@ -81,6 +81,9 @@ pub struct WanBenchArgs {
     /// Run only the gateway failover drills.
     #[arg(long)]
     pub failover_only: bool,
+    /// Run only the dead route: local appends beside it and the RSS of its backlog.
+    #[arg(long, conflicts_with = "failover_only")]
+    pub backlog_only: bool,
     /// The nats-server binary [default: nats-server on PATH, installed with apt-get if missing].
     #[arg(long, value_name = "PATH")]
     pub nats_server: Option<PathBuf>,
@@ -239,8 +242,12 @@ pub fn run(args: &WanBenchArgs) -> anyhow::Result<()> {
     let load_start = load_average();
     let started = Instant::now();
     let measured = if args.failover_only { None } else { Some(runtime.block_on(measure(args, &plan, &dir))?) };
-    progress(format_args!("gateway failover drills"));
-    let drills = runtime.block_on(failover::measure(failover_plan, &dir.join("failover"), Instant::now()))?;
+    let drills = if args.backlog_only {
+        None
+    } else {
+        progress(format_args!("gateway failover drills"));
+        Some(runtime.block_on(failover::measure(failover_plan, &dir.join("failover"), Instant::now()))?)
+    };
     let load_end = load_average();
     runtime.shutdown_timeout(Duration::from_secs(10));
     scratch.close().with_context(|| format!("cannot remove the scratch directory {}", dir.display()))?;
@@ -259,10 +266,10 @@ pub fn run(args: &WanBenchArgs) -> anyhow::Result<()> {
             print_report(&header, &links, &dead, &nats_note);
         }
     }
-    if args.json {
-        println!("{}", drills.to_json());
-    } else {
-        print_failover(&drills);
+    match drills {
+        Some(drills) if args.json => println!("{}", drills.to_json()),
+        Some(drills) => print_failover(&drills),
+        None => {}
     }
     Ok(())
 }
@@ -312,12 +319,12 @@ async fn measure(
 ) -> anyhow::Result<(Vec<LinkFigures>, DeadRoute, Option<String>)> {
     let clock = Instant::now();
     let mut links = Vec::new();
-    for profile in PROFILES {
+    for profile in PROFILES.iter().filter(|_| !args.backlog_only) {
         progress(format_args!("edgebus over {}", profile.name));
-        links.push(measure_edgebus(&profile, plan, &dir.join(profile.name), clock).await?);
+        links.push(measure_edgebus(profile, plan, &dir.join(profile.name), clock).await?);
     }
     let mut nats_note = None;
-    if !args.no_nats {
+    if !args.no_nats && !args.backlog_only {
         match nats::prepare(args.nats_server.as_deref(), &dir.join("nats-probe")).await {
             Ok(binary) => {
                 for profile in PROFILES {

@@ -228,7 +228,7 @@ pub struct CreditReceiver {
 }
 
 /// Service-time and frame-size samples kept for the window's cycle.
-pub const SERVICE_SAMPLES: usize = 8;
+pub const SERVICE_SAMPLES: usize = 32;
 
 impl CreditReceiver {
     /// A receiver for a new session; the window starts at `bounds.min`.
@@ -790,7 +790,7 @@ mod tests {
         // Slow delivery of 1-byte events for long enough: the byte floor, and
         // 100 events of 1 byte clamped to the event ceiling.
         let mut received = Amount::new(6, 300);
-        for step in 1..=(BANDWIDTH_SAMPLES as u64 + 1) {
+        for step in 1..=(BANDWIDTH_SAMPLES.max(SERVICE_SAMPLES) as u64 + 1) {
             let now = 200 + step * 1000;
             let ping = receiver.grant(now - 100).ping;
             receiver.on_echo(ping, now);
@@ -824,7 +824,8 @@ mod tests {
         }
         assert!(peak.events >= 32, "the window grew: {peak}");
         // The sender now has little to send: delivery slows down and the window shrinks.
-        for _ in 0..(BANDWIDTH_SAMPLES * 2) {
+        // Long enough for the big frames of the growth to leave the frame-time samples.
+        for _ in 0..(BANDWIDTH_SAMPLES.max(SERVICE_SAMPLES) * 2) {
             let grant = receiver.grant(now);
             assert!(last.fits_within(grant.up_to), "up_to went back: {last} then {}", grant.up_to);
             last = grant.up_to;
