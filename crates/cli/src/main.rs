@@ -8,11 +8,10 @@ fn main() -> std::process::ExitCode {
 /// glibc's malloc gives threads that contend for it arenas of their own, up
 /// to eight per core, and memory freed in one arena is not reused by
 /// another. Under a node's mix of async workers and blocking-pool threads
-/// that is fragmentation that only grows: a site filling a dead route's
-/// backlog went from 319 MiB at 1M events to 467 MiB at 10M with the
-/// default, while with two arenas 1M and 2M events differ by 0.5%
-/// (`edgebus bench wan --backlog-only`). One arena per core, at least two,
-/// unless `MALLOC_ARENA_MAX` says otherwise.
+/// that is fragmentation: a site holding a dead route's backlog of 1M
+/// events had 316-319 MiB resident with the default and 213-242 MiB with
+/// one arena per core (`edgebus bench wan --backlog-only`). One arena per
+/// core, at least two, unless `MALLOC_ARENA_MAX` says otherwise.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn limit_malloc_arenas() {
