@@ -3,32 +3,21 @@
 //! the client, which sends every append of a connection over one such
 //! stream, across a node's restart.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use edgebus_client::Client;
 use edgebus_proto::convert::{self, AppendArgs};
 use edgebus_proto::v1;
 use edgebus_proto::v1::append_stream_response::Result as Answer;
-use edgebus_proto::v1::event_store_client::EventStoreClient;
 use edgebus_store::{Direction, StreamFrom};
-use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
+use edgebus_types::{ExpectedVersion, NewEvent, StreamName};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::node::Node;
+use crate::node_serve::{connect, event};
 
 /// Longest wait for one answer.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
-
-fn event(id: u128, data: &str) -> NewEvent {
-    NewEvent {
-        id: EventId::from_u128(id),
-        event_type: EventType::new("Noted").unwrap(),
-        data: data.as_bytes().to_vec(),
-        metadata: Vec::new(),
-        timestamp_ms: 0,
-    }
-}
 
 fn request(
     correlation: u64,
@@ -42,11 +31,6 @@ fn request(
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
-async fn connect(addr: SocketAddr) -> EventStoreClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    EventStoreClient::new(channel)
 }
 
 async fn next_answer(answers: &mut tonic::Streaming<v1::AppendStreamResponse>) -> v1::AppendStreamResponse {

@@ -11,7 +11,8 @@ use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
 
 use crate::node::{Node, http_get};
 
-async fn connect(addr: SocketAddr) -> EventStoreClient<tonic::transport::Channel> {
+/// A raw gRPC client of the node at `addr` (shared with `node_append_stream`).
+pub(crate) async fn connect(addr: SocketAddr) -> EventStoreClient<tonic::transport::Channel> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .expect("a valid URI")
         .connect()
@@ -20,7 +21,8 @@ async fn connect(addr: SocketAddr) -> EventStoreClient<tonic::transport::Channel
     EventStoreClient::new(channel)
 }
 
-fn event(id: u128, data: &str) -> NewEvent {
+/// A `Noted` event (shared with `node_append_stream`).
+pub(crate) fn event(id: u128, data: &str) -> NewEvent {
     NewEvent {
         id: EventId::from_u128(id),
         event_type: EventType::new("Noted").unwrap(),
