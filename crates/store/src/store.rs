@@ -1254,7 +1254,7 @@ impl Shared {
                 inner.tail.apply(&self.index, &applied).map_err(ReadError::Index)?;
                 replayed += 1;
             }
-            let full = inner.tail.ops.len() >= self.config.index_flush_events;
+            let full = inner.tail.unflushed() >= self.config.index_flush_events;
             drop(inner);
             if full {
                 self.flush().map_err(ReadError::Index)?;
@@ -1269,22 +1269,20 @@ impl Shared {
         // One flush at a time: the indexer and `flush_index` both flush, and
         // each drops from the tail exactly the ops it committed.
         let _flushing = self.flush_lock.lock();
-        let (ops, checkpoint) = {
-            let inner = lock(&self.inner);
+        let batch = {
+            let mut inner = lock(&self.inner);
             let durable_end = self.log.end_position();
-            let count = inner.tail.ops.iter().take_while(|op| op.position < durable_end).count();
-            let checkpoint = inner.tail.ops.get(count).map_or(durable_end, |op| op.position);
-            (inner.tail.ops.iter().take(count).cloned().collect::<Vec<_>>(), checkpoint)
+            inner.tail.take_durable(durable_end)
         };
-        if ops.is_empty() && checkpoint == self.index.checkpoint()? {
+        if batch.is_empty() && batch.checkpoint == self.index.checkpoint()? {
             return Ok(());
         }
-        if let Err(e) = self.index.commit(Tail::writes(&ops).into_iter(), checkpoint) {
+        if let Err(e) = self.index.commit(batch.writes(), batch.checkpoint) {
             self.poisoned.store(true, Ordering::Release);
             return Err(e);
         }
         let mut inner = lock(&self.inner);
-        inner.tail.drop_flushed(ops.len(), checkpoint);
+        inner.tail.drop_flushed(batch);
         drop(inner);
         self.tail_space.notify_all();
         Ok(())
@@ -1297,7 +1295,7 @@ impl Shared {
                 if inner.closing {
                     return;
                 }
-                if inner.tail.ops.len() < self.config.index_flush_events {
+                if inner.tail.unflushed() < self.config.index_flush_events {
                     let _ = self.flush_wanted.wait_for(&mut inner, self.config.index_flush_interval);
                 }
             }

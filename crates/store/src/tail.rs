@@ -2,13 +2,20 @@
 //! checkpoint, in log order, plus lookup maps over them.
 //!
 //! Lifecycle: the store's write path (and replay on open) applies each record
-//! here under the store lock; the indexer thread later moves the durable
-//! prefix into the on-disk [`Index`] in one atomic batch and drops it from
-//! the tail. Lookups consult the tail first and the index second, so an entry
-//! is always in at least one of them. The tail is bounded: writers wait while
-//! it holds `tail_events_max` changes.
+//! here under the store lock; the indexer thread later takes the durable
+//! prefix of the ops ([`Tail::take_durable`]), writes it to the on-disk
+//! [`Index`] in one atomic batch and then drops what only it held from the
+//! lookup maps ([`Tail::drop_flushed`]). Lookups consult the tail first and
+//! the index second, so an entry is always in at least one of them. The tail
+//! is bounded: writers wait while it holds `tail_events_max` changes,
+//! counting those being flushed.
+//!
+//! Memory: an op is 88 bytes (an event's stream state is not stored with it
+//! but derived at flush time from the stream's state at the checkpoint), so
+//! a full tail of 262,144 changes holds about 23 MiB of ops plus the id and
+//! version maps.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use edgebus_types::{EventId, StreamName};
@@ -17,39 +24,106 @@ use crate::index::{IdEntry, Index, IndexError, IndexWrite, StreamState, VersionE
 use crate::record::{Command, SNAPSHOTS_PREFIX};
 
 /// One change, at one log position.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Op {
     pub(crate) position: u64,
-    /// The stream whose state this op leaves behind.
+    /// The stream whose state this op changes.
     pub(crate) stream: Arc<str>,
-    pub(crate) state: StreamState,
     pub(crate) kind: OpKind,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) enum OpKind {
-    Event {
-        version: u64,
-        content_hash: u64,
-        id: EventId,
-        event_type: Arc<str>,
-    },
-    /// A state change of `stream` caused by a command elsewhere.
-    State,
-    Snapshot {
-        source: Arc<str>,
-        target: Arc<str>,
-        version: u64,
-        position: Option<u64>,
-    },
+    /// An event of `stream`. The stream's state after it is its state
+    /// before with `next_version = version + 1`, `deleted = false`,
+    /// `last_position` = the op's position and `origin` = this origin:
+    /// the only fields an event changes.
+    Event { version: u64, content_hash: u64, id: EventId, event_type: Arc<str>, origin: u64 },
+    /// A state change of `stream` caused by a command elsewhere: its whole
+    /// state after the change.
+    State(Box<StreamState>),
+    /// A snapshot recorded or deleted by the event just before it (which
+    /// carries the state change of the snapshot stream).
+    Snapshot(Box<SnapshotOp>),
+}
+
+#[derive(Debug)]
+pub(crate) struct SnapshotOp {
+    source: Arc<str>,
+    target: Arc<str>,
+    version: u64,
+    position: Option<u64>,
+}
+
+impl Op {
+    /// Applies this op to `state`, the stream's state before it.
+    fn advance(&self, state: &mut StreamState) {
+        match &self.kind {
+            OpKind::Event { version, origin, .. } => {
+                state.next_version = version + 1;
+                state.deleted = false;
+                state.last_position = self.position;
+                state.origin = *origin;
+            }
+            OpKind::State(after) => *state = **after,
+            OpKind::Snapshot(_) => {}
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct TailStream {
     pub(crate) state: StreamState,
+    /// The state the index holds for the stream (as of the checkpoint):
+    /// where flushes start deriving states from the ops.
+    base: StreamState,
     /// Versions written since the checkpoint, ascending and dense.
     pub(crate) versions: VecDeque<(u64, VersionEntry)>,
 }
+
+/// The durable prefix of the tail's ops, taken out for a flush.
+#[derive(Debug)]
+pub(crate) struct FlushBatch {
+    ops: Vec<Op>,
+    /// Every stream's state after the batch.
+    states: HashMap<Arc<str>, StreamState>,
+    /// The next position to index after the batch.
+    pub(crate) checkpoint: u64,
+}
+
+impl FlushBatch {
+    /// Whether the batch has no ops.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The index writes of the batch: versions, ids, types and snapshots in
+    /// op order, and each stream's state after the batch once.
+    pub(crate) fn writes(&self) -> impl Iterator<Item = IndexWrite<'_>> {
+        let ops = self.ops.iter().flat_map(|op| {
+            let writes = match &op.kind {
+                OpKind::Event { version, content_hash, id, event_type, .. } => [
+                    Some(IndexWrite::Version(
+                        &op.stream,
+                        *version,
+                        VersionEntry { position: op.position, content_hash: *content_hash },
+                    )),
+                    Some(IndexWrite::Id(id, IdEntry { position: op.position, version: *version })),
+                    Some(IndexWrite::Type(event_type, op.position)),
+                ],
+                OpKind::State(_) => [None, None, None],
+                OpKind::Snapshot(s) => {
+                    [Some(IndexWrite::Snapshot(&s.source, &s.target, s.version, s.position)), None, None]
+                }
+            };
+            writes.into_iter().flatten()
+        });
+        ops.chain(self.states.iter().map(|(stream, state)| IndexWrite::State(stream, state)))
+    }
+}
+
+/// Event types remembered for sharing one allocation among the events of a type.
+const EVENT_TYPES_SHARED_MAX: usize = 256;
 
 /// Snapshot key in the tail: (source, stream, version).
 pub(crate) type SnapshotKey = (Arc<str>, Arc<str>, u64);
@@ -60,7 +134,11 @@ pub(crate) struct Tail {
     pub(crate) ids: HashMap<EventId, IdEntry>,
     /// Value: (op position, snapshot position or `None` if deleted).
     pub(crate) snapshots: BTreeMap<SnapshotKey, (u64, Option<u64>)>,
-    pub(crate) ops: VecDeque<Op>,
+    ops: VecDeque<Op>,
+    /// Ops taken by a flush that is not done yet.
+    flushing: usize,
+    /// Recent event types, so that events of one type share one `Arc`.
+    event_types: HashSet<Arc<str>>,
     /// The last state read from the index by [`Tail::state`], so that the
     /// write that follows does not read it again.
     last_index_read: Option<(Box<str>, Option<StreamState>)>,
@@ -81,6 +159,16 @@ pub(crate) struct Applied<'a> {
 }
 
 impl Tail {
+    /// Changes held, counting those being flushed.
+    pub(crate) fn len(&self) -> usize {
+        self.ops.len() + self.flushing
+    }
+
+    /// Changes not yet taken by a flush.
+    pub(crate) fn unflushed(&self) -> usize {
+        self.ops.len()
+    }
+
     /// The state of `stream`: the tail's, else the index's, else none.
     pub(crate) fn state(&self, index: &Index, stream: &str) -> Result<Option<StreamState>, IndexError> {
         match self.streams.get(stream) {
@@ -149,7 +237,7 @@ impl Tail {
                 _ => index.stream_state(stream)?,
             };
             let state = state.unwrap_or_default();
-            self.streams.insert(Arc::from(stream), TailStream { state, versions: VecDeque::new() });
+            self.streams.insert(Arc::from(stream), TailStream { state, base: state, versions: VecDeque::new() });
         }
         let (key, _) = self.streams.get_key_value(stream).expect("inserted above");
         let key = Arc::clone(key);
@@ -172,17 +260,17 @@ impl Tail {
             assert_eq!(*last + 1, record.version, "tail versions are dense");
         }
         tail.versions.push_back((record.version, entry));
-        let state = tail.state;
         self.ids.insert(record.id, IdEntry { position: record.position, version: record.version });
+        let event_type = self.event_type(record.event_type);
         self.ops.push_back(Op {
             position: record.position,
             stream: Arc::clone(&stream),
-            state,
             kind: OpKind::Event {
                 version: record.version,
                 content_hash: record.content_hash,
                 id: record.id,
-                event_type: Arc::from(record.event_type),
+                event_type,
+                origin: record.origin,
             },
         });
         let Some(command) = record.command else { return Ok(()) };
@@ -220,9 +308,22 @@ impl Tail {
         let (stream, tail) = self.entry(index, target.as_str())?;
         change(&mut tail.state);
         tail.state.last_position = position;
-        let state = tail.state;
-        self.ops.push_back(Op { position, stream, state, kind: OpKind::State });
+        let state = Box::new(tail.state);
+        self.ops.push_back(Op { position, stream, kind: OpKind::State(state) });
         Ok(())
+    }
+
+    /// `event_type` as an `Arc` shared with earlier events of the type.
+    fn event_type(&mut self, event_type: &str) -> Arc<str> {
+        if let Some(shared) = self.event_types.get(event_type) {
+            return Arc::clone(shared);
+        }
+        if self.event_types.len() >= EVENT_TYPES_SHARED_MAX {
+            self.event_types.clear();
+        }
+        let shared: Arc<str> = Arc::from(event_type);
+        self.event_types.insert(Arc::clone(&shared));
+        shared
     }
 
     fn snapshot(
@@ -236,45 +337,52 @@ impl Tail {
         let source: Arc<str> = Arc::from(snapshot_stream.strip_prefix(SNAPSHOTS_PREFIX).expect("snapshot stream"));
         let target: Arc<str> = Arc::from(target.as_str());
         self.snapshots.insert((Arc::clone(&source), Arc::clone(&target), version), (op_position, position));
-        let state = self.streams.get(snapshot_stream.as_ref()).map(|t| t.state).unwrap_or_default();
         self.ops.push_back(Op {
             position: op_position,
             stream: Arc::clone(snapshot_stream),
-            state,
-            kind: OpKind::Snapshot { source, target, version, position },
+            kind: OpKind::Snapshot(Box::new(SnapshotOp { source, target, version, position })),
         });
     }
 
-    /// The index writes for the first `count` ops, with each stream's state
-    /// written once (its last state among them).
-    pub(crate) fn writes(ops: &[Op]) -> Vec<IndexWrite<'_>> {
-        let mut last_state: HashMap<&str, &StreamState> = HashMap::new();
-        let mut writes = Vec::with_capacity(ops.len() * 3);
-        for op in ops {
-            last_state.insert(&op.stream, &op.state);
-            match &op.kind {
-                OpKind::Event { version, content_hash, id, event_type } => {
-                    writes.push(IndexWrite::Version(
-                        &op.stream,
-                        *version,
-                        VersionEntry { position: op.position, content_hash: *content_hash },
-                    ));
-                    writes.push(IndexWrite::Id(id, IdEntry { position: op.position, version: *version }));
-                    writes.push(IndexWrite::Type(event_type, op.position));
+    /// Takes the ops below `durable_end` for a flush, with every stream's
+    /// state after them. Until [`Tail::drop_flushed`] they still count
+    /// towards [`Tail::len`] and the lookup maps keep their entries.
+    pub(crate) fn take_durable(&mut self, durable_end: u64) -> FlushBatch {
+        let count = self.ops.iter().take_while(|op| op.position < durable_end).count();
+        let checkpoint = self.ops.get(count).map_or(durable_end, |op| op.position);
+        let rest = self.ops.split_off(count);
+        let ops = Vec::from(std::mem::replace(&mut self.ops, rest));
+        self.flushing += ops.len();
+        let mut states: HashMap<Arc<str>, StreamState> = HashMap::new();
+        // Runs of ops of one stream (a multi-event append) look it up once.
+        let mut run: Option<(&Arc<str>, StreamState)> = None;
+        for op in &ops {
+            let state = match &mut run {
+                Some((stream, state)) if Arc::ptr_eq(stream, &op.stream) => state,
+                _ => {
+                    if let Some((stream, state)) = run.take() {
+                        states.insert(Arc::clone(stream), state);
+                    }
+                    let state = match states.get(op.stream.as_ref()) {
+                        Some(state) => *state,
+                        None => self.streams.get(op.stream.as_ref()).map(|t| t.base).unwrap_or_default(),
+                    };
+                    &mut run.insert((&op.stream, state)).1
                 }
-                OpKind::State => {}
-                OpKind::Snapshot { source, target, version, position } => {
-                    writes.push(IndexWrite::Snapshot(source, target, *version, *position));
-                }
-            }
+            };
+            op.advance(state);
         }
-        writes.extend(last_state.into_iter().map(|(stream, state)| IndexWrite::State(stream, state)));
-        writes
+        if let Some((stream, state)) = run {
+            states.insert(Arc::clone(stream), state);
+        }
+        FlushBatch { ops, states, checkpoint }
     }
 
-    /// Drops the first `count` ops (now in the index) and what only they held.
-    pub(crate) fn drop_flushed(&mut self, count: usize, checkpoint: u64) {
-        for op in self.ops.drain(..count) {
+    /// Drops what only the flushed `batch` held (it is in the index now):
+    /// its ids, versions and snapshots, and streams with nothing after it.
+    pub(crate) fn drop_flushed(&mut self, batch: FlushBatch) {
+        self.flushing -= batch.ops.len();
+        for op in batch.ops {
             match &op.kind {
                 OpKind::Event { version, id, .. } => {
                     if let Some(tail) = self.streams.get_mut(op.stream.as_ref()) {
@@ -285,21 +393,107 @@ impl Tail {
                         self.ids.remove(id);
                     }
                 }
-                OpKind::State => {}
-                OpKind::Snapshot { source, target, version, .. } => {
-                    let key = (Arc::clone(source), Arc::clone(target), *version);
+                OpKind::State(_) => {}
+                OpKind::Snapshot(s) => {
+                    let key = (Arc::clone(&s.source), Arc::clone(&s.target), s.version);
                     if self.snapshots.get(&key).is_some_and(|(at, _)| *at == op.position) {
                         self.snapshots.remove(&key);
                     }
                 }
             }
-            let done = self
-                .streams
-                .get(op.stream.as_ref())
-                .is_some_and(|t| t.versions.is_empty() && t.state.last_position < checkpoint);
-            if done {
-                self.streams.remove(op.stream.as_ref());
+        }
+        for (stream, state) in batch.states {
+            let Some(tail) = self.streams.get_mut(stream.as_ref()) else { continue };
+            if tail.versions.is_empty() && tail.state.last_position < batch.checkpoint {
+                self.streams.remove(stream.as_ref());
+            } else {
+                tail.base = state;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event<'a>(stream: &'a StreamName, version: u64, position: u64, command: Option<&'a Command>) -> Applied<'a> {
+        Applied {
+            stream,
+            version,
+            position,
+            id: EventId::from_u128(u128::from(position) + 1),
+            event_type: "T",
+            content_hash: position,
+            command,
+            origin: 0,
+        }
+    }
+
+    /// Flushes split anywhere in a stream's history, also between a command
+    /// and the events around it, write each stream's state as of the split.
+    #[test]
+    fn a_flush_writes_each_streams_state_as_of_its_last_op() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let index = Index::open(dir.path(), 1 << 20).expect("the index opens");
+        let a = StreamName::new("a").expect("a valid name");
+        let b = StreamName::new("b").expect("a valid name");
+        let sys = StreamName::system(crate::record::STREAMS_STREAM).expect("a valid name");
+        let metadata = Command::Metadata {
+            stream: a.clone(),
+            metadata: crate::record::StreamMetadata { max_count: Some(5), ..Default::default() },
+        };
+        let delete = Command::Deleted { stream: b.clone(), truncate_before: 2 };
+        let mut tail = Tail::default();
+        // positions: 0 a@0, 1 b@0, 2 a@1, 3 metadata(a), 4 b@1, 5 a@2, 6 delete(b), 7 a@3
+        let records = [
+            event(&a, 0, 0, None),
+            event(&b, 0, 1, None),
+            event(&a, 1, 2, None),
+            event(&sys, 0, 3, Some(&metadata)),
+            event(&b, 1, 4, None),
+            event(&a, 2, 5, None),
+            event(&sys, 1, 6, Some(&delete)),
+            event(&a, 3, 7, None),
+        ];
+        for split in 0..=records.len() as u64 {
+            let mut tail_at_split = Tail::default();
+            for record in &records {
+                tail.apply(&index, record).expect("applies");
+                if record.position < split {
+                    tail_at_split.apply(&index, record).expect("applies");
+                }
+            }
+            let first = tail.take_durable(split);
+            assert_eq!(first.checkpoint, split);
+            for name in ["a", "b", "$sys.streams"] {
+                let expected = tail_at_split.streams.get(name).map(|t| t.state);
+                assert_eq!(first.states.get(name).copied(), expected, "{name} after a flush of {split}");
+            }
+            assert_eq!(tail.len(), records.len() + 2, "eight events and two state changes, also while flushing");
+            tail.drop_flushed(first);
+            let second = tail.take_durable(records.len() as u64);
+            for name in ["a", "b", "$sys.streams"] {
+                let wrote_later = records.iter().any(|r| r.position >= split && r.stream.as_str() == name)
+                    || (name == "a" && split <= 3)
+                    || (name == "b" && split <= 6);
+                let expected = wrote_later.then(|| tail.streams.get(name).map(|t| t.state)).flatten();
+                assert_eq!(
+                    second.states.get(name).copied(),
+                    expected,
+                    "{name} after the rest of a flush split at {split}"
+                );
+            }
+            tail.drop_flushed(second);
+            assert_eq!(tail.len(), 0);
+            assert!(tail.streams.is_empty() && tail.ids.is_empty(), "a fully flushed tail holds nothing");
+            tail = Tail::default();
+        }
+    }
+
+    #[test]
+    fn an_op_stays_small() {
+        // The tail's memory bound (module docs) rests on this size.
+        assert!(size_of::<Op>() <= 88, "Op is {} bytes", size_of::<Op>());
     }
 }

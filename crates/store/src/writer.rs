@@ -293,7 +293,7 @@ impl Shared {
             let mut inner = self.inner.lock();
             let mut pending = batch.drain(..);
             while let Some((request, slot)) = pending.next() {
-                while inner.tail.ops.len() >= self.config.tail_events_max && !self.poisoned.load(Ordering::Acquire) {
+                while inner.tail.len() >= self.config.tail_events_max && !self.poisoned.load(Ordering::Acquire) {
                     // The index is behind: wait for the indexer to catch up.
                     self.flush_wanted.notify_one();
                     self.tail_space.wait(&mut inner);
@@ -317,7 +317,7 @@ impl Shared {
                     }
                 }
             }
-            if inner.tail.ops.len() >= self.config.index_flush_events {
+            if inner.tail.unflushed() >= self.config.index_flush_events {
                 self.flush_wanted.notify_one();
             }
         }

@@ -1,0 +1,118 @@
+//! Fills a store with small events and prints its memory as it goes: a
+//! diagnostic for the store's memory bound (it must not grow with the
+//! number of events).
+//!
+//! `cargo run --release -p edgebus-store --example fill -- DIR EVENTS`
+//! writes EVENTS events of 100 bytes (default 10,000,000) to one stream in
+//! DIR (which must not exist), 1,000 per append from 4 threads, and prints
+//! after every million the fill rate, the resident set (`VmRSS`, of it
+//! `RssAnon`) and the index's table files. The `edgebus` binary tunes glibc
+//! malloc at startup (see `crates/cli/src/main.rs`); to see the store as the
+//! node runs it, set the same tunables here: `MALLOC_ARENA_MAX=2
+//! MALLOC_MMAP_THRESHOLD_=1048576`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use edgebus_store::{Store, StoreConfig};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
+
+const EVENTS_PER_APPEND: u64 = 1000;
+const WRITERS: usize = 4;
+const REPORT_EVERY: u64 = 1_000_000;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let dir = PathBuf::from(args.next().ok_or("usage: fill DIR [EVENTS]")?);
+    let total: u64 = args.next().map_or(Ok(10_000_000), |n| n.parse())?;
+    if dir.exists() {
+        return Err(format!("{} exists; give a new directory", dir.display()).into());
+    }
+    let store = Arc::new(Store::open(&dir, StoreConfig::default())?);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let (store, next) = (Arc::clone(&store), Arc::clone(&next));
+            std::thread::spawn(move || -> Result<(), String> {
+                let stream = StreamName::new("telemetry.backlog").map_err(|e| e.to_string())?;
+                let event_type = EventType::new("Reading").map_err(|e| e.to_string())?;
+                loop {
+                    let from = next.fetch_add(EVENTS_PER_APPEND, Ordering::Relaxed);
+                    if from >= total {
+                        return Ok(());
+                    }
+                    let events = (from..(from + EVENTS_PER_APPEND).min(total))
+                        .map(|i| NewEvent {
+                            id: EventId::from_u128(
+                                u128::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835),
+                            ),
+                            event_type: event_type.clone(),
+                            data: vec![b'x'; 100],
+                            metadata: Vec::new(),
+                            timestamp_ms: 0,
+                        })
+                        .collect();
+                    store.append(&stream, ExpectedVersion::Any, events).map_err(|e| e.to_string())?;
+                }
+            })
+        })
+        .collect();
+    let mut mark = REPORT_EVERY.min(total);
+    let mut last = Instant::now();
+    loop {
+        while next.load(Ordering::Relaxed) < mark.saturating_add(WRITERS as u64 * EVENTS_PER_APPEND).min(total) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        report(&format!("{mark:>10} events"), &dir, started, Some(last));
+        last = Instant::now();
+        if mark >= total {
+            break;
+        }
+        mark = (mark + REPORT_EVERY).min(total);
+    }
+    for writer in writers {
+        writer.join().map_err(|_| "a writer panicked")??;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    report("  settled", &dir, started, None);
+    store.close()?;
+    Ok(())
+}
+
+fn report(label: &str, dir: &Path, started: Instant, last: Option<Instant>) {
+    let rate =
+        last.map_or(String::new(), |l| format!("  {:>7.0} events/s", REPORT_EVERY as f64 / l.elapsed().as_secs_f64()));
+    println!(
+        "{label}  {:6.1} s{rate}  RSS {:6.1} MiB (anonymous {:6.1})  index tables {}",
+        started.elapsed().as_secs_f64(),
+        status_mib("VmRSS:"),
+        status_mib("RssAnon:"),
+        table_files(&dir.join("index"))
+    );
+}
+
+/// A `/proc/self/status` field in MiB (0 if unreadable).
+fn status_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse::<f64>().ok());
+    kib.unwrap_or(0.0) / 1024.0
+}
+
+/// Files in directories named `tables` under `dir`.
+fn table_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                table_files(&path)
+            } else {
+                usize::from(path.parent().is_some_and(|p| p.ends_with("tables")))
+            }
+        })
+        .sum()
+}
