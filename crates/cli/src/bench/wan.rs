@@ -411,6 +411,42 @@ fn status_mib(pid: u32, key: &str) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
+/// A process is quiet when it used less than this share of one core over [`QUIET_WINDOW`].
+const QUIET_CPU_SHARE: f64 = 0.05;
+const QUIET_WINDOW: Duration = Duration::from_secs(1);
+/// Longest wait for a quiet process; past it the memory is read anyway.
+const QUIET_WAIT_MAX: Duration = Duration::from_secs(120);
+
+/// Waits until process `pid` used less than [`QUIET_CPU_SHARE`] of a core
+/// over a [`QUIET_WINDOW`] (at most [`QUIET_WAIT_MAX`]); the seconds waited.
+async fn wait_until_quiet(pid: u32) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut before = cpu_secs(pid)?;
+    loop {
+        tokio::time::sleep(QUIET_WINDOW).await;
+        let now = cpu_secs(pid)?;
+        if now - before < QUIET_CPU_SHARE * QUIET_WINDOW.as_secs_f64() || started.elapsed() >= QUIET_WAIT_MAX {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        before = now;
+    }
+}
+
+/// User and system CPU time of process `pid` so far, in seconds.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start at state (3rd);
+    // utime and stime are the 14th and 15th, in clock ticks.
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).context("no command in /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).context("a short /proc/PID/stat");
+    Ok((ticks(11)? + ticks(12)?) / CLOCK_TICKS_PER_SEC)
+}
+
+/// `sysconf(_SC_CLK_TCK)`: the kernel's user-visible tick rate, 100 on Linux.
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
 /// Appends `events` events of `payload_bytes` in appends of `per_append`,
 /// from [`BACKLOG_WRITERS`] concurrent writers, each to its own stream
 /// `PREFIX.wN`.
@@ -704,10 +740,14 @@ async fn measure_dead_route(plan: &Plan, dir: &Path) -> anyhow::Result<DeadRoute
             .await?;
         let fill_secs = started.elapsed().as_secs_f64();
         written = step;
-        // Let the index flush and the allocator settle before reading.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Read the memory the site holds with the backlog, not what its
+        // index flushes and compactions use while they catch up: once the
+        // site is quiet.
+        let quiet_secs = wait_until_quiet(dead.guard.pid()).await?;
         let rss = dead.rss_mib()?;
-        progress(format_args!("  backlog {step}: RSS {rss:.1} MiB (filled in {fill_secs:.1} s)"));
+        progress(format_args!(
+            "  backlog {step}: RSS {rss:.1} MiB (filled in {fill_secs:.1} s, quiet {quiet_secs:.1} s later)"
+        ));
         report.backlog.push((step, rss, fill_secs));
         let pid = dead.guard.pid();
         report.backlog_split.push((status_mib(pid, "RssAnon:")?, status_mib(pid, "RssFile:")?));
