@@ -350,8 +350,12 @@ impl Tail {
     pub(crate) fn take_durable(&mut self, durable_end: u64) -> FlushBatch {
         let count = self.ops.iter().take_while(|op| op.position < durable_end).count();
         let checkpoint = self.ops.get(count).map_or(durable_end, |op| op.position);
-        let rest = self.ops.split_off(count);
-        let ops = Vec::from(std::mem::replace(&mut self.ops, rest));
+        let ops = if count == 0 {
+            Vec::new()
+        } else {
+            let rest = self.ops.split_off(count);
+            Vec::from(std::mem::replace(&mut self.ops, rest))
+        };
         self.flushing += ops.len();
         let mut states: HashMap<Arc<str>, StreamState> = HashMap::new();
         // Runs of ops of one stream (a multi-event append) look it up once.
