@@ -62,13 +62,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let mut mark = REPORT_EVERY.min(total);
-    let mut last = Instant::now();
+    let mut last = (0, Instant::now());
     loop {
         while next.load(Ordering::Relaxed) < mark.saturating_add(WRITERS as u64 * EVENTS_PER_APPEND).min(total) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        report(&format!("{mark:>10} events"), &dir, started, Some(last));
-        last = Instant::now();
+        report(&format!("{mark:>10} events"), &dir, started, Some((mark - last.0, last.1)));
+        last = (mark, Instant::now());
         if mark >= total {
             break;
         }
@@ -96,9 +96,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn report(label: &str, dir: &Path, started: Instant, last: Option<Instant>) {
-    let rate =
-        last.map_or(String::new(), |l| format!("  {:>7.0} events/s", REPORT_EVERY as f64 / l.elapsed().as_secs_f64()));
+/// Prints one line; `written` is the events written since an instant, for the rate.
+fn report(label: &str, dir: &Path, started: Instant, written: Option<(u64, Instant)>) {
+    let rate = written
+        .map_or(String::new(), |(n, since)| format!("  {:>7.0} events/s", n as f64 / since.elapsed().as_secs_f64()));
     println!(
         "{label}  {:6.1} s{rate}  RSS {:6.1} MiB (anonymous {:6.1})  index tables {}",
         started.elapsed().as_secs_f64(),

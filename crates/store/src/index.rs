@@ -147,20 +147,24 @@ fn err(e: impl std::fmt::Display) -> IndexError {
 /// Key of `(stream, version)`: the name, a zero byte, the big-endian version.
 pub fn version_key(stream: &str, version: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(stream.len() + 9);
-    key.extend_from_slice(stream.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&version.to_be_bytes());
+    put_key(&mut key, &[stream], version);
     key
+}
+
+/// Appends a key made of `names`, each followed by a zero byte, and the
+/// big-endian `number`: the shape of every index key but ids and streams.
+fn put_key(out: &mut Vec<u8>, names: &[&str], number: u64) {
+    for name in names {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+    }
+    out.extend_from_slice(&number.to_be_bytes());
 }
 
 /// Key of a snapshot: source, zero, stream, zero, big-endian version.
 pub fn snapshot_key(source: &str, stream: &str, version: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(source.len() + stream.len() + 10);
-    key.extend_from_slice(source.as_bytes());
-    key.push(0);
-    key.extend_from_slice(stream.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&version.to_be_bytes());
+    put_key(&mut key, &[source, stream], version);
     key
 }
 
@@ -177,9 +181,7 @@ pub fn parse_snapshot_key(key: &[u8]) -> Option<(String, String, u64)> {
 /// Key of `(type, position)`.
 pub fn type_key(event_type: &str, position: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(event_type.len() + 9);
-    key.extend_from_slice(event_type.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&position.to_be_bytes());
+    put_key(&mut key, &[event_type], position);
     key
 }
 
@@ -268,31 +270,32 @@ impl Index {
         for write in writes {
             match write {
                 IndexWrite::State(stream, state) => {
-                    streams.push(&[stream.as_bytes()], Some(&state.encode()));
+                    streams.push(|key| key.extend_from_slice(stream.as_bytes()), Some(&state.encode()));
                 }
                 IndexWrite::Version(stream, version, entry) => {
                     let mut value = [0u8; 16];
                     value[0..8].copy_from_slice(&entry.position.to_le_bytes());
                     value[8..16].copy_from_slice(&entry.content_hash.to_le_bytes());
-                    versions.push(&[stream.as_bytes(), &[0], &version.to_be_bytes()], Some(&value));
+                    versions.push(|key| put_key(key, &[stream], version), Some(&value));
                 }
                 IndexWrite::Id(id, entry) => {
                     let mut value = [0u8; 16];
                     value[0..8].copy_from_slice(&entry.position.to_le_bytes());
                     value[8..16].copy_from_slice(&entry.version.to_le_bytes());
-                    ids.push(&[id.as_bytes()], Some(&value));
+                    ids.push(|key| key.extend_from_slice(id.as_bytes()), Some(&value));
                 }
                 IndexWrite::Type(event_type, position) => {
-                    types.push(&[event_type.as_bytes(), &[0], &position.to_be_bytes()], Some(&[]));
+                    types.push(|key| put_key(key, &[event_type], position), Some(&[]));
                 }
                 IndexWrite::Snapshot(source, stream, version, position) => {
-                    let key = snapshot_key(source, stream, version);
-                    snapshots.push(&[&key], position.map(u64::to_le_bytes).as_ref().map(|p| p.as_slice()));
+                    let value = position.map(u64::to_le_bytes);
+                    snapshots
+                        .push(|key| put_key(key, &[source, stream], version), value.as_ref().map(|v| v.as_slice()));
                 }
             }
         }
         let mut meta = Ingest::default();
-        meta.push(&[CHECKPOINT_KEY], Some(&checkpoint.to_le_bytes()));
+        meta.push(|key| key.extend_from_slice(CHECKPOINT_KEY), Some(&checkpoint.to_le_bytes()));
         for (keyspace, entries) in [
             (&self.streams, streams),
             (&self.versions, versions),
@@ -424,8 +427,6 @@ impl Index {
     }
 }
 
-/// Writes `entries` (`None`: delete) into `keyspace` as one sorted table;
-/// for a key given more than once, the last one wins.
 /// One keyspace's share of a commit: keys and values packed into one
 /// buffer (a flush of 131,072 events holds three entries per event; one
 /// allocation per key and value made the flush's peak several times larger).
@@ -445,12 +446,10 @@ struct IngestEntry {
 }
 
 impl Ingest {
-    /// Adds the key made of `key_parts` with `value` (`None`: a tombstone).
-    fn push(&mut self, key_parts: &[&[u8]], value: Option<&[u8]>) {
+    /// Adds the key that `key` writes with `value` (`None`: a tombstone).
+    fn push(&mut self, key: impl FnOnce(&mut Vec<u8>), value: Option<&[u8]>) {
         let start = self.bytes.len();
-        for part in key_parts {
-            self.bytes.extend_from_slice(part);
-        }
+        key(&mut self.bytes);
         let key_len = self.bytes.len() - start;
         if let Some(value) = value {
             self.bytes.extend_from_slice(value);
@@ -468,7 +467,8 @@ impl Ingest {
         entry.value_len.map(|len| &self.bytes[at..at + len as usize])
     }
 
-    /// Writes the entries, sorted, as one table; of equal keys the last written wins.
+    /// Writes the entries into `keyspace`, sorted, as one table; of equal
+    /// keys the last written wins.
     fn ingest(mut self, keyspace: &Keyspace) -> Result<(), IndexError> {
         if self.entries.is_empty() {
             return Ok(());

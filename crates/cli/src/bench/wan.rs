@@ -418,18 +418,20 @@ const QUIET_WINDOW: Duration = Duration::from_secs(1);
 const QUIET_WAIT_MAX: Duration = Duration::from_secs(120);
 
 /// Waits until process `pid` used less than [`QUIET_CPU_SHARE`] of a core
-/// over a [`QUIET_WINDOW`] (at most [`QUIET_WAIT_MAX`]); the seconds waited.
-async fn wait_until_quiet(pid: u32) -> anyhow::Result<f64> {
+/// over a [`QUIET_WINDOW`], at most [`QUIET_WAIT_MAX`]: how long that took,
+/// as text ("quiet 3.0 s later" or "not quiet after 120 s").
+async fn wait_until_quiet(pid: u32) -> anyhow::Result<String> {
     let started = Instant::now();
     let mut before = cpu_secs(pid)?;
-    loop {
+    while started.elapsed() < QUIET_WAIT_MAX {
         tokio::time::sleep(QUIET_WINDOW).await;
         let now = cpu_secs(pid)?;
-        if now - before < QUIET_CPU_SHARE * QUIET_WINDOW.as_secs_f64() || started.elapsed() >= QUIET_WAIT_MAX {
-            return Ok(started.elapsed().as_secs_f64());
+        if now - before < QUIET_CPU_SHARE * QUIET_WINDOW.as_secs_f64() {
+            return Ok(format!("quiet {:.1} s later", started.elapsed().as_secs_f64()));
         }
         before = now;
     }
+    Ok(format!("not quiet after {} s", QUIET_WAIT_MAX.as_secs()))
 }
 
 /// User and system CPU time of process `pid` so far, in seconds.
@@ -743,13 +745,11 @@ async fn measure_dead_route(plan: &Plan, dir: &Path) -> anyhow::Result<DeadRoute
         // Read the memory the site holds with the backlog, not what its
         // index flushes and compactions use while they catch up: once the
         // site is quiet.
-        let quiet_secs = wait_until_quiet(dead.guard.pid()).await?;
-        let rss = dead.rss_mib()?;
-        progress(format_args!(
-            "  backlog {step}: RSS {rss:.1} MiB (filled in {fill_secs:.1} s, quiet {quiet_secs:.1} s later)"
-        ));
-        report.backlog.push((step, rss, fill_secs));
         let pid = dead.guard.pid();
+        let quiet = wait_until_quiet(pid).await?;
+        let rss = dead.rss_mib()?;
+        progress(format_args!("  backlog {step}: RSS {rss:.1} MiB (filled in {fill_secs:.1} s, {quiet})"));
+        report.backlog.push((step, rss, fill_secs));
         report.backlog_split.push((status_mib(pid, "RssAnon:")?, status_mib(pid, "RssFile:")?));
     }
     Ok(report)
