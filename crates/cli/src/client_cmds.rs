@@ -145,7 +145,7 @@ pub fn publish(args: &PublishArgs) -> anyhow::Result<()> {
         None => serde_json::to_vec(&fields_object(&args.fields)?)?,
     };
     let event = NewEvent {
-        id: EventId::from_u128(rand::random()),
+        id: EventId::generate(),
         event_type: args.event_type.clone(),
         data,
         metadata: Vec::new(),

@@ -186,10 +186,10 @@ where
     }
 }
 
-/// A new event with a random id, stamped by the node.
+/// A new event with a fresh time-ordered id, stamped by the node.
 pub(crate) fn event(data: Vec<u8>, event_type: &str) -> NewEvent {
     NewEvent {
-        id: EventId::from_u128(rand::random()),
+        id: EventId::generate(),
         event_type: EventType::new(event_type).expect("a valid type"),
         data,
         metadata: Vec::new(),

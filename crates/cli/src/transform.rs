@@ -273,7 +273,7 @@ async fn feed(args: &FeedArgs) -> anyhow::Result<()> {
         }
         let order = flow.next_order();
         let event = NewEvent {
-            id: EventId::from_u128(rand::random()),
+            id: EventId::generate(),
             event_type: EventType::new(order.event_type).expect("the flow's types are valid"),
             data: order.data,
             metadata: Vec::new(),

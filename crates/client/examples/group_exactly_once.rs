@@ -105,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
     client.create_group(create).await?;
     for i in 0..ORDERS {
         let order = NewEvent {
-            id: EventId::from_u128(rand::random()),
+            id: EventId::generate(),
             event_type: EventType::new("Placed")?,
             data: format!("{{\"item\":\"book\",\"qty\":{}}}", i % 3 + 1).into_bytes(),
             metadata: Vec::new(),

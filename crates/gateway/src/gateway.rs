@@ -392,7 +392,7 @@ impl Gateway {
 
     async fn record(&self, event_type: &str, data: serde_json::Value) -> Result<u64, AdminError> {
         let event = NewEvent {
-            id: EventId::from_u128(rand::random()),
+            id: EventId::generate(),
             event_type: EventType::new(event_type).expect("valid type"),
             data: serde_json::to_vec(&data).expect("serializable"),
             metadata: Vec::new(),

@@ -146,7 +146,7 @@ mod tests {
             lease_ms,
         };
         let event = NewEvent {
-            id: EventId::from_u128(rand::random()),
+            id: EventId::generate(),
             event_type: EventType::new(MEMBER_EVENT_TYPE).unwrap(),
             data: serde_json::to_vec(&member).unwrap(),
             metadata: Vec::new(),

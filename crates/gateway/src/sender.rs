@@ -541,7 +541,7 @@ impl RouteTask {
             lanes: self.route.lanes.iter().zip(&positions).map(|(l, p)| (l.name.clone(), *p)).collect(),
         };
         let event = NewEvent {
-            id: EventId::from_u128(rand::random()),
+            id: EventId::generate(),
             event_type: EventType::new("$cursor").expect("valid type"),
             data: serde_json::to_vec(&record).expect("serializable"),
             metadata: Vec::new(),

@@ -10,7 +10,7 @@
 //!   `edgebus-expected-version` header (a wrapper's field wins if both are
 //!   given); the default is `any`. `data` and `metadata` are stored as their
 //!   compact JSON text (`metadata` absent or `null`: empty). An event without
-//!   an `id` gets a fresh random (version 4) one, which makes a retry of that
+//!   an `id` gets a fresh time-ordered (UUID version 7) one, which makes a retry of that
 //!   request a new write, not an idempotent one: producers that retry send
 //!   their own ids. The node stamps `timestamp_ms`. Answers `201` with
 //!   `{"first_version", "first_position", "count", "already_written"}`.
@@ -261,14 +261,6 @@ async fn blocking<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
     }
 }
 
-/// A fresh random id in UUID version 4 form.
-fn random_event_id() -> EventId {
-    let mut bytes: [u8; 16] = rand::random();
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    EventId::from_bytes(bytes)
-}
-
 /// One event of a request body, checked and stamped.
 fn new_event(value: Value, index: usize, timestamp_ms: u64) -> Result<NewEvent, ApiError> {
     let Value::Object(mut fields) = value else {
@@ -290,7 +282,7 @@ fn new_event(value: Value, index: usize, timestamp_ms: u64) -> Result<NewEvent, 
         Some(value) => serde_json::to_vec(&value).expect("a JSON value serializes"),
     };
     let id = match fields.remove("id") {
-        None | Some(Value::Null) => random_event_id(),
+        None | Some(Value::Null) => EventId::generate(),
         Some(Value::String(text)) => text.parse().map_err(|e| ApiError::invalid(format!("events[{index}].id: {e}")))?,
         Some(_) => return Err(ApiError::invalid(format!("events[{index}].id: a UUID string is required"))),
     };
@@ -555,11 +547,11 @@ mod tests {
     }
 
     #[test]
-    fn events_are_checked_and_get_v4_ids() {
+    fn events_are_checked_and_get_v7_ids() {
         let event = new_event(json!({"type": "T", "data": {"a": 1}}), 0, 5).unwrap();
         assert_eq!((event.data.as_slice(), event.metadata.len(), event.timestamp_ms), (br#"{"a":1}"#.as_slice(), 0, 5));
         let bytes = event.id.as_bytes();
-        assert_eq!((bytes[6] >> 4, bytes[8] >> 6), (4, 0b10), "a version 4, RFC 4122 variant id");
+        assert_eq!((bytes[6] >> 4, bytes[8] >> 6), (7, 0b10), "a version 7, RFC 9562 variant id");
         assert_eq!(new_event(json!({"type": "bad type", "data": 1}), 0, 0).unwrap_err().code, 100);
         assert_eq!(new_event(json!({"type": "T"}), 0, 0).unwrap_err().code, 14);
         assert_eq!(new_event(json!({"type": "T", "data": 1, "extra": 1}), 0, 0).unwrap_err().code, 14);

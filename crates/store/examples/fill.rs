@@ -2,7 +2,7 @@
 //! diagnostic for the store's memory bound (it must not grow with the
 //! number of events).
 //!
-//! `cargo run --release -p edgebus-store --example fill -- DIR EVENTS`
+//! `cargo run --release -p edgebus-store --example fill -- DIR [EVENTS] [random-ids]`
 //! writes EVENTS events of 100 bytes (default 10,000,000) to one stream in
 //! DIR (which must not exist), 1,000 per append from 4 threads, and prints
 //! after every million the fill rate, the resident set (`VmRSS`, of it
@@ -11,6 +11,11 @@
 //! malloc at startup (see `crates/cli/src/main.rs`); to see the store as the
 //! node runs it, set the same tunables here: `MALLOC_ARENA_MAX=2
 //! MALLOC_MMAP_THRESHOLD_=1048576`.
+//!
+//! The events' ids are time-ordered ([`EventId::generate`], as edgebus's own
+//! producers make them); with `random-ids` they are random, as from a
+//! producer that sends UUID version 4 ids, which the id index must insert
+//! all over its key range.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +33,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let dir = PathBuf::from(args.next().ok_or("usage: fill DIR [EVENTS]")?);
     let total: u64 = args.next().map_or(Ok(10_000_000), |n| n.parse())?;
+    let random_ids = match args.next().as_deref() {
+        None => false,
+        Some("random-ids") => true,
+        Some(other) => return Err(format!("unknown argument {other:?}; expected `random-ids`").into()),
+    };
     if dir.exists() {
         return Err(format!("{} exists; give a new directory", dir.display()).into());
     }
@@ -47,9 +57,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                     let events = (from..(from + EVENTS_PER_APPEND).min(total))
                         .map(|i| NewEvent {
-                            id: EventId::from_u128(
-                                u128::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835),
-                            ),
+                            id: if random_ids {
+                                EventId::from_u128(
+                                    u128::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835),
+                                )
+                            } else {
+                                EventId::generate()
+                            },
                             event_type: event_type.clone(),
                             data: vec![b'x'; 100],
                             metadata: Vec::new(),

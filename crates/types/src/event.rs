@@ -40,6 +40,34 @@ impl EventId {
     pub const fn as_u128(&self) -> u128 {
         u128::from_be_bytes(self.0)
     }
+
+    /// A UUID version 7 id (RFC 9562): `unix_ms` in the first 48 bits, then
+    /// the version and variant bits, the other 74 bits taken from `random`.
+    /// Ids made later sort after ids made earlier (to the millisecond), so
+    /// a site's id index grows at its end instead of everywhere at once.
+    pub const fn time_ordered(unix_ms: u64, random: u128) -> Self {
+        let millis = (unix_ms as u128 & 0xffff_ffff_ffff) << 80;
+        let rand_a = ((random >> 62) & 0xfff) << 64;
+        let rand_b = random & 0x3fff_ffff_ffff_ffff;
+        Self::from_u128(millis | (0x7 << 76) | rand_a | (0b10 << 62) | rand_b)
+    }
+
+    /// A fresh [`EventId::time_ordered`] id from the system clock and a
+    /// thread-local random generator: the id every producer of edgebus gives
+    /// an event it writes, unless the event's id is derived from its input.
+    pub fn generate() -> Self {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+        Self::time_ordered(unix_ms, rand::random())
+    }
+
+    /// The milliseconds since the Unix epoch in a version 7 id, or `None`
+    /// for an id of another version.
+    pub const fn unix_ms(&self) -> Option<u64> {
+        let value = self.as_u128();
+        if (value >> 76) & 0xf == 0x7 && (value >> 62) & 0b11 == 0b10 { Some((value >> 80) as u64) } else { None }
+    }
 }
 
 impl fmt::Display for EventId {
@@ -348,7 +376,43 @@ mod tests {
         );
     }
 
+    #[test]
+    fn time_ordered_ids_are_version_7() {
+        let id = EventId::time_ordered(0x0192_3456_789a, u128::MAX);
+        assert_eq!(id.to_string(), "01923456-789a-7fff-bfff-ffffffffffff");
+        assert_eq!(id.unix_ms(), Some(0x0192_3456_789a));
+        assert_eq!(EventId::time_ordered(1, 0).to_string(), "00000000-0001-7000-8000-000000000000");
+        assert_eq!(EventId::from_u128(1).unix_ms(), None, "version 0");
+        let v4 = EventId::from_u128(0x0123_4567_89ab_4def_8011_2233_4455_6677);
+        assert_eq!(v4.unix_ms(), None, "version 4");
+    }
+
+    #[test]
+    fn generated_ids_are_distinct_and_carry_the_clock() {
+        let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        let ids: Vec<EventId> = (0..1000).map(|_| EventId::generate()).collect();
+        let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        for id in &ids {
+            let ms = u128::from(id.unix_ms().expect("a version 7 id"));
+            assert!((before..=after).contains(&ms), "{ms} outside {before}..={after}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn time_ordered_ids_sort_by_their_millisecond(
+            early in 0u64..(1 << 48), later in 0u64..(1 << 48), a in any::<u128>(), b in any::<u128>(),
+        ) {
+            let (x, y) = (EventId::time_ordered(early, a), EventId::time_ordered(later, b));
+            prop_assert_eq!(x.unix_ms(), Some(early));
+            prop_assert_eq!(y.unix_ms(), Some(later));
+            if early < later {
+                prop_assert!(x < y);
+            }
+        }
+
         #[test]
         fn event_ids_round_trip(value in any::<u128>()) {
             let id = EventId::from_u128(value);

@@ -397,7 +397,7 @@ async fn cell(server: &str, instances: usize, paused: bool, window: Duration) ->
         let order = flow.next_order();
         let stream = streams[order.instrument.as_str()].clone();
         let event = NewEvent {
-            id: EventId::from_u128(rand::random()),
+            id: EventId::generate(),
             event_type: EventType::new(order.event_type).expect("valid"),
             data: order.data,
             metadata: Vec::new(),

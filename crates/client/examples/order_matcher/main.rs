@@ -50,7 +50,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         for _ in 0..feed {
             let order = flow.next_order();
             let event = NewEvent {
-                id: EventId::from_u128(random_u128()),
+                id: EventId::generate(),
                 event_type: EventType::new(order.event_type)?,
                 data: order.data,
                 metadata: Vec::new(),
@@ -79,15 +79,4 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let end = result?;
     println!("stopped: {end}");
     Ok(())
-}
-
-/// An event id that differs between calls and processes.
-fn random_u128() -> u128 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let state = std::collections::hash_map::RandomState::new();
-    let mut high = state.build_hasher();
-    high.write_u8(1);
-    let mut low = state.build_hasher();
-    low.write_u8(2);
-    (u128::from(high.finish()) << 64) | u128::from(low.finish())
 }

@@ -129,7 +129,7 @@ fn members_stream() -> StreamName {
 
 fn event(event_type: &str, data: &impl Serialize) -> NewEvent {
     NewEvent {
-        id: EventId::from_u128(rand::random()),
+        id: EventId::generate(),
         event_type: EventType::new(event_type).expect("valid type"),
         data: serde_json::to_vec(data).expect("serializable"),
         metadata: Vec::new(),

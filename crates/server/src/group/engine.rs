@@ -740,7 +740,7 @@ impl Engine {
             metadata_hex: hex(&event.metadata),
         };
         let parked = NewEvent {
-            id: EventId::from_u128(rand::random()),
+            id: EventId::generate(),
             event_type: event.event_type.clone(),
             data: event.data.clone(),
             metadata: serde_json::to_vec(&record).expect("a parked record serializes"),
@@ -1116,7 +1116,7 @@ impl Engine {
     fn start_checkpoint(&mut self) -> CheckpointWrite {
         let record = self.checkpoint_record();
         let event = NewEvent {
-            id: EventId::from_u128(rand::random()),
+            id: EventId::generate(),
             event_type: EventType::new(TYPE_CHECKPOINT).expect("a valid type"),
             data: serde_json::to_vec(&record).expect("a checkpoint serializes"),
             metadata: Vec::new(),

@@ -197,7 +197,7 @@ impl Groups {
     async fn append_lifecycle(state: &Arc<NodeState>, event_type: &str, data: Vec<u8>) -> Result<u64, Refusal> {
         let store = Arc::clone(&state.store);
         let event = NewEvent {
-            id: EventId::from_u128(rand::random()),
+            id: EventId::generate(),
             event_type: EventType::new(event_type).expect("a valid type"),
             data,
             metadata: Vec::new(),

@@ -80,7 +80,7 @@ impl Publisher {
         match self {
             Self::Edgebus { client, stream, event_type } => {
                 let event = NewEvent {
-                    id: EventId::from_u128(rand::random()),
+                    id: EventId::generate(),
                     event_type: event_type.clone(),
                     data: payload.to_vec(),
                     metadata: Vec::new(),
@@ -316,7 +316,7 @@ async fn subscribe_caught_up(client: &Client, streams: StreamSelector) -> anyhow
 
 pub fn bench_event(data: Vec<u8>) -> NewEvent {
     NewEvent {
-        id: EventId::from_u128(rand::random()),
+        id: EventId::generate(),
         event_type: EventType::new("BenchEvent").expect("a valid type"),
         data,
         metadata: Vec::new(),
