@@ -36,6 +36,11 @@ pub struct StoreConfig {
     /// Block cache of the on-disk index.
     pub index_cache_bytes: u64,
     /// Index changes the in-memory tail may hold; writers wait beyond it.
+    /// The default, 229,376, is half of what a hash table of 2^19 slots
+    /// holds (7/8 of them): the tail's id map then never outgrows 2^19
+    /// slots (17 MiB), as its tombstones are cleared in place, while
+    /// 262,144 let tombstones push it to 2^20 (35 MiB) after a few
+    /// million events.
     pub tail_events_max: usize,
     /// The indexer flushes once the tail holds this many changes...
     /// Each flush writes one table per index keyspace, which fjall then
@@ -52,7 +57,7 @@ impl Default for StoreConfig {
         Self {
             log: LogConfig::default(),
             index_cache_bytes: 32 * 1024 * 1024,
-            tail_events_max: 262_144,
+            tail_events_max: 229_376,
             index_flush_events: 131_072,
             index_flush_interval: Duration::from_millis(200),
         }
@@ -1112,6 +1117,13 @@ impl Store {
     /// [`append_queue`](edgebus_log::Log::append_queue).
     pub fn queue_depth(&self) -> usize {
         self.shared.requests.lock().items.len()
+    }
+
+    /// Index changes in the in-memory tail (written to the log, not yet
+    /// flushed to the index), at most [`StoreConfig::tail_events_max`]
+    /// unless one write holds more.
+    pub fn index_tail(&self) -> usize {
+        self.shared.inner.lock().tail.len()
     }
 
     /// Whether the store takes writes: false once it is closing, after an

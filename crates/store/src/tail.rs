@@ -12,8 +12,10 @@
 //!
 //! Memory: an op is 88 bytes (an event's stream state is not stored with it
 //! but derived at flush time from the stream's state at the checkpoint), so
-//! a full tail of 262,144 changes holds about 23 MiB of ops plus the id and
-//! version maps.
+//! a full tail of 229,376 changes (the default bound) holds about 20 MiB of
+//! ops, plus the id map (at most 2^19 slots of 33 bytes, 17 MiB: the bound
+//! is half its capacity, so hashbrown clears its tombstones in place instead
+//! of doubling it) and the streams' version queues.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;

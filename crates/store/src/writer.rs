@@ -64,6 +64,18 @@ pub(crate) enum Request {
     },
 }
 
+impl Request {
+    /// The most changes the request adds to the tail: an op per event, and
+    /// a command's event and the state it sets.
+    fn changes(&self) -> usize {
+        match self {
+            Self::Append { events, .. } => events.len(),
+            Self::ExistsOrWrite { .. } | Self::Replica { .. } => 1,
+            Self::Command { .. } => 2,
+        }
+    }
+}
+
 /// What a write returns.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Outcome {
@@ -293,7 +305,13 @@ impl Shared {
             let mut inner = self.inner.lock();
             let mut pending = batch.drain(..);
             while let Some((request, slot)) = pending.next() {
-                while inner.tail.len() >= self.config.tail_events_max && !self.poisoned.load(Ordering::Acquire) {
+                // The tail never holds more than `tail_events_max` changes
+                // (one request larger than that waits for an empty tail).
+                let changes = request.changes();
+                while inner.tail.len() > 0
+                    && inner.tail.len() + changes > self.config.tail_events_max
+                    && !self.poisoned.load(Ordering::Acquire)
+                {
                     // The index is behind: wait for the indexer to catch up.
                     self.flush_wanted.notify_one();
                     self.tail_space.wait(&mut inner);

@@ -241,3 +241,39 @@ fn the_write_queue_is_empty_when_idle_and_a_closed_store_takes_no_writes() {
     store.close().unwrap();
     assert!(!store.accepts_writes(), "closed");
 }
+
+#[test]
+fn the_tail_never_holds_more_than_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    // The index flushes only when a writer waits for room in the tail.
+    let config = StoreConfig {
+        tail_events_max: 100,
+        index_flush_events: usize::MAX,
+        index_flush_interval: std::time::Duration::from_secs(3600),
+        ..StoreConfig::default()
+    };
+    let store = Store::open(dir.path(), config).unwrap();
+    let mut id = 0;
+    let mut batch = |n: usize| {
+        (0..n)
+            .map(|_| {
+                id += 1;
+                event(id, "x")
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut highest = 0;
+    for _ in 0..20 {
+        store.append(&name("s.bound"), ExpectedVersion::Any, batch(30)).unwrap();
+        highest = highest.max(store.index_tail());
+    }
+    // 30 + 30 + 30 = 90: a fourth batch waits for a flush instead of making 120.
+    assert_eq!(highest, 90, "the tail's most changes");
+    // One write larger than the bound waits for an empty tail, then passes.
+    store.append(&name("s.bound"), ExpectedVersion::Any, batch(150)).unwrap();
+    assert_eq!(store.index_tail(), 150);
+    store.append(&name("s.bound"), ExpectedVersion::Any, batch(1)).unwrap();
+    assert_eq!(store.index_tail(), 1, "the large write was flushed before the next one");
+    let events = store.read_stream(&name("s.bound"), StreamFrom::Start, Direction::Forward, 1000, 0).unwrap();
+    assert_eq!(events.len(), 20 * 30 + 151);
+}
