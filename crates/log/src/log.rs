@@ -10,6 +10,7 @@
 //! A failed write or `fdatasync` poisons the log: the writer stops and every
 //! later append fails until the log is reopened, which runs recovery.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -212,9 +213,50 @@ struct Shared {
     end_lock: Mutex<()>,
     end_moved: Condvar,
     counters: Counters,
+    /// The sparse indexes of the sealed segments read last, most recent
+    /// first, at most [`SEALED_INDEXES_CACHED`].
+    sealed_indexes: Mutex<VecDeque<(u64, SparseIndex)>>,
 }
 
+/// A segment's sparse `(position, offset)` entries, shared with readers.
+type SparseIndex = Arc<[(u64, u32)]>;
+
+/// Sealed segments whose sparse index stays in memory after a read: at the
+/// default 128 MiB segment, 32,768 entries (512 KiB) each, so 8 MiB at most.
+const SEALED_INDEXES_CACHED: usize = 16;
+
 impl Shared {
+    /// The sparse index of the sealed segment at `base` (`valid_bytes`
+    /// long), from the cache or its index file. Empty if the file is
+    /// missing, damaged or unreadable: readers then scan from the
+    /// segment's first record, which is slower but finds the same records.
+    fn sealed_index(&self, base: u64, valid_bytes: u64) -> SparseIndex {
+        let mut cache = lock(&self.sealed_indexes);
+        if let Some(at) = cache.iter().position(|(b, _)| *b == base) {
+            let entry = cache.remove(at).expect("a found entry");
+            let index = Arc::clone(&entry.1);
+            cache.push_front(entry);
+            return index;
+        }
+        drop(cache);
+        let path = self.dir.join(format::index_file_name(base));
+        let index: SparseIndex = match read_index_file(self.storage.as_ref(), &path) {
+            Ok(Some(sealed)) if sealed.base_position == base && sealed.segment_bytes == valid_bytes => {
+                sealed.entries.into()
+            }
+            _ => Arc::from([]),
+        };
+        self.cache_sealed_index(base, Arc::clone(&index));
+        index
+    }
+
+    fn cache_sealed_index(&self, base: u64, index: SparseIndex) {
+        let mut cache = lock(&self.sealed_indexes);
+        cache.retain(|(b, _)| *b != base);
+        cache.push_front((base, index));
+        cache.truncate(SEALED_INDEXES_CACHED);
+    }
+
     /// Moves the visible end to `end` and wakes the threads in
     /// [`Log::wait_for_end`], if any.
     fn publish_end(&self, end: u64) {
@@ -299,6 +341,7 @@ impl Log {
             end_waiters: AtomicUsize::new(0),
             end_lock: Mutex::new(()),
             end_moved: Condvar::new(),
+            sealed_indexes: Mutex::new(VecDeque::new()),
             counters: Counters::default(),
         });
         // The completer wakes appenders and runs callbacks, in log order,
@@ -628,15 +671,23 @@ impl Log {
         let at = segments.partition_point(|s| s.base_position <= position);
         assert!(at > 0, "position {position} at or above start {start} must have a segment");
         let segment = &segments[at - 1];
-        let (seek_position, seek_offset) = segment.seek(position);
-        Ok(SegmentView {
+        let mut view = SegmentView {
             file: Arc::clone(&segment.file),
             path: Arc::clone(&segment.path),
             end_position: segment.end_position,
             valid_bytes: segment.valid_bytes,
-            seek_position,
-            seek_offset,
-        })
+            seek_position: segment.base_position,
+            seek_offset: LOG_SEGMENT_HEADER_BYTES,
+        };
+        let (base, sealed) = (segment.base_position, segment.sealed);
+        if !sealed {
+            (view.seek_position, view.seek_offset) = segment::seek(&segment.index, base, position);
+            return Ok(view);
+        }
+        drop(segments);
+        let index = self.shared.sealed_index(base, view.valid_bytes);
+        (view.seek_position, view.seek_offset) = segment::seek(&index, base, position);
+        Ok(view)
     }
 
     /// The segments, oldest first: their position ranges, sizes and whether sealed.
@@ -989,7 +1040,12 @@ impl Writer {
         let (file, path) = create_segment(storage.as_ref(), &dir, self.next_position).map_err(Arc::new)?;
         {
             let mut segments = self.shared.segments.write().expect("segments lock");
-            segments.last_mut().expect("one active segment").sealed = true;
+            let sealed = segments.last_mut().expect("one active segment");
+            sealed.sealed = true;
+            // Its index is in its file now; the cache keeps it for the
+            // readers that follow the log closely.
+            let index = std::mem::take(&mut sealed.index);
+            self.shared.cache_sealed_index(sealed.base_position, index.into());
             segments.push(SegmentMeta {
                 base_position: self.next_position,
                 end_position: self.next_position,
@@ -1272,7 +1328,7 @@ fn load_sealed(
             valid_bytes: index.segment_bytes,
             file,
             path,
-            index: index.entries,
+            index: Vec::new(), // read again from the file when needed
             sealed: true,
         });
     }
@@ -1316,7 +1372,7 @@ fn load_sealed(
         valid_bytes: file_len,
         file,
         path,
-        index: sealed.entries,
+        index: Vec::new(), // in the file just written
         sealed: true,
     })
 }
@@ -1422,4 +1478,47 @@ fn recover_tail(
         index: builder.entries,
         sealed: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(i: u64) -> Vec<u8> {
+        format!("record-{i}-{}", "y".repeat((i % 700) as usize)).into_bytes()
+    }
+
+    #[test]
+    fn sealed_segments_keep_their_index_in_its_file_not_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig::small_segments(16 * 1024);
+        let count = 5_000u64;
+        let log = Log::open(dir.path(), config.clone()).unwrap();
+        for i in 0..count {
+            log.append(&[payload(i)]).unwrap();
+        }
+        let check = |log: &Log| {
+            let segments = log.shared.segments.read().unwrap();
+            assert!(segments.len() > 3 * SEALED_INDEXES_CACHED, "{} segments", segments.len());
+            for segment in segments.iter().filter(|s| s.sealed) {
+                assert!(segment.index.is_empty(), "sealed segment {} holds its index", segment.base_position);
+            }
+            drop(segments);
+            // Point reads all over the log, more segments than the cache holds.
+            for i in (0..count).step_by(7).chain((0..count).rev().step_by(11)) {
+                let record = log.read(i, 1, u64::MAX).unwrap().remove(0);
+                assert_eq!((record.position, record.payload.as_ref()), (i, payload(i).as_slice()));
+            }
+            assert!(lock(&log.shared.sealed_indexes).len() <= SEALED_INDEXES_CACHED);
+        };
+        check(&log);
+        log.close().unwrap();
+        drop(log);
+        // Reopened, and with one sealed index file gone: the same records.
+        let log = Log::open(dir.path(), config).unwrap();
+        check(&log);
+        std::fs::remove_file(dir.path().join(format::index_file_name(0))).unwrap();
+        lock(&log.shared.sealed_indexes).clear();
+        check(&log);
+    }
 }

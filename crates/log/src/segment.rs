@@ -21,21 +21,24 @@ pub(crate) struct SegmentMeta {
     pub(crate) valid_bytes: u64,
     pub(crate) file: Arc<dyn StorageFile>,
     pub(crate) path: Arc<Path>,
-    /// Sparse `(position, offset)` entries at group starts, ascending.
+    /// Sparse `(position, offset)` entries at group starts, ascending: the
+    /// active segment's only. A sealed segment's are in its index file,
+    /// read when a reader needs them and kept in a small cache (`Log`), so
+    /// that memory does not grow with the log.
     pub(crate) index: Vec<(u64, u32)>,
     pub(crate) sealed: bool,
 }
 
-impl SegmentMeta {
-    /// Offset of the last indexed group start at or before `position`, and its position.
-    pub(crate) fn seek(&self, position: u64) -> (u64, u64) {
-        let at = self.index.partition_point(|(p, _)| *p <= position);
-        if at == 0 {
-            (self.base_position, edgebus_types::limits::LOG_SEGMENT_HEADER_BYTES)
-        } else {
-            let (p, o) = self.index[at - 1];
-            (p, u64::from(o))
-        }
+/// Where to start scanning for `position` in the segment starting at
+/// `base` with sparse `index`: the last indexed group start at or before
+/// it, as `(position, offset)`; the segment's first record if none.
+pub(crate) fn seek(index: &[(u64, u32)], base: u64, position: u64) -> (u64, u64) {
+    let at = index.partition_point(|(p, _)| *p <= position);
+    if at == 0 {
+        (base, edgebus_types::limits::LOG_SEGMENT_HEADER_BYTES)
+    } else {
+        let (p, o) = index[at - 1];
+        (p, u64::from(o))
     }
 }
 

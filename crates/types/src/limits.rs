@@ -36,8 +36,9 @@ pub const LOG_QUEUE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 pub const LOG_QUEUE_APPENDS_DEFAULT: u32 = 65_536;
 
 /// Bytes between two entries of a segment's sparse position index: a read
-/// of one record scans at most this much before it. Costs 16 bytes of
-/// memory per stride of log (1/256 of the log's size).
+/// of one record scans at most this much before it. Costs 16 bytes per
+/// stride: in memory for the active segment and the few sealed segments
+/// read last, in the `.idx` files for the rest.
 pub const LOG_INDEX_STRIDE_BYTES: u64 = 4 * 1024;
 /// Bytes a scan asks the storage for in its first call; it doubles per call.
 pub const LOG_READ_CHUNK_MIN_BYTES: u64 = 16 * 1024;
