@@ -1042,10 +1042,12 @@ impl Writer {
             let mut segments = self.shared.segments.write().expect("segments lock");
             let sealed = segments.last_mut().expect("one active segment");
             sealed.sealed = true;
-            // Its index is in its file now; the cache keeps it for the
-            // readers that follow the log closely.
-            let index = std::mem::take(&mut sealed.index);
-            self.shared.cache_sealed_index(sealed.base_position, index.into());
+            // Its index is in its file now. It is not cached here: a log
+            // that takes appends and no reads of old segments (a dead
+            // route's backlog) would otherwise hold the last
+            // `SEALED_INDEXES_CACHED` indexes (~8 MiB) for nobody. A reader
+            // that follows closely reads the file once, at its next seek.
+            sealed.index = Vec::new();
             segments.push(SegmentMeta {
                 base_position: self.next_position,
                 end_position: self.next_position,
@@ -1497,6 +1499,8 @@ mod tests {
         for i in 0..count {
             log.append(&[payload(i)]).unwrap();
         }
+        // Appends alone (no reads of sealed segments) cache no index.
+        assert!(lock(&log.shared.sealed_indexes).is_empty(), "appends cached sealed indexes");
         let check = |log: &Log| {
             let segments = log.shared.segments.read().unwrap();
             assert!(segments.len() > 3 * SEALED_INDEXES_CACHED, "{} segments", segments.len());

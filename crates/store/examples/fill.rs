@@ -81,7 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         while next.load(Ordering::Relaxed) < mark.saturating_add(WRITERS as u64 * EVENTS_PER_APPEND).min(total) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        report(&format!("{mark:>10} events"), &dir, started, Some((mark - last.0, last.1)));
+        report(&store, &format!("{mark:>10} events"), &dir, started, Some((mark - last.0, last.1)));
         last = (mark, Instant::now());
         if mark >= total {
             break;
@@ -92,7 +92,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         writer.join().map_err(|_| "a writer panicked")??;
     }
     std::thread::sleep(Duration::from_secs(2));
-    report("   2 s on", &dir, started, None);
+    report(&store, "   2 s on", &dir, started, None);
     // Then once the index's background work is done: under 5% of a core
     // over a second (at most 10 minutes).
     let quiet_from = Instant::now();
@@ -105,21 +105,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         before = now;
     }
-    report("    quiet", &dir, started, None);
+    report(&store, "    quiet", &dir, started, None);
     store.close()?;
     Ok(())
 }
 
 /// Prints one line; `written` is the events written since an instant, for the rate.
-fn report(label: &str, dir: &Path, started: Instant, written: Option<(u64, Instant)>) {
+fn report(store: &Store, label: &str, dir: &Path, started: Instant, written: Option<(u64, Instant)>) {
     let rate = written
         .map_or(String::new(), |(n, since)| format!("  {:>7.0} events/s", n as f64 / since.elapsed().as_secs_f64()));
+    let index = store.index_memory();
     println!(
-        "{label}  {:6.1} s{rate}  RSS {:6.1} MiB (anonymous {:6.1})  index tables {}",
+        "{label}  {:6.1} s{rate}  RSS {:6.1} MiB (anonymous {:6.1})  index tables {} ({} files), pinned {:.1} MiB, cache {:.1} MiB",
         started.elapsed().as_secs_f64(),
         status_mib("VmRSS:"),
         status_mib("RssAnon:"),
-        table_files(&dir.join("index"))
+        index.tables,
+        table_files(&dir.join("index")),
+        index.pinned_bytes as f64 / 1048576.0,
+        index.cache_bytes as f64 / 1048576.0,
     );
 }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use edgebus_types::EventId;
 use fjall::config::PartitioningPolicy;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use crate::record::StreamMetadata;
 
@@ -200,6 +200,19 @@ pub enum IndexWrite<'a> {
     Snapshot(&'a str, &'a str, u64, Option<u64>),
 }
 
+/// The index's memory beside its in-memory tables ([`Index::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexMemory {
+    /// Table files of all keyspaces.
+    pub tables: usize,
+    /// Filters and block indexes the tables keep in memory (outside the cache).
+    pub pinned_bytes: u64,
+    /// Blocks in the block cache now.
+    pub cache_bytes: u64,
+    /// The block cache's bound ([`StoreConfig::index_cache_bytes`](crate::StoreConfig::index_cache_bytes)).
+    pub cache_capacity_bytes: u64,
+}
+
 /// fjall's background threads (flushes and compactions); see [`Index::open`].
 const INDEX_WORKERS: usize = 1;
 
@@ -317,6 +330,20 @@ impl Index {
             keyspace.rotate_memtable_and_wait().map_err(err)?;
         }
         Ok(())
+    }
+
+    /// What the index holds in memory beside its in-memory tables.
+    pub fn memory(&self) -> IndexMemory {
+        let mut memory = IndexMemory {
+            cache_bytes: self.db.cache_size(),
+            cache_capacity_bytes: self.db.cache_capacity(),
+            ..IndexMemory::default()
+        };
+        for keyspace in [&self.streams, &self.versions, &self.ids, &self.types, &self.snapshots, &self.meta] {
+            memory.tables += keyspace.table_count();
+            memory.pinned_bytes += (keyspace.tree.pinned_filter_size() + keyspace.tree.pinned_block_index_size()) as u64;
+        }
+        memory
     }
 
     /// The state of `stream`, if the index has it.

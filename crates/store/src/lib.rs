@@ -15,7 +15,7 @@ mod tail;
 mod writer;
 
 pub use error::{ErrorCode, ReadError, StoreOpenError, WriteError};
-pub use index::StreamState;
+pub use index::{IndexMemory, StreamState};
 pub use pending::PendingWrite;
 pub use record::StreamMetadata;
 pub use store::{

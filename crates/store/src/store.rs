@@ -22,7 +22,7 @@ use edgebus_log::{AppendError, Log, LogConfig};
 use edgebus_types::{EventType, ExpectedVersion, NewEvent, Origin, RecordedEvent, StreamName, StreamPattern};
 
 use crate::error::{ReadError, StoreOpenError, WriteError};
-use crate::index::{Index, StreamState, VersionEntry, snapshot_key};
+use crate::index::{Index, IndexMemory, StreamState, VersionEntry, snapshot_key};
 use crate::pending::PendingWrite;
 use crate::record::{self, Command, SNAPSHOTS_PREFIX, STREAMS_STREAM, StreamMetadata};
 use crate::tail::{Applied, Tail};
@@ -1124,6 +1124,12 @@ impl Store {
     /// unless one write holds more.
     pub fn index_tail(&self) -> usize {
         self.shared.inner.lock().tail.len()
+    }
+
+    /// What the index holds in memory: pinned filters and block indexes,
+    /// the block cache, and its table count.
+    pub fn index_memory(&self) -> IndexMemory {
+        self.shared.index.memory()
     }
 
     /// Whether the store takes writes: false once it is closing, after an
