@@ -44,7 +44,7 @@ fn config() -> StoreConfig {
     StoreConfig {
         tail_events_max: 1024,
         index_flush_events: 4,
-        index_flush_interval: Duration::from_millis(2),
+        index_flush_interval: Some(Duration::from_millis(2)),
         log: LogConfig::small_segments(64 * 1024),
         ..StoreConfig::default()
     }

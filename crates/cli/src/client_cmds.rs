@@ -292,6 +292,16 @@ fn node_figures_text(stats: &Value) -> String {
             format!("{} ({} records, {} bytes written)", n("appends"), n("records"), n("bytes_written")),
         ],
         ["fsyncs".to_owned(), format!("{} ({} batches)", n("fsyncs"), n("batches"))],
+        [
+            "index".to_owned(),
+            format!(
+                "tail={} tables={} pinned={} cache={}",
+                n("index_tail"),
+                n("index_tables"),
+                crate::route_view::bytes_text(n("index_pinned_bytes")),
+                crate::route_view::bytes_text(n("index_cache_bytes"))
+            ),
+        ],
         ["subscriptions".to_owned(), n("subscriptions").to_string()],
         [
             "append latency".to_owned(),
@@ -413,6 +423,9 @@ mod tests {
             records: 7,
             fsyncs: 5,
             append_latency_ms_p99: 1.234,
+            index_tail: 3,
+            index_tables: 12,
+            index_cache_bytes: 3_174,
             ..NodeStats::default()
         };
         let text = stats_text(&stats.to_json());
@@ -421,6 +434,7 @@ mod tests {
         assert_eq!(lines[1], "positions       start=0 end=7");
         assert!(lines.contains(&"append latency  p50=0.00ms p99=1.23ms"), "{text}");
         assert!(lines.contains(&"subscriptions   0"), "{text}");
+        assert!(lines.contains(&"index           tail=3 tables=12 pinned=0 B cache=3.1 KiB"), "{text}");
     }
 
     #[test]

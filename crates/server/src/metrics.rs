@@ -522,6 +522,18 @@ impl Metrics {
             stats.store_queue_requests,
         );
         out.gauge(
+            "edgebus_index_tail_changes",
+            "Index changes written to the log but not yet to the index (the store's in-memory tail).",
+            stats.index_tail,
+        );
+        out.gauge("edgebus_index_tables", "Table files of the index.", stats.index_tables);
+        out.gauge(
+            "edgebus_index_pinned_bytes",
+            "Filters and block indexes the index's tables keep in memory.",
+            stats.index_pinned_bytes,
+        );
+        out.gauge("edgebus_index_cache_bytes", "Blocks in the index's block cache.", stats.index_cache_bytes);
+        out.gauge(
             "edgebus_local_queue",
             "Events accepted but not yet durable (unacknowledged log records plus queued store requests).",
             stats.local_queue,
@@ -863,6 +875,14 @@ pub struct NodeStats {
     pub append_latency_ms_p50: f64,
     /// 99th percentile append latency since start, in milliseconds.
     pub append_latency_ms_p99: f64,
+    /// Index changes in the store's in-memory tail.
+    pub index_tail: u64,
+    /// Table files of the index.
+    pub index_tables: u64,
+    /// Filters and block indexes the index keeps in memory, in bytes.
+    pub index_pinned_bytes: u64,
+    /// The index's block cache now, in bytes.
+    pub index_cache_bytes: u64,
     /// The ingest quotas, in declared order.
     pub quotas: Vec<QuotaFigures>,
     /// The connection cap of each listener: gRPC, then HTTP.
@@ -915,6 +935,7 @@ impl NodeStats {
         let (append_latency_ms_p50, append_latency_ms_p99) = state.metrics.append_latency_ms_p50_p99();
         let gateway = state.gateway.get().map(|g| g.summary()).unwrap_or_default();
         let backpressure = backpressure.with_routes(gateway.health);
+        let index = store.index_memory();
         let (wan_queue, dropped) = (gateway.wan_queue, gateway.dropped);
         Self {
             local_queue: log_queue.records_unacknowledged + store_queue_requests,
@@ -937,6 +958,10 @@ impl NodeStats {
             store_queue_requests,
             append_latency_ms_p50,
             append_latency_ms_p99,
+            index_tail: store.index_tail() as u64,
+            index_tables: index.tables as u64,
+            index_pinned_bytes: index.pinned_bytes,
+            index_cache_bytes: index.cache_bytes,
             quotas: state.quotas.figures(),
             connections: vec![
                 ConnectionFigures::of("grpc", &state.grpc_connections),
@@ -968,6 +993,10 @@ impl NodeStats {
             "store_queue_requests": self.store_queue_requests,
             "append_latency_ms_p50": self.append_latency_ms_p50,
             "append_latency_ms_p99": self.append_latency_ms_p99,
+            "index_tail": self.index_tail,
+            "index_tables": self.index_tables,
+            "index_pinned_bytes": self.index_pinned_bytes,
+            "index_cache_bytes": self.index_cache_bytes,
             "quotas": self.quotas.iter().map(|quota| json!({
                 "pattern": quota.pattern,
                 "events_per_sec": quota.events_per_sec,
@@ -1010,6 +1039,10 @@ impl From<NodeStats> for v1::StatsResponse {
             store_queue_requests: stats.store_queue_requests,
             append_latency_ms_p50: stats.append_latency_ms_p50,
             append_latency_ms_p99: stats.append_latency_ms_p99,
+            index_tail: stats.index_tail,
+            index_tables: stats.index_tables,
+            index_pinned_bytes: stats.index_pinned_bytes,
+            index_cache_bytes: stats.index_cache_bytes,
             quotas: stats
                 .quotas
                 .into_iter()
@@ -1061,6 +1094,10 @@ impl From<v1::StatsResponse> for NodeStats {
             store_queue_requests: wire.store_queue_requests,
             append_latency_ms_p50: wire.append_latency_ms_p50,
             append_latency_ms_p99: wire.append_latency_ms_p99,
+            index_tail: wire.index_tail,
+            index_tables: wire.index_tables,
+            index_pinned_bytes: wire.index_pinned_bytes,
+            index_cache_bytes: wire.index_cache_bytes,
             quotas: wire
                 .quotas
                 .into_iter()
@@ -1406,6 +1443,10 @@ mod tests {
             store_queue_requests: 16,
             append_latency_ms_p50: 0.5,
             append_latency_ms_p99: 9.75,
+            index_tail: 28,
+            index_tables: 29,
+            index_pinned_bytes: 30,
+            index_cache_bytes: 31,
             quotas: vec![
                 QuotaFigures {
                     pattern: "telemetry.>".to_owned(),
@@ -1429,7 +1470,8 @@ mod tests {
         assert_eq!(json["backpressure"], "throttled");
         assert_eq!(json["log_records_unacknowledged"], 15);
         assert_eq!(json["append_latency_ms_p99"], 9.75);
-        assert_eq!(json.as_object().map(serde_json::Map::len), Some(22), "every field: {json}");
+        assert_eq!(json["index_pinned_bytes"], 30);
+        assert_eq!(json.as_object().map(serde_json::Map::len), Some(26), "every field: {json}");
         assert_eq!(json["quotas"][0]["pattern"], "telemetry.>");
         assert_eq!(json["quotas"][0]["events_per_sec"], 1000.0);
         assert_eq!(json["quotas"][0]["bytes_per_sec"], Value::Null);

@@ -341,7 +341,8 @@ impl Index {
         };
         for keyspace in [&self.streams, &self.versions, &self.ids, &self.types, &self.snapshots, &self.meta] {
             memory.tables += keyspace.table_count();
-            memory.pinned_bytes += (keyspace.tree.pinned_filter_size() + keyspace.tree.pinned_block_index_size()) as u64;
+            memory.pinned_bytes +=
+                (keyspace.tree.pinned_filter_size() + keyspace.tree.pinned_block_index_size()) as u64;
         }
         memory
     }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgebus_log::{AppendError, Log, LogConfig};
 use edgebus_types::{EventType, ExpectedVersion, NewEvent, Origin, RecordedEvent, StreamName, StreamPattern};
@@ -48,8 +48,18 @@ pub struct StoreConfig {
     /// through (`bench store --quick`, 100,000 streams, 256 writers:
     /// 48,600 events/s at 32,768, 77,500 at 131,072).
     pub index_flush_events: usize,
-    /// ...or this long after the last flush.
-    pub index_flush_interval: Duration,
+    /// ...or, if set, this long after the last flush, however few changes
+    /// the tail holds. Off by default: each flush writes one table per
+    /// keyspace, and the tables of small flushes are never merged (their
+    /// keys, time-ordered ids and growing versions, follow those already
+    /// stored, so fjall's leveled compaction moves them down whole and
+    /// merges nothing until a level outgrows its size). A 200 ms
+    /// interval left a gateway site that wrote only its lease renewals
+    /// (about one event a second) with 1.4 more index tables every second,
+    /// without end. Without it an idle site's tail waits in memory (within
+    /// `tail_events_max`, which also bounds the log replay on the next
+    /// open) and is flushed on close.
+    pub index_flush_interval: Option<Duration>,
 }
 
 impl Default for StoreConfig {
@@ -59,7 +69,7 @@ impl Default for StoreConfig {
             index_cache_bytes: 32 * 1024 * 1024,
             tail_events_max: 229_376,
             index_flush_events: 131_072,
-            index_flush_interval: Duration::from_millis(200),
+            index_flush_interval: None,
         }
     }
 }
@@ -251,6 +261,13 @@ pub struct OpenReport {
 
 /// Events read per step when replaying the log.
 const REPLAY_BATCH: usize = 4096;
+
+/// How long the indexer sleeps with nothing due before it looks again
+/// (what is due wakes it sooner: a full tail, a waiting sequencer, closing).
+const INDEXER_RECHECK: Duration = Duration::from_secs(1);
+/// How soon it looks again when the sequencer waits for room and the last
+/// flush found nothing durable yet.
+const INDEXER_DURABLE_RECHECK: Duration = Duration::from_millis(1);
 /// Upper bound of records scanned by one `read_all` call.
 pub const READ_ALL_SCAN_MAX: usize = 65_536;
 /// Upper bound of events returned by one read.
@@ -262,6 +279,9 @@ pub(crate) struct Inner {
     /// Next log position (only the sequencer appends, under this lock).
     pub(crate) next_position: u64,
     pub(crate) closing: bool,
+    /// The sequencer waits for room in the tail: the indexer flushes
+    /// whatever is durable, however little.
+    pub(crate) waiting_for_tail: bool,
 }
 
 pub(crate) struct Shared {
@@ -344,7 +364,12 @@ impl Store {
             log,
             index,
             config,
-            inner: Mutex::new(Inner { tail: Tail::default(), next_position: end, closing: false }),
+            inner: Mutex::new(Inner {
+                tail: Tail::default(),
+                next_position: end,
+                closing: false,
+                waiting_for_tail: false,
+            }),
             tail_space: Condvar::new(),
             flush_wanted: Condvar::new(),
             poisoned: AtomicBool::new(false),
@@ -1074,7 +1099,7 @@ impl Store {
 
     /// Moves everything durable into the on-disk index now.
     pub fn flush_index(&self) -> Result<(), ReadError> {
-        self.shared.flush().map_err(ReadError::Index)
+        self.shared.flush().map(drop).map_err(ReadError::Index)
     }
 
     /// A digest of the whole index state (after a flush): equal digests mean
@@ -1282,8 +1307,9 @@ impl Shared {
         Ok(replayed)
     }
 
-    /// Moves the durable prefix of the tail into the index.
-    fn flush(&self) -> Result<(), String> {
+    /// Moves the durable prefix of the tail into the index: whether there
+    /// was anything to write.
+    fn flush(&self) -> Result<bool, String> {
         // One flush at a time: the indexer and `flush_index` both flush, and
         // each drops from the tail exactly the ops it committed.
         let _flushing = self.flush_lock.lock();
@@ -1293,7 +1319,7 @@ impl Shared {
             inner.tail.take_durable(durable_end)
         };
         if batch.is_empty() && batch.checkpoint == self.index.checkpoint()? {
-            return Ok(());
+            return Ok(false);
         }
         if let Err(e) = self.index.commit(batch.writes(), batch.checkpoint) {
             self.poisoned.store(true, Ordering::Release);
@@ -1303,21 +1329,47 @@ impl Shared {
         inner.tail.drop_flushed(batch);
         drop(inner);
         self.tail_space.notify_all();
-        Ok(())
+        Ok(true)
     }
 
+    /// Flushes the tail when it holds `index_flush_events` changes, when
+    /// the sequencer waits for room in it, and every `index_flush_interval`
+    /// if one is set.
     fn run_indexer(&self) {
+        let mut last_flush = Instant::now();
+        // The last flush found nothing durable to write.
+        let mut found_nothing = false;
         loop {
             {
                 let mut inner = lock(&self.inner);
-                if inner.closing {
-                    return;
-                }
-                if inner.tail.unflushed() < self.config.index_flush_events {
-                    let _ = self.flush_wanted.wait_for(&mut inner, self.config.index_flush_interval);
+                loop {
+                    if inner.closing {
+                        return;
+                    }
+                    let interval = self.config.index_flush_interval;
+                    if inner.tail.unflushed() >= self.config.index_flush_events
+                        || (inner.waiting_for_tail && !found_nothing)
+                        || interval.is_some_and(|interval| last_flush.elapsed() >= interval)
+                    {
+                        break;
+                    }
+                    // What a waiting sequencer needs flushed may not be
+                    // durable yet, and nothing signals when it is: look
+                    // again shortly.
+                    let wait = if found_nothing {
+                        INDEXER_DURABLE_RECHECK
+                    } else {
+                        interval
+                            .map_or(INDEXER_RECHECK, |i| i.saturating_sub(last_flush.elapsed()).min(INDEXER_RECHECK))
+                    };
+                    let _ = self.flush_wanted.wait_for(&mut inner, wait);
+                    found_nothing = false;
                 }
             }
-            if self.flush().is_err() {
+            last_flush = Instant::now();
+            let flushed = self.flush();
+            found_nothing = matches!(flushed, Ok(false));
+            if flushed.is_err() {
                 // The store is poisoned; writers see it. Nothing more to do.
                 self.tail_space.notify_all();
                 return;

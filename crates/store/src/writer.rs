@@ -313,9 +313,11 @@ impl Shared {
                     && !self.poisoned.load(Ordering::Acquire)
                 {
                     // The index is behind: wait for the indexer to catch up.
+                    inner.waiting_for_tail = true;
                     self.flush_wanted.notify_one();
                     self.tail_space.wait(&mut inner);
                 }
+                inner.waiting_for_tail = false;
                 if self.poisoned.load(Ordering::Acquire) {
                     slot.complete(Reply::Done(Err(WriteError::Unavailable(AppendError::Closed))));
                     continue;

@@ -198,7 +198,8 @@ fn exists_or_write_at_a_reclaimed_version_after_rebuild_is_an_error() {
 #[test]
 fn flush_index_while_the_indexer_flushes() {
     let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig { index_flush_interval: std::time::Duration::from_millis(1), ..StoreConfig::default() };
+    let config =
+        StoreConfig { index_flush_interval: Some(std::time::Duration::from_millis(1)), ..StoreConfig::default() };
     let store = std::sync::Arc::new(Store::open(dir.path(), config).unwrap());
     let writer = {
         let store = std::sync::Arc::clone(&store);
@@ -246,12 +247,7 @@ fn the_write_queue_is_empty_when_idle_and_a_closed_store_takes_no_writes() {
 fn the_tail_never_holds_more_than_its_bound() {
     let dir = tempfile::tempdir().unwrap();
     // The index flushes only when a writer waits for room in the tail.
-    let config = StoreConfig {
-        tail_events_max: 100,
-        index_flush_events: usize::MAX,
-        index_flush_interval: std::time::Duration::from_secs(3600),
-        ..StoreConfig::default()
-    };
+    let config = StoreConfig { tail_events_max: 100, index_flush_events: usize::MAX, ..StoreConfig::default() };
     let store = Store::open(dir.path(), config).unwrap();
     let mut id = 0;
     let mut batch = |n: usize| {
@@ -276,4 +272,30 @@ fn the_tail_never_holds_more_than_its_bound() {
     assert_eq!(store.index_tail(), 1, "the large write was flushed before the next one");
     let events = store.read_stream(&name("s.bound"), StreamFrom::Start, Direction::Forward, 1000, 0).unwrap();
     assert_eq!(events.len(), 20 * 30 + 151);
+}
+
+/// A site that writes a trickle (a gateway's lease renewals, about one
+/// event a second) must not flush its index on a timer: every flush leaves
+/// tables that fjall never merges, one more set a flush, without end.
+#[test]
+fn a_trickle_of_writes_waits_in_the_tail_and_leaves_no_index_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let tables_at_open = store.index_memory().tables;
+    for id in 1..=20u128 {
+        store.append(&name("s.trickle"), ExpectedVersion::Any, vec![event(id, "t")]).unwrap();
+        // The trickle: writes spread over time (the interval flush this
+        // replaces fired every 200 ms).
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert_eq!(store.index_tail(), 20, "the trickle waits in the tail");
+    assert_eq!(store.index_memory().tables, tables_at_open, "no table was written");
+    let read = |store: &Store| store.read_stream(&name("s.trickle"), StreamFrom::Start, Direction::Forward, 100, 0);
+    assert_eq!(read(&store).unwrap().len(), 20, "served from the tail");
+    store.close().unwrap();
+    drop(store);
+    // Closing flushed it; reopened, nothing is replayed and all is there.
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    assert_eq!(store.index_tail(), 0);
+    assert_eq!(read(&store).unwrap().len(), 20);
 }

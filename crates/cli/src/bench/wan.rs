@@ -748,7 +748,16 @@ async fn measure_dead_route(plan: &Plan, dir: &Path) -> anyhow::Result<DeadRoute
         let pid = dead.guard.pid();
         let quiet = wait_until_quiet(pid).await?;
         let rss = dead.rss_mib()?;
-        progress(format_args!("  backlog {step}: RSS {rss:.1} MiB (filled in {fill_secs:.1} s, {quiet})"));
+        let stats = http(dead.http, "GET", "/v1/stats", None).await?;
+        let figure = |key: &str| stats.get(key).and_then(Value::as_u64).unwrap_or(0);
+        progress(format_args!(
+            "  backlog {step}: RSS {rss:.1} MiB (filled in {fill_secs:.1} s, {quiet}); index: {} tables, \
+             {:.1} MiB pinned, {:.1} MiB cached, tail {}",
+            figure("index_tables"),
+            figure("index_pinned_bytes") as f64 / 1_048_576.0,
+            figure("index_cache_bytes") as f64 / 1_048_576.0,
+            figure("index_tail"),
+        ));
         report.backlog.push((step, rss, fill_secs));
         report.backlog_split.push((status_mib(pid, "RssAnon:")?, status_mib(pid, "RssFile:")?));
     }
