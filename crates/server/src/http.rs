@@ -29,7 +29,9 @@
 //!   when the store takes no writes or a route is stalled; see
 //!   [`Backpressure`](crate::metrics::Backpressure)), `subscriptions`,
 //!   `uptime_s`, the log's counters and positions, the queues one by one and
-//!   append latency `append_latency_ms_p50`/`_p99`; with a gateway,
+//!   append latency `append_latency_ms_p50`/`_p99`, the index's
+//!   `index_tail` (changes not yet flushed), `index_tables`,
+//!   `index_pinned_bytes` and `index_cache_bytes`; with a gateway,
 //!   `gateway` (its site, every route and lane with its health, the inbound
 //!   side, the policies).
 //! - `GET /metrics`: Prometheus text format 0.0.4, every metric prefixed
