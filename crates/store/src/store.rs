@@ -1347,15 +1347,14 @@ impl Shared {
                         return;
                     }
                     let interval = self.config.index_flush_interval;
-                    if inner.tail.unflushed() >= self.config.index_flush_events
-                        || (inner.waiting_for_tail && !found_nothing)
-                        || interval.is_some_and(|interval| last_flush.elapsed() >= interval)
-                    {
+                    let due = inner.tail.unflushed() >= self.config.index_flush_events
+                        || inner.waiting_for_tail
+                        || interval.is_some_and(|interval| last_flush.elapsed() >= interval);
+                    if due && !found_nothing {
                         break;
                     }
-                    // What a waiting sequencer needs flushed may not be
-                    // durable yet, and nothing signals when it is: look
-                    // again shortly.
+                    // What is due may not be durable yet, and nothing
+                    // signals when it is: look again shortly.
                     let wait = if found_nothing {
                         INDEXER_DURABLE_RECHECK
                     } else {
