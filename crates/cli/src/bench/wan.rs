@@ -84,6 +84,9 @@ pub struct WanBenchArgs {
     /// Run only the dead route: local appends beside it and the RSS of its backlog.
     #[arg(long, conflicts_with = "failover_only")]
     pub backlog_only: bool,
+    /// Run only the links (goodput, latency, critical beside bulk; NATS unless `--no-nats`).
+    #[arg(long, conflicts_with_all = ["failover_only", "backlog_only"])]
+    pub links_only: bool,
     /// The nats-server binary [default: nats-server on PATH, installed with apt-get if missing].
     #[arg(long, value_name = "PATH")]
     pub nats_server: Option<PathBuf>,
@@ -242,7 +245,7 @@ pub fn run(args: &WanBenchArgs) -> anyhow::Result<()> {
     let load_start = load_average();
     let started = Instant::now();
     let measured = if args.failover_only { None } else { Some(runtime.block_on(measure(args, &plan, &dir))?) };
-    let drills = if args.backlog_only {
+    let drills = if args.backlog_only || args.links_only {
         None
     } else {
         progress(format_args!("gateway failover drills"));
@@ -261,9 +264,9 @@ pub fn run(args: &WanBenchArgs) -> anyhow::Result<()> {
     };
     if let Some((links, dead, nats_note)) = measured {
         if args.json {
-            print_json(&header, &links, &dead, &nats_note)?;
+            print_json(&header, &links, dead.as_ref(), &nats_note)?;
         } else {
-            print_report(&header, &links, &dead, &nats_note);
+            print_report(&header, &links, dead.as_ref(), &nats_note);
         }
     }
     match drills {
@@ -316,7 +319,7 @@ async fn measure(
     args: &WanBenchArgs,
     plan: &Plan,
     dir: &Path,
-) -> anyhow::Result<(Vec<LinkFigures>, DeadRoute, Option<String>)> {
+) -> anyhow::Result<(Vec<LinkFigures>, Option<DeadRoute>, Option<String>)> {
     let clock = Instant::now();
     let mut links = Vec::new();
     for profile in PROFILES.iter().filter(|_| !args.backlog_only) {
@@ -349,9 +352,12 @@ async fn measure(
             Err(e) => nats_note = Some(format!("NATS not measured: {e:#}")),
         }
     }
+    if args.links_only {
+        return Ok((links, None, nats_note));
+    }
     progress(format_args!("dead route and backlog"));
     let dead = measure_dead_route(plan, &dir.join("dead-route")).await?;
-    Ok((links, dead, nats_note))
+    Ok((links, Some(dead), nats_note))
 }
 
 /// What the NATS side needs of the plan.
@@ -805,7 +811,7 @@ struct Check {
     pass: Option<bool>,
 }
 
-fn checks(links: &[LinkFigures], dead: &DeadRoute) -> Vec<Check> {
+fn checks(links: &[LinkFigures], dead: Option<&DeadRoute>) -> Vec<Check> {
     let mut checks = Vec::new();
     for f in links.iter().filter(|f| f.system == "edgebus") {
         let ratio = f.goodput_ratio();
@@ -827,6 +833,7 @@ fn checks(links: &[LinkFigures], dead: &DeadRoute) -> Vec<Check> {
             pass: ratio.map(|r| r <= TARGET_CRITICAL_P99_RATIO),
         });
     }
+    let Some(dead) = dead else { return checks };
     if let [(small, small_rss, _), (large, large_rss, _)] = dead.backlog[..] {
         let drift = large_rss / small_rss - 1.0;
         checks.push(Check {
@@ -852,7 +859,7 @@ fn verdict(pass: Option<bool>) -> &'static str {
     }
 }
 
-fn print_report(header: &Header, links: &[LinkFigures], dead: &DeadRoute, nats_note: &Option<String>) {
+fn print_report(header: &Header, links: &[LinkFigures], dead: Option<&DeadRoute>, nats_note: &Option<String>) {
     println!("edgebus bench wan{} — {}", if header.quick { " --quick" } else { "" }, header.date);
     println!("machine:    {}", header.machine);
     println!("filesystem: {}", header.filesystem);
@@ -908,6 +915,16 @@ fn print_report(header: &Header, links: &[LinkFigures], dead: &DeadRoute, nats_n
     if let Some(note) = nats_note {
         println!("{note}");
     }
+    if let Some(dead) = dead {
+        print_dead_route(dead);
+    }
+    println!();
+    for check in checks(links, dead) {
+        println!("{} {} (measured {})", verdict(check.pass), check.target, check.measured);
+    }
+}
+
+fn print_dead_route(dead: &DeadRoute) {
     println!();
     println!(
         "local appends ({APPEND_PRODUCERS} producers, one {SMALL_PAYLOAD_BYTES} B event per append): dead route ({}) p50 {:.2} ms p99 {:.2} ms over {} appends; \
@@ -927,16 +944,12 @@ fn print_report(header: &Header, links: &[LinkFigures], dead: &DeadRoute, nats_n
             *events as f64 / secs.max(1e-9)
         );
     }
-    println!();
-    for check in checks(links, dead) {
-        println!("{} {} (measured {})", verdict(check.pass), check.target, check.measured);
-    }
 }
 
 fn print_json(
     header: &Header,
     links: &[LinkFigures],
-    dead: &DeadRoute,
+    dead: Option<&DeadRoute>,
     nats_note: &Option<String>,
 ) -> anyhow::Result<()> {
     let base = |kind: &str| {
@@ -987,6 +1000,23 @@ fn print_json(
         merge(&mut row, json!({"system": "nats", "note": note}));
         lines.push(row);
     }
+    if let Some(dead) = dead {
+        lines.extend(dead_route_json(dead, base));
+    }
+    for check in checks(links, dead) {
+        let mut row = base("target_check");
+        merge(&mut row, json!({"target": check.target, "measured": check.measured, "pass": check.pass}));
+        lines.push(row);
+    }
+    for line in lines {
+        println!("{}", serde_json::to_string(&line)?);
+    }
+    Ok(())
+}
+
+/// The JSON rows of the dead route and its backlog.
+fn dead_route_json(dead: &DeadRoute, base: impl Fn(&str) -> Value) -> Vec<Value> {
+    let mut lines = Vec::new();
     let mut row = base("dead_route_append");
     merge(
         &mut row,
@@ -1020,15 +1050,7 @@ fn print_json(
         );
         lines.push(row);
     }
-    for check in checks(links, dead) {
-        let mut row = base("target_check");
-        merge(&mut row, json!({"target": check.target, "measured": check.measured, "pass": check.pass}));
-        lines.push(row);
-    }
-    for line in lines {
-        println!("{}", serde_json::to_string(&line)?);
-    }
-    Ok(())
+    lines
 }
 
 fn merge(row: &mut Value, fields: Value) {
