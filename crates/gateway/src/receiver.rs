@@ -339,6 +339,9 @@ impl Session {
         let bytes: u64 = batch.events.iter().map(|e| e.encoded_len() as u64).sum();
         credit.on_data(batch.first_seq, events, bytes, now).map_err(|v| closing(close::VIOLATION, v.to_string()))?;
         credit.on_echo(batch.echo, now);
+        if batch.app_limited {
+            credit.on_app_limited();
+        }
         let mut writes = Vec::with_capacity(batch.events.len());
         for (i, event) in batch.events.into_iter().enumerate() {
             let seq = batch.first_seq + i as u64;

@@ -867,11 +867,14 @@ impl RouteTask {
             self.metrics.count(&topic, |c| c.sent += n);
         }
         self.metrics.session_used_events.store(credit.sent().events, Ordering::Relaxed);
+        // Nothing else to send: no lane has an event read ahead or more to read.
+        let app_limited = self.lanes.iter().all(|l| l.buffer.is_empty() && (l.at_end || l.blocked));
         let batch = v1::LinkBatch {
             first_seq,
             lane: u32::try_from(lane_index).expect("at most LANES_MAX lanes"),
             events,
             echo: credit.echo(),
+            app_limited,
         };
         v1::LinkFrame { kind: Some(v1::link_frame::Kind::Batch(batch)) }
     }

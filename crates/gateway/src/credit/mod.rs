@@ -88,7 +88,13 @@
 //! against the ping's issue time. Bandwidth is the largest delivery rate of
 //! durable bytes over the last [`BANDWIDTH_SAMPLES`] intervals, each lasting
 //! at least one RTT and at least [`BANDWIDTH_INTERVAL_MS_MIN`] and ending
-//! when something became durable. Credit travels a longer loop than the
+//! when something became durable. An interval in which the sender said it
+//! had nothing more to send (`LinkBatch.app_limited`,
+//! [`CreditReceiver::on_app_limited`]) is dropped when its rate is below the
+//! estimate: it measured the sender, not the link (BBR's rule), and a
+//! trickle after a burst would otherwise shrink the estimate, the window and
+//! the pace to the trickle, and the next burst would start from there.
+//! Credit travels a longer loop than the
 //! path's round trip: the receiver acts on whole frames and acknowledges
 //! them once durable, so the *cycle* is `RTT + frame time + service time`,
 //! where frame time is the largest of the last [`SERVICE_SAMPLES`] frames
@@ -120,11 +126,13 @@
 //! and the excess waits in the link's queue, where every lane's next event
 //! waits behind it (a critical event behind a bulk backlog: about one cycle
 //! at the default gain). So each grant also carries `pace_bytes =
-//! bandwidth × (cycle + q) + window / GRANT_DUE_FRACTION`, with the queue
-//! allowance `q = max(`[`PACE_QUEUE_MS_MIN`]`, cycle / `[`PACE_QUEUE_CYCLE_DIVISOR`]`)`;
-//! the last term is the wait for a grant: the sender counts bytes in flight
-//! until a grant acknowledges them, and a grant waits until that much is
-//! free. It is 0 before the cycle is measured, during an RTT probe, and
+//! bandwidth × (pace cycle + q)`, with the queue allowance
+//! `q = max(`[`PACE_QUEUE_MS_MIN`]`, cycle / `[`PACE_QUEUE_CYCLE_DIVISOR`]`)`.
+//! The pace cycle is the cycle with the upper quartile of the recent
+//! writes instead of the largest (one slow write must not flood the link's
+//! queue for the next 32 frames). The pace assumes the driver grants at
+//! every durable step (the gateway's receiver does), so a byte stops
+//! counting as in flight one cycle after it was sent. It is 0 before the cycle is measured, during an RTT probe, and
 //! in startup: until the bandwidth has not grown by a quarter for three
 //! delivery intervals in a row (BBR's full-pipe test), the window's gain
 //! finds the link's rate fastest. Beyond it a lane may

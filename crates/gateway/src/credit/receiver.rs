@@ -129,6 +129,9 @@ struct DeliveryFilter {
     /// the pipe is full: the window, not the link, had limited the rate).
     full_bw: u64,
     samples_without_growth: u32,
+    /// The sender said, during the open interval, that it had nothing
+    /// more to send ([`CreditReceiver::on_app_limited`]).
+    app_limited: bool,
 }
 
 /// Startup ends when the bandwidth has not grown by this much ...
@@ -148,6 +151,17 @@ impl DeliveryFilter {
         let delivered = durable.saturating_sub(self.start);
         let bytes_per_s = u128::from(delivered.bytes) * 1000 / u128::from(elapsed_ms);
         let bytes_per_s = u64::try_from(bytes_per_s).unwrap_or(u64::MAX);
+        let app_limited = std::mem::take(&mut self.app_limited);
+        if app_limited && self.bandwidth_bytes_per_s().is_some_and(|bandwidth| bytes_per_s < bandwidth) {
+            // The sender ran out of data, not the link out of capacity:
+            // the sample says nothing about the link (BBR's rule). Kept, a
+            // trickle after a busy period would bring the estimate, the
+            // window and the pace down to the trickle, and the next burst
+            // would have to grow them again from there.
+            self.start_ms = now_ms;
+            self.start = durable;
+            return;
+        }
         if self.samples.len() == BANDWIDTH_SAMPLES {
             self.samples.pop_front();
         }
@@ -265,6 +279,7 @@ impl CreditReceiver {
                 samples: VecDeque::new(),
                 full_bw: 0,
                 samples_without_growth: 0,
+                app_limited: false,
             },
             service_ms: VecDeque::with_capacity(SERVICE_SAMPLES),
             frame_bytes: VecDeque::with_capacity(SERVICE_SAMPLES),
@@ -329,6 +344,13 @@ impl CreditReceiver {
         self.durable = through;
         self.delivery.on_durable(through, now_ms, self.rtt_ms);
         self.refresh(now_ms);
+    }
+
+    /// The sender had nothing more to send when it sent its latest frame:
+    /// the delivery interval now open does not lower the bandwidth
+    /// estimate (a higher rate still raises it).
+    pub fn on_app_limited(&mut self) {
+        self.delivery.app_limited = true;
     }
 
     /// A frame that arrived `ms` milliseconds ago is now durable: the
@@ -464,13 +486,28 @@ impl CreditReceiver {
 
     /// The loop a byte of credit travels: the path's round trip, the time
     /// to put a whole frame on the wire (the receiver acts on whole frames),
-    /// and the receiver's write until durable. `None` before the RTT and the
-    /// bandwidth are measured.
+    /// and the receiver's write until durable (the largest of the recent
+    /// ones: the window must not run dry while one write is slow). `None`
+    /// before the RTT and the bandwidth are measured.
     pub fn cycle_ms(&self) -> Option<u64> {
+        self.cycle_with_service_ms(self.service_ms.iter().copied().max().unwrap_or(0))
+    }
+
+    /// The cycle with a typical write (the upper quartile of the recent
+    /// ones): what the pace keeps in flight. With the largest, one slow
+    /// write would raise the pace for [`SERVICE_SAMPLES`] frames, and the
+    /// excess would wait in the link's queue ahead of every lane (`edgebus
+    /// bench wan` saw a critical event wait 100 ms behind such a surge).
+    pub fn pace_cycle_ms(&self) -> Option<u64> {
+        let mut service: Vec<u64> = self.service_ms.iter().copied().collect();
+        service.sort_unstable();
+        self.cycle_with_service_ms(service.get(service.len() * 3 / 4).copied().unwrap_or(0))
+    }
+
+    fn cycle_with_service_ms(&self, service_ms: u64) -> Option<u64> {
         let (Some(rtt_ms), Some(bandwidth)) = (self.rtt_ms, self.bandwidth_bytes_per_s()) else {
             return None;
         };
-        let service_ms = self.service_ms.iter().copied().max().unwrap_or(0);
         let frame_ms = self.frame_bytes.iter().copied().max().unwrap_or(0).saturating_mul(1000) / bandwidth.max(1);
         Some(rtt_ms + service_ms + frame_ms)
     }
@@ -479,24 +516,21 @@ impl CreditReceiver {
     /// pacing) before the cycle is measured, during startup (until the
     /// bandwidth stops growing by a quarter per delivery interval for three
     /// intervals: the window's gain finds the link's rate fastest) and
-    /// during an RTT probe. The
-    /// sender counts a byte in flight until a grant acknowledges it, and a
-    /// grant waits until a sixteenth of the window is free
-    /// ([`CreditReceiver::grant_due`]), so the sender's loop is the cycle
-    /// plus that wait: `bandwidth × (cycle + window / GRANT_DUE_FRACTION /
-    /// bandwidth + q)`, with the queue allowance
-    /// `q = max(PACE_QUEUE_MS_MIN, cycle / PACE_QUEUE_CYCLE_DIVISOR)`.
+    /// during an RTT probe: `bandwidth × (pace cycle + q)`, with the queue
+    /// allowance `q = max(PACE_QUEUE_MS_MIN, cycle / PACE_QUEUE_CYCLE_DIVISOR)`.
+    /// The sender counts a byte in flight until a grant acknowledges it;
+    /// this assumes the driver grants at every durable step, as the
+    /// gateway's receiver does, not only when [`CreditReceiver::grant_due`].
     pub fn pace_bytes(&self) -> u64 {
-        let (Some(cycle_ms), Some(bandwidth)) = (self.cycle_ms(), self.bandwidth_bytes_per_s()) else {
+        let (Some(cycle_ms), Some(bandwidth)) = (self.pace_cycle_ms(), self.bandwidth_bytes_per_s()) else {
             return 0;
         };
         if self.probing() || !self.delivery.pipe_full() {
             return 0;
         }
         let queue_ms = (cycle_ms / PACE_QUEUE_CYCLE_DIVISOR).max(PACE_QUEUE_MS_MIN);
-        let cycle_bytes = u128::from(bandwidth) * u128::from(cycle_ms + queue_ms) / 1000;
-        let grant_wait_bytes = u128::from(self.window.bytes / GRANT_DUE_FRACTION);
-        u64::try_from(cycle_bytes + grant_wait_bytes).unwrap_or(u64::MAX).max(1)
+        let bytes = u128::from(bandwidth) * u128::from(cycle_ms + queue_ms) / 1000;
+        u64::try_from(bytes).unwrap_or(u64::MAX).max(1)
     }
 
     fn target_window(&self) -> Amount {
@@ -875,10 +909,19 @@ mod tests {
         }
         // The first sample sets the bandwidth; three without growth end startup.
         assert_eq!(paces[..4], [0, 0, 0, 0], "{paces:?}");
-        // cycle = 50 ms RTT + 100 ms for a 100 KB frame; queue max(5, 150 / 8) = 18 ms;
-        // grant wait = window / 16 = (2 x 1 MB/s x 150 ms) / 16.
+        // cycle = 50 ms RTT + 100 ms for a 100 KB frame; queue max(5, 150 / 8) = 18 ms.
         assert_eq!(receiver.cycle_ms(), Some(150));
-        assert_eq!(paces[5], 1_000_000 * 168 / 1000 + 300_000 / 16, "{paces:?}");
+        assert_eq!(paces[5], 1_000_000 * 168 / 1000, "{paces:?}");
+        // One slow write among typical ones widens the window (the largest
+        // write counts there) but not the pace (three quarters of the writes
+        // were at most 2 ms).
+        for ms in std::iter::repeat_n(2, SERVICE_SAMPLES - 1).chain([100]) {
+            receiver.on_service_time(ms, 50 + 6 * 100);
+        }
+        assert_eq!(receiver.cycle_ms(), Some(250));
+        assert_eq!(receiver.pace_cycle_ms(), Some(152));
+        assert_eq!(receiver.pace_bytes(), 1_000_000 * (152 + 19) / 1000);
+        assert_eq!(receiver.window().bytes, 2 * 1_000_000 * 250 / 1000);
         // An RTT probe pauses the pace (the window is at its minimum then).
         receiver.rtt_confirmed_ms = 0;
         receiver.refresh(50 + 6 * 100 + 10_000);

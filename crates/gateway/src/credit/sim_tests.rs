@@ -63,6 +63,8 @@ struct Frame {
     first_seq: u64,
     sizes: Vec<u64>,
     echo: u64,
+    /// The sender had nothing more to send when it sent this frame.
+    app_limited: bool,
 }
 
 /// What a scenario did, to check that it exercised something.
@@ -183,6 +185,9 @@ impl Sim {
                 self.durable_queue.push_back((ready_ms, through));
             }
             self.receiver.on_echo(frame.echo, self.now_ms);
+            if frame.app_limited {
+                self.receiver.on_app_limited();
+            }
         }
     }
 
@@ -327,8 +332,13 @@ impl Sim {
         }
         // A heartbeat (empty frame) on the tick, or promptly when there is a new ping to echo.
         if tick || self.sender.echo() != self.echo_last_sent {
-            let mut empty =
-                Some(Frame { arrive_ms: 0, first_seq: self.sender.sent().events, sizes: Vec::new(), echo: 0 });
+            let mut empty = Some(Frame {
+                arrive_ms: 0,
+                first_seq: self.sender.sent().events,
+                sizes: Vec::new(),
+                echo: 0,
+                app_limited: false,
+            });
             self.flush(&mut empty);
         }
     }
@@ -349,7 +359,13 @@ impl Sim {
         self.sent_sizes.push(size);
         self.stats.events_sent += 1;
         check_lane_shares(&self.sender, &lanes, lane, window, idle);
-        let frame = frame.get_or_insert_with(|| Frame { arrive_ms: 0, first_seq: seq, sizes: Vec::new(), echo: 0 });
+        let frame = frame.get_or_insert_with(|| Frame {
+            arrive_ms: 0,
+            first_seq: seq,
+            sizes: Vec::new(),
+            echo: 0,
+            app_limited: false,
+        });
         frame.sizes.push(size);
     }
 
@@ -362,6 +378,7 @@ impl Sim {
         self.link_free_ms = start_ms + bytes.div_ceil(self.scenario.link_bytes_per_ms);
         frame.arrive_ms = self.link_free_ms + self.scenario.one_way_ms;
         frame.echo = self.sender.echo();
+        frame.app_limited = self.backlog.iter().all(VecDeque::is_empty);
         self.echo_last_sent = frame.echo;
         self.pipe.push_back(frame);
     }
@@ -761,6 +778,33 @@ fn window_stays_within_its_bounds_on_a_clean_link() {
     assert!(bandwidth <= 20_000, "bandwidth {bandwidth} B/s");
     let rtt_ms = sim.receiver.rtt_ms().expect("rtt measured");
     assert!((50..=52).contains(&rtt_ms), "rtt {rtt_ms} ms");
+}
+
+#[test]
+fn a_trickle_after_a_burst_keeps_the_links_rate_for_the_next_burst() {
+    // 1 MB/s, 50 ms round trip: a full backlog for 10 s, then one event
+    // per 20 ms for 5 s (app-limited: the sender has nothing more).
+    let bounds = WindowBounds { min: Amount::new(4, 4000), max: Amount::new(100_000, 10_000_000) };
+    let mut sim = clean_link(1000, 25, bounds);
+    run_full(&mut sim, 10_000, 10_000);
+    let busy = sim.receiver.bandwidth_bytes_per_s().expect("bandwidth measured");
+    let busy_pace = sim.receiver.pace_bytes();
+    assert!(busy >= 900_000 && busy_pace > 0, "bandwidth {busy} B/s, pace {busy_pace}");
+    let mut produce_at_ms = sim.now_ms;
+    while sim.now_ms < 15_000 {
+        if sim.now_ms >= produce_at_ms {
+            sim.backlog[0].push_back(200);
+            produce_at_ms += 20;
+        }
+        sim.step(false, 1);
+    }
+    // The trickle (10 KB/s) did not become the estimate, nor shrink the pace ...
+    let after = sim.receiver.bandwidth_bytes_per_s().expect("bandwidth measured");
+    assert!(after >= busy * 9 / 10, "bandwidth {busy} B/s before the trickle, {after} B/s after");
+    assert!(sim.receiver.pace_bytes() >= busy_pace * 9 / 10, "pace {busy_pace} then {}", sim.receiver.pace_bytes());
+    // ... so the next burst has the link's rate from its first second.
+    let (_, delivered) = run_full(&mut sim, 16_000, 15_000);
+    assert!(delivered >= 850_000, "delivered {delivered} bytes in the burst's first second");
 }
 
 /// The p99 of the timed lane's send → arrival latencies after `settle_ms`,
