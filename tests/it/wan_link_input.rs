@@ -64,7 +64,9 @@ fn replicated(stream: &str, version: u64, origin_site: &str) -> v1::ReplicatedEv
 }
 
 fn batch(first_seq: u64, events: Vec<v1::ReplicatedEvent>) -> v1::LinkFrame {
-    v1::LinkFrame { kind: Some(Frame::Batch(v1::LinkBatch { first_seq, lane: 0, events, echo: 0, app_limited: false })) }
+    v1::LinkFrame {
+        kind: Some(Frame::Batch(v1::LinkBatch { first_seq, lane: 0, events, echo: 0, app_limited: false })),
+    }
 }
 
 impl RawLink {

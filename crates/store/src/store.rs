@@ -60,6 +60,15 @@ pub struct StoreConfig {
     /// `tail_events_max`, which also bounds the log replay on the next
     /// open) and is flushed on close.
     pub index_flush_interval: Option<Duration>,
+    /// ...or once the site has been quiet this long: the tail holds at
+    /// least an eighth of `index_flush_events` changes (16,384 by default)
+    /// and fewer than a 64th of that (256) came on top in that time. A site
+    /// that went quiet after a burst then persists its index (a shorter
+    /// replay on the next open) and gives the tail's memory back. A steady
+    /// writer below 256 changes a spell flushes at most once per 64
+    /// spells (16,384 changes a flush), one above it never this way: few
+    /// small tables either way.
+    pub index_idle_flush: Option<Duration>,
 }
 
 impl Default for StoreConfig {
@@ -70,6 +79,7 @@ impl Default for StoreConfig {
             tail_events_max: 229_376,
             index_flush_events: 131_072,
             index_flush_interval: None,
+            index_idle_flush: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -258,6 +268,12 @@ pub struct OpenReport {
     /// Why the index was rebuilt from the start, if it was.
     pub rebuilt: Option<String>,
 }
+
+/// The quiet flush needs `index_flush_events / IDLE_FLUSH_TAIL_DIVISOR`
+/// changes in the tail, and a spell in which fewer than that
+/// `/ IDLE_FLUSH_GROWTH_DIVISOR` came on top.
+const IDLE_FLUSH_TAIL_DIVISOR: usize = 8;
+const IDLE_FLUSH_GROWTH_DIVISOR: usize = 64;
 
 /// Events read per step when replaying the log.
 const REPLAY_BATCH: usize = 4096;
@@ -1333,12 +1349,18 @@ impl Shared {
     }
 
     /// Flushes the tail when it holds `index_flush_events` changes, when
-    /// the sequencer waits for room in it, and every `index_flush_interval`
-    /// if one is set.
+    /// the sequencer waits for room in it, every `index_flush_interval` if
+    /// one is set, and when the site went quiet (`index_idle_flush`).
     fn run_indexer(&self) {
         let mut last_flush = Instant::now();
         // The last flush found nothing durable to write.
         let mut found_nothing = false;
+        // The unflushed count at the start of the current quiet spell, and
+        // when that started: a spell lasts while fewer than `quiet_growth`
+        // changes come on top.
+        let (mut seen, mut seen_since) = (0usize, Instant::now());
+        let idle_min = (self.config.index_flush_events / IDLE_FLUSH_TAIL_DIVISOR).max(1);
+        let quiet_growth = (idle_min / IDLE_FLUSH_GROWTH_DIVISOR).max(1);
         loop {
             {
                 let mut inner = lock(&self.inner);
@@ -1346,10 +1368,21 @@ impl Shared {
                     if inner.closing {
                         return;
                     }
+                    let unflushed = inner.tail.unflushed();
+                    if unflushed < seen || unflushed - seen >= quiet_growth {
+                        (seen, seen_since) = (unflushed, Instant::now());
+                    }
                     let interval = self.config.index_flush_interval;
-                    let due = inner.tail.unflushed() >= self.config.index_flush_events
+                    // How long until the tail counts as quiet, if it is large enough to flush then.
+                    let idle_in = self
+                        .config
+                        .index_idle_flush
+                        .filter(|_| unflushed >= idle_min)
+                        .map(|after| after.saturating_sub(seen_since.elapsed()));
+                    let due = unflushed >= self.config.index_flush_events
                         || inner.waiting_for_tail
-                        || interval.is_some_and(|interval| last_flush.elapsed() >= interval);
+                        || interval.is_some_and(|interval| last_flush.elapsed() >= interval)
+                        || idle_in == Some(Duration::ZERO);
                     if due && !found_nothing {
                         break;
                     }
@@ -1358,8 +1391,8 @@ impl Shared {
                     let wait = if found_nothing {
                         INDEXER_DURABLE_RECHECK
                     } else {
-                        interval
-                            .map_or(INDEXER_RECHECK, |i| i.saturating_sub(last_flush.elapsed()).min(INDEXER_RECHECK))
+                        let timed = interval.map(|i| i.saturating_sub(last_flush.elapsed()));
+                        [timed, idle_in].into_iter().flatten().fold(INDEXER_RECHECK, Duration::min)
                     };
                     let _ = self.flush_wanted.wait_for(&mut inner, wait);
                     found_nothing = false;

@@ -278,6 +278,30 @@ fn the_tail_never_holds_more_than_its_bound() {
 /// event a second) must not flush its index on a timer: every flush leaves
 /// tables that fjall never merges, one more set a flush, without end.
 #[test]
+fn a_site_that_goes_quiet_after_a_burst_flushes_its_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    // An eighth of 1024 changes (128) is enough for the quiet flush.
+    let config = StoreConfig {
+        index_flush_events: 1024,
+        index_idle_flush: Some(std::time::Duration::from_millis(50)),
+        ..StoreConfig::default()
+    };
+    let store = Store::open(dir.path(), config).unwrap();
+    let tables_at_open = store.index_memory().tables;
+    let events = (1..=200u128).map(|id| event(id, "burst")).collect();
+    store.append(&name("s.burst"), ExpectedVersion::Any, events).unwrap();
+    // Far fewer changes than a full flush: only the quiet flush empties the tail.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.index_tail() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(store.index_tail(), 0, "the tail was flushed once the site went quiet");
+    assert!(store.index_memory().tables > tables_at_open, "the flush wrote the index's tables");
+    let read = store.read_stream(&name("s.burst"), StreamFrom::Start, Direction::Forward, 1000, 0).unwrap();
+    assert_eq!(read.len(), 200, "served from the index");
+}
+
+#[test]
 fn a_trickle_of_writes_waits_in_the_tail_and_leaves_no_index_tables() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
