@@ -882,7 +882,10 @@ impl RouteTask {
     /// Reads ahead for every lane that wants it, a bounded number of reads
     /// per call; true if some lane wants to read more at once.
     async fn refill(&mut self) -> Result<bool, String> {
-        const READS_PER_CALL: usize = 8;
+        // One read per lane and call: a lane's new event (a critical one)
+        // then waits for at most one read of another lane, not for eight;
+        // the pump calls again at once while a lane wants more.
+        const READS_PER_CALL: usize = 1;
         let history = Arc::clone(&self.context.policies.borrow());
         let acked: Vec<u64> = self.lanes.iter().map(Lane::acked_pos).collect();
         for i in (0..self.lanes.len()).cycle().take(self.lanes.len() * READS_PER_CALL) {
