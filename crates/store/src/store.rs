@@ -361,8 +361,22 @@ impl Store {
         let dir = dir.as_ref().to_path_buf();
         let log = Log::open(dir.join("log"), config.log.clone())?;
         let index_path = dir.join("index");
-        let index = Index::open(&index_path, config.index_cache_bytes)
-            .map_err(|message| StoreOpenError::Index { path: index_path.clone(), message })?;
+        let index = match Index::open(&index_path, config.index_cache_bytes) {
+            Ok(index) => index,
+            // A store killed while it first made its index (its log still
+            // empty) can leave it half made: fjall's version file present
+            // but empty. The index holds nothing the log does not, and the
+            // log holds nothing: it is made again.
+            Err(_) if log.start_position() == 0 && log.end_position() == 0 => {
+                std::fs::remove_dir_all(&index_path).map_err(|e| StoreOpenError::Index {
+                    path: index_path.clone(),
+                    message: format!("cannot remove the half-made index of an empty store: {e}"),
+                })?;
+                Index::open(&index_path, config.index_cache_bytes)
+                    .map_err(|message| StoreOpenError::Index { path: index_path.clone(), message })?
+            }
+            Err(message) => return Err(StoreOpenError::Index { path: index_path.clone(), message }),
+        };
         let index_error = |message: String| StoreOpenError::Index { path: index_path.clone(), message };
         let mut report = OpenReport { checkpoint: index.checkpoint().map_err(index_error)?, ..OpenReport::default() };
         let (start, end) = (log.start_position(), log.end_position());

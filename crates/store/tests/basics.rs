@@ -277,6 +277,26 @@ fn the_tail_never_holds_more_than_its_bound() {
 /// A site that writes a trickle (a gateway's lease renewals, about one
 /// event a second) must not flush its index on a timer: every flush leaves
 /// tables that fjall never merges, one more set a flush, without end.
+/// Found by the checkpoint crash test: a child killed within milliseconds
+/// of its first open left `index/version` empty, and every later open failed.
+#[test]
+fn an_empty_store_killed_while_making_its_index_opens_again() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path(), StoreConfig::default()).unwrap().close().unwrap();
+    let version = dir.path().join("index").join("version");
+    std::fs::write(&version, b"").unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).expect("the half-made index is made again");
+    store.append(&name("s.after"), ExpectedVersion::NoStream, vec![event(1, "x")]).unwrap();
+    store.close().unwrap();
+    drop(store);
+    // With events in the log, a broken index is an error that names it, not a silent reset.
+    std::fs::write(&version, b"").unwrap();
+    let Err(error) = Store::open(dir.path(), StoreConfig::default()) else {
+        panic!("a broken index with a log is an error");
+    };
+    assert!(error.to_string().contains("index"), "{error}");
+}
+
 #[test]
 fn a_site_that_goes_quiet_after_a_burst_flushes_its_tail() {
     let dir = tempfile::tempdir().unwrap();
