@@ -867,8 +867,12 @@ impl RouteTask {
             self.metrics.count(&topic, |c| c.sent += n);
         }
         self.metrics.session_used_events.store(credit.sent().events, Ordering::Relaxed);
-        // Nothing else to send: no lane has an event read ahead or more to read.
-        let app_limited = self.lanes.iter().all(|l| l.buffer.is_empty() && (l.at_end || l.blocked));
+        // Nothing else to send: no lane has an event read ahead or more to
+        // read. (`at_end` alone is not enough: a trickle's event is read and
+        // sent before the lane ever finds the end, so it would never be set.)
+        let end = *self.context.end.borrow();
+        let app_limited =
+            self.lanes.iter().all(|l| l.buffer.is_empty() && (l.at_end || l.blocked || l.read_pos >= end));
         let batch = v1::LinkBatch {
             first_seq,
             lane: u32::try_from(lane_index).expect("at most LANES_MAX lanes"),
@@ -1131,6 +1135,35 @@ mod tests {
         assert_eq!(m.stalls[usize::from(stall::LANE_CAP)].load(Ordering::Relaxed), 1);
         assert_eq!(m.stalls[usize::from(stall::NONE)].load(Ordering::Relaxed), 0, "moving is not a stall");
         assert_eq!(m.stall.load(Ordering::Relaxed), stall::NONE);
+    }
+
+    #[test]
+    fn a_frame_says_app_limited_once_every_lane_has_read_to_the_end_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history = PolicyHistory::default();
+        history.push(0, PolicySet { rules: vec![policy("critical.>", "replicate", Some("critical"))] });
+        let mut task = task(dir.path(), history.clone());
+        let shares = task.route.lanes.iter().map(|l| LaneShare { reserved_permille: l.reserved_permille, cap: l.cap });
+        let mut credit = CreditSender::new(shares.collect());
+        let window = Amount::new(100, 1 << 20);
+        let grant = Grant { up_to: window, durable: Amount::ZERO, window, ping: 1, ping_sent_ms: 0, pace_bytes: 0 };
+        credit.on_grant(&grant).unwrap();
+        let app_limited = |frame: v1::LinkFrame| match frame.kind {
+            Some(v1::link_frame::Kind::Batch(batch)) => (batch.events.len(), batch.app_limited),
+            other => panic!("not a batch: {other:?}"),
+        };
+        // The log ends at 100 (the task's end). The critical lane read its
+        // event at 98 and sends it; the bulk lane has only read to 50.
+        task.take(0, vec![event("critical.a", 0, 98, "{}")], &history, &[0, 0]);
+        task.lanes[1].read_pos = 50;
+        assert_eq!(app_limited(task.build_batch(&mut credit, 0)), (1, false), "the bulk lane has more to read");
+        // A trickle: the event at 99 is read and sent at once, before
+        // either lane ever found the end (`at_end` stays false) ...
+        task.take(0, vec![event("critical.a", 1, 99, "{}")], &history, &[0, 0]);
+        task.lanes[1].read_pos = 100;
+        assert!(!task.lanes[0].at_end && !task.lanes[1].at_end);
+        // ... and still, nothing more is there to send.
+        assert_eq!(app_limited(task.build_batch(&mut credit, 0)), (1, true));
     }
 
     #[test]
