@@ -274,9 +274,6 @@ fn the_tail_never_holds_more_than_its_bound() {
     assert_eq!(events.len(), 20 * 30 + 151);
 }
 
-/// A site that writes a trickle (a gateway's lease renewals, about one
-/// event a second) must not flush its index on a timer: every flush leaves
-/// tables that fjall never merges, one more set a flush, without end.
 /// Found by the checkpoint crash test: a child killed within milliseconds
 /// of its first open left `index/version` empty, and every later open failed.
 #[test]
@@ -321,6 +318,9 @@ fn a_site_that_goes_quiet_after_a_burst_flushes_its_tail() {
     assert_eq!(read.len(), 200, "served from the index");
 }
 
+/// A site that writes a trickle (a gateway's lease renewals, about one
+/// event a second) must not flush its index on a timer: every flush leaves
+/// tables that fjall never merges, one more set a flush, without end.
 #[test]
 fn a_trickle_of_writes_waits_in_the_tail_and_leaves_no_index_tables() {
     let dir = tempfile::tempdir().unwrap();

@@ -94,9 +94,9 @@
 //! estimate: it measured the sender, not the link (BBR's rule), and a
 //! trickle after a burst would otherwise shrink the estimate, the window and
 //! the pace to the trickle, and the next burst would start from there.
-//! Credit travels a longer loop than the
-//! path's round trip: the receiver acts on whole frames and acknowledges
-//! them once durable, so the *cycle* is `RTT + frame time + service time`,
+//! Credit travels a longer loop than the path's round trip: the receiver
+//! acts on whole frames and acknowledges them once durable, so the *cycle*
+//! is `RTT + frame time + service time`,
 //! where frame time is the largest of the last [`SERVICE_SAMPLES`] frames
 //! divided by the bandwidth and service time the largest of the last
 //! [`SERVICE_SAMPLES`] arrival-to-durable times the driver reports
@@ -132,8 +132,9 @@
 //! writes instead of the largest (one slow write must not flood the link's
 //! queue for the next 32 frames). The pace assumes the driver grants at
 //! every durable step (the gateway's receiver does), so a byte stops
-//! counting as in flight one cycle after it was sent. It is 0 before the cycle is measured, during an RTT probe, and
-//! in startup: until the bandwidth has not grown by a quarter for three
+//! counting as in flight one cycle after it was sent. It is 0 before the
+//! cycle is measured, during an RTT probe, and in startup: until the
+//! bandwidth has not grown by a quarter for three
 //! delivery intervals in a row (BBR's full-pipe test), the window's gain
 //! finds the link's rate fastest. Beyond it a lane may
 //! send only inside its own reservation: an event that needs the pool waits
