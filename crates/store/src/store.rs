@@ -498,6 +498,35 @@ impl Store {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, WriteError> {
+        match self.shared.execute(self.system_append(stream, expected, events)?)? {
+            Outcome::Append(result) => Ok(result),
+            other => unreachable!("append answered {other:?}"),
+        }
+    }
+
+    /// [`Store::append_system`] for async callers, as
+    /// [`Store::append_async`] is for [`Store::append`].
+    pub fn append_system_async(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> PendingWrite<AppendResult> {
+        let request = self.system_append(stream, expected, events);
+        PendingWrite::new(Arc::clone(&self.shared), request, |outcome| match outcome {
+            Outcome::Append(result) => result,
+            other => unreachable!("append answered {other:?}"),
+        })
+    }
+
+    /// The request of an append to a node-owned system stream, or why it
+    /// is refused.
+    fn system_append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Request, WriteError> {
         let name = stream.as_str();
         if !stream.is_system() || name.starts_with("$sys.") || name.starts_with(SNAPSHOTS_PREFIX) {
             return Err(WriteError::InvalidArgument(format!(
@@ -505,10 +534,7 @@ impl Store {
             )));
         }
         self.shared.check_append(&events)?;
-        match self.shared.execute(Request::Append { stream: stream.clone(), expected, events })? {
-            Outcome::Append(result) => Ok(result),
-            other => unreachable!("append answered {other:?}"),
-        }
+        Ok(Request::Append { stream: stream.clone(), expected, events })
     }
 
     /// Writes `event` at version `index` of `stream` iff `index` equals the

@@ -14,13 +14,17 @@
 //! - Both together hold at most `buffer_events` entries and
 //!   [`GROUP_BUFFER_BYTES_MAX`] payload bytes (reading stops beyond), so a
 //!   group's memory does not grow with its backlog, which stays in the log.
+//!   The log is read a page at a time, on the blocking pool and beside the
+//!   engine's work: acks and deliveries go on while the next page is read.
+//!   A page read before a filter change is dropped and read again.
 //!
 //! # Checkpoints
 //!
 //! A checkpoint records the low-water mark, the ranges settled above it,
 //! and the replay's progress. It is started after `checkpoint_after`
 //! settled events or `checkpoint_interval_ms`, whichever comes first, and
-//! written beside the engine's work, one at a time; while one is written
+//! written beside the engine's work (an async append: no thread waits for
+//! it), one at a time; while one is written
 //! and the next is already due, the engine takes no more commands. A
 //! restart resumes from the last checkpoint written, so it redelivers at
 //! most what was in flight plus what settled after the checkpoint before
@@ -51,6 +55,7 @@ use edgebus_store::{AllFilter, Direction, ReadError, StreamFrom};
 use edgebus_types::limits::{GROUP_BUFFER_BYTES_MAX, GROUP_BUFFER_EVENTS_MAX, SUBSCRIPTION_PAGE_EVENTS_MAX};
 use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinError;
 use tokio::time::Instant;
 
 use super::def::{
@@ -299,6 +304,9 @@ pub struct Engine {
     parked: u64,
     /// After a failed read, no read before this.
     read_retry_at: Option<Instant>,
+    /// Counts filter changes: a page read with an older filter is dropped
+    /// and read again.
+    filter_generation: u64,
 }
 
 /// What a group's engine starts from.
@@ -397,6 +405,7 @@ impl Engine {
             totals: Totals::default(),
             parked: parked_count.saturating_sub(record.parked_base),
             read_retry_at: None,
+            filter_generation: 0,
             record,
         }
     }
@@ -429,8 +438,14 @@ impl Engine {
         // At most one checkpoint is written at a time, beside the engine's
         // work; while it is written and another is due, no command is taken.
         let mut writing: Option<CheckpointWrite> = None;
+        // At most one page of the log is read at a time, also beside the
+        // engine's work: acks and deliveries go on while it is read.
+        let mut reading: Option<MainRead> = None;
         loop {
-            self.fill().await;
+            self.fill_replay().await;
+            if reading.is_none() && self.wants_main_page() {
+                reading = Some(self.start_main_read());
+            }
             self.dispatch();
             if writing.is_none() && self.checkpoint_due(false) {
                 writing = Some(self.start_checkpoint());
@@ -464,6 +479,10 @@ impl Engine {
                 written = wait_for(&mut writing), if writing.is_some() => {
                     writing = None;
                     self.checkpoint_written(written);
+                }
+                (generation, page) = wait_for_page(&mut reading), if reading.is_some() => {
+                    reading = None;
+                    self.main_page_read(generation, page);
                 }
                 received = live.recv(), if self.end_of_log => {
                     if let Err(broadcast::error::RecvError::Closed) = received {
@@ -827,8 +846,8 @@ impl Engine {
         }
     }
 
-    /// Reads matching events while the buffer has room.
-    async fn fill(&mut self) {
+    /// Reads parked events being replayed while the buffer has room.
+    async fn fill_replay(&mut self) {
         if self.read_retry_at.is_some() {
             return;
         }
@@ -837,11 +856,11 @@ impl Engine {
                 return;
             }
         }
-        while !self.end_of_log && self.has_room() && self.worth_reading() {
-            if !self.read_main().await {
-                return;
-            }
-        }
+    }
+
+    /// Whether to read the next page of the log now.
+    fn wants_main_page(&self) -> bool {
+        self.read_retry_at.is_none() && !self.end_of_log && self.has_room() && self.worth_reading()
     }
 
     fn read_failed(&mut self, what: &str, error: &str) {
@@ -849,16 +868,14 @@ impl Engine {
         self.read_retry_at = Some(Instant::now() + Duration::from_secs(1));
     }
 
-    /// One page from the log; false on failure.
-    async fn read_main(&mut self) -> bool {
+    /// Starts reading the next page of the log, on the blocking pool.
+    fn start_main_read(&self) -> MainRead {
         let room = self.buffer_events_max() - (self.main.len() + self.replay.len());
         let limit = room.clamp(1, SUBSCRIPTION_PAGE_EVENTS_MAX);
         let store = Arc::clone(&self.state.store);
         let (from, filter, predicate_filter) = (self.read_next, self.all_filter.clone(), Arc::clone(&self.filter));
         let read = tokio::task::spawn_blocking(move || {
             let slice = store.read_all(from, Direction::Forward, limit, &filter)?;
-            let next = slice.next_position;
-            let end = slice.end_of_log;
             let events: Vec<RecordedEvent> = slice
                 .events
                 .into_iter()
@@ -867,10 +884,18 @@ impl Engine {
                     Some(p) => p.evaluate(e) == Evaluation::Match,
                 })
                 .collect();
-            Ok::<_, ReadError>((events, next, end))
-        })
-        .await;
-        let (events, next, end) = match read {
+            Ok(MainPage { events, next: slice.next_position, end: slice.end_of_log })
+        });
+        (self.filter_generation, read)
+    }
+
+    /// A page of the log was read (with the filter of `generation`): its
+    /// events join the buffer.
+    fn main_page_read(&mut self, generation: u64, page: Result<Result<MainPage, ReadError>, JoinError>) {
+        if generation != self.filter_generation {
+            return; // read with a filter since changed: read again
+        }
+        let MainPage { events, next, end } = match page {
             Ok(Ok(page)) => page,
             Ok(Err(ReadError::Log(edgebus_log::ReadError::Removed { start: first_position, .. }))) => {
                 // The log no longer holds the group's next events: what was
@@ -880,16 +905,10 @@ impl Engine {
                     self.record.name, self.read_next
                 );
                 self.read_next = first_position;
-                return true;
+                return;
             }
-            Ok(Err(e)) => {
-                self.read_failed("the log", &e.to_string());
-                return false;
-            }
-            Err(e) => {
-                self.read_failed("the log", &e.to_string());
-                return false;
-            }
+            Ok(Err(e)) => return self.read_failed("the log", &e.to_string()),
+            Err(e) => return self.read_failed("the log", &e.to_string()),
         };
         for event in events {
             if event.position < self.read_next {
@@ -918,7 +937,6 @@ impl Engine {
         let read_next = self.read_next;
         self.restored_settled.retain(|&(_, end)| end > read_next);
         self.end_of_log = end;
-        true
     }
 
     /// One page of the parked stream being replayed; false on failure.
@@ -1122,13 +1140,14 @@ impl Engine {
             metadata: Vec::new(),
             timestamp_ms: now_ms(),
         };
-        let store = Arc::clone(&self.state.store);
-        let stream = self.checkpoint_stream.clone();
         let settled = std::mem::take(&mut self.settled_since_checkpoint);
         self.last_checkpoint = Instant::now();
-        tokio::task::spawn_blocking(move || match store.append_system(&stream, ExpectedVersion::Any, vec![event]) {
-            Ok(_) => Ok(record.position),
-            Err(e) => Err(format!("{e} ({settled} settled events wait for the next checkpoint)")),
+        let write = self.state.store.append_system_async(&self.checkpoint_stream, ExpectedVersion::Any, vec![event]);
+        tokio::spawn(async move {
+            match write.await {
+                Ok(_) => Ok(record.position),
+                Err(e) => Err(format!("{e} ({settled} settled events wait for the next checkpoint)")),
+            }
         })
     }
 
@@ -1142,6 +1161,7 @@ impl Engine {
     }
 
     fn update(&mut self, record: GroupRecord, filter: EventFilter) {
+        self.filter_generation += 1;
         let strategy_changed = record.settings.strategy != self.record.settings.strategy;
         self.all_filter = all_filter(&filter);
         self.filter = Arc::new(filter);
@@ -1244,6 +1264,26 @@ pub fn original_event(parked: &RecordedEvent) -> Option<RecordedEvent> {
 
 /// A checkpoint being written: the position it records, or why it failed.
 type CheckpointWrite = tokio::task::JoinHandle<Result<u64, String>>;
+
+/// One page of the log read for the group: matching events, the position
+/// to read from next, whether it reached the end of the log.
+#[derive(Debug)]
+struct MainPage {
+    events: Vec<RecordedEvent>,
+    next: Option<u64>,
+    end: bool,
+}
+
+/// A page being read: the filter generation it is read with, and the read.
+type MainRead = (u64, tokio::task::JoinHandle<Result<MainPage, ReadError>>);
+
+/// The end of the read in `reading` (which must be some).
+async fn wait_for_page(reading: &mut Option<MainRead>) -> (u64, Result<Result<MainPage, ReadError>, JoinError>) {
+    match reading.as_mut() {
+        Some((generation, read)) => (*generation, read.await),
+        None => std::future::pending().await,
+    }
+}
 
 /// The end of the write in `writing` (which must be some).
 async fn wait_for(writing: &mut Option<CheckpointWrite>) -> Result<u64, String> {
