@@ -24,14 +24,13 @@
 //! and the replay's progress. It is started after `checkpoint_after`
 //! settled events or `checkpoint_interval_ms`, whichever comes first, and
 //! written beside the engine's work (an async append: no thread waits for
-//! it), one at a time; while one is written
-//! and the next is already due, the engine takes no more commands. A
-//! restart resumes from the last checkpoint written, so it redelivers at
-//! most what was in flight plus what settled after the checkpoint before
-//! it was started: fewer than twice `checkpoint_after` plus two ack
-//! commands' worth (a command is one ack message, or acks of one consumer
-//! that arrived back to back, merged up to
-//! [`GROUP_ACK_POSITIONS_MAX`](edgebus_types::limits::GROUP_ACK_POSITIONS_MAX)
+//! it), one at a time; while one is written and the next is already due,
+//! the engine takes no more commands. A restart resumes from the last
+//! checkpoint written, so it redelivers at most what was in flight plus
+//! what settled after the checkpoint before it was started: fewer than
+//! twice `checkpoint_after` plus two ack commands' worth (a command is one
+//! ack message, or acks of one consumer that arrived back to back, merged
+//! up to [`GROUP_ACK_POSITIONS_MAX`](edgebus_types::limits::GROUP_ACK_POSITIONS_MAX)
 //! positions). At least once, never more than that window. The node's
 //! stop writes a last checkpoint.
 //!
@@ -442,9 +441,13 @@ impl Engine {
         // engine's work: acks and deliveries go on while it is read.
         let mut reading: Option<MainRead> = None;
         loop {
-            self.fill_replay().await;
-            if reading.is_none() && self.wants_main_page() {
-                reading = Some(self.start_main_read());
+            // A page being read has its room in the buffer kept: nothing
+            // else is read meanwhile.
+            if reading.is_none() {
+                self.fill_replay().await;
+                if self.wants_main_page() {
+                    reading = Some(self.start_main_read());
+                }
             }
             self.dispatch();
             if writing.is_none() && self.checkpoint_due(false) {
