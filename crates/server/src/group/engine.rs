@@ -1310,6 +1310,63 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::group::def::FilterDef;
+
+    fn event() -> NewEvent {
+        NewEvent {
+            id: EventId::generate(),
+            event_type: EventType::new("t").unwrap(),
+            data: b"{}".to_vec(),
+            metadata: Vec::new(),
+            timestamp_ms: 0,
+        }
+    }
+
+    /// A group on `x.>` whose filter changes to `y.>` while a page of the
+    /// log is being read: that page (read with the old filter) is dropped,
+    /// and the next read takes the new filter's events from the same place.
+    #[tokio::test]
+    async fn a_page_read_before_a_filter_change_is_dropped_and_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(edgebus_store::Store::open(dir.path(), edgebus_store::StoreConfig::default()).unwrap());
+        for stream in ["x.a", "y.b", "x.a", "y.b"] {
+            store.append(&StreamName::new(stream).unwrap(), ExpectedVersion::Any, vec![event()]).unwrap();
+        }
+        let live = crate::live::LiveFeed::start(Arc::clone(&store)).unwrap();
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let quotas = crate::quota::Quotas::new(Vec::new(), std::time::Instant::now()).unwrap();
+        let state = NodeState::new(Arc::clone(&store), live, stopping, &crate::limits::NodeLimits::default(), quotas);
+        let def = |pattern: &str| FilterDef { stream_pattern: Some(pattern.to_owned()), ..FilterDef::default() };
+        let record = |pattern: &str| GroupRecord {
+            name: "g".to_owned(),
+            filter: def(pattern),
+            settings: Settings::default(),
+            start_position: 0,
+            parked_base: 0,
+        };
+        let start = EngineStart {
+            record: record("x.>"),
+            generation: 0,
+            filter: def("x.>").compile().unwrap(),
+            checkpoint: None,
+            parked_count: 0,
+        };
+        let mut engine = Engine::new(state, start, mpsc::channel(1).1);
+        let streams = |engine: &Engine| engine.main.values().map(|e| e.stream.as_str().to_owned()).collect::<Vec<_>>();
+
+        let mut reading = Some(engine.start_main_read());
+        engine.update(record("y.>"), def("y.>").compile().unwrap());
+        let (generation, page) = wait_for_page(&mut reading).await;
+        engine.main_page_read(generation, page);
+        assert!(engine.main.is_empty(), "the old filter's page was taken: {:?}", streams(&engine));
+        assert_eq!(engine.read_next, 0, "reading goes on from where the dropped page started");
+
+        let mut reading = Some(engine.start_main_read());
+        let (generation, page) = wait_for_page(&mut reading).await;
+        engine.main_page_read(generation, page);
+        assert_eq!(streams(&engine), vec!["y.b", "y.b"]);
+        assert!(engine.end_of_log);
+    }
 
     #[test]
     fn ranges_answer_membership() {
