@@ -55,6 +55,13 @@ const FRAME_BYTES_MIN: u64 = 4 * 1024;
 /// bandwidth: a frame on the wire delays every other lane's next event by
 /// its transmission time.
 const FRAME_LINK_MS: u64 = 5;
+/// ...and at most this many while another lane has sent within
+/// [`LANE_ACTIVE_MS`]: that lane's next event (a critical one beside bulk)
+/// then waits behind a shorter frame. A lane alone keeps the longer frames,
+/// which cost less per byte.
+const FRAME_LINK_MS_SHARED: u64 = 2;
+/// A lane that sent within this many milliseconds counts as active.
+const LANE_ACTIVE_MS: u64 = 1000;
 /// Most per-stream sampling buckets remembered per lane; when full the
 /// memory is cleared (one extra event per stream may then be kept).
 const SAMPLE_STREAMS_MAX: usize = 65_536;
@@ -304,6 +311,8 @@ struct Lane {
     /// Policy outcomes below this position were counted already (a lane
     /// re-reads after a reconnect; nothing is counted twice).
     counted_to: u64,
+    /// When it last sent a frame (ms since the epoch; 0: never).
+    last_sent_ms: u64,
 }
 
 impl Lane {
@@ -428,6 +437,7 @@ async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mu
             read_ahead,
             at_end: false,
             counted_to: 0,
+            last_sent_ms: 0,
         })
         .collect::<Vec<_>>();
     let last_checkpoint = lanes.iter().map(|l| l.read_pos).collect();
@@ -810,7 +820,13 @@ impl RouteTask {
     }
 
     fn build_batch(&mut self, credit: &mut CreditSender, lane_index: usize) -> v1::LinkFrame {
+        let now = now_ms();
+        let shared = self.lanes.iter().any(|l| {
+            l.index != lane_index && l.last_sent_ms > 0 && now.saturating_sub(l.last_sent_ms) < LANE_ACTIVE_MS
+        });
+        let frame_link_ms = if shared { FRAME_LINK_MS_SHARED } else { FRAME_LINK_MS };
         let lane = &mut self.lanes[lane_index];
+        lane.last_sent_ms = now;
         let m = &self.metrics.lanes[lane_index];
         let first_seq = credit.sent().events;
         // A frame holds a fraction of the window. The receiver writes and
@@ -822,14 +838,13 @@ impl RouteTask {
         let window = credit.window();
         let by_link = match self.bandwidth {
             0 => FRAME_BYTES_TARGET,
-            bandwidth => bandwidth.saturating_mul(FRAME_LINK_MS) / 1000,
+            bandwidth => bandwidth.saturating_mul(frame_link_ms) / 1000,
         };
         let frame_bytes_max =
             (window.bytes / FRAME_WINDOW_DIVISOR).min(by_link).clamp(FRAME_BYTES_MIN, FRAME_BYTES_TARGET);
         let frame_events_max = (window.events / FRAME_WINDOW_DIVISOR).max(1);
         let mut events = Vec::new();
         let mut bytes = 0u64;
-        let now = now_ms();
         // Sent per topic, counted once per batch.
         let mut sent: Vec<(Arc<str>, u64)> = Vec::new();
         while let Some(item) = lane.buffer.front() {
@@ -1115,6 +1130,7 @@ mod tests {
                 read_ahead: Amount::new(4096, 1 << 22),
                 at_end: false,
                 counted_to: 0,
+                last_sent_ms: 0,
             })
             .collect();
         RouteTask { route, context, metrics, lanes, last_checkpoint: vec![0, 0], acked_at_checkpoint: 0, bandwidth: 0 }
@@ -1164,6 +1180,40 @@ mod tests {
         assert!(!task.lanes[0].at_end && !task.lanes[1].at_end);
         // ... and still, nothing more is there to send.
         assert_eq!(app_limited(task.build_batch(&mut credit, 0)), (1, true));
+    }
+
+    #[test]
+    fn frames_are_shorter_while_another_lane_is_active() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history = PolicyHistory::default();
+        let rules =
+            vec![policy("critical.>", "replicate", Some("critical")), policy("bulk.>", "replicate", Some("bulk"))];
+        history.push(0, PolicySet { rules });
+        let mut task = task(dir.path(), history.clone());
+        let shares = task.route.lanes.iter().map(|l| LaneShare { reserved_permille: l.reserved_permille, cap: l.cap });
+        let mut credit = CreditSender::new(shares.collect());
+        let window = Amount::new(10_000, 64 << 20);
+        let grant = Grant { up_to: window, durable: Amount::ZERO, window, ping: 1, ping_sent_ms: 0, pace_bytes: 0 };
+        credit.on_grant(&grant).unwrap();
+        // 10 MB/s: 5 ms of the link is 50,000 bytes, 2 ms 20,000.
+        task.bandwidth = 10_000_000;
+        let data = format!("{{\"p\":\"{}\"}}", "x".repeat(1000));
+        let bulk: Vec<_> = (0..200).map(|p| event("bulk.a", p, p, &data)).collect();
+        task.take(1, bulk, &history, &[0, 0]);
+        let bytes = |frame: v1::LinkFrame| match frame.kind {
+            Some(v1::link_frame::Kind::Batch(batch)) => batch.events.iter().map(|e| e.encoded_len()).sum::<usize>(),
+            other => panic!("not a batch: {other:?}"),
+        };
+        let alone = bytes(task.build_batch(&mut credit, 1));
+        assert!((45_000..=56_000).contains(&alone), "bulk alone: 5 ms frames, got {alone} bytes");
+        task.take(0, vec![event("critical.a", 0, 200, "{}")], &history, &[0, 0]);
+        bytes(task.build_batch(&mut credit, 0));
+        let beside = bytes(task.build_batch(&mut credit, 1));
+        assert!((15_000..=23_000).contains(&beside), "bulk beside critical: 2 ms frames, got {beside} bytes");
+        // Once the other lane has been quiet long enough, long frames again.
+        task.lanes[0].last_sent_ms = now_ms() - LANE_ACTIVE_MS;
+        let again = bytes(task.build_batch(&mut credit, 1));
+        assert!((45_000..=56_000).contains(&again), "bulk alone again: 5 ms frames, got {again} bytes");
     }
 
     #[test]
