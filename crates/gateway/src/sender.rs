@@ -1153,17 +1153,22 @@ mod tests {
         assert_eq!(m.stall.load(Ordering::Relaxed), stall::NONE);
     }
 
+    /// A sender with the task's lanes, granted `window` from sequence 0.
+    fn granted(task: &RouteTask, window: Amount) -> CreditSender {
+        let shares = task.route.lanes.iter().map(|l| LaneShare { reserved_permille: l.reserved_permille, cap: l.cap });
+        let mut credit = CreditSender::new(shares.collect());
+        let grant = Grant { up_to: window, durable: Amount::ZERO, window, ping: 1, ping_sent_ms: 0, pace_bytes: 0 };
+        credit.on_grant(&grant).unwrap();
+        credit
+    }
+
     #[test]
     fn a_frame_says_app_limited_once_every_lane_has_read_to_the_end_of_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let mut history = PolicyHistory::default();
         history.push(0, PolicySet { rules: vec![policy("critical.>", "replicate", Some("critical"))] });
         let mut task = task(dir.path(), history.clone());
-        let shares = task.route.lanes.iter().map(|l| LaneShare { reserved_permille: l.reserved_permille, cap: l.cap });
-        let mut credit = CreditSender::new(shares.collect());
-        let window = Amount::new(100, 1 << 20);
-        let grant = Grant { up_to: window, durable: Amount::ZERO, window, ping: 1, ping_sent_ms: 0, pace_bytes: 0 };
-        credit.on_grant(&grant).unwrap();
+        let mut credit = granted(&task, Amount::new(100, 1 << 20));
         let app_limited = |frame: v1::LinkFrame| match frame.kind {
             Some(v1::link_frame::Kind::Batch(batch)) => (batch.events.len(), batch.app_limited),
             other => panic!("not a batch: {other:?}"),
@@ -1190,11 +1195,7 @@ mod tests {
             vec![policy("critical.>", "replicate", Some("critical")), policy("bulk.>", "replicate", Some("bulk"))];
         history.push(0, PolicySet { rules });
         let mut task = task(dir.path(), history.clone());
-        let shares = task.route.lanes.iter().map(|l| LaneShare { reserved_permille: l.reserved_permille, cap: l.cap });
-        let mut credit = CreditSender::new(shares.collect());
-        let window = Amount::new(10_000, 64 << 20);
-        let grant = Grant { up_to: window, durable: Amount::ZERO, window, ping: 1, ping_sent_ms: 0, pace_bytes: 0 };
-        credit.on_grant(&grant).unwrap();
+        let mut credit = granted(&task, Amount::new(10_000, 64 << 20));
         // 10 MB/s: 5 ms of the link is 50,000 bytes, 2 ms 20,000.
         task.bandwidth = 10_000_000;
         let data = format!("{{\"p\":\"{}\"}}", "x".repeat(1000));
