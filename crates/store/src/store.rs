@@ -346,6 +346,15 @@ fn index_read(e: impl std::fmt::Display) -> ReadError {
     ReadError::Index(e.to_string())
 }
 
+/// The answer to an append request (the sequencer answers each request
+/// with its own kind of outcome).
+fn appended(outcome: Outcome) -> AppendResult {
+    match outcome {
+        Outcome::Append(result) => result,
+        other => unreachable!("append answered {other:?}"),
+    }
+}
+
 pub(crate) fn index_write(e: impl std::fmt::Display) -> WriteError {
     WriteError::Index(e.to_string())
 }
@@ -460,10 +469,7 @@ impl Store {
             return Err(WriteError::ReservedStream { stream: stream.clone() });
         }
         self.shared.check_append(&events)?;
-        match self.shared.execute(Request::Append { stream: stream.clone(), expected, events })? {
-            Outcome::Append(result) => Ok(result),
-            other => unreachable!("append answered {other:?}"),
-        }
+        Ok(appended(self.shared.execute(Request::Append { stream: stream.clone(), expected, events })?))
     }
 
     /// [`Store::append`] for async callers: the returned future queues the
@@ -480,10 +486,7 @@ impl Store {
         } else {
             self.shared.check_append(&events).map(|()| Request::Append { stream: stream.clone(), expected, events })
         };
-        PendingWrite::new(Arc::clone(&self.shared), request, |outcome| match outcome {
-            Outcome::Append(result) => result,
-            other => unreachable!("append answered {other:?}"),
-        })
+        PendingWrite::new(Arc::clone(&self.shared), request, appended)
     }
 
     /// Appends `events` to a system stream that the node owns (such as
@@ -498,10 +501,7 @@ impl Store {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, WriteError> {
-        match self.shared.execute(self.system_append(stream, expected, events)?)? {
-            Outcome::Append(result) => Ok(result),
-            other => unreachable!("append answered {other:?}"),
-        }
+        Ok(appended(self.shared.execute(self.system_append(stream, expected, events)?)?))
     }
 
     /// [`Store::append_system`] for async callers, as
@@ -513,10 +513,7 @@ impl Store {
         events: Vec<NewEvent>,
     ) -> PendingWrite<AppendResult> {
         let request = self.system_append(stream, expected, events);
-        PendingWrite::new(Arc::clone(&self.shared), request, |outcome| match outcome {
-            Outcome::Append(result) => result,
-            other => unreachable!("append answered {other:?}"),
-        })
+        PendingWrite::new(Arc::clone(&self.shared), request, appended)
     }
 
     /// The request of an append to a node-owned system stream, or why it
