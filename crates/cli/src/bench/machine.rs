@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -140,6 +140,82 @@ fn unescape_octal(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The window over which [`settle`] measures how busy the cores are, and
+/// the share of all cores it calls quiet.
+const QUIET_WINDOW: Duration = Duration::from_millis(200);
+const QUIET_BUSY_MAX: f64 = 0.25;
+
+/// What [`settle`] found before a measured cell.
+#[derive(Debug, Clone, Copy)]
+pub struct Settled {
+    /// How long the sync and the wait took.
+    pub waited: Duration,
+    /// The share of all cores busy over the last window (`None` where
+    /// `/proc/stat` cannot be read, which counts as quiet).
+    pub busy: Option<f64>,
+}
+
+impl Settled {
+    /// Whether the cores fell quiet before the wait ran out.
+    pub fn quiet(&self) -> bool {
+        self.busy.is_none_or(|busy| busy <= QUIET_BUSY_MAX)
+    }
+}
+
+/// Lets the machine settle before a measured cell, so that no system is
+/// billed for another's deferred work. It writes out the dirty pages of the
+/// filesystem under `dir`: a system that acknowledges before it fsyncs
+/// leaves its writes for the kernel to flush some 30 s later, which on ext4
+/// lands inside the next system's `fdatasync`s. Then it waits, up to
+/// `max_wait`, until the cores fall quiet (a compaction, a vacuum, an index
+/// catching up).
+pub fn settle(dir: &Path, max_wait: Duration) -> anyhow::Result<Settled> {
+    let begun = Instant::now();
+    sync_filesystem(dir)?;
+    loop {
+        let busy = busy_share(QUIET_WINDOW);
+        let settled = Settled { waited: begun.elapsed(), busy };
+        if settled.quiet() || settled.waited >= max_wait {
+            return Ok(settled);
+        }
+    }
+}
+
+/// `syncfs(2)` on the filesystem holding `dir`, through coreutils' `sync -f`
+/// (no `unsafe` here).
+fn sync_filesystem(dir: &Path) -> anyhow::Result<()> {
+    let output = Command::new("sync").arg("-f").arg(dir).output().context("cannot run `sync -f`")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "`sync -f {}` failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The share of all cores that were busy (neither idle nor waiting on I/O)
+/// over the next `window`, from `/proc/stat`.
+fn busy_share(window: Duration) -> Option<f64> {
+    let before = cpu_times(&std::fs::read_to_string("/proc/stat").ok()?)?;
+    std::thread::sleep(window);
+    let after = cpu_times(&std::fs::read_to_string("/proc/stat").ok()?)?;
+    let total = after.0.checked_sub(before.0)?;
+    let idle = after.1.checked_sub(before.1)?;
+    (total > 0).then(|| (total - idle.min(total)) as f64 / total as f64)
+}
+
+/// Total and idle (idle + iowait) jiffies from the `cpu` line of `/proc/stat`.
+fn cpu_times(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+    let fields: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>().ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]:
+    // guest time is already counted in user and nice.
+    let total = fields.iter().take(8).sum();
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total, idle))
+}
+
 /// The 1, 5 and 15 minute load averages from `/proc/loadavg`: other work on
 /// the machine makes `fdatasync` figures noisy, so reports print them.
 pub fn load_average() -> Option<[f64; 3]> {
@@ -175,6 +251,22 @@ pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_times_count_iowait_as_idle_and_guest_time_once() {
+        let stat = "cpu  100 5 50 800 40 3 2 0 70 0\ncpu0 50 2 25 400 20 1 1 0 35 0\nintr 1\n";
+        assert_eq!(cpu_times(stat), Some((1000, 840)));
+        assert_eq!(cpu_times("intr 1\n"), None);
+        assert_eq!(cpu_times("cpu  1 2 x\n"), None);
+    }
+
+    #[test]
+    fn settle_syncs_the_filesystem_and_reports_a_share() {
+        let dir = tempfile::tempdir().expect("a scratch dir");
+        let settled = settle(dir.path(), Duration::ZERO).expect("syncfs on a scratch dir");
+        assert!(settled.busy.is_some_and(|busy| (0.0..=1.0).contains(&busy)), "{settled:?}");
+        assert!(settle(&dir.path().join("missing"), Duration::ZERO).is_err());
+    }
 
     #[test]
     fn the_deepest_and_latest_mount_holds_a_path() {

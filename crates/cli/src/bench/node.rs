@@ -40,11 +40,11 @@ use anyhow::Context as _;
 use clap::Args;
 use edgebus_log::FsyncPolicy;
 
-use super::machine::{Filesystem, Machine, load_average, utc_now};
+use super::machine::{Filesystem, Machine, load_average, settle, utc_now};
 use drive::{CLIENTS_PER_CONNECTION, Target};
 use report::{
-    EndToEndRow, FanOutRow, PeerStatus, PublishRow, Report, System, add_ratios, check_targets, payload_label,
-    print_report, quantile_us,
+    EndToEndRow, FanOutRow, PeerStatus, PublishRow, Report, SettleTally, System, add_ratios, check_targets,
+    payload_label, print_report, quantile_us,
 };
 
 /// Arguments of `edgebus bench node`.
@@ -94,6 +94,9 @@ const FAN_OUT_PUBLISHERS: usize = 16;
 const FAN_OUT_EVENTS_FULL: u64 = 10_000;
 const FAN_OUT_EVENTS_QUICK: u64 = 2_000;
 const FAN_OUT_PAYLOAD_BYTES: usize = 100;
+/// How long the machine may take to fall quiet before a cell.
+const SETTLE_MAX_FULL: Duration = Duration::from_secs(5);
+const SETTLE_MAX_QUICK: Duration = Duration::from_secs(2);
 /// The fsync interval of "edgebus-relaxed": NATS's default sync interval.
 const RELAXED_FSYNC_INTERVAL: Duration = Duration::from_secs(120);
 
@@ -248,6 +251,25 @@ fn progress(message: std::fmt::Arguments<'_>) {
 }
 
 /// Runs `work` on the blocking pool (process starts and installs).
+/// Settles the machine before a cell (`machine::settle`), counts it, and
+/// says so when the cores did not fall quiet in time.
+async fn settle_before(dir: &Path, tally: &mut SettleTally) -> anyhow::Result<()> {
+    let dir = dir.to_owned();
+    let max_wait = Duration::from_secs_f64(tally.max_wait_s);
+    let settled = blocking(move || settle(&dir, max_wait)).await?;
+    tally.cells += 1;
+    tally.waited_s += settled.waited.as_secs_f64();
+    if !settled.quiet() {
+        tally.cells_busy += 1;
+        progress(format_args!(
+            "    (the cores were still {:.0} % busy after {:.1} s; measuring anyway)",
+            settled.busy.unwrap_or(1.0) * 100.0,
+            settled.waited.as_secs_f64()
+        ));
+    }
+    Ok(())
+}
+
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(work).await.context("a blocking task panicked")?
 }
@@ -265,6 +287,8 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         ));
     }
     let load_average_start = load_average();
+    let settle_max = if args.quick { SETTLE_MAX_QUICK } else { SETTLE_MAX_FULL };
+    let mut settle = SettleTally { max_wait_s: settle_max.as_secs_f64(), ..SettleTally::default() };
     let mut fleet = Fleet::default();
     let node_dir = dir.join("edgebus");
     let node = blocking(move || peers::start_edgebus(&node_dir, FsyncPolicy::Always)).await.context("edgebus serve")?;
@@ -305,6 +329,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
                     continue;
                 }
                 progress(format_args!("  {clients} clients, {}: {} ...", payload_label(payload_bytes), system.name()));
+                settle_before(dir, &mut settle).await?;
                 let tag = format!("n{clients}p{payload_bytes}");
                 let result = drive::publish_cell(target, clients, payload_bytes, warmup, window, &tag).await;
                 let result = match (result, target) {
@@ -338,6 +363,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
     let end_to_end_clients: &[usize] = if args.groups_only { &[] } else { &END_TO_END_CLIENTS };
     for &clients in end_to_end_clients {
         progress(format_args!("  end-to-end latency, {clients} publishers, 1 subscriber ..."));
+        settle_before(dir, &mut settle).await?;
         let tag = format!("n{clients}");
         let measured = drive::end_to_end(grpc, clients, END_TO_END_PAYLOAD_BYTES, warmup, window, &tag)
             .await
@@ -357,6 +383,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         None
     } else {
         progress(format_args!("  fan-out, {FAN_OUT_SUBSCRIBERS} subscribers, {fan_out_events} events ..."));
+        settle_before(dir, &mut settle).await?;
         let fan =
             drive::fan_out(grpc, FAN_OUT_SUBSCRIBERS, FAN_OUT_PUBLISHERS, fan_out_events, FAN_OUT_PAYLOAD_BYTES, "a")
                 .await
@@ -394,11 +421,13 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
                 "  group consumption, {consumers} consumers, {group_events} events: {} ...",
                 system.name()
             ));
+            settle_before(dir, &mut settle).await?;
             let row = groups::edgebus(system, addr, consumers, group_events, &tag).await;
             group_rows.push(row.with_context(|| format!("group consumption on {}", system.name()))?);
         }
         if let Some((system, addr)) = nats_target {
             progress(format_args!("  group consumption, {consumers} consumers: {} ...", system.name()));
+            settle_before(dir, &mut settle).await?;
             match groups::nats(system, addr, consumers, group_events, &tag).await {
                 Ok(row) => group_rows.push(row),
                 Err(error) => progress(format_args!("  peer {}: group consumption failed: {error:#}", system.name())),
@@ -422,6 +451,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         warmup_s: warmup.as_secs_f64(),
         window_s: window.as_secs_f64(),
         clients_per_connection: CLIENTS_PER_CONNECTION,
+        settle,
         durability,
         peers,
         publish: rows,

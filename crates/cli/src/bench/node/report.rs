@@ -337,6 +337,18 @@ pub struct FanOutRow {
     pub delivery_p99_us: Option<f64>,
 }
 
+/// What settling the machine before each cell cost (`machine::settle`).
+#[derive(Debug, Default, Serialize)]
+pub struct SettleTally {
+    /// The longest wait for quiet cores before one cell.
+    pub max_wait_s: f64,
+    pub cells: usize,
+    /// Cells that started with the cores still busy: the wait ran out.
+    pub cells_busy: usize,
+    /// Syncs and waits, in all.
+    pub waited_s: f64,
+}
+
 /// Everything one run measured; `--json` prints it as one object.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -350,6 +362,7 @@ pub struct Report {
     pub warmup_s: f64,
     pub window_s: f64,
     pub clients_per_connection: usize,
+    pub settle: SettleTally,
     /// What an acknowledgement means for each system that ran.
     pub durability: BTreeMap<System, String>,
     pub peers: Vec<PeerStatus>,
@@ -372,6 +385,12 @@ pub fn print_report(report: &Report) {
          warm-up per cell; edgebus and nats: one connection per {} clients, postgres: one per client (one INSERT \
          per transaction, each client on its own stream); clients and servers share the machine's cores",
         report.window_s, report.warmup_s, report.clients_per_connection
+    );
+    let settle = &report.settle;
+    println!(
+        "settling:   before each cell, the scratch filesystem is synced (no system flushes another's writes) and \
+         the cores are given up to {:.0} s to fall quiet; {} of {} cells started busier, {:.1} s spent settling",
+        settle.max_wait_s, settle.cells_busy, settle.cells, settle.waited_s
     );
     println!("durability:");
     for (system, text) in &report.durability {
