@@ -11,6 +11,13 @@
 //! `tokio::sync::broadcast` ring of [`LIVE_FEED_BATCHES`] batches. The node
 //! calls [`LiveFeed::stop`] before it closes the store.
 //!
+//! While no subscription is live (no receiver of the ring), the feed reads
+//! and decodes nothing: it only moves its end past the new records. A
+//! subscription that joins afterwards reads the log up to at least that end
+//! before it takes batches, and checks that they are contiguous with it.
+//! The end is also published as a `watch` ([`LiveFeed::watch_end`]) for
+//! those that only need to know that the log grew (the gateway's routes).
+//!
 //! # Invariants
 //!
 //! - Batches are contiguous: each starts at the position where the previous
@@ -33,7 +40,7 @@ use edgebus_types::RecordedEvent;
 use edgebus_types::limits::{
     LIVE_BATCH_BYTES_MAX, LIVE_BATCH_RECORDS_MAX, LIVE_EVENT_INLINE_BYTES_MAX, LIVE_FEED_BATCHES,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 /// How long the feed thread sleeps at most before it looks at its stop flag.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
@@ -73,6 +80,8 @@ pub struct LiveFeed {
     sender: broadcast::Sender<Arc<LiveBatch>>,
     /// One past the last position broadcast.
     published_end: Arc<AtomicU64>,
+    /// The same, as a watch.
+    end: watch::Sender<u64>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -83,14 +92,23 @@ impl LiveFeed {
         let (sender, _) = broadcast::channel(LIVE_FEED_BATCHES);
         let start = store.log().end_position();
         let published_end = Arc::new(AtomicU64::new(start));
+        let (end, _) = watch::channel(start);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (sender, published_end, stop) = (sender.clone(), Arc::clone(&published_end), Arc::clone(&stop));
-            std::thread::Builder::new()
-                .name("edgebus-live-feed".to_owned())
-                .spawn(move || follow(&store, start, &sender, &published_end, &stop))?
+            let feed = Follow {
+                sender: sender.clone(),
+                published_end: Arc::clone(&published_end),
+                end: end.clone(),
+                stop: Arc::clone(&stop),
+            };
+            std::thread::Builder::new().name("edgebus-live-feed".to_owned()).spawn(move || feed.run(&store, start))?
         };
-        Ok(Self { sender, published_end, stop, thread: Mutex::new(Some(thread)) })
+        Ok(Self { sender, published_end, end, stop, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// A watch of the feed's end: one past the last position it passed.
+    pub fn watch_end(&self) -> watch::Receiver<u64> {
+        self.end.subscribe()
     }
 
     /// A receiver of every batch broadcast from now on.
@@ -119,52 +137,123 @@ impl Drop for LiveFeed {
     }
 }
 
-/// The feed thread: waits for new records, reads, decodes and broadcasts them.
-fn follow(
-    store: &Store,
-    mut next: u64,
-    sender: &broadcast::Sender<Arc<LiveBatch>>,
-    published_end: &AtomicU64,
-    stop: &AtomicBool,
-) {
-    let mut failing = false;
-    while !stop.load(Ordering::Acquire) {
-        if store.log().wait_for_end(next, WAIT_SLICE) <= next {
-            continue;
-        }
-        let events = match store.read_log(next, LIVE_BATCH_RECORDS_MAX, LIVE_BATCH_BYTES_MAX as u64) {
-            Ok(events) => events,
-            Err(e) => {
-                // The subscriptions wait; the same read would fail for them.
-                if !failing {
-                    eprintln!("edgebus: live feed cannot read the log at position {next}: {e}; retrying");
-                    failing = true;
-                }
-                std::thread::sleep(READ_RETRY);
+/// What the feed thread holds.
+struct Follow {
+    sender: broadcast::Sender<Arc<LiveBatch>>,
+    published_end: Arc<AtomicU64>,
+    end: watch::Sender<u64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Follow {
+    /// The feed thread: waits for new records, reads, decodes and broadcasts
+    /// them, or only moves its end while nobody is live.
+    fn run(&self, store: &Store, mut next: u64) {
+        let mut failing = false;
+        while !self.stop.load(Ordering::Acquire) {
+            let end = store.log().wait_for_end(next, WAIT_SLICE);
+            if end <= next {
                 continue;
             }
-        };
-        failing = false;
-        let Some(last) = events.last() else { continue };
-        assert_eq!(events[0].position, next, "the live feed reads from where it stopped");
-        assert_eq!(last.position, next + events.len() as u64 - 1, "log positions are contiguous");
-        let batch = LiveBatch {
-            first_position: next,
-            events: events
-                .into_iter()
-                .map(|mut event| {
-                    let inline = event.data.len() + event.metadata.len() <= LIVE_EVENT_INLINE_BYTES_MAX;
-                    if !inline {
-                        event.data = Vec::new();
-                        event.metadata = Vec::new();
+            if self.sender.receiver_count() == 0 {
+                next = end;
+                self.publish(next);
+                continue;
+            }
+            let events = match store.read_log(next, LIVE_BATCH_RECORDS_MAX, LIVE_BATCH_BYTES_MAX as u64) {
+                Ok(events) => events,
+                Err(e) => {
+                    // The subscriptions wait; the same read would fail for them.
+                    if !failing {
+                        eprintln!("edgebus: live feed cannot read the log at position {next}: {e}; retrying");
+                        failing = true;
                     }
-                    LiveEvent { event, inline }
-                })
-                .collect(),
-        };
-        next = batch.end_position();
-        published_end.store(next, Ordering::Release);
-        // No receivers is not an error: nobody is live right now.
-        let _ = sender.send(Arc::new(batch));
+                    std::thread::sleep(READ_RETRY);
+                    continue;
+                }
+            };
+            failing = false;
+            let Some(last) = events.last() else { continue };
+            assert_eq!(events[0].position, next, "the live feed reads from where it stopped");
+            assert_eq!(last.position, next + events.len() as u64 - 1, "log positions are contiguous");
+            let batch = LiveBatch {
+                first_position: next,
+                events: events
+                    .into_iter()
+                    .map(|mut event| {
+                        let inline = event.data.len() + event.metadata.len() <= LIVE_EVENT_INLINE_BYTES_MAX;
+                        if !inline {
+                            event.data = Vec::new();
+                            event.metadata = Vec::new();
+                        }
+                        LiveEvent { event, inline }
+                    })
+                    .collect(),
+            };
+            next = batch.end_position();
+            self.publish(next);
+            // No receivers is not an error: the last one left since the count.
+            let _ = self.sender.send(Arc::new(batch));
+        }
+    }
+
+    fn publish(&self, end: u64) {
+        self.published_end.store(end, Ordering::Release);
+        self.end.send_if_modified(|current| {
+            let moved = end > *current;
+            *current = (*current).max(end);
+            moved
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
+
+    fn append(store: &Store, count: usize) {
+        let events = (0..count)
+            .map(|_| NewEvent {
+                id: EventId::generate(),
+                event_type: EventType::new("t").unwrap(),
+                data: b"{}".to_vec(),
+                metadata: Vec::new(),
+                timestamp_ms: 0,
+            })
+            .collect();
+        store.append(&StreamName::new("s").unwrap(), ExpectedVersion::Any, events).unwrap();
+    }
+
+    /// While nobody is live the feed only moves its end (and its watch);
+    /// a receiver that joins then gets batches that start at that end.
+    #[tokio::test]
+    async fn with_nobody_live_the_end_moves_and_a_later_receiver_gets_contiguous_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), edgebus_store::StoreConfig::default()).unwrap());
+        append(&store, 2);
+        let feed = LiveFeed::start(Arc::clone(&store)).unwrap();
+        let mut end = feed.watch_end();
+        assert_eq!(*end.borrow_and_update(), 2, "the feed starts at the log's end");
+
+        append(&store, 3);
+        let moved = tokio::time::timeout(Duration::from_secs(10), end.wait_for(|end| *end == 5)).await;
+        assert!(moved.is_ok_and(|r| r.is_ok()), "the watch follows the log with nobody live");
+        assert_eq!(feed.end_position(), 5);
+
+        let mut receiver = feed.subscribe();
+        append(&store, 4);
+        let batch = tokio::time::timeout(Duration::from_secs(10), receiver.recv()).await.unwrap().unwrap();
+        assert_eq!(batch.first_position, 5, "the first batch starts where the unread run ended");
+        let mut positions: Vec<u64> = batch.events.iter().map(|e| e.event.position).collect();
+        while positions.len() < 4 {
+            let batch = tokio::time::timeout(Duration::from_secs(10), receiver.recv()).await.unwrap().unwrap();
+            assert_eq!(batch.first_position, 5 + positions.len() as u64, "batches are contiguous");
+            positions.extend(batch.events.iter().map(|e| e.event.position));
+        }
+        assert_eq!(positions, vec![5, 6, 7, 8]);
+        assert!(batch.events.iter().all(|e| e.inline && e.event.data == b"{}"));
+        assert_eq!(*end.borrow_and_update(), 9);
+        feed.stop();
     }
 }

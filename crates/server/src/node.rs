@@ -150,7 +150,7 @@ pub async fn run(
     crate::group::Groups::load(&state).await.context("cannot start the consumer groups")?;
     // The site as its gateways see it (embedded here, or remote through the
     // `Site` gRPC service), with the terms it has seen from other sites.
-    let site = Arc::new(edgebus_gateway::LocalSite::new(Arc::clone(&store), follow_end(&state)));
+    let site = Arc::new(edgebus_gateway::LocalSite::new(Arc::clone(&store), state.live.watch_end()));
     let _ = state.site.set(Arc::clone(&site));
 
     // The gateway: route tasks follow the log's end through the live feed.
@@ -275,30 +275,3 @@ pub async fn run(
     Ok(())
 }
 
-/// A watch of the log's end position, fed by the live feed.
-fn follow_end(state: &Arc<NodeState>) -> tokio::sync::watch::Receiver<u64> {
-    let (sender, receiver) = tokio::sync::watch::channel(state.live.end_position());
-    let mut batches = state.live.subscribe();
-    let state = Arc::clone(state);
-    let mut stopping = state.stopping.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                batch = batches.recv() => {
-                    let end = match batch {
-                        Ok(batch) => batch.end_position(),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => state.live.end_position(),
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    };
-                    sender.send_if_modified(|current| {
-                        let moved = end > *current;
-                        *current = (*current).max(end);
-                        moved
-                    });
-                }
-                _ = stopping.changed() => return,
-            }
-        }
-    });
-    receiver
-}

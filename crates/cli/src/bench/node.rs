@@ -109,15 +109,16 @@ pub fn run(args: &NodeBenchArgs) -> anyhow::Result<()> {
         .thread_name("edgebus-bench")
         .build()
         .context("cannot start the async runtime")?;
-    // Ctrl-C drops the benchmark's future, and with it the guards of every
-    // process it started; then the scratch directory goes.
+    // Ctrl-C or SIGTERM drops the benchmark's future, and with it the guards
+    // of every process it started; then the scratch directory goes.
     let result = runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
         tokio::select! {
             result = measure(args, &dir) => result,
-            _ = tokio::signal::ctrl_c() => {
-                progress(format_args!("edgebus bench node: interrupted: stopping the processes and removing {}", dir.display()));
-                Err(anyhow::anyhow!("interrupted"))
-            }
+            _ = terminate.recv() => Err(interrupted(&dir, "SIGTERM")),
+            _ = interrupt.recv() => Err(interrupted(&dir, "SIGINT")),
         }
     });
     // A startup still running on the blocking pool returns a guard that stops
@@ -131,6 +132,11 @@ pub fn run(args: &NodeBenchArgs) -> anyhow::Result<()> {
         print_report(&report);
     }
     Ok(())
+}
+
+fn interrupted(dir: &Path, signal: &str) -> anyhow::Error {
+    progress(format_args!("edgebus bench node: {signal}: processes stopped; removing {}", dir.display()));
+    anyhow::anyhow!("interrupted by {signal}")
 }
 
 /// The systems of one run: the processes (their guards stop them when the
