@@ -119,7 +119,7 @@ impl EventStore for EventStoreService {
         Ok(Response::new(self.append_one(request.into_inner()).await?))
     }
 
-    type AppendStreamStream = tokio_stream::wrappers::ReceiverStream<Result<v1::AppendStreamResponse, Status>>;
+    type AppendStreamStream = crate::append_stream::Answers;
 
     async fn append_stream(
         &self,
