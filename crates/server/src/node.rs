@@ -274,4 +274,3 @@ pub async fn run(
         .context("closing the store")?;
     Ok(())
 }
-
