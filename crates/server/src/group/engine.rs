@@ -53,7 +53,7 @@ use edgebus_proto::v1;
 use edgebus_store::{AllFilter, Direction, ReadError, StreamFrom};
 use edgebus_types::limits::{GROUP_BUFFER_BYTES_MAX, GROUP_BUFFER_EVENTS_MAX, SUBSCRIPTION_PAGE_EVENTS_MAX};
 use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinError;
 use tokio::time::Instant;
 
@@ -432,7 +432,10 @@ impl Engine {
 
     /// Runs until the group is deleted or the node stops.
     pub async fn run(mut self) {
-        let mut live = self.state.live.subscribe();
+        // The group reads the log itself: it only needs to know that the
+        // log grew, not the live feed's batches (so it does not make the
+        // feed read and decode them).
+        let mut end = self.state.live.watch_end();
         let mut stopping = self.state.stopping.clone();
         // At most one checkpoint is written at a time, beside the engine's
         // work; while it is written and another is due, no command is taken.
@@ -487,9 +490,9 @@ impl Engine {
                     reading = None;
                     self.main_page_read(generation, page);
                 }
-                received = live.recv(), if self.end_of_log => {
-                    if let Err(broadcast::error::RecvError::Closed) = received {
-                        // The feed stopped: the node is stopping.
+                changed = end.changed(), if self.end_of_log => {
+                    if changed.is_err() {
+                        // The feed is gone: the node is stopping.
                         break;
                     }
                     self.end_of_log = false;
