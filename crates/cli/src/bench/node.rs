@@ -256,7 +256,6 @@ fn progress(message: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr().lock(), "{message}");
 }
 
-/// Runs `work` on the blocking pool (process starts and installs).
 /// Settles the machine before a cell (`machine::settle`), counts it, and
 /// says so when the cores did not fall quiet in time.
 async fn settle_before(dir: &Path, tally: &mut SettleTally) -> anyhow::Result<()> {
@@ -276,6 +275,7 @@ async fn settle_before(dir: &Path, tally: &mut SettleTally) -> anyhow::Result<()
     Ok(())
 }
 
+/// Runs `work` on the blocking pool (process starts and installs).
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(work).await.context("a blocking task panicked")?
 }
