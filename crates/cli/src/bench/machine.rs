@@ -181,16 +181,14 @@ pub fn settle(dir: &Path, max_wait: Duration) -> anyhow::Result<Settled> {
     }
 }
 
+/// How long writing out a filesystem's dirty pages may take.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// `syncfs(2)` on the filesystem holding `dir`, through coreutils' `sync -f`
 /// (no `unsafe` here).
 fn sync_filesystem(dir: &Path) -> anyhow::Result<()> {
-    let output = Command::new("sync").arg("-f").arg(dir).output().context("cannot run `sync -f`")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "`sync -f {}` failed: {}",
-        dir.display(),
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
+    super::node::peers::run_bounded(Command::new("sync").arg("-f").arg(dir), SYNC_TIMEOUT)
+        .with_context(|| format!("cannot write out the dirty pages under {}", dir.display()))?;
     Ok(())
 }
 

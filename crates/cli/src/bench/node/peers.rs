@@ -131,7 +131,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Runs `command` to completion within `timeout`; its output is returned, or
 /// an error with its stderr.
-fn run_bounded(command: &mut Command, timeout: Duration) -> anyhow::Result<String> {
+pub(crate) fn run_bounded(command: &mut Command, timeout: Duration) -> anyhow::Result<String> {
     let program = format!("{:?}", command.get_program());
     let mut child = command
         .stdin(Stdio::null())
