@@ -25,7 +25,7 @@ use crate::error::{ReadError, StoreOpenError, WriteError};
 use crate::index::{Index, IndexMemory, StreamState, VersionEntry, snapshot_key};
 use crate::pending::PendingWrite;
 use crate::record::{self, Command, SNAPSHOTS_PREFIX, STREAMS_STREAM, StreamMetadata};
-use crate::tail::{Applied, Tail};
+use crate::tail::{Applied, Generation, Tail};
 use crate::writer::{CommandBuilder, Outcome, Request, Requests};
 
 /// Store settings.
@@ -35,12 +35,10 @@ pub struct StoreConfig {
     pub log: LogConfig,
     /// Block cache of the on-disk index.
     pub index_cache_bytes: u64,
-    /// Index changes the in-memory tail may hold; writers wait beyond it.
-    /// The default, 229,376, is half of what a hash table of 2^19 slots
-    /// holds (7/8 of them): the tail's id map then never outgrows 2^19
-    /// slots (17 MiB), as its tombstones are cleared in place, while
-    /// 262,144 let tombstones push it to 2^20 (35 MiB) after a few
-    /// million events.
+    /// Index changes the in-memory tail may hold, in both its generations;
+    /// writers wait beyond it. The default, 229,376, is 7/8 of 2^18: a
+    /// generation's id map holding all of it still fits in 2^18 slots
+    /// (8 MiB); see `tail.rs` for the rest of the tail's memory.
     pub tail_events_max: usize,
     /// The indexer flushes once the tail holds this many changes...
     /// Each flush writes one table per index keyspace, which fjall then
@@ -282,8 +280,11 @@ const REPLAY_BATCH: usize = 4096;
 /// (what is due wakes it sooner: a full tail, a waiting sequencer, closing).
 const INDEXER_RECHECK: Duration = Duration::from_secs(1);
 /// How soon it looks again when the sequencer waits for room and the last
-/// flush found nothing durable yet.
+/// flush found nothing to write.
 const INDEXER_DURABLE_RECHECK: Duration = Duration::from_millis(1);
+/// How often a flush waiting for its records to be written checks whether
+/// the log failed instead.
+const INDEXER_VISIBLE_RECHECK: Duration = Duration::from_millis(100);
 /// Upper bound of records scanned by one `read_all` call.
 pub const READ_ALL_SCAN_MAX: usize = 65_536;
 /// Upper bound of events returned by one read.
@@ -313,8 +314,9 @@ pub(crate) struct Shared {
     pub(crate) poisoned: AtomicBool,
     /// The durable end as reported by append completions, for waiters.
     pub(crate) durable: Arc<(Mutex<DurableState>, Condvar)>,
-    /// Serializes flushes of the tail into the index.
-    pub(crate) flush_lock: Mutex<()>,
+    /// Serializes flushes of the tail into the index, and keeps the last
+    /// flushed generation (emptied) for the next.
+    pub(crate) flush_lock: Mutex<Option<Generation>>,
     /// Writes waiting for the sequencer.
     pub(crate) requests: Mutex<Requests>,
     /// Signalled when a request is queued or the store closes.
@@ -413,7 +415,7 @@ impl Store {
             flush_wanted: Condvar::new(),
             poisoned: AtomicBool::new(false),
             durable: Arc::new((Mutex::new(DurableState { end, failed: false, waiters: Vec::new() }), Condvar::new())),
-            flush_lock: Mutex::new(()),
+            flush_lock: Mutex::new(None),
             requests: Mutex::new(Requests::default()),
             requests_ready: Condvar::new(),
             requests_space: Condvar::new(),
@@ -1050,9 +1052,9 @@ impl Store {
         let mut merged = std::collections::BTreeMap::new();
         {
             let inner = lock(&shared.inner);
-            for (name, tail) in &inner.tail.streams {
+            for (name, state) in inner.tail.stream_states() {
                 if after.is_none_or(|a| name.as_ref() > a) {
-                    merged.insert(name.to_string(), tail.state);
+                    merged.insert(name.to_string(), *state);
                 }
             }
         }
@@ -1360,29 +1362,48 @@ impl Shared {
         Ok(replayed)
     }
 
-    /// Moves the durable prefix of the tail into the index: whether there
-    /// was anything to write.
+    /// Moves the tail's current generation into the index: whether there
+    /// was anything to write. The store lock is held only to freeze the
+    /// generation and to drop it once committed, never while it is written.
     fn flush(&self) -> Result<bool, String> {
-        // One flush at a time: the indexer and `flush_index` both flush, and
-        // each drops from the tail exactly the ops it committed.
-        let _flushing = self.flush_lock.lock();
+        // One flush at a time: the indexer and `flush_index` both flush. The
+        // lock keeps the last flushed generation, emptied, for the next one.
+        let mut spare = self.flush_lock.lock();
         let batch = {
             let mut inner = lock(&self.inner);
-            let durable_end = self.log.end_position();
-            inner.tail.take_durable(durable_end)
+            let visible_end = self.log.end_position();
+            inner.tail.freeze(visible_end, spare.take().unwrap_or_default())
         };
         if batch.is_empty() && batch.checkpoint == self.index.checkpoint()? {
             return Ok(false);
         }
-        if let Err(e) = self.index.commit(batch.writes(), batch.checkpoint) {
+        // The index only takes records readers can see; those of the frozen
+        // generation that the log is still writing become visible within
+        // one log batch.
+        let committed =
+            self.wait_visible(batch.checkpoint).and_then(|()| self.index.commit(batch.writes(), batch.checkpoint));
+        if let Err(e) = committed {
             self.poisoned.store(true, Ordering::Release);
             return Err(e);
         }
-        let mut inner = lock(&self.inner);
-        inner.tail.drop_flushed(batch);
-        drop(inner);
+        lock(&self.inner).tail.drop_frozen();
         self.tail_space.notify_all();
+        *spare = batch.into_generation();
         Ok(true)
+    }
+
+    /// Waits until every position below `end` is visible in the log (under
+    /// `fsync = always`: durable); fails if the log failed an append first.
+    fn wait_visible(&self, end: u64) -> Result<(), String> {
+        let Some(last) = end.checked_sub(1) else { return Ok(()) };
+        loop {
+            if self.log.wait_for_end(last, INDEXER_VISIBLE_RECHECK) > last {
+                return Ok(());
+            }
+            if self.durable.0.lock().failed {
+                return Err(format!("the log failed before position {last} was written, so it cannot be indexed"));
+            }
+        }
     }
 
     /// Flushes the tail when it holds `index_flush_events` changes, when

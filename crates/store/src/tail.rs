@@ -1,23 +1,31 @@
 //! The in-memory tail of the index: every index change since the on-disk
-//! checkpoint, in log order, plus lookup maps over them.
+//! checkpoint, plus lookup maps over them, in two generations.
 //!
 //! Lifecycle: the store's write path (and replay on open) applies each record
-//! here under the store lock; the indexer thread later takes the durable
-//! prefix of the ops ([`Tail::take_durable`]), writes it to the on-disk
-//! [`Index`] in one atomic batch and then drops what only it held from the
-//! lookup maps ([`Tail::drop_flushed`]). Lookups consult the tail first and
-//! the index second, so an entry is always in at least one of them. The tail
-//! is bounded: writers wait while it holds `tail_events_max` changes,
-//! counting those being flushed.
+//! to the *current* generation under the store lock. A flush freezes it
+//! ([`Tail::freeze`]: a swap, so the lock is held for no time) and starts an
+//! empty one; the indexer thread then writes the frozen generation to the
+//! on-disk [`Index`] without the lock, and drops it once committed
+//! ([`Tail::drop_frozen`], again a swap). Lookups consult the current
+//! generation, then the frozen one, then the index, so an entry is always in
+//! at least one of them. Nothing is written to a frozen generation: each
+//! stream's state in it is the state the index must hold after it.
 //!
-//! Memory: an op is 88 bytes (an event's stream state is not stored with it
-//! but derived at flush time from the stream's state at the checkpoint), so
-//! a full tail of 229,376 changes (the default bound) holds about 20 MiB of
-//! ops, plus the id map (at most 2^19 slots of 33 bytes, 17 MiB: the bound
-//! is half its capacity, so hashbrown clears its tombstones in place instead
-//! of doubling it) and the streams' version queues.
+//! The tail is bounded: writers wait while the two generations hold
+//! `tail_events_max` changes (an event is one change, the state a command
+//! sets or a snapshot it records one more).
+//!
+//! Memory per event: its version entry (16 bytes in its stream's vector,
+//! which may have as much again spare), its id entry (32 bytes in a map at
+//! most 7/8 full) and its place in the generation's event list (48 bytes,
+//! `GenEvent`), about 150 bytes at worst, so a full tail of 229,376 changes
+//! (the default bound) holds about 33 MiB of events; plus per stream in a
+//! generation its name and a [`TailStream`] (about 130 bytes in a map at most
+//! 7/8 full, up to 290 bytes with the map's slack, so up to 63 MiB in the
+//! case where every event is to a new stream). A flushed generation's maps
+//! are kept (emptied) for the next one, so flushes do not reallocate them.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use edgebus_types::{EventId, StreamName};
@@ -25,102 +33,122 @@ use edgebus_types::{EventId, StreamName};
 use crate::index::{IdEntry, Index, IndexError, IndexWrite, StreamState, VersionEntry};
 use crate::record::{Command, SNAPSHOTS_PREFIX};
 
-/// One change, at one log position.
-#[derive(Debug)]
-pub(crate) struct Op {
-    pub(crate) position: u64,
-    /// The stream whose state this op changes.
-    pub(crate) stream: Arc<str>,
-    pub(crate) kind: OpKind,
-}
-
-#[derive(Debug)]
-pub(crate) enum OpKind {
-    /// An event of `stream`. The stream's state after it is its state
-    /// before with `next_version = version + 1`, `deleted = false`,
-    /// `last_position` = the op's position and `origin` = this origin:
-    /// the only fields an event changes.
-    Event { version: u64, content_hash: u64, id: EventId, event_type: Arc<str>, origin: u64 },
-    /// A state change of `stream` caused by a command elsewhere: its whole
-    /// state after the change.
-    State(Box<StreamState>),
-    /// A snapshot recorded or deleted by the event just before it (which
-    /// carries the state change of the snapshot stream).
-    Snapshot(Box<SnapshotOp>),
-}
-
-#[derive(Debug)]
-pub(crate) struct SnapshotOp {
-    source: Arc<str>,
-    target: Arc<str>,
-    version: u64,
-    position: Option<u64>,
-}
-
-impl Op {
-    /// Applies this op to `state`, the stream's state before it.
-    fn advance(&self, state: &mut StreamState) {
-        match &self.kind {
-            OpKind::Event { version, origin, .. } => {
-                state.next_version = version + 1;
-                state.deleted = false;
-                state.last_position = self.position;
-                state.origin = *origin;
-            }
-            OpKind::State(after) => *state = **after,
-            OpKind::Snapshot(_) => {}
-        }
-    }
-}
+/// A hash map with a per-process seeded hash (foldhash), several times
+/// cheaper than the standard SipHash on the tail's keys.
+type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 
 #[derive(Debug, Default)]
 pub(crate) struct TailStream {
     pub(crate) state: StreamState,
-    /// The state the index holds for the stream (as of the checkpoint):
-    /// where flushes start deriving states from the ops.
-    base: StreamState,
-    /// Versions written since the checkpoint, ascending and dense.
-    pub(crate) versions: VecDeque<(u64, VersionEntry)>,
+    /// The first version in `versions`.
+    first: u64,
+    /// Versions written in this generation, from `first`, ascending and dense.
+    versions: Vec<VersionEntry>,
 }
 
-/// The durable prefix of the tail's ops, taken out for a flush.
+impl TailStream {
+    /// The entry of `version` if this generation wrote versions up to it
+    /// (`Some(None)`: beyond them), `None` if it wrote none from `version`'s
+    /// side (lower generations or the index hold it).
+    fn version(&self, version: u64) -> Option<Option<VersionEntry>> {
+        if self.versions.is_empty() || version < self.first {
+            return None;
+        }
+        Some(self.versions.get((version - self.first) as usize).copied())
+    }
+}
+
+/// An event as a generation lists it, in log order, for the index's id and
+/// type keyspaces.
+#[derive(Debug)]
+struct GenEvent {
+    id: EventId,
+    event_type: Arc<str>,
+    position: u64,
+    version: u64,
+}
+
+/// A snapshot recorded (or, with no position, deleted) by the event at `at`.
+#[derive(Debug)]
+struct SnapshotOp {
+    source: Arc<str>,
+    target: Arc<str>,
+    version: u64,
+    at: u64,
+    position: Option<u64>,
+}
+
+/// One generation of the tail: what was applied between two flushes.
+#[derive(Debug, Default)]
+pub(crate) struct Generation {
+    streams: FastMap<Arc<str>, TailStream>,
+    ids: FastMap<EventId, IdEntry>,
+    events: Vec<GenEvent>,
+    snapshots: Vec<SnapshotOp>,
+    /// Changes applied (events, states set by commands, snapshots).
+    changes: usize,
+    /// One past the last position applied; 0 while empty.
+    end: u64,
+}
+
+impl Generation {
+    fn is_empty(&self) -> bool {
+        self.changes == 0
+    }
+
+    /// Empties the generation, keeping its allocations.
+    fn clear(&mut self) {
+        self.streams.clear();
+        self.ids.clear();
+        self.events.clear();
+        self.snapshots.clear();
+        self.changes = 0;
+        self.end = 0;
+    }
+}
+
+/// A generation taken out for a flush (or none if the tail was empty).
 #[derive(Debug)]
 pub(crate) struct FlushBatch {
-    ops: Vec<Op>,
-    /// Every stream's state after the batch.
-    states: HashMap<Arc<str>, StreamState>,
+    generation: Option<Arc<Generation>>,
     /// The next position to index after the batch.
     pub(crate) checkpoint: u64,
 }
 
 impl FlushBatch {
-    /// Whether the batch has no ops.
+    /// Whether the batch has nothing to write but its checkpoint.
     pub(crate) fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.generation.is_none()
     }
 
-    /// The index writes of the batch: versions, ids, types and snapshots in
-    /// op order, and each stream's state after the batch once.
+    /// The generation emptied for reuse (its maps keep their capacity),
+    /// once the tail no longer holds it.
+    pub(crate) fn into_generation(self) -> Option<Generation> {
+        let mut generation = Arc::try_unwrap(self.generation?).ok()?;
+        generation.clear();
+        Some(generation)
+    }
+
+    /// The index writes of the batch: versions, ids, types, snapshots (in
+    /// log order: of a snapshot recorded and deleted, the last wins) and
+    /// each stream's state after the batch.
     pub(crate) fn writes(&self) -> impl Iterator<Item = IndexWrite<'_>> {
-        let ops = self.ops.iter().flat_map(|op| {
-            let writes = match &op.kind {
-                OpKind::Event { version, content_hash, id, event_type, .. } => [
-                    Some(IndexWrite::Version(
-                        &op.stream,
-                        *version,
-                        VersionEntry { position: op.position, content_hash: *content_hash },
-                    )),
-                    Some(IndexWrite::Id(id, IdEntry { position: op.position, version: *version })),
-                    Some(IndexWrite::Type(event_type, op.position)),
-                ],
-                OpKind::State(_) => [None, None, None],
-                OpKind::Snapshot(s) => {
-                    [Some(IndexWrite::Snapshot(&s.source, &s.target, s.version, s.position)), None, None]
-                }
-            };
-            writes.into_iter().flatten()
+        let generation = self.generation.as_deref();
+        let streams = generation.into_iter().flat_map(|g| g.streams.iter());
+        let events = generation.into_iter().flat_map(|g| g.events.iter());
+        let snapshots = generation.into_iter().flat_map(|g| g.snapshots.iter());
+        let versions = streams.clone().flat_map(|(stream, tail)| {
+            tail.versions.iter().zip(tail.first..).map(|(entry, version)| IndexWrite::Version(stream, version, *entry))
         });
-        ops.chain(self.states.iter().map(|(stream, state)| IndexWrite::State(stream, state)))
+        let ids_and_types = events.flat_map(|e| {
+            [
+                IndexWrite::Id(&e.id, IdEntry { position: e.position, version: e.version }),
+                IndexWrite::Type(&e.event_type, e.position),
+            ]
+        });
+        let snapshots = snapshots.map(|s| IndexWrite::Snapshot(&s.source, &s.target, s.version, s.position));
+        let states = streams.map(|(stream, tail)| IndexWrite::State(stream, &tail.state));
+        versions.chain(ids_and_types).chain(snapshots).chain(states)
     }
 }
 
@@ -132,17 +160,17 @@ pub(crate) type SnapshotKey = (Arc<str>, Arc<str>, u64);
 
 #[derive(Debug, Default)]
 pub(crate) struct Tail {
-    pub(crate) streams: HashMap<Arc<str>, TailStream>,
-    pub(crate) ids: HashMap<EventId, IdEntry>,
-    /// Value: (op position, snapshot position or `None` if deleted).
+    /// Where writes are applied.
+    current: Generation,
+    /// The generation being written to the index, if a flush is under way.
+    frozen: Option<Arc<Generation>>,
+    /// Value: (op position, snapshot position or `None` if deleted). Both
+    /// generations' snapshots (there are few).
     pub(crate) snapshots: BTreeMap<SnapshotKey, (u64, Option<u64>)>,
-    ops: VecDeque<Op>,
-    /// Ops taken by a flush that is not done yet.
-    flushing: usize,
     /// Recent event types, so that events of one type share one `Arc`.
     event_types: HashSet<Arc<str>>,
-    /// The last state read from the index by [`Tail::state`], so that the
-    /// write that follows does not read it again.
+    /// The last state read from the index by [`Tail::state_for_write`], so
+    /// that the write that follows does not read it again.
     last_index_read: Option<(Box<str>, Option<StreamState>)>,
 }
 
@@ -163,20 +191,39 @@ pub(crate) struct Applied<'a> {
 impl Tail {
     /// Changes held, counting those being flushed.
     pub(crate) fn len(&self) -> usize {
-        self.ops.len() + self.flushing
+        self.current.changes + self.frozen.as_ref().map_or(0, |g| g.changes)
     }
 
     /// Changes not yet taken by a flush.
     pub(crate) fn unflushed(&self) -> usize {
-        self.ops.len()
+        self.current.changes
+    }
+
+    /// The generations, newest first.
+    fn generations(&self) -> impl Iterator<Item = &Generation> {
+        std::iter::once(&self.current).chain(self.frozen.as_deref())
+    }
+
+    /// The tail's state of `stream`, if a generation holds it.
+    fn tail_state(&self, stream: &str) -> Option<StreamState> {
+        self.generations().find_map(|g| g.streams.get(stream)).map(|t| t.state)
     }
 
     /// The state of `stream`: the tail's, else the index's, else none.
     pub(crate) fn state(&self, index: &Index, stream: &str) -> Result<Option<StreamState>, IndexError> {
-        match self.streams.get(stream) {
-            Some(tail) => Ok(Some(tail.state)),
+        match self.tail_state(stream) {
+            Some(state) => Ok(Some(state)),
             None => index.stream_state(stream),
         }
+    }
+
+    /// Every stream state the tail holds (the newest of each).
+    pub(crate) fn stream_states(&self) -> impl Iterator<Item = (&Arc<str>, &StreamState)> {
+        let current = self.current.streams.iter();
+        let frozen = self.frozen.iter().flat_map(|g| g.streams.iter());
+        current
+            .chain(frozen.filter(|(name, _)| !self.current.streams.contains_key(name.as_ref())))
+            .map(|(name, tail)| (name, &tail.state))
     }
 
     /// Forgets what [`Tail::state_for_write`] remembered; called before each
@@ -190,8 +237,8 @@ impl Tail {
     /// Only the state lock's holder calls it, and nothing changes the index's
     /// copy of a stream that is not in the tail while the lock is held.
     pub(crate) fn state_for_write(&mut self, index: &Index, stream: &str) -> Result<Option<StreamState>, IndexError> {
-        if let Some(tail) = self.streams.get(stream) {
-            return Ok(Some(tail.state));
+        if let Some(state) = self.tail_state(stream) {
+            return Ok(Some(state));
         }
         let state = index.stream_state(stream)?;
         self.last_index_read = Some((Box::from(stream), state));
@@ -205,18 +252,17 @@ impl Tail {
         stream: &str,
         version: u64,
     ) -> Result<Option<VersionEntry>, IndexError> {
-        if let Some(tail) = self.streams.get(stream)
-            && let Some((first, _)) = tail.versions.front()
-            && version >= *first
-        {
-            return Ok(tail.versions.get((version - first) as usize).map(|(_, e)| *e));
+        for generation in self.generations() {
+            if let Some(found) = generation.streams.get(stream).and_then(|t| t.version(version)) {
+                return Ok(found);
+            }
         }
         index.version(stream, version)
     }
 
     /// Where `id` lives.
     pub(crate) fn id(&self, index: &Index, id: &EventId) -> Result<Option<IdEntry>, IndexError> {
-        match self.ids.get(id) {
+        match self.generations().find_map(|g| g.ids.get(id)) {
             Some(entry) => Ok(Some(*entry)),
             None => index.id(id),
         }
@@ -225,25 +271,39 @@ impl Tail {
     /// The tail's versions of `stream` in `from..to`, and the first version
     /// the tail holds (versions below it are in the index).
     pub(crate) fn versions(&self, stream: &str, from: u64, to: u64) -> (Vec<(u64, VersionEntry)>, u64) {
-        let Some(tail) = self.streams.get(stream) else { return (Vec::new(), to) };
-        let Some((first, _)) = tail.versions.front() else { return (Vec::new(), to) };
-        let first = *first;
-        let entries = tail.versions.iter().filter(|(v, _)| *v >= from && *v < to).copied().collect();
+        let mut entries = Vec::new();
+        let mut first = to;
+        // Oldest first: the frozen generation's versions precede the current one's.
+        for generation in self.frozen.as_deref().into_iter().chain(std::iter::once(&self.current)) {
+            let Some(tail) = generation.streams.get(stream) else { continue };
+            if tail.versions.is_empty() {
+                continue;
+            }
+            first = first.min(tail.first);
+            let versions = tail.versions.iter().zip(tail.first..).map(|(entry, version)| (version, *entry));
+            entries.extend(versions.filter(|(v, _)| *v >= from && *v < to));
+        }
         (entries, first.max(from).min(to))
     }
 
     fn entry(&mut self, index: &Index, stream: &str) -> Result<(Arc<str>, &mut TailStream), IndexError> {
-        if !self.streams.contains_key(stream) {
-            let state = match self.last_index_read.take() {
-                Some((name, state)) if *name == *stream => state,
-                _ => index.stream_state(stream)?,
-            };
-            let state = state.unwrap_or_default();
-            self.streams.insert(Arc::from(stream), TailStream { state, base: state, versions: VecDeque::new() });
-        }
-        let (key, _) = self.streams.get_key_value(stream).expect("inserted above");
-        let key = Arc::clone(key);
-        Ok((key, self.streams.get_mut(stream).expect("inserted above")))
+        let key = match self.current.streams.get_key_value(stream) {
+            Some((key, _)) => Arc::clone(key),
+            None => {
+                let state = match self.frozen.as_ref().and_then(|g| g.streams.get(stream)) {
+                    Some(frozen) => Some(frozen.state),
+                    None => match self.last_index_read.take() {
+                        Some((name, state)) if *name == *stream => state,
+                        _ => index.stream_state(stream)?,
+                    },
+                };
+                let key: Arc<str> = Arc::from(stream);
+                let tail = TailStream { state: state.unwrap_or_default(), ..TailStream::default() };
+                self.current.streams.insert(Arc::clone(&key), tail);
+                key
+            }
+        };
+        Ok((key, self.current.streams.get_mut(stream).expect("inserted above")))
     }
 
     /// The state machine: applies one record. The same code runs for live
@@ -257,24 +317,26 @@ impl Tail {
         tail.state.deleted = false;
         tail.state.last_position = record.position;
         tail.state.origin = record.origin;
-        let entry = VersionEntry { position: record.position, content_hash: record.content_hash };
-        if let Some((last, _)) = tail.versions.back() {
-            assert_eq!(*last + 1, record.version, "tail versions are dense");
+        if tail.versions.is_empty() {
+            tail.first = record.version;
+            // Most streams get one event per generation: room for one, not
+            // the four a first push reserves.
+            tail.versions.reserve_exact(1);
         }
-        tail.versions.push_back((record.version, entry));
-        self.ids.insert(record.id, IdEntry { position: record.position, version: record.version });
+        assert_eq!(tail.first + tail.versions.len() as u64, record.version, "tail versions are dense");
+        tail.versions.push(VersionEntry { position: record.position, content_hash: record.content_hash });
+        let generation = &mut self.current;
+        generation.ids.insert(record.id, IdEntry { position: record.position, version: record.version });
         let event_type = self.event_type(record.event_type);
-        self.ops.push_back(Op {
+        let generation = &mut self.current;
+        generation.events.push(GenEvent {
+            id: record.id,
+            event_type,
             position: record.position,
-            stream: Arc::clone(&stream),
-            kind: OpKind::Event {
-                version: record.version,
-                content_hash: record.content_hash,
-                id: record.id,
-                event_type,
-                origin: record.origin,
-            },
+            version: record.version,
         });
+        generation.changes += 1;
+        generation.end = record.position + 1;
         let Some(command) = record.command else { return Ok(()) };
         let position = record.position;
         match command {
@@ -307,11 +369,10 @@ impl Tail {
         position: u64,
         change: impl FnOnce(&mut StreamState),
     ) -> Result<(), IndexError> {
-        let (stream, tail) = self.entry(index, target.as_str())?;
+        let (_, tail) = self.entry(index, target.as_str())?;
         change(&mut tail.state);
         tail.state.last_position = position;
-        let state = Box::new(tail.state);
-        self.ops.push_back(Op { position, stream, kind: OpKind::State(state) });
+        self.current.changes += 1;
         Ok(())
     }
 
@@ -333,87 +394,39 @@ impl Tail {
         snapshot_stream: &Arc<str>,
         target: &StreamName,
         version: u64,
-        op_position: u64,
+        at: u64,
         position: Option<u64>,
     ) {
         let source: Arc<str> = Arc::from(snapshot_stream.strip_prefix(SNAPSHOTS_PREFIX).expect("snapshot stream"));
         let target: Arc<str> = Arc::from(target.as_str());
-        self.snapshots.insert((Arc::clone(&source), Arc::clone(&target), version), (op_position, position));
-        self.ops.push_back(Op {
-            position: op_position,
-            stream: Arc::clone(snapshot_stream),
-            kind: OpKind::Snapshot(Box::new(SnapshotOp { source, target, version, position })),
-        });
+        self.snapshots.insert((Arc::clone(&source), Arc::clone(&target), version), (at, position));
+        self.current.snapshots.push(SnapshotOp { source, target, version, at, position });
+        self.current.changes += 1;
     }
 
-    /// Takes the ops below `durable_end` for a flush, with every stream's
-    /// state after them. Until [`Tail::drop_flushed`] they still count
-    /// towards [`Tail::len`] and the lookup maps keep their entries.
-    pub(crate) fn take_durable(&mut self, durable_end: u64) -> FlushBatch {
-        let count = self.ops.iter().take_while(|op| op.position < durable_end).count();
-        let checkpoint = self.ops.get(count).map_or(durable_end, |op| op.position);
-        let ops = if count == 0 {
-            Vec::new()
-        } else {
-            let rest = self.ops.split_off(count);
-            Vec::from(std::mem::replace(&mut self.ops, rest))
-        };
-        self.flushing += ops.len();
-        let mut states: HashMap<Arc<str>, StreamState> = HashMap::new();
-        // Runs of ops of one stream (a multi-event append) look it up once.
-        let mut run: Option<(&Arc<str>, StreamState)> = None;
-        for op in &ops {
-            let state = match &mut run {
-                Some((stream, state)) if Arc::ptr_eq(stream, &op.stream) => state,
-                _ => {
-                    if let Some((stream, state)) = run.take() {
-                        states.insert(Arc::clone(stream), state);
-                    }
-                    let state = match states.get(op.stream.as_ref()) {
-                        Some(state) => *state,
-                        None => self.streams.get(op.stream.as_ref()).map(|t| t.base).unwrap_or_default(),
-                    };
-                    &mut run.insert((&op.stream, state)).1
-                }
-            };
-            op.advance(state);
+    /// Freezes the current generation for a flush and starts `spare` (an
+    /// empty generation) in its place; with nothing applied since the last
+    /// flush, freezes nothing and the batch's checkpoint is `visible_end`
+    /// (the caller holds the store lock, so every record below it was
+    /// applied). At most one generation is frozen at a time.
+    pub(crate) fn freeze(&mut self, visible_end: u64, spare: Generation) -> FlushBatch {
+        assert!(self.frozen.is_none(), "one flush at a time");
+        if self.current.is_empty() {
+            return FlushBatch { generation: None, checkpoint: visible_end };
         }
-        if let Some((stream, state)) = run {
-            states.insert(Arc::clone(stream), state);
-        }
-        FlushBatch { ops, states, checkpoint }
+        let generation = Arc::new(std::mem::replace(&mut self.current, spare));
+        self.frozen = Some(Arc::clone(&generation));
+        FlushBatch { checkpoint: generation.end, generation: Some(generation) }
     }
 
-    /// Drops what only the flushed `batch` held (it is in the index now):
-    /// its ids, versions and snapshots, and streams with nothing after it.
-    pub(crate) fn drop_flushed(&mut self, batch: FlushBatch) {
-        self.flushing -= batch.ops.len();
-        for op in batch.ops {
-            match &op.kind {
-                OpKind::Event { version, id, .. } => {
-                    if let Some(tail) = self.streams.get_mut(op.stream.as_ref()) {
-                        let front = tail.versions.pop_front();
-                        assert_eq!(front.map(|(v, _)| v), Some(*version), "flushed versions leave the tail in order");
-                    }
-                    if self.ids.get(id).is_some_and(|e| e.position == op.position) {
-                        self.ids.remove(id);
-                    }
-                }
-                OpKind::State(_) => {}
-                OpKind::Snapshot(s) => {
-                    let key = (Arc::clone(&s.source), Arc::clone(&s.target), s.version);
-                    if self.snapshots.get(&key).is_some_and(|(at, _)| *at == op.position) {
-                        self.snapshots.remove(&key);
-                    }
-                }
-            }
-        }
-        for (stream, state) in batch.states {
-            let Some(tail) = self.streams.get_mut(stream.as_ref()) else { continue };
-            if tail.versions.is_empty() && tail.state.last_position < batch.checkpoint {
-                self.streams.remove(stream.as_ref());
-            } else {
-                tail.base = state;
+    /// Drops the frozen generation once it is in the index, and the tail's
+    /// snapshots that only it held.
+    pub(crate) fn drop_frozen(&mut self) {
+        let Some(generation) = self.frozen.take() else { return };
+        for s in &generation.snapshots {
+            let key = (Arc::clone(&s.source), Arc::clone(&s.target), s.version);
+            if self.snapshots.get(&key).is_some_and(|(at, _)| *at == s.at) {
+                self.snapshots.remove(&key);
             }
         }
     }
@@ -436,10 +449,21 @@ mod tests {
         }
     }
 
-    /// Flushes split anywhere in a stream's history, also between a command
-    /// and the events around it, write each stream's state as of the split.
+    fn states(batch: &FlushBatch) -> HashMap<String, StreamState> {
+        batch
+            .writes()
+            .filter_map(|w| match w {
+                IndexWrite::State(name, state) => Some((name.to_owned(), *state)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A flush writes each stream's state as of the end of its generation;
+    /// while it is under way the frozen generation answers lookups beside
+    /// the current one, and writes after the freeze continue from it.
     #[test]
-    fn a_flush_writes_each_streams_state_as_of_its_last_op() {
+    fn a_frozen_generation_answers_until_dropped_and_writes_continue_from_it() {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let index = Index::open(dir.path(), 1 << 20).expect("the index opens");
         let a = StreamName::new("a").expect("a valid name");
@@ -451,55 +475,79 @@ mod tests {
         };
         let delete = Command::Deleted { stream: b.clone(), truncate_before: 2 };
         let mut tail = Tail::default();
-        // positions: 0 a@0, 1 b@0, 2 a@1, 3 metadata(a), 4 b@1, 5 a@2, 6 delete(b), 7 a@3
-        let records = [
+        // positions: 0 a@0, 1 b@0, 2 a@1, 3 metadata(a), 4 b@1 | freeze | 5 a@2, 6 delete(b), 7 a@3
+        for record in [
             event(&a, 0, 0, None),
             event(&b, 0, 1, None),
             event(&a, 1, 2, None),
             event(&sys, 0, 3, Some(&metadata)),
             event(&b, 1, 4, None),
-            event(&a, 2, 5, None),
-            event(&sys, 1, 6, Some(&delete)),
-            event(&a, 3, 7, None),
-        ];
-        for split in 0..=records.len() as u64 {
-            let mut tail_at_split = Tail::default();
-            for record in &records {
-                tail.apply(&index, record).expect("applies");
-                if record.position < split {
-                    tail_at_split.apply(&index, record).expect("applies");
-                }
-            }
-            let first = tail.take_durable(split);
-            assert_eq!(first.checkpoint, split);
-            for name in ["a", "b", "$sys.streams"] {
-                let expected = tail_at_split.streams.get(name).map(|t| t.state);
-                assert_eq!(first.states.get(name).copied(), expected, "{name} after a flush of {split}");
-            }
-            assert_eq!(tail.len(), records.len() + 2, "eight events and two state changes, also while flushing");
-            tail.drop_flushed(first);
-            let second = tail.take_durable(records.len() as u64);
-            for name in ["a", "b", "$sys.streams"] {
-                let wrote_later = records.iter().any(|r| r.position >= split && r.stream.as_str() == name)
-                    || (name == "a" && split <= 3)
-                    || (name == "b" && split <= 6);
-                let expected = wrote_later.then(|| tail.streams.get(name).map(|t| t.state)).flatten();
-                assert_eq!(
-                    second.states.get(name).copied(),
-                    expected,
-                    "{name} after the rest of a flush split at {split}"
-                );
-            }
-            tail.drop_flushed(second);
-            assert_eq!(tail.len(), 0);
-            assert!(tail.streams.is_empty() && tail.ids.is_empty(), "a fully flushed tail holds nothing");
-            tail = Tail::default();
+        ] {
+            tail.apply(&index, &record).expect("applies");
         }
+        assert_eq!(tail.len(), 6, "five events and a state change");
+        let first = tail.freeze(99, Generation::default());
+        assert_eq!(first.checkpoint, 5, "the generation's end, not the visible end");
+        assert_eq!((tail.len(), tail.unflushed()), (6, 0));
+        let written = states(&first);
+        assert_eq!(written["a"].next_version, 2);
+        assert_eq!(written["a"].metadata.max_count, Some(5));
+        assert_eq!(written["b"].next_version, 2);
+        assert_eq!(written.len(), 3, "a, b and $sys.streams");
+        for record in [event(&a, 2, 5, None), event(&sys, 1, 6, Some(&delete)), event(&a, 3, 7, None)] {
+            tail.apply(&index, &record).expect("applies on top of the frozen generation");
+        }
+        assert_eq!(tail.len(), 10);
+        let a_now = tail.state(&index, "a").expect("reads").expect("a is known");
+        assert_eq!((a_now.next_version, a_now.metadata.max_count), (4, Some(5)), "carried over from the frozen state");
+        let b_now = tail.state(&index, "b").expect("reads").expect("b is known");
+        assert!(b_now.deleted && b_now.deleted_before == 2 && b_now.next_version == 2);
+        let (versions, first_held) = tail.versions("a", 0, 10);
+        assert_eq!(first_held, 0);
+        assert_eq!(
+            versions.iter().map(|(v, e)| (*v, e.position)).collect::<Vec<_>>(),
+            [(0, 0), (1, 2), (2, 5), (3, 7)]
+        );
+        assert_eq!(tail.version(&index, "a", 1).expect("reads").map(|e| e.position), Some(2), "from the frozen one");
+        assert_eq!(tail.version(&index, "a", 3).expect("reads").map(|e| e.position), Some(7));
+        assert_eq!(tail.version(&index, "a", 4).expect("reads"), None);
+        assert_eq!(tail.version(&index, "b", 1).expect("reads").map(|e| e.position), Some(4));
+        assert_eq!(tail.id(&index, &EventId::from_u128(2)).expect("reads").map(|e| e.position), Some(1));
+        let listed: HashMap<String, StreamState> = tail.stream_states().map(|(n, s)| (n.to_string(), *s)).collect();
+        assert_eq!(listed.len(), 3);
+        assert_eq!(listed["a"], a_now, "the newest state of each stream");
+
+        index.commit(first.writes(), first.checkpoint).expect("commits");
+        tail.drop_frozen();
+        let spare = first.into_generation().expect("nobody else holds the generation");
+        assert_eq!(tail.len(), 4);
+        assert_eq!(tail.id(&index, &EventId::from_u128(2)).expect("reads").map(|e| e.position), Some(1), "indexed");
+        assert_eq!(tail.version(&index, "a", 1).expect("reads").map(|e| e.position), Some(2), "indexed");
+        let (versions, first_held) = tail.versions("a", 0, 10);
+        assert_eq!((versions.len(), first_held), (2, 2), "versions below 2 are the index's now");
+
+        let second = tail.freeze(99, spare);
+        assert_eq!(second.checkpoint, 8);
+        let written = states(&second);
+        assert_eq!(written["a"].next_version, 4);
+        assert!(written["b"].deleted, "b's state changed by the command");
+        index.commit(second.writes(), second.checkpoint).expect("commits");
+        tail.drop_frozen();
+        assert_eq!(tail.len(), 0);
+        assert_eq!(tail.stream_states().count(), 0, "a fully flushed tail holds nothing");
+        let empty = tail.freeze(8, Generation::default());
+        assert!(empty.is_empty() && empty.checkpoint == 8, "nothing to freeze: the visible end");
+        assert_eq!(index.stream_state("a").expect("reads").map(|s| s.next_version), Some(4));
     }
 
     #[test]
-    fn an_op_stays_small() {
-        // The tail's memory bound (module docs) rests on this size.
-        assert!(size_of::<Op>() <= 88, "Op is {} bytes", size_of::<Op>());
+    fn an_events_entries_stay_small() {
+        // The tail's memory bound (module docs) rests on these sizes.
+        assert!(size_of::<GenEvent>() <= 48, "GenEvent is {} bytes", size_of::<GenEvent>());
+        assert!(size_of::<VersionEntry>() <= 16, "VersionEntry is {} bytes", size_of::<VersionEntry>());
+        let id_slot = size_of::<(EventId, IdEntry)>();
+        assert!(id_slot <= 32, "an id entry is {id_slot} bytes");
+        let stream_slot = size_of::<(Arc<str>, TailStream)>();
+        assert!(stream_slot <= 136, "a stream entry is {stream_slot} bytes");
     }
 }
