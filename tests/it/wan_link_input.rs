@@ -215,6 +215,17 @@ fn wan_link_bad_input_is_refused_and_the_site_keeps_serving() {
         link.send(hello("eu", "us")).await;
         assert_eq!(link.ending().await, Ending::Closed(4), "a second hello");
 
+        // A batch naming a lane the hello did not list.
+        let mut link = RawLink::open(wan, hello("eu", "us")).await;
+        link.welcomed("us").await;
+        link.grant().await;
+        let mut unlisted = batch(0, vec![replicated("orders.eu.3", 0, "eu")]);
+        if let Some(Frame::Batch(b)) = &mut unlisted.kind {
+            b.lane = 1;
+        }
+        link.send(unlisted).await;
+        assert_eq!(link.ending().await, Ending::Closed(4), "a lane the hello did not list");
+
         // A later good session works.
         let mut good = RawLink::open(wan, hello("eu", "us")).await;
         good.welcomed("us").await;

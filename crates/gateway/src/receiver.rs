@@ -5,8 +5,11 @@
 //! the events to a writer task that writes them with
 //! [`Store::replicate`](edgebus_store::Store::replicate) (exists-or-write at
 //! the origin's versions) and reports what is durable; grants follow
-//! durability. Everything already accepted into the writer is written even
-//! when the session ends.
+//! durability. The writer keeps one store call in flight per lane, so a
+//! critical frame is not written after (and with) the bulk frames ahead of
+//! it; the durable prefix it reports is still in sequence order across
+//! lanes. Everything already accepted into the writer is written even when
+//! the session ends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +17,7 @@ use std::time::Duration;
 use edgebus_proto::v1;
 use edgebus_store::{ExistsOrWrite, ReplicaWrite};
 
-use crate::site::{Fence, ReplicaRefusal, Site, SiteError};
+use crate::site::{Fence, ReplicaAnswer, ReplicaRefusal, Site, SiteError};
 use edgebus_types::{EventId, EventType, NewEvent, Origin, SiteName, StreamName};
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
@@ -143,11 +146,12 @@ struct Session {
     peer: String,
 }
 
-/// Events handed to the writer, with the session amount they end at and
-/// when their frame arrived.
+/// Events handed to the writer, with the session amount they end at, when
+/// their frame arrived and its lane.
 struct Pending {
     end: Amount,
     arrived: std::time::Instant,
+    lane: u32,
     writes: Vec<ReplicaWrite>,
 }
 
@@ -184,7 +188,8 @@ impl Session {
         let site_metrics = self.metrics.inbound(from.as_str());
         site_metrics.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let credit = window_within(self.settings.credit, &hello);
-        let ended = self.serve(&from, &fence, credit, &mut inbound, &mut stop).await;
+        let lanes = hello.lanes.len().max(1);
+        let ended = self.serve(&from, &fence, credit, lanes, &mut inbound, &mut stop).await;
         site_metrics.sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(refusal) = ended {
             eprintln!(
@@ -231,6 +236,7 @@ impl Session {
         from: &SiteName,
         fence: &Fence,
         config: ReceiverConfig,
+        lanes: usize,
         inbound: &mut Streaming<v1::LinkFrame>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Closing> {
@@ -265,7 +271,7 @@ impl Session {
                     last_frame = clock();
                     match frame.kind {
                         Some(v1::link_frame::Kind::Batch(batch)) => {
-                            if let Err(refusal) = self.accept_batch(from, batch, &mut credit, clock(), &pending_tx) {
+                            if let Err(refusal) = self.accept_batch(from, batch, lanes, &mut credit, clock(), &pending_tx) {
                                 break Err(refusal);
                             }
                         }
@@ -331,10 +337,17 @@ impl Session {
         &self,
         from: &SiteName,
         batch: v1::LinkBatch,
+        lanes: usize,
         credit: &mut CreditReceiver,
         now: u64,
         pending: &mpsc::UnboundedSender<Pending>,
     ) -> Result<(), Closing> {
+        if batch.lane as usize >= lanes {
+            return Err(closing(
+                close::VIOLATION,
+                format!("a batch names lane {}, but the hello listed {lanes} lane(s)", batch.lane),
+            ));
+        }
         let events = batch.events.len() as u64;
         let bytes: u64 = batch.events.iter().map(|e| e.encoded_len() as u64).sum();
         credit.on_data(batch.first_seq, events, bytes, now).map_err(|v| closing(close::VIOLATION, v.to_string()))?;
@@ -351,7 +364,12 @@ impl Session {
             );
         }
         if !writes.is_empty() {
-            let _ = pending.send(Pending { end: credit.received(), arrived: std::time::Instant::now(), writes });
+            let _ = pending.send(Pending {
+                end: credit.received(),
+                arrived: std::time::Instant::now(),
+                lane: batch.lane,
+                writes,
+            });
         }
         Ok(())
     }
@@ -404,8 +422,39 @@ fn window_within(mut config: ReceiverConfig, hello: &v1::LinkHello) -> ReceiverC
 /// why the session must close.
 type Durable = Result<(Amount, std::time::Instant), (u32, String)>;
 
-/// Writes what sessions accepted, coalescing queued batches into one store
-/// call, and publishes the durable prefix.
+/// A frame in the writer, in sequence order: whether it is written yet.
+struct Frame {
+    end: Amount,
+    arrived: std::time::Instant,
+    written: bool,
+}
+
+/// A lane's frames waiting for the writer (numbered in sequence order) and
+/// whether a store call of the lane is in flight.
+#[derive(Default)]
+struct LaneWrites {
+    queued: std::collections::VecDeque<(u64, Pending)>,
+    busy: bool,
+}
+
+/// What a store call wrote: its lane, its frames (number, events) and, per
+/// event, the origin timestamp and which latency histogram it goes to.
+struct Call {
+    lane: u32,
+    frames: Vec<(u64, usize)>,
+    stamps: Vec<(u64, usize)>,
+    histograms: Vec<(SiteName, Arc<LatencyHistogram>)>,
+}
+
+/// Writes what sessions accepted and publishes the durable prefix.
+///
+/// Each lane's frames are written in order, queued ones coalesced into one
+/// store call, with one call per lane in flight: a stream belongs to one
+/// lane at a time (a stream moving lanes waits until the old lane is
+/// acknowledged past the change), so each stream's events are written in
+/// order, and a lane never waits for another's write. The durable prefix
+/// grows in sequence order across lanes: up to the first frame not yet
+/// written.
 async fn write_loop(
     site: Arc<dyn Site>,
     mut pending: mpsc::UnboundedReceiver<Pending>,
@@ -413,94 +462,166 @@ async fn write_loop(
     metrics: Arc<GatewayMetrics>,
     fence: Fence,
 ) {
+    use futures_util::StreamExt as _;
+
     let site_metrics = metrics.inbound(&fence.origin);
     let mut failed = false;
-    while let Some(first) = pending.recv().await {
-        let mut batches = vec![first];
-        let mut count = batches[0].writes.len();
-        while count < WRITE_BATCH_EVENTS_MAX {
-            match pending.try_recv() {
-                Ok(next) => {
-                    count += next.writes.len();
-                    batches.push(next);
-                }
-                Err(_) => break,
-            }
+    let mut closed = false;
+    // Frames from number `first` on, not yet in the durable prefix.
+    let mut frames: std::collections::VecDeque<Frame> = std::collections::VecDeque::new();
+    let (mut first, mut next) = (0u64, 0u64);
+    // Bounded like `frames`: entries only for lanes with work.
+    let mut lanes: std::collections::BTreeMap<u32, LaneWrites> = std::collections::BTreeMap::new();
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    loop {
+        // Take everything queued, so that a lane's call coalesces it.
+        while let Ok(frame) = pending.try_recv() {
+            enqueue(frame, &mut frames, &mut lanes, &mut next);
         }
         if failed {
-            continue; // the session is closing; nothing more is acknowledged
+            lanes.clear(); // the session is closing; nothing more is acknowledged
         }
-        let ends: Vec<(usize, Amount)> = batches.iter().map(|b| (b.writes.len(), b.end)).collect();
-        let arrived = batches[0].arrived;
-        let writes: Vec<ReplicaWrite> = batches.into_iter().flat_map(|b| b.writes).collect();
-        // Origin timestamps for the latency histograms, which are looked up
-        // once per origin site in the batch, not once per event.
-        let mut histograms: Vec<(SiteName, Arc<LatencyHistogram>)> = Vec::new();
-        let mut stamps: Vec<(u64, usize)> = Vec::with_capacity(writes.len());
-        for write in &writes {
-            let site = &write.origin.site;
-            let at = match histograms.iter().position(|(s, _)| s == site) {
-                Some(at) => at,
-                None => {
-                    histograms.push((site.clone(), metrics.latency_histogram(site.as_str())));
-                    histograms.len() - 1
-                }
-            };
-            stamps.push((write.event.timestamp_ms, at));
-        }
-        let answers = match site.replicate(fence.clone(), writes).await {
-            Ok(answers) => answers,
-            Err(e) => {
-                failed = true;
-                let code = if matches!(e, SiteError::Fenced { .. }) { close::FENCED } else { close::STORE };
-                let _ = durable.send(Err((code, e.to_string())));
+        for (&lane, writes) in &mut lanes {
+            if writes.busy || writes.queued.is_empty() {
                 continue;
             }
-        };
-        let now = now_ms();
-        // The durable prefix: whole frames up to the first refused event.
-        let mut prefix = None;
-        let mut refusal = None;
-        let mut answers = answers.into_iter().zip(stamps);
-        'frames: for (len, end) in ends {
-            for _ in 0..len {
-                let (answer, (stamp, origin)) = answers.next().expect("one answer per write");
-                match answer {
-                    Ok(ExistsOrWrite::Written { .. }) => {
-                        site_metrics.written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        histograms[origin].1.observe(now.saturating_sub(stamp));
-                    }
-                    Ok(ExistsOrWrite::Exists { same: true, .. }) => {
-                        site_metrics.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Ok(ExistsOrWrite::Exists { same: false, position }) => {
-                        refusal = Some((
-                            close::REFUSED_EVENT,
-                            format!(
-                                "a different event is already stored at that version (position {position} here): \
-                                 the home site's history differs from this replica's; compare the two sites' \
-                                 streams before replicating again"
-                            ),
-                        ));
-                        break 'frames;
-                    }
+            writes.busy = true;
+            let (call, batch) = take_call(lane, &mut writes.queued, &metrics);
+            let written = site.replicate(fence.clone(), batch);
+            in_flight.push(async move { (call, written.await) });
+        }
+        lanes.retain(|_, writes| writes.busy || !writes.queued.is_empty());
+        if closed && in_flight.is_empty() && lanes.is_empty() {
+            return;
+        }
+        tokio::select! {
+            frame = pending.recv(), if !closed => match frame {
+                Some(frame) => enqueue(frame, &mut frames, &mut lanes, &mut next),
+                None => closed = true,
+            },
+            Some((call, answers)) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Some(writes) = lanes.get_mut(&call.lane) {
+                    writes.busy = false;
+                }
+                if failed {
+                    continue;
+                }
+                let answers = match answers {
+                    Ok(answers) => answers,
                     Err(e) => {
-                        refusal = Some(refusal_of(&e));
-                        break 'frames;
+                        failed = true;
+                        let code = if matches!(e, SiteError::Fenced { .. }) { close::FENCED } else { close::STORE };
+                        let _ = durable.send(Err((code, e.to_string())));
+                        continue;
                     }
+                };
+                let refusal = check_answers(&call, answers, &site_metrics, |number| {
+                    frames[usize::try_from(number - first).expect("a frame in the window")].written = true;
+                });
+                // The durable prefix: whole frames up to the first not written.
+                let mut published = None;
+                while frames.front().is_some_and(|f| f.written) {
+                    let frame = frames.pop_front().expect("a front frame");
+                    first += 1;
+                    let arrived = published.map_or(frame.arrived, |(_, arrived)| arrived);
+                    published = Some((frame.end, arrived));
+                }
+                if let Some(prefix) = published {
+                    let _ = durable.send(Ok(prefix));
+                }
+                if let Some(refusal) = refusal {
+                    site_metrics.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    failed = true;
+                    let _ = durable.send(Err(refusal));
                 }
             }
-            prefix = Some(end);
-        }
-        if let Some(end) = prefix {
-            let _ = durable.send(Ok((end, arrived)));
-        }
-        if let Some(refusal) = refusal {
-            site_metrics.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            failed = true;
-            let _ = durable.send(Err(refusal));
         }
     }
+}
+
+/// Numbers a frame, notes it in sequence order and queues it on its lane.
+fn enqueue(
+    frame: Pending,
+    frames: &mut std::collections::VecDeque<Frame>,
+    lanes: &mut std::collections::BTreeMap<u32, LaneWrites>,
+    next: &mut u64,
+) {
+    frames.push_back(Frame { end: frame.end, arrived: frame.arrived, written: false });
+    lanes.entry(frame.lane).or_default().queued.push_back((*next, frame));
+    *next += 1;
+}
+
+/// Takes a lane's queued frames for one store call, up to
+/// [`WRITE_BATCH_EVENTS_MAX`] events (at least one frame).
+fn take_call(
+    lane: u32,
+    queued: &mut std::collections::VecDeque<(u64, Pending)>,
+    metrics: &GatewayMetrics,
+) -> (Call, Vec<ReplicaWrite>) {
+    let mut call = Call { lane, frames: Vec::new(), stamps: Vec::new(), histograms: Vec::new() };
+    let mut writes = Vec::new();
+    while let Some((_, frame)) = queued.front() {
+        if !writes.is_empty() && writes.len() + frame.writes.len() > WRITE_BATCH_EVENTS_MAX {
+            break;
+        }
+        let (number, frame) = queued.pop_front().expect("a front frame");
+        call.frames.push((number, frame.writes.len()));
+        writes.extend(frame.writes);
+    }
+    // Origin timestamps for the latency histograms, which are looked up
+    // once per origin site in the call, not once per event.
+    for write in &writes {
+        let site = &write.origin.site;
+        let at = match call.histograms.iter().position(|(s, _)| s == site) {
+            Some(at) => at,
+            None => {
+                call.histograms.push((site.clone(), metrics.latency_histogram(site.as_str())));
+                call.histograms.len() - 1
+            }
+        };
+        call.stamps.push((write.event.timestamp_ms, at));
+    }
+    (call, writes)
+}
+
+/// Counts a call's answers and marks each frame written whole (`written`
+/// with its number); the refusal that ends the session, if an event was
+/// refused (the frames from it on are not marked).
+fn check_answers(
+    call: &Call,
+    answers: Vec<ReplicaAnswer>,
+    site_metrics: &crate::metrics::InboundMetrics,
+    mut written: impl FnMut(u64),
+) -> Option<(u32, String)> {
+    let now = now_ms();
+    let mut answers = answers.into_iter().zip(&call.stamps);
+    for &(number, len) in &call.frames {
+        for _ in 0..len {
+            let (answer, &(stamp, origin)) = answers.next().expect("one answer per write");
+            match answer {
+                Ok(ExistsOrWrite::Written { .. }) => {
+                    site_metrics.written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    call.histograms[origin].1.observe(now.saturating_sub(stamp));
+                }
+                Ok(ExistsOrWrite::Exists { same: true, .. }) => {
+                    site_metrics.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(ExistsOrWrite::Exists { same: false, position }) => {
+                    return Some((
+                        close::REFUSED_EVENT,
+                        format!(
+                            "a different event is already stored at that version (position {position} here): \
+                             the home site's history differs from this replica's; compare the two sites' \
+                             streams before replicating again"
+                        ),
+                    ));
+                }
+                Err(e) => return Some(refusal_of(&e)),
+            }
+        }
+        written(number);
+    }
+    None
 }
 
 fn refusal_of(refusal: &ReplicaRefusal) -> (u32, String) {
@@ -515,6 +636,129 @@ fn refusal_of(refusal: &ReplicaRefusal) -> (u32, String) {
 mod tests {
     use super::*;
     use crate::credit::WindowBounds;
+    use crate::site::SiteFuture;
+    use edgebus_store::{AppendResult, Direction, StreamFrom};
+    use edgebus_types::{ExpectedVersion, RecordedEvent};
+
+    /// A site whose writes to `bulk.*` streams wait until the gate opens,
+    /// and which notes every stream it wrote, in order.
+    #[derive(Debug)]
+    struct GatedSite {
+        gate: watch::Receiver<bool>,
+        /// Set once a bulk write waits at the gate.
+        bulk_waiting: std::sync::atomic::AtomicBool,
+        written: parking_lot::Mutex<Vec<String>>,
+        end: watch::Sender<u64>,
+    }
+
+    fn unavailable<T>() -> SiteFuture<'static, T> {
+        Box::pin(async { Err(SiteError::Unavailable("not in this test".into())) })
+    }
+
+    impl Site for GatedSite {
+        fn read_log(&self, _: u64, _: usize, _: u64) -> SiteFuture<'_, Vec<RecordedEvent>> {
+            unavailable()
+        }
+        fn read_stream(
+            &self,
+            _: StreamName,
+            _: StreamFrom,
+            _: Direction,
+            _: usize,
+        ) -> SiteFuture<'_, Vec<RecordedEvent>> {
+            unavailable()
+        }
+        fn append(&self, _: StreamName, _: ExpectedVersion, _: Vec<NewEvent>) -> SiteFuture<'_, AppendResult> {
+            unavailable()
+        }
+        fn replicate(&self, _: Fence, writes: Vec<ReplicaWrite>) -> SiteFuture<'_, Vec<ReplicaAnswer>> {
+            Box::pin(async move {
+                if writes.iter().any(|w| w.stream.as_str().starts_with("bulk.")) {
+                    self.bulk_waiting.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let mut gate = self.gate.clone();
+                    let _ = gate.wait_for(|open| *open).await;
+                }
+                let mut written = self.written.lock();
+                written.extend(writes.iter().map(|w| w.stream.to_string()));
+                Ok(writes.iter().map(|_| Ok(ExistsOrWrite::Written { position: 0 })).collect())
+            })
+        }
+        fn end(&self) -> watch::Receiver<u64> {
+            self.end.subscribe()
+        }
+    }
+
+    fn frame(stream: &str, lane: u32, end: u64) -> Pending {
+        let event = NewEvent {
+            id: EventId::from_u128(u128::from(end)),
+            event_type: EventType::new("t").expect("a valid type"),
+            data: Vec::new(),
+            metadata: Vec::new(),
+            timestamp_ms: 1,
+        };
+        let site = SiteName::new("eu").expect("a valid site");
+        Pending {
+            end: Amount::new(end, end * 100),
+            arrived: std::time::Instant::now(),
+            lane,
+            writes: vec![ReplicaWrite {
+                stream: StreamName::new(stream).expect("a valid name"),
+                version: Some(0),
+                event,
+                origin: Origin { site: site.clone(), position: end, via: site, note: String::new() },
+            }],
+        }
+    }
+
+    /// A critical frame behind a bulk one whose write is slow is written at
+    /// once, but acknowledged only when the bulk frame is: the durable
+    /// prefix stays in sequence order.
+    #[tokio::test]
+    async fn a_lane_is_not_written_behind_another_lanes_slow_write() {
+        let (open, gate) = watch::channel(false);
+        let site = Arc::new(GatedSite {
+            gate,
+            bulk_waiting: std::sync::atomic::AtomicBool::new(false),
+            written: parking_lot::Mutex::new(Vec::new()),
+            end: watch::channel(0).0,
+        });
+        let (pending_tx, pending_rx) = mpsc::unbounded_channel();
+        let (durable_tx, mut durable_rx) = watch::channel(Ok((Amount::ZERO, std::time::Instant::now())));
+        let fence = Fence { origin: "eu".into(), term: 1 };
+        let site_dyn: Arc<dyn Site> = Arc::clone(&site) as Arc<dyn Site>;
+        let writer = tokio::spawn(write_loop(site_dyn, pending_rx, durable_tx, Arc::default(), fence));
+        let deadline = std::time::Duration::from_secs(10);
+        pending_tx.send(frame("bulk.a", 1, 1)).expect("the writer runs");
+        tokio::time::timeout(deadline, async {
+            while !site.bulk_waiting.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the bulk write starts");
+        pending_tx.send(frame("critical.a", 0, 2)).expect("the writer runs");
+        tokio::time::timeout(deadline, async {
+            while site.written.lock().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the critical frame is written while the bulk write waits");
+        assert_eq!(*site.written.lock(), ["critical.a"]);
+        let durable = durable_rx.borrow_and_update().clone().expect("no failure");
+        assert_eq!(durable.0, Amount::ZERO, "nothing acknowledged past the unwritten bulk frame");
+        open.send(true).expect("the gate is watched");
+        let durable =
+            tokio::time::timeout(deadline, durable_rx.wait_for(|d| d.as_ref().is_ok_and(|(a, _)| a.events == 2)))
+                .await
+                .expect("both frames are acknowledged once the bulk one is written")
+                .expect("the writer runs")
+                .clone();
+        assert_eq!(durable.expect("no failure").0, Amount::new(2, 200));
+        assert_eq!(*site.written.lock(), ["critical.a", "bulk.a"]);
+        drop(pending_tx);
+        tokio::time::timeout(deadline, writer).await.expect("the writer ends").expect("without a panic");
+    }
 
     #[test]
     fn a_route_narrows_the_window_within_the_receivers_bounds() {
