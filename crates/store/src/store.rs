@@ -1374,6 +1374,9 @@ impl Shared {
             let visible_end = self.log.end_position();
             inner.tail.freeze(visible_end, spare.take().unwrap_or_default())
         };
+        let Some(batch) = batch else {
+            return Err("an earlier flush of the index failed; the store takes no more writes".to_owned());
+        };
         if batch.is_empty() && batch.checkpoint == self.index.checkpoint()? {
             return Ok(false);
         }

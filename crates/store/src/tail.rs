@@ -409,14 +409,18 @@ impl Tail {
     /// flush, freezes nothing and the batch's checkpoint is `visible_end`
     /// (the caller holds the store lock, so every record below it was
     /// applied). At most one generation is frozen at a time.
-    pub(crate) fn freeze(&mut self, visible_end: u64, spare: Generation) -> FlushBatch {
-        assert!(self.frozen.is_none(), "one flush at a time");
+    /// Returns `None` while a generation is still frozen: an earlier flush
+    /// failed to write it (flushes are serialized, so that is the only way).
+    pub(crate) fn freeze(&mut self, visible_end: u64, spare: Generation) -> Option<FlushBatch> {
+        if self.frozen.is_some() {
+            return None;
+        }
         if self.current.is_empty() {
-            return FlushBatch { generation: None, checkpoint: visible_end };
+            return Some(FlushBatch { generation: None, checkpoint: visible_end });
         }
         let generation = Arc::new(std::mem::replace(&mut self.current, spare));
         self.frozen = Some(Arc::clone(&generation));
-        FlushBatch { checkpoint: generation.end, generation: Some(generation) }
+        Some(FlushBatch { checkpoint: generation.end, generation: Some(generation) })
     }
 
     /// Drops the frozen generation once it is in the index, and the tail's
@@ -486,7 +490,7 @@ mod tests {
             tail.apply(&index, &record).expect("applies");
         }
         assert_eq!(tail.len(), 6, "five events and a state change");
-        let first = tail.freeze(99, Generation::default());
+        let first = tail.freeze(99, Generation::default()).expect("nothing frozen yet");
         assert_eq!(first.checkpoint, 5, "the generation's end, not the visible end");
         assert_eq!((tail.len(), tail.unflushed()), (6, 0));
         let written = states(&first);
@@ -498,6 +502,7 @@ mod tests {
             tail.apply(&index, &record).expect("applies on top of the frozen generation");
         }
         assert_eq!(tail.len(), 10);
+        assert!(tail.freeze(99, Generation::default()).is_none(), "one frozen generation at a time");
         let a_now = tail.state(&index, "a").expect("reads").expect("a is known");
         assert_eq!((a_now.next_version, a_now.metadata.max_count), (4, Some(5)), "carried over from the frozen state");
         let b_now = tail.state(&index, "b").expect("reads").expect("b is known");
@@ -526,7 +531,7 @@ mod tests {
         let (versions, first_held) = tail.versions("a", 0, 10);
         assert_eq!((versions.len(), first_held), (2, 2), "versions below 2 are the index's now");
 
-        let second = tail.freeze(99, spare);
+        let second = tail.freeze(99, spare).expect("the first was dropped");
         assert_eq!(second.checkpoint, 8);
         let written = states(&second);
         assert_eq!(written["a"].next_version, 4);
@@ -535,7 +540,7 @@ mod tests {
         tail.drop_frozen();
         assert_eq!(tail.len(), 0);
         assert_eq!(tail.stream_states().count(), 0, "a fully flushed tail holds nothing");
-        let empty = tail.freeze(8, Generation::default());
+        let empty = tail.freeze(8, Generation::default()).expect("nothing frozen");
         assert!(empty.is_empty() && empty.checkpoint == 8, "nothing to freeze: the visible end");
         assert_eq!(index.stream_state("a").expect("reads").map(|s| s.next_version), Some(4));
     }
