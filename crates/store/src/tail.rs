@@ -20,10 +20,12 @@
 //! most 7/8 full) and its place in the generation's event list (48 bytes,
 //! `GenEvent`), about 150 bytes at worst, so a full tail of 229,376 changes
 //! (the default bound) holds about 33 MiB of events; plus per stream in a
-//! generation its name and a [`TailStream`] (about 130 bytes in a map at most
-//! 7/8 full, up to 290 bytes with the map's slack, so up to 63 MiB in the
-//! case where every event is to a new stream). A flushed generation's maps
-//! are kept (emptied) for the next one, so flushes do not reallocate them.
+//! generation its name and a [`TailStream`] (136 bytes in a map at most
+//! 7/8 full, up to 311 bytes with the map's slack, plus about 80 bytes for
+//! the name's and the versions' allocations), so up to about 100 MiB in the
+//! case where every event is to a new stream (each generation's map keeps
+//! the capacity it reached). A flushed generation's maps are kept (emptied)
+//! for the next one, so flushes do not reallocate them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
