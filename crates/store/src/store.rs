@@ -1366,13 +1366,26 @@ impl Shared {
     /// was anything to write. The store lock is held only to freeze the
     /// generation and to drop it once committed, never while it is written.
     fn flush(&self) -> Result<bool, String> {
+        self.flush_keeping(Spare::Keep)
+    }
+
+    /// [`Self::flush`], keeping the emptied generation's capacity for the
+    /// next one or giving it back.
+    fn flush_keeping(&self, spare_use: Spare) -> Result<bool, String> {
         // One flush at a time: the indexer and `flush_index` both flush. The
         // lock keeps the last flushed generation, emptied, for the next one.
         let mut spare = self.flush_lock.lock();
+        let next = match spare_use {
+            Spare::Keep => spare.take().unwrap_or_default(),
+            Spare::Release => {
+                *spare = None;
+                Generation::default()
+            }
+        };
         let batch = {
             let mut inner = lock(&self.inner);
             let visible_end = self.log.end_position();
-            inner.tail.freeze(visible_end, spare.take().unwrap_or_default())
+            inner.tail.freeze(visible_end, next)
         };
         let Some(batch) = batch else {
             return Err("an earlier flush of the index failed; the store takes no more writes".to_owned());
@@ -1391,7 +1404,9 @@ impl Shared {
         }
         lock(&self.inner).tail.drop_frozen();
         self.tail_space.notify_all();
-        *spare = batch.into_generation();
+        if spare_use == Spare::Keep {
+            *spare = batch.into_generation();
+        }
         Ok(true)
     }
 
@@ -1423,6 +1438,8 @@ impl Shared {
         let idle_min = (self.config.index_flush_events / IDLE_FLUSH_TAIL_DIVISOR).max(1);
         let quiet_growth = (idle_min / IDLE_FLUSH_GROWTH_DIVISOR).max(1);
         loop {
+            // A flush due only to a quiet spell gives the tail's memory back.
+            let mut spare_use = Spare::Keep;
             {
                 let mut inner = lock(&self.inner);
                 loop {
@@ -1440,11 +1457,14 @@ impl Shared {
                         .index_idle_flush
                         .filter(|_| unflushed >= idle_min)
                         .map(|after| after.saturating_sub(seen_since.elapsed()));
-                    let due = unflushed >= self.config.index_flush_events
+                    let busy = unflushed >= self.config.index_flush_events
                         || inner.waiting_for_tail
-                        || interval.is_some_and(|interval| last_flush.elapsed() >= interval)
-                        || idle_in == Some(Duration::ZERO);
-                    if due && !found_nothing {
+                        || interval.is_some_and(|interval| last_flush.elapsed() >= interval);
+                    let quiet = idle_in == Some(Duration::ZERO);
+                    if (busy || quiet) && !found_nothing {
+                        if !busy {
+                            spare_use = Spare::Release;
+                        }
                         break;
                     }
                     // What is due may not be durable yet, and nothing
@@ -1460,7 +1480,7 @@ impl Shared {
                 }
             }
             last_flush = Instant::now();
-            let flushed = self.flush();
+            let flushed = self.flush_keeping(spare_use);
             found_nothing = matches!(flushed, Ok(false));
             if flushed.is_err() {
                 // The store is poisoned; writers see it. Nothing more to do.
@@ -1469,6 +1489,15 @@ impl Shared {
             }
         }
     }
+}
+
+/// What a flush does with the generation it emptied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spare {
+    /// Keeps it, capacity and all, to start the next generation with.
+    Keep,
+    /// Drops it and starts the next generation empty: the memory goes back.
+    Release,
 }
 
 #[derive(Debug, Default)]
@@ -1489,5 +1518,71 @@ impl DurableState {
         let (ready, waiting) = std::mem::take(&mut self.waiters).into_iter().partition(|(e, _)| failed || *e <= end);
         self.waiters = waiting;
         ready.into_iter().map(|(_, waker)| waker).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgebus_types::EventId;
+
+    fn events(first: u128, last: u128) -> Vec<NewEvent> {
+        (first..=last)
+            .map(|id| NewEvent {
+                id: EventId::from_u128(id),
+                event_type: EventType::new("Burst").unwrap(),
+                data: b"{}".to_vec(),
+                metadata: Vec::new(),
+                timestamp_ms: 1_000,
+            })
+            .collect()
+    }
+
+    fn kept(store: &Store) -> usize {
+        store.shared.flush_lock.lock().as_ref().map_or(0, Generation::capacity)
+    }
+
+    fn current(store: &Store) -> usize {
+        lock(&store.shared.inner).tail.current().capacity()
+    }
+
+    #[test]
+    fn a_flush_keeps_the_emptied_generation_unless_told_to_release_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { index_flush_events: usize::MAX, index_idle_flush: None, ..StoreConfig::default() };
+        let store = Store::open(dir.path(), config).unwrap();
+        let stream = StreamName::new("s.burst").unwrap();
+        store.append(&stream, ExpectedVersion::Any, events(1, 1000)).unwrap();
+        assert!(store.shared.flush().unwrap());
+        assert!(kept(&store) >= 1000, "the emptied generation is kept for the next");
+        store.append(&stream, ExpectedVersion::Any, events(1001, 1100)).unwrap();
+        assert!(store.shared.flush().unwrap());
+        assert!(kept(&store) >= 100 && current(&store) >= 1000, "the kept one was written into");
+        store.append(&stream, ExpectedVersion::Any, events(1101, 1200)).unwrap();
+        assert!(store.shared.flush_keeping(Spare::Release).unwrap());
+        assert_eq!((kept(&store), current(&store)), (0, 0), "released: nothing kept, the next starts empty");
+        assert_eq!(store.index_tail(), 0);
+        let read = store.read_stream(&stream, StreamFrom::Start, Direction::Forward, 2000, 0).unwrap();
+        assert_eq!(read.len(), 1200, "all of it in the index");
+    }
+
+    /// A site that went quiet after a burst gives the tail's memory back.
+    #[test]
+    fn the_quiet_flush_releases_the_tails_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        // An eighth of 1024 changes (128) is enough for the quiet flush.
+        let config = StoreConfig {
+            index_flush_events: 1024,
+            index_idle_flush: Some(Duration::from_millis(50)),
+            ..StoreConfig::default()
+        };
+        let store = Store::open(dir.path(), config).unwrap();
+        store.append(&StreamName::new("s.burst").unwrap(), ExpectedVersion::Any, events(1, 500)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while store.index_tail() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(store.index_tail(), 0, "the quiet flush emptied the tail");
+        assert_eq!((kept(&store), current(&store)), (0, 0), "and kept no generation's tables");
     }
 }

@@ -25,7 +25,8 @@
 //! the name's and the versions' allocations), so up to about 100 MiB in the
 //! case where every event is to a new stream (each generation's map keeps
 //! the capacity it reached). A flushed generation's maps are kept (emptied)
-//! for the next one, so flushes do not reallocate them.
+//! for the next one, so flushes do not reallocate them; the quiet flush (the
+//! site stopped writing) lets them go, so an idle site holds none of that.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -96,6 +97,13 @@ pub(crate) struct Generation {
 impl Generation {
     fn is_empty(&self) -> bool {
         self.changes == 0
+    }
+
+    /// Entries its tables have room for, without growing: streams, ids,
+    /// events (what a kept generation holds on to).
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.streams.capacity() + self.ids.capacity() + self.events.capacity()
     }
 
     /// Empties the generation, keeping its allocations.
@@ -194,6 +202,12 @@ impl Tail {
     /// Changes held, counting those being flushed.
     pub(crate) fn len(&self) -> usize {
         self.current.changes + self.frozen.as_ref().map_or(0, |g| g.changes)
+    }
+
+    /// The current generation: where writes go.
+    #[cfg(test)]
+    pub(crate) fn current(&self) -> &Generation {
+        &self.current
     }
 
     /// Changes not yet taken by a flush.

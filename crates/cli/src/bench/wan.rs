@@ -417,9 +417,13 @@ fn status_mib(pid: u32, key: &str) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
-/// A process is quiet when it used less than this share of one core over [`QUIET_WINDOW`].
+/// A process is quiet when it used less than this share of one core over
+/// [`QUIET_WINDOW`]. The window is longer than the store takes to see that
+/// the writes stopped and flush its tail (its quiet flush: up to about 2 s
+/// after the last write), so the memory is read after that flush rather
+/// than at a moment that depends on how full the tail happened to be.
 const QUIET_CPU_SHARE: f64 = 0.05;
-const QUIET_WINDOW: Duration = Duration::from_secs(1);
+const QUIET_WINDOW: Duration = Duration::from_secs(3);
 /// Longest wait for a quiet process; past it the memory is read anyway.
 const QUIET_WAIT_MAX: Duration = Duration::from_secs(120);
 
