@@ -62,7 +62,9 @@ pub struct StoreConfig {
     /// least an eighth of `index_flush_events` changes (16,384 by default)
     /// and fewer than a 64th of that (256) came on top in that time. A site
     /// that went quiet after a burst then persists its index (a shorter
-    /// replay on the next open) and gives the tail's memory back. A steady
+    /// replay on the next open) and gives the tail's memory back; with
+    /// fewer changes than that in the tail, a quiet site keeps them but
+    /// gives back the room its tables grew to in earlier bursts. A steady
     /// writer below 256 changes a spell flushes at most once per 64
     /// spells (16,384 changes a flush), one above it never this way: few
     /// small tables either way.
@@ -1433,14 +1435,12 @@ impl Shared {
         let mut found_nothing = false;
         // The unflushed count at the start of the current quiet spell, and
         // when that started: a spell lasts while fewer than `quiet_growth`
-        // changes come on top.
-        let (mut seen, mut seen_since) = (0usize, Instant::now());
+        // changes come on top. Whether the spell gave the tail's memory back.
+        let (mut seen, mut seen_since, mut released) = (0usize, Instant::now(), false);
         let idle_min = (self.config.index_flush_events / IDLE_FLUSH_TAIL_DIVISOR).max(1);
         let quiet_growth = (idle_min / IDLE_FLUSH_GROWTH_DIVISOR).max(1);
         loop {
-            // A flush due only to a quiet spell gives the tail's memory back.
-            let mut spare_use = Spare::Keep;
-            {
+            let work = {
                 let mut inner = lock(&self.inner);
                 loop {
                     if inner.closing {
@@ -1448,24 +1448,31 @@ impl Shared {
                     }
                     let unflushed = inner.tail.unflushed();
                     if unflushed < seen || unflushed - seen >= quiet_growth {
-                        (seen, seen_since) = (unflushed, Instant::now());
+                        (seen, seen_since, released) = (unflushed, Instant::now(), false);
                     }
                     let interval = self.config.index_flush_interval;
-                    // How long until the tail counts as quiet, if it is large enough to flush then.
-                    let idle_in = self
+                    // How long until the spell counts as quiet, if there is
+                    // memory to give back then (a flush if the tail is large
+                    // enough, else only the generations' spare room).
+                    let quiet_in = self
                         .config
                         .index_idle_flush
-                        .filter(|_| unflushed >= idle_min)
+                        .filter(|_| !released)
                         .map(|after| after.saturating_sub(seen_since.elapsed()));
                     let busy = unflushed >= self.config.index_flush_events
                         || inner.waiting_for_tail
                         || interval.is_some_and(|interval| last_flush.elapsed() >= interval);
-                    let quiet = idle_in == Some(Duration::ZERO);
-                    if (busy || quiet) && !found_nothing {
-                        if !busy {
-                            spare_use = Spare::Release;
-                        }
-                        break;
+                    let quiet = quiet_in == Some(Duration::ZERO);
+                    if busy && !found_nothing {
+                        break IndexerWork::Flush(Spare::Keep);
+                    }
+                    if quiet && unflushed >= idle_min && !found_nothing {
+                        released = true;
+                        break IndexerWork::Flush(Spare::Release);
+                    }
+                    if quiet && unflushed < idle_min {
+                        released = true;
+                        break IndexerWork::Release;
                     }
                     // What is due may not be durable yet, and nothing
                     // signals when it is: look again shortly.
@@ -1473,12 +1480,23 @@ impl Shared {
                         INDEXER_DURABLE_RECHECK
                     } else {
                         let timed = interval.map(|i| i.saturating_sub(last_flush.elapsed()));
-                        [timed, idle_in].into_iter().flatten().fold(INDEXER_RECHECK, Duration::min)
+                        [timed, quiet_in].into_iter().flatten().fold(INDEXER_RECHECK, Duration::min)
                     };
                     let _ = self.flush_wanted.wait_for(&mut inner, wait);
                     found_nothing = false;
                 }
-            }
+            };
+            let spare_use = match work {
+                IndexerWork::Flush(spare_use) => spare_use,
+                IndexerWork::Release => {
+                    // Too few changes for a flush of their own (their
+                    // tables would never be merged): keep them, but not the
+                    // room of the bursts before.
+                    *self.flush_lock.lock() = None;
+                    lock(&self.inner).tail.shrink_to_fit();
+                    continue;
+                }
+            };
             last_flush = Instant::now();
             let flushed = self.flush_keeping(spare_use);
             found_nothing = matches!(flushed, Ok(false));
@@ -1489,6 +1507,16 @@ impl Shared {
             }
         }
     }
+}
+
+/// What the indexer does once it wakes with something due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IndexerWork {
+    /// Flush the tail's current generation.
+    Flush(Spare),
+    /// The site went quiet with too little in the tail to flush: drop the
+    /// spare generation and shrink the current one to what it holds.
+    Release,
 }
 
 /// What a flush does with the generation it emptied.
@@ -1584,5 +1612,37 @@ mod tests {
         }
         assert_eq!(store.index_tail(), 0, "the quiet flush emptied the tail");
         assert_eq!((kept(&store), current(&store)), (0, 0), "and kept no generation's tables");
+    }
+
+    /// A quiet site with too little in its tail for a flush keeps the
+    /// changes in memory but gives back the room of the bursts before.
+    #[test]
+    fn a_quiet_site_with_a_small_tail_gives_back_the_room_of_earlier_bursts() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            index_flush_events: 1024,
+            index_idle_flush: Some(Duration::from_millis(200)),
+            ..StoreConfig::default()
+        };
+        let store = Store::open(dir.path(), config).unwrap();
+        let stream = StreamName::new("s.burst").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Two full flushes: the second starts the first's emptied generation,
+        // with room for 1100, as the current one.
+        for burst in 0..2 {
+            store.append(&stream, ExpectedVersion::Any, events(burst * 1100 + 1, burst * 1100 + 1100)).unwrap();
+            while store.index_tail() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(store.index_tail(), 0, "the full flush emptied the tail");
+        }
+        // Fewer than the quiet flush's eighth of 1024: they stay in the tail.
+        store.append(&stream, ExpectedVersion::Any, events(2201, 2250)).unwrap();
+        while kept(&store) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(kept(&store), 0, "the spare generation was let go");
+        assert!(current(&store) < 1024, "the current generation holds only what it has");
+        assert_eq!(store.index_tail(), 50, "the small tail stays unflushed");
     }
 }

@@ -25,8 +25,9 @@
 //! the name's and the versions' allocations), so up to about 100 MiB in the
 //! case where every event is to a new stream (each generation's map keeps
 //! the capacity it reached). A flushed generation's maps are kept (emptied)
-//! for the next one, so flushes do not reallocate them; the quiet flush (the
-//! site stopped writing) lets them go, so an idle site holds none of that.
+//! for the next one, so flushes do not reallocate them; once the site goes
+//! quiet (it stopped writing) the indexer lets them go and shrinks the
+//! current generation to what it holds, so an idle site keeps none of that.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -202,6 +203,15 @@ impl Tail {
     /// Changes held, counting those being flushed.
     pub(crate) fn len(&self) -> usize {
         self.current.changes + self.frozen.as_ref().map_or(0, |g| g.changes)
+    }
+
+    /// Shrinks the current generation's tables to what they hold.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        let current = &mut self.current;
+        current.streams.shrink_to_fit();
+        current.ids.shrink_to_fit();
+        current.events.shrink_to_fit();
+        current.snapshots.shrink_to_fit();
     }
 
     /// The current generation: where writes go.
