@@ -136,6 +136,7 @@ pub fn run(args: &GatewayArgs) -> anyhow::Result<()> {
         None => Settings::default(),
     };
     let config = args.resolve(file)?;
+    crate::allocator::spawn_idle_trimmer();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("edgebus-gateway")

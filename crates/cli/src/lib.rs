@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod allocator;
 pub mod bench;
 pub mod client_cmds;
 pub mod config;

@@ -144,6 +144,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         None => Settings::default(),
     };
     let config = args.settings().or(file).resolve()?;
+    crate::allocator::spawn_idle_trimmer();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("edgebus-node")
