@@ -591,6 +591,7 @@ async fn measure_edgebus(profile: &Profile, plan: &Plan, dir: &Path, clock: Inst
         "  goodput: {goodput_events} events of {BULK_PAYLOAD_BYTES} B written at eu, then the route"
     ));
     write_backlog(&eu_client, "bulk.goodput", goodput_events, BULK_PAYLOAD_BYTES, BULK_APPEND_EVENTS).await?;
+    settle_phase(dir).await?;
     let arrivals = Arc::new(Arrivals::default());
     let sink = Arc::clone(&arrivals);
     let bulk_task = subscribe(&us_client, "bulk.>", SubscribeFrom::Beginning, move |at, event| {
@@ -645,6 +646,7 @@ async fn measure_edgebus(profile: &Profile, plan: &Plan, dir: &Path, clock: Inst
         }
     })
     .await?;
+    settle_phase(dir).await?;
     progress(format_args!("  latency: critical producer alone for {} s", plan.critical_secs));
     let (alone, sent) = critical_run(&eu_client, &latencies, clock, plan.critical_secs).await?;
     figures.latency_samples = alone.len();
@@ -680,6 +682,28 @@ async fn measure_edgebus(profile: &Profile, plan: &Plan, dir: &Path, clock: Inst
     link.stop().await;
     drop((eu, us));
     Ok(figures)
+}
+
+/// Longest wait in [`settle_phase`] for the cores to fall quiet.
+const SETTLE_MAX: Duration = Duration::from_secs(5);
+
+/// Lets the machine settle before a measured phase (`machine::settle`):
+/// writes out the filesystem's dirty pages, so a build or an earlier phase
+/// does not leave the kernel's writeback inside this phase's `fdatasync`s,
+/// and waits up to [`SETTLE_MAX`] for the cores to fall quiet.
+pub(crate) async fn settle_phase(dir: &Path) -> anyhow::Result<()> {
+    let dir = dir.to_owned();
+    let settled = tokio::task::spawn_blocking(move || super::machine::settle(&dir, SETTLE_MAX))
+        .await
+        .context("settling panicked")??;
+    if !settled.quiet() {
+        progress(format_args!(
+            "    (the cores were still {:.0} % busy after {:.1} s; measuring anyway)",
+            settled.busy.unwrap_or(1.0) * 100.0,
+            settled.waited.as_secs_f64()
+        ));
+    }
+    Ok(())
 }
 
 /// Median window and in-flight bytes of the bulk lane, and how often each

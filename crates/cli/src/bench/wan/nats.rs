@@ -191,6 +191,7 @@ pub async fn measure(
         "  goodput: {goodput_events} messages of {BULK_PAYLOAD_BYTES} B at eu, then US sources them"
     ));
     publish_backlog(&eu, "eu.bulk.goodput", goodput_events, BULK_PAYLOAD_BYTES).await?;
+    super::settle_phase(dir).await?;
     let source = |name: &str| stream::Source { name: name.into(), domain: Some("eu".into()), ..Default::default() };
     us.create_stream(stream::Config {
         name: "US".into(),
@@ -256,6 +257,7 @@ pub async fn measure(
             }
         }
     });
+    super::settle_phase(dir).await?;
     progress(format_args!("  latency: critical producer alone for {} s", plan.critical_secs));
     let (alone, sent) = critical_run(&eu, &latencies, clock, plan.critical_secs).await?;
     super::ensure_arrived(alone.len(), sent, "critical messages")?;
