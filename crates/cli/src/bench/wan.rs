@@ -564,6 +564,27 @@ fn arrival_rate_bps(samples: &[(Instant, u32)]) -> Option<f64> {
     Some(bytes as f64 * 8.0 / secs)
 }
 
+/// A gap between two arrivals longer than this is a stall of the route
+/// (at 10 Mbit/s a 5 ms frame brings about six events at once).
+const ARRIVAL_GAP_STALL: Duration = Duration::from_millis(20);
+
+/// The stalls in a run of arrivals: how many gaps exceeded
+/// [`ARRIVAL_GAP_STALL`], their total and the largest, as text.
+fn arrival_stalls(samples: &[(Instant, u32)]) -> String {
+    let gaps: Vec<Duration> = samples
+        .windows(2)
+        .map(|pair| pair[1].0.duration_since(pair[0].0))
+        .filter(|gap| *gap > ARRIVAL_GAP_STALL)
+        .collect();
+    format!(
+        "{} arrival gaps over {} ms, {:.0} ms in all, the largest {:.0} ms",
+        gaps.len(),
+        ARRIVAL_GAP_STALL.as_millis(),
+        gaps.iter().sum::<Duration>().as_secs_f64() * 1e3,
+        gaps.iter().max().unwrap_or(&Duration::ZERO).as_secs_f64() * 1e3
+    )
+}
+
 async fn measure_edgebus(profile: &Profile, plan: &Plan, dir: &Path, clock: Instant) -> anyhow::Result<LinkFigures> {
     let config = profile.link_config();
     let mut figures = LinkFigures { system: "edgebus", link: profile.name, ..LinkFigures::default() };
@@ -619,13 +640,14 @@ async fn measure_edgebus(profile: &Profile, plan: &Plan, dir: &Path, clock: Inst
         }
     }
     figures.route_while_sending = summarize_route(&route_samples);
-    progress(format_args!("  route while sending: {}", figures.route_while_sending));
     {
         let samples = arrivals.samples.lock().expect("arrivals lock");
+        figures.route_while_sending.push_str(&format!("; {}", arrival_stalls(&samples)));
         figures.goodput_events = samples.len() as u64;
         figures.goodput_complete = samples.len() as u64 >= goodput_events;
         figures.goodput_bps = arrival_rate_bps(&samples);
     }
+    progress(format_args!("  route while sending: {}", figures.route_while_sending));
     if !figures.goodput_complete {
         figures
             .note
@@ -1111,6 +1133,15 @@ mod tests {
         assert_eq!(quantile(&[3.0, 1.0, 2.0, 4.0], 0.5), Some(2.0));
         let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(quantile(&hundred, 0.99), Some(99.0));
+    }
+
+    #[test]
+    fn arrival_stalls_count_only_the_long_gaps() {
+        let start = Instant::now();
+        let at = |ms: u64| (start + Duration::from_millis(ms), 1024);
+        let samples = [at(0), at(5), at(10), at(40), at(45), at(145), at(150)];
+        assert_eq!(arrival_stalls(&samples), "2 arrival gaps over 20 ms, 130 ms in all, the largest 100 ms");
+        assert_eq!(arrival_stalls(&[]), "0 arrival gaps over 20 ms, 0 ms in all, the largest 0 ms");
     }
 
     #[test]
