@@ -909,9 +909,9 @@ mod tests {
         }
         // The first sample sets the bandwidth; three without growth end startup.
         assert_eq!(paces[..4], [0, 0, 0, 0], "{paces:?}");
-        // cycle = 50 ms RTT + 100 ms for a 100 KB frame; queue max(5, 150 / 8) = 18 ms.
+        // cycle = 50 ms RTT + 100 ms for a 100 KB frame; queue max(5, 150 / 4) = 37 ms.
         assert_eq!(receiver.cycle_ms(), Some(150));
-        assert_eq!(paces[5], 1_000_000 * 168 / 1000, "{paces:?}");
+        assert_eq!(paces[5], 1_000_000 * 187 / 1000, "{paces:?}");
         // One slow write among typical ones widens the window (the largest
         // write counts there) but not the pace (three quarters of the writes
         // were at most 2 ms).
@@ -920,7 +920,7 @@ mod tests {
         }
         assert_eq!(receiver.cycle_ms(), Some(250));
         assert_eq!(receiver.pace_cycle_ms(), Some(152));
-        assert_eq!(receiver.pace_bytes(), 1_000_000 * (152 + 19) / 1000);
+        assert_eq!(receiver.pace_bytes(), 1_000_000 * (152 + 38) / 1000);
         assert_eq!(receiver.window().bytes, 2 * 1_000_000 * 250 / 1000);
         // An RTT probe pauses the pace (the window is at its minimum then).
         receiver.rtt_confirmed_ms = 0;
