@@ -1569,6 +1569,12 @@ mod tests {
             .collect()
     }
 
+    /// Full flushes at 1024 changes; the quiet flush, after `idle`, at an
+    /// eighth of that (128).
+    fn quiet_after(idle: Duration) -> StoreConfig {
+        StoreConfig { index_flush_events: 1024, index_idle_flush: Some(idle), ..StoreConfig::default() }
+    }
+
     fn kept(store: &Store) -> usize {
         store.shared.flush_lock.lock().as_ref().map_or(0, Generation::capacity)
     }
@@ -1601,13 +1607,7 @@ mod tests {
     #[test]
     fn the_quiet_flush_releases_the_tails_memory() {
         let dir = tempfile::tempdir().unwrap();
-        // An eighth of 1024 changes (128) is enough for the quiet flush.
-        let config = StoreConfig {
-            index_flush_events: 1024,
-            index_idle_flush: Some(Duration::from_millis(50)),
-            ..StoreConfig::default()
-        };
-        let store = Store::open(dir.path(), config).unwrap();
+        let store = Store::open(dir.path(), quiet_after(Duration::from_millis(50))).unwrap();
         store.append(&StreamName::new("s.burst").unwrap(), ExpectedVersion::Any, events(1, 500)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while (store.index_tail() > 0 || kept(&store) > 0) && Instant::now() < deadline {
@@ -1622,12 +1622,7 @@ mod tests {
     #[test]
     fn a_quiet_site_with_a_small_tail_gives_back_the_room_of_earlier_bursts() {
         let dir = tempfile::tempdir().unwrap();
-        let config = StoreConfig {
-            index_flush_events: 1024,
-            index_idle_flush: Some(Duration::from_millis(200)),
-            ..StoreConfig::default()
-        };
-        let store = Store::open(dir.path(), config).unwrap();
+        let store = Store::open(dir.path(), quiet_after(Duration::from_millis(200))).unwrap();
         let stream = StreamName::new("s.burst").unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         // Two full flushes: the second starts the first's emptied generation,

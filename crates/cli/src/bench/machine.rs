@@ -160,6 +160,17 @@ impl Settled {
     pub fn quiet(&self) -> bool {
         self.busy.is_none_or(|busy| busy <= QUIET_BUSY_MAX)
     }
+
+    /// What to tell the operator when the cores did not fall quiet.
+    pub fn busy_note(&self) -> Option<String> {
+        (!self.quiet()).then(|| {
+            format!(
+                "    (the cores were still {:.0} % busy after {:.1} s; measuring anyway)",
+                self.busy.unwrap_or(1.0) * 100.0,
+                self.waited.as_secs_f64()
+            )
+        })
+    }
 }
 
 /// Lets the machine settle before a measured cell, so that no system is
@@ -256,6 +267,15 @@ mod tests {
         assert_eq!(cpu_times(stat), Some((1000, 840)));
         assert_eq!(cpu_times("intr 1\n"), None);
         assert_eq!(cpu_times("cpu  1 2 x\n"), None);
+    }
+
+    #[test]
+    fn only_busy_cores_get_a_note() {
+        let settled = |busy| Settled { waited: Duration::from_millis(5000), busy };
+        assert_eq!(settled(Some(0.1)).busy_note(), None);
+        assert_eq!(settled(None).busy_note(), None, "unknown counts as quiet");
+        let note = settled(Some(0.9)).busy_note().expect("a note");
+        assert!(note.contains("90 % busy after 5.0 s"), "{note}");
     }
 
     #[test]

@@ -264,13 +264,9 @@ async fn settle_before(dir: &Path, tally: &mut SettleTally) -> anyhow::Result<()
     let settled = blocking(move || settle(&dir, max_wait)).await?;
     tally.cells += 1;
     tally.waited_s += settled.waited.as_secs_f64();
-    if !settled.quiet() {
+    if let Some(note) = settled.busy_note() {
         tally.cells_busy += 1;
-        progress(format_args!(
-            "    (the cores were still {:.0} % busy after {:.1} s; measuring anyway)",
-            settled.busy.unwrap_or(1.0) * 100.0,
-            settled.waited.as_secs_f64()
-        ));
+        progress(format_args!("{note}"));
     }
     Ok(())
 }

@@ -718,12 +718,8 @@ pub(crate) async fn settle_phase(dir: &Path) -> anyhow::Result<()> {
     let settled = tokio::task::spawn_blocking(move || super::machine::settle(&dir, SETTLE_MAX))
         .await
         .context("settling panicked")??;
-    if !settled.quiet() {
-        progress(format_args!(
-            "    (the cores were still {:.0} % busy after {:.1} s; measuring anyway)",
-            settled.busy.unwrap_or(1.0) * 100.0,
-            settled.waited.as_secs_f64()
-        ));
+    if let Some(note) = settled.busy_note() {
+        progress(format_args!("{note}"));
     }
     Ok(())
 }
