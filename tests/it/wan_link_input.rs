@@ -35,7 +35,7 @@ enum Ending {
 fn hello(site: &str, target_site: &str) -> v1::LinkFrame {
     v1::LinkFrame {
         kind: Some(Frame::Hello(v1::LinkHello {
-            protocol_version: 1,
+            protocol_version: 2,
             site: site.into(),
             target_site: target_site.into(),
             route: "raw".into(),
@@ -61,6 +61,17 @@ fn replicated(stream: &str, version: u64, origin_site: &str) -> v1::ReplicatedEv
         origin_position: 1000 + version,
         note: String::new(),
     }
+}
+
+/// `replicated` events as a sender puts them in one batch: `stream`, `type`
+/// and `origin_site` empty where they repeat the previous event's.
+fn elided(mut events: Vec<v1::ReplicatedEvent>) -> Vec<v1::ReplicatedEvent> {
+    for event in events.iter_mut().skip(1) {
+        event.stream.clear();
+        event.r#type.clear();
+        event.origin_site.clear();
+    }
+    events
 }
 
 fn batch(first_seq: u64, events: Vec<v1::ReplicatedEvent>) -> v1::LinkFrame {
@@ -111,7 +122,7 @@ impl RawLink {
         match self.next().await {
             Ok(Some(Control::Welcome(welcome))) => {
                 assert_eq!(welcome.site, site);
-                assert_eq!(welcome.protocol_version, 1);
+                assert_eq!(welcome.protocol_version, 2);
             }
             other => panic!("expected a welcome, got {other:?}"),
         }
@@ -170,7 +181,7 @@ fn wan_link_bad_input_is_refused_and_the_site_keeps_serving() {
             (
                 "an unknown protocol version",
                 v1::LinkFrame {
-                    kind: Some(Frame::Hello(v1::LinkHello { protocol_version: 2, ..hello_of("eu", "us") })),
+                    kind: Some(Frame::Hello(v1::LinkHello { protocol_version: 3, ..hello_of("eu", "us") })),
                 },
                 1,
             ),
@@ -215,6 +226,16 @@ fn wan_link_bad_input_is_refused_and_the_site_keeps_serving() {
         link.send(hello("eu", "us")).await;
         assert_eq!(link.ending().await, Ending::Closed(4), "a second hello");
 
+        // A batch whose first event leaves out its stream (there is no
+        // event before it in the batch to take the stream from).
+        let mut link = RawLink::open(wan, hello("eu", "us")).await;
+        link.welcomed("us").await;
+        link.grant().await;
+        let mut first = replicated("orders.eu.4", 0, "eu");
+        first.stream.clear();
+        link.send(batch(0, vec![first])).await;
+        assert_eq!(link.ending().await, Ending::Closed(5), "a first event without its stream");
+
         // A batch naming a lane the hello did not list.
         let mut link = RawLink::open(wan, hello("eu", "us")).await;
         link.welcomed("us").await;
@@ -226,11 +247,11 @@ fn wan_link_bad_input_is_refused_and_the_site_keeps_serving() {
         link.send(unlisted).await;
         assert_eq!(link.ending().await, Ending::Closed(4), "a lane the hello did not list");
 
-        // A later good session works.
+        // A later good session works, with the repeated fields left out.
         let mut good = RawLink::open(wan, hello("eu", "us")).await;
         good.welcomed("us").await;
         good.grant().await;
-        good.send(batch(0, (20..30).map(|v| replicated("orders.eu.0", v, "eu")).collect())).await;
+        good.send(batch(0, elided((20..30).map(|v| replicated("orders.eu.0", v, "eu")).collect()))).await;
         good.durable(10).await;
     });
 
@@ -244,6 +265,7 @@ fn wan_link_bad_input_is_refused_and_the_site_keeps_serving() {
         let want = replicated("orders.eu.0", version as u64, "eu");
         assert_eq!(event.version, version as u64);
         assert_eq!(event.id.as_bytes().as_slice(), want.id.as_slice());
+        assert_eq!(event.event_type.as_str(), want.r#type);
         assert_eq!(event.data, want.data);
         assert_eq!(event.timestamp_ms, want.timestamp_ms);
         let origin = event.origin.as_ref().expect("a replicated event");

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod receiver;
 pub mod sender;
 pub mod site;
+mod wire;
 
 pub use gateway::{AdminError, Gateway, GatewayConfig};
 pub use site::{Fence, Fences, LocalSite, RemoteSite, Site, SiteError};

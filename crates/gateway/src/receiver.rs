@@ -28,7 +28,7 @@ use crate::credit::{Amount, CreditReceiver, Grant, ReceiverConfig};
 use crate::metrics::{GatewayMetrics, LatencyHistogram, now_ms};
 
 /// The WAN protocol version this gateway speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest WAN frame accepted (a batch of events, encoded).
 pub const WAN_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// HTTP/2 flow-control windows of WAN links (stream and connection), at
@@ -336,7 +336,7 @@ impl Session {
     fn accept_batch(
         &self,
         from: &SiteName,
-        batch: v1::LinkBatch,
+        mut batch: v1::LinkBatch,
         lanes: usize,
         credit: &mut CreditReceiver,
         now: u64,
@@ -348,6 +348,7 @@ impl Session {
                 format!("a batch names lane {}, but the hello listed {lanes} lane(s)", batch.lane),
             ));
         }
+        crate::wire::restore_repeats(&mut batch.events);
         let events = batch.events.len() as u64;
         let bytes: u64 = batch.events.iter().map(|e| e.encoded_len() as u64).sum();
         credit.on_data(batch.first_seq, events, bytes, now).map_err(|v| closing(close::VIOLATION, v.to_string()))?;

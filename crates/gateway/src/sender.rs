@@ -888,6 +888,7 @@ impl RouteTask {
         let end = *self.context.end.borrow();
         let app_limited =
             self.lanes.iter().all(|l| l.buffer.is_empty() && (l.at_end || l.blocked || l.read_pos >= end));
+        crate::wire::elide_repeats(&mut events);
         let batch = v1::LinkBatch {
             first_seq,
             lane: u32::try_from(lane_index).expect("at most LANES_MAX lanes"),
