@@ -27,7 +27,7 @@ use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::credit::{Amount, CreditSender, Grant, LaneShare, Stall};
+use crate::credit::{Amount, CreditSender, Grant, LaneShare, RateBucket, Stall, headroom_rate};
 use crate::def::{Action, Route};
 use crate::gateway::{GATEWAY_STREAM, TYPE_POLICY_REMOVED, TYPE_POLICY_SET};
 use crate::lease::driver::Authority;
@@ -405,6 +405,13 @@ struct RouteTask {
     last_checkpoint: Vec<u64>,
     /// The link's delivery rate as the receiver last measured it (0: unknown).
     bandwidth: u64,
+    /// The headroom's bucket (`credit::rate`): pool bytes while another
+    /// lane is active, on the task's clock (`clock`).
+    headroom: RateBucket,
+    clock: tokio::time::Instant,
+    /// The headroom held a lane since the last frame: the next frame says
+    /// `app_limited`, so the receiver does not take the lower rate for the link's.
+    headroom_held: bool,
     /// Events acknowledged when the last checkpoint was written: progress
     /// made only of skipped records (the checkpoints themselves among them)
     /// writes no checkpoint, so an idle route writes none.
@@ -441,7 +448,7 @@ async fn run(route: Route, context: RouteContext, metrics: Arc<RouteMetrics>, mu
         })
         .collect::<Vec<_>>();
     let last_checkpoint = lanes.iter().map(|l| l.read_pos).collect();
-    let mut task = RouteTask { route, context, metrics, lanes, last_checkpoint, acked_at_checkpoint: 0, bandwidth: 0 };
+    let mut task = RouteTask::new(route, context, metrics, lanes, last_checkpoint);
     task.publish_positions();
     let mut failures = 0u32;
     let mut address = 0usize;
@@ -499,6 +506,46 @@ struct CursorRecord {
 }
 
 impl RouteTask {
+    fn new(
+        route: Route,
+        context: RouteContext,
+        metrics: Arc<RouteMetrics>,
+        lanes: Vec<Lane>,
+        last_checkpoint: Vec<u64>,
+    ) -> Self {
+        RouteTask {
+            route,
+            context,
+            metrics,
+            lanes,
+            last_checkpoint,
+            acked_at_checkpoint: 0,
+            bandwidth: 0,
+            headroom: RateBucket::default(),
+            clock: tokio::time::Instant::now(),
+            headroom_held: false,
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Has a lane other than `lane` sent within [`LANE_ACTIVE_MS`]?
+    fn shared(&self, lane: usize, now_ms: u64) -> bool {
+        self.lanes.iter().any(|l| {
+            l.index != lane && l.last_sent_ms > 0 && now_ms.saturating_sub(l.last_sent_ms) < LANE_ACTIVE_MS
+        })
+    }
+
+    /// The headroom's rate for `lane`'s sends: while another lane is
+    /// active and the link's pace is measured (not in startup or an RTT
+    /// probe), `None` otherwise.
+    fn headroom_rate(&self, credit: &CreditSender, lane: usize, now_ms: u64) -> Option<u64> {
+        (self.bandwidth > 0 && credit.pace_bytes() > 0 && self.shared(lane, now_ms))
+            .then(|| headroom_rate(self.bandwidth))
+    }
+
     fn publish_positions(&self) {
         let mut queued: BTreeMap<String, u64> = BTreeMap::new();
         for lane in &self.lanes {
@@ -674,7 +721,7 @@ impl RouteTask {
                 Ok(more) => more,
                 Err(e) => return Some(e),
             };
-            let next = self.next_lane(credit);
+            let (next, headroom_wait) = self.next_lane(credit);
             self.publish_positions();
             let echo_due = credit.echo() != echoed;
             tokio::select! {
@@ -743,6 +790,7 @@ impl RouteTask {
                     }
                 }
                 _ = checkpoint.tick() => self.checkpoint(false).await,
+                () = tokio::time::sleep(headroom_wait.unwrap_or_default()), if headroom_wait.is_some() => {}
                 () = std::future::ready(()), if more => {}
             }
         }
@@ -795,19 +843,31 @@ impl RouteTask {
     }
 
     /// The highest-priority lane that has an event and may send it, noting
-    /// why the others wait.
-    fn next_lane(&self, credit: &CreditSender) -> Option<usize> {
+    /// why the others wait; and, if the headroom holds a lane, how long
+    /// until it may send.
+    fn next_lane(&mut self, credit: &CreditSender) -> (Option<usize>, Option<Duration>) {
+        let (now_ms, now_us) = (now_ms(), self.now_us());
         let mut chosen = None;
+        let mut headroom_wait: Option<Duration> = None;
         for lane in &self.lanes {
             let m = &self.metrics.lanes[lane.index];
             let reason = match lane.buffer.front() {
                 None if lane.blocked => stall::LANE_MOVE,
                 None => stall::NONE,
                 Some(item) => match credit.stall(lane.index, item.bytes) {
-                    None => {
-                        chosen = chosen.or(Some(lane.index));
-                        stall::NONE
-                    }
+                    None => match self.headroom_rate(credit, lane.index, now_ms) {
+                        Some(rate)
+                            if credit.needs_pool(lane.index, item.bytes) && !self.headroom.allows(now_us, rate) =>
+                        {
+                            let wait = Duration::from_micros(self.headroom.wait_us(now_us, rate));
+                            headroom_wait = Some(headroom_wait.map_or(wait, |w| w.min(wait)));
+                            stall::PACE
+                        }
+                        _ => {
+                            chosen = chosen.or(Some(lane.index));
+                            stall::NONE
+                        }
+                    },
                     Some(Stall::NoCredit) => stall::NO_CREDIT,
                     Some(Stall::LaneShare) => stall::LANE_SHARE,
                     Some(Stall::LaneCap) => stall::LANE_CAP,
@@ -816,14 +876,14 @@ impl RouteTask {
             };
             m.set_stall(reason);
         }
-        chosen
+        self.headroom_held |= headroom_wait.is_some();
+        (chosen, headroom_wait)
     }
 
     fn build_batch(&mut self, credit: &mut CreditSender, lane_index: usize) -> v1::LinkFrame {
         let now = now_ms();
-        let shared = self.lanes.iter().any(|l| {
-            l.index != lane_index && l.last_sent_ms > 0 && now.saturating_sub(l.last_sent_ms) < LANE_ACTIVE_MS
-        });
+        let shared = self.shared(lane_index, now);
+        let headroom = self.headroom_rate(credit, lane_index, now);
         let frame_link_ms = if shared { FRAME_LINK_MS_SHARED } else { FRAME_LINK_MS };
         let lane = &mut self.lanes[lane_index];
         lane.last_sent_ms = now;
@@ -878,6 +938,12 @@ impl RouteTask {
                 break;
             }
         }
+        if let Some(rate) = headroom {
+            // Whatever the lane sent, inside its reservation or not, took
+            // its time on the link.
+            let now_us = self.now_us();
+            self.headroom.spend(now_us, rate, bytes);
+        }
         for (topic, n) in sent {
             self.metrics.count(&topic, |c| c.sent += n);
         }
@@ -886,8 +952,8 @@ impl RouteTask {
         // read. (`at_end` alone is not enough: a trickle's event is read and
         // sent before the lane ever finds the end, so it would never be set.)
         let end = *self.context.end.borrow();
-        let app_limited =
-            self.lanes.iter().all(|l| l.buffer.is_empty() && (l.at_end || l.blocked || l.read_pos >= end));
+        let app_limited = std::mem::take(&mut self.headroom_held)
+            || self.lanes.iter().all(|l| l.buffer.is_empty() && (l.at_end || l.blocked || l.read_pos >= end));
         crate::wire::elide_repeats(&mut events);
         let batch = v1::LinkBatch {
             first_seq,
@@ -1134,7 +1200,7 @@ mod tests {
                 last_sent_ms: 0,
             })
             .collect();
-        RouteTask { route, context, metrics, lanes, last_checkpoint: vec![0, 0], acked_at_checkpoint: 0, bandwidth: 0 }
+        RouteTask::new(route, context, metrics, lanes, vec![0, 0])
     }
 
     fn positions(lane: &Lane) -> Vec<u64> {

@@ -159,12 +159,14 @@
 //! `up_to.events - durable.events`, which the receiver keeps within
 //! `bounds.max.events`.
 
+mod rate;
 mod receiver;
 mod sender;
 
 #[cfg(test)]
 mod sim_tests;
 
+pub use rate::{HEADROOM_RATE_PERMILLE, RateBucket, headroom_rate};
 pub use receiver::{CreditReceiver, ReceiverConfig, SERVICE_SAMPLES, WindowBounds};
 pub use sender::{CreditSender, LaneShare};
 

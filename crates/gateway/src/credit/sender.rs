@@ -217,6 +217,17 @@ impl CreditSender {
         self.pace_bytes
     }
 
+    /// Would an event of `bytes` bytes from `lane` go beyond the lane's
+    /// reservation, into the pool?
+    ///
+    /// # Panics
+    ///
+    /// When `lane` is not a lane of this sender.
+    pub fn needs_pool(&self, lane: usize, bytes: u64) -> bool {
+        let this = &self.lanes[lane];
+        this.in_flight.bytes.saturating_add(bytes) > this.reserved.bytes
+    }
+
     /// Why `lane` cannot send an event of `bytes` bytes now: `None` if it
     /// can; [`Stall::NoCredit`] when the absolute limit blocks,
     /// [`Stall::LaneCap`] when (only) the lane cap blocks, [`Stall::LaneShare`]
@@ -261,7 +272,7 @@ impl CreditSender {
         let in_flight_bytes = self.sent.bytes - self.durable.bytes;
         let paced = !idle
             && self.pace_bytes > 0
-            && after.bytes > this.reserved.bytes
+            && self.needs_pool(lane, bytes)
             && in_flight_bytes.saturating_add(bytes) > self.pace_bytes;
         if paced { Some(Stall::Pace) } else { None }
     }

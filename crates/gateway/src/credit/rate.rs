@@ -1,0 +1,138 @@
+//! Headroom for a shared link: while two lanes send, the bytes a lane
+//! borrows from the pool go out at most at a fraction of the link's
+//! measured bandwidth ([`HEADROOM_RATE_PERMILLE`]), so the queue in the link
+//! drains and another lane's next event (a critical one beside bulk) finds
+//! it nearly empty instead of behind the pace's queue allowance.
+//!
+//! The pace (module doc of `credit`) limits bytes *in flight* and must allow
+//! a few milliseconds of queue over its cycle estimate: the loop a byte of
+//! credit travels jitters by that much, and a tighter limit starves the link
+//! and its own bandwidth estimate. A limit on the *rate* does not depend on
+//! that loop. Sending below the link's rate would still pull the receiver's
+//! delivery samples, and with them the estimate, down; so a frame sent while
+//! the headroom held a lane says so (`LinkBatch.app_limited`), and the
+//! receiver drops such samples when they are below its estimate, as it does
+//! for a sender with nothing to send. If the link itself slows down, the
+//! pace (bytes in flight) is what holds the lane, frames are not flagged,
+//! and the estimate follows the link as before.
+//!
+//! [`RateBucket`] is a token bucket over the caller's monotonic clock in
+//! microseconds; like the rest of the credit core it reads no clock.
+
+/// Share of the link's bandwidth, in thousandths, that pool bytes may use
+/// while another lane is active.
+pub const HEADROOM_RATE_PERMILLE: u64 = 900;
+
+/// Most bytes the bucket saves up, as microseconds at its rate: one short
+/// frame's worth (the sender's shared frames carry 2 ms of the link), so
+/// an idle moment does not turn into a burst that fills the link's queue.
+pub const BUCKET_DEPTH_US: u64 = 2_000;
+
+/// A token bucket of bytes. The level may go below zero by one send: a
+/// send is allowed while the level is positive, whatever its size, so the
+/// sender never waits for a frame's worth to gather.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateBucket {
+    /// Level at `at_us`, in bytes.
+    level: i64,
+    at_us: u64,
+}
+
+impl RateBucket {
+    /// A full bucket at `now_us`.
+    pub fn full(now_us: u64, rate_bytes_per_s: u64) -> Self {
+        RateBucket { level: depth(rate_bytes_per_s), at_us: now_us }
+    }
+
+    /// The level at `now_us`, refilled at `rate_bytes_per_s` up to the depth.
+    pub fn level(&self, now_us: u64, rate_bytes_per_s: u64) -> i64 {
+        let elapsed = u128::from(now_us.saturating_sub(self.at_us));
+        let refill = i64::try_from(elapsed * u128::from(rate_bytes_per_s) / 1_000_000).unwrap_or(i64::MAX);
+        self.level.saturating_add(refill).min(depth(rate_bytes_per_s).max(self.level))
+    }
+
+    /// May a send start now?
+    pub fn allows(&self, now_us: u64, rate_bytes_per_s: u64) -> bool {
+        self.level(now_us, rate_bytes_per_s) > 0
+    }
+
+    /// Microseconds from `now_us` until a send may start (0: now).
+    pub fn wait_us(&self, now_us: u64, rate_bytes_per_s: u64) -> u64 {
+        let level = self.level(now_us, rate_bytes_per_s);
+        if level > 0 {
+            return 0;
+        }
+        let missing = u128::from(level.unsigned_abs()) + 1;
+        let us = (missing * 1_000_000).div_ceil(u128::from(rate_bytes_per_s.max(1)));
+        u64::try_from(us).unwrap_or(u64::MAX)
+    }
+
+    /// `bytes` were sent at `now_us`.
+    pub fn spend(&mut self, now_us: u64, rate_bytes_per_s: u64, bytes: u64) {
+        let level = self.level(now_us, rate_bytes_per_s);
+        self.level = level.saturating_sub(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.at_us = now_us.max(self.at_us);
+    }
+}
+
+/// Rate of pool bytes while the link is shared, from the link's bandwidth.
+pub fn headroom_rate(bandwidth_bytes_per_s: u64) -> u64 {
+    let rate = u128::from(bandwidth_bytes_per_s) * u128::from(HEADROOM_RATE_PERMILLE) / 1000;
+    u64::try_from(rate).unwrap_or(u64::MAX).max(1)
+}
+
+fn depth(rate_bytes_per_s: u64) -> i64 {
+    let bytes = u128::from(rate_bytes_per_s) * u128::from(BUCKET_DEPTH_US) / 1_000_000;
+    i64::try_from(bytes).unwrap_or(i64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 1 MB/s: one byte per microsecond, a depth of 2,000 bytes.
+    const RATE: u64 = 1_000_000;
+
+    #[test]
+    fn a_full_bucket_holds_its_depth_and_refills_no_higher() {
+        let bucket = RateBucket::full(0, RATE);
+        assert_eq!(bucket.level(0, RATE), 2_000);
+        assert_eq!(bucket.level(1_000_000, RATE), 2_000, "an idle second saves no more than the depth");
+    }
+
+    #[test]
+    fn a_send_may_overdraw_once_then_waits_for_the_refill() {
+        let mut bucket = RateBucket::full(0, RATE);
+        assert!(bucket.allows(0, RATE));
+        bucket.spend(0, RATE, 5_000);
+        assert_eq!(bucket.level(0, RATE), -3_000);
+        assert!(!bucket.allows(0, RATE));
+        assert_eq!(bucket.wait_us(0, RATE), 3_001);
+        assert!(!bucket.allows(3_000, RATE), "level 0 is not positive");
+        assert!(bucket.allows(3_001, RATE));
+        assert_eq!(bucket.wait_us(3_001, RATE), 0);
+    }
+
+    #[test]
+    fn sending_as_allowed_keeps_to_the_rate() {
+        // A sender that sends 1,500-byte frames whenever it may, over one
+        // simulated second, sends the rate's bytes plus at most the depth
+        // and one frame.
+        let mut bucket = RateBucket::full(0, RATE);
+        let (mut now, mut sent) = (0u64, 0u64);
+        while now <= 1_000_000 {
+            if bucket.allows(now, RATE) {
+                bucket.spend(now, RATE, 1_500);
+                sent += 1_500;
+            }
+            now += bucket.wait_us(now, RATE).max(1);
+        }
+        assert!((RATE..=RATE + 2_000 + 1_500).contains(&sent), "sent {sent}");
+    }
+
+    #[test]
+    fn the_headroom_rate_is_a_share_of_the_bandwidth() {
+        assert_eq!(headroom_rate(12_500_000), 11_250_000);
+        assert_eq!(headroom_rate(0), 1, "never zero: a wait stays finite");
+    }
+}
