@@ -4,9 +4,9 @@
 //!
 //! A lane is
 //! - `healthy` when it has no backlog, or its acknowledged cursor moved
-//!   within [`STALLED_AFTER_MS`] and nothing but the link's pace holds it;
-//! - `throttled` when data waits on credit, its lane share or its lane cap
-//!   but the cursor moved within [`STALLED_AFTER_MS`]: it is moving, at the
+//!   within [`STALLED_AFTER_MS`] and nothing holds it;
+//! - `throttled` when data waits on credit, its lane share, its lane cap,
+//!   the link's pace or the headroom for another lane, but the cursor moved within [`STALLED_AFTER_MS`]: it is moving, at the
 //!   pace the remote site grants;
 //! - `stalled` when it has backlog and its acknowledged cursor has not
 //!   moved for longer than [`STALLED_AFTER_MS`], with the instant it last
@@ -85,6 +85,9 @@ pub enum Reason {
     /// The route has as many bytes in flight as the link carries in one
     /// credit cycle (plus a short queue): the link is full.
     Pace,
+    /// Another lane is active: this lane's pool bytes go below the link's
+    /// rate, so the link's queue stays short for the other lane's events.
+    Headroom,
     /// The lane waits for a policy change: a stream moved to it and the old
     /// lane has not passed the change, or a change in the log is not yet in
     /// effect.
@@ -100,7 +103,7 @@ pub enum Reason {
 impl Reason {
     /// Every reason's code, for label values (`open circuit` stands for
     /// every count of failures).
-    pub const CODES: [&'static str; 10] = [
+    pub const CODES: [&'static str; 11] = [
         "stopped",
         "open circuit",
         "no link",
@@ -111,6 +114,7 @@ impl Reason {
         "no acknowledgement",
         "no progress",
         "pace",
+        "headroom",
     ];
 
     /// The reason's stable code, one of [`Reason::CODES`].
@@ -126,6 +130,7 @@ impl Reason {
             Self::NoAcknowledgement => Self::CODES[7],
             Self::NoProgress => Self::CODES[8],
             Self::Pace => Self::CODES[9],
+            Self::Headroom => Self::CODES[10],
         }
     }
 
@@ -139,6 +144,7 @@ impl Reason {
             Self::LaneShare => "the lane's share of the window is used".to_owned(),
             Self::LaneCap => "the lane's cap is reached".to_owned(),
             Self::Pace => "paced: the link is full (one credit cycle and a short queue in flight)".to_owned(),
+            Self::Headroom => "headroom: another lane is active, this one sends below the link's rate".to_owned(),
             Self::PolicyChange => "waiting for a policy change to pass".to_owned(),
             Self::NoAcknowledgement => "events in flight are not acknowledged".to_owned(),
             Self::NoProgress => "no progress with a link and nothing in flight".to_owned(),
@@ -217,6 +223,7 @@ pub fn assess_lane(link: LinkFigures, lane: LaneFigures, now_ms: u64) -> Health 
         stall::LANE_SHARE => Some(Reason::LaneShare),
         stall::LANE_CAP => Some(Reason::LaneCap),
         stall::PACE => Some(Reason::Pace),
+        stall::HEADROOM => Some(Reason::Headroom),
         _ => None,
     };
     match throttle {
@@ -243,6 +250,7 @@ fn lane_reason(link: LinkFigures, lane: LaneFigures) -> Reason {
         stall::LANE_SHARE => Reason::LaneShare,
         stall::LANE_CAP => Reason::LaneCap,
         stall::PACE => Reason::Pace,
+        stall::HEADROOM => Reason::Headroom,
         stall::LANE_MOVE => Reason::PolicyChange,
         _ if lane.in_flight_events > 0 => Reason::NoAcknowledgement,
         _ => Reason::NoProgress,
@@ -326,6 +334,7 @@ mod tests {
         );
         assert_eq!(assess_lane(CONNECTED, lane(500, stall::LANE_CAP, None), NOW), throttled(Reason::LaneCap));
         assert_eq!(assess_lane(CONNECTED, lane(500, stall::PACE, None), NOW), throttled(Reason::Pace));
+        assert_eq!(assess_lane(CONNECTED, lane(500, stall::HEADROOM, None), NOW), throttled(Reason::Headroom));
         // Waiting for a policy change for a moment is no throttle.
         assert_eq!(assess_lane(CONNECTED, lane(500, stall::LANE_MOVE, Some(1_000)), NOW), Health::default());
         // A stale credit stall once the link is gone is no throttle: the link decides.
@@ -412,6 +421,7 @@ mod tests {
             Reason::NoAcknowledgement,
             Reason::NoProgress,
             Reason::Pace,
+            Reason::Headroom,
         ];
         assert_eq!(reasons.map(Reason::code), Reason::CODES);
         assert!(Reason::OpenCircuit { failures: 7 }.text().contains("after 7 failed sessions"));

@@ -27,7 +27,7 @@ use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::credit::{Amount, CreditSender, Grant, LaneShare, RateBucket, Stall, headroom_rate};
+use crate::credit::{Amount, CreditSender, Grant, Headroom, LaneShare, Stall};
 use crate::def::{Action, Route};
 use crate::gateway::{GATEWAY_STREAM, TYPE_POLICY_REMOVED, TYPE_POLICY_SET};
 use crate::lease::driver::Authority;
@@ -129,8 +129,12 @@ pub mod stall {
     pub const LANE_MOVE: u8 = 5;
     /// The route has the link's pace in flight; the lane's reservation is used.
     pub const PACE: u8 = 6;
+    /// Another lane is active and the lane's pool bytes have used the
+    /// headroom's rate (`credit::rate`): the link keeps room for the other lane.
+    pub const HEADROOM: u8 = 7;
     /// Names, by value.
-    pub const NAMES: [&str; 7] = ["none", "no link", "no credit", "lane share", "lane cap", "lane move", "pace"];
+    pub const NAMES: [&str; 8] =
+        ["none", "no link", "no credit", "lane share", "lane cap", "lane move", "pace", "headroom"];
 }
 
 /// Counters of one lane.
@@ -405,9 +409,9 @@ struct RouteTask {
     last_checkpoint: Vec<u64>,
     /// The link's delivery rate as the receiver last measured it (0: unknown).
     bandwidth: u64,
-    /// The headroom's bucket (`credit::rate`): pool bytes while another
-    /// lane is active, on the task's clock (`clock`).
-    headroom: RateBucket,
+    /// The headroom (`credit::rate`): pool bytes while another lane is
+    /// active, on the task's clock (`clock`).
+    headroom: Headroom,
     clock: tokio::time::Instant,
     /// The headroom held a lane since the last frame: the next frame says
     /// `app_limited`, so the receiver does not take the lower rate for the link's.
@@ -521,7 +525,7 @@ impl RouteTask {
             last_checkpoint,
             acked_at_checkpoint: 0,
             bandwidth: 0,
-            headroom: RateBucket::default(),
+            headroom: Headroom::default(),
             clock: tokio::time::Instant::now(),
             headroom_held: false,
         }
@@ -533,17 +537,21 @@ impl RouteTask {
 
     /// Has a lane other than `lane` sent within [`LANE_ACTIVE_MS`]?
     fn shared(&self, lane: usize, now_ms: u64) -> bool {
-        self.lanes.iter().any(|l| {
-            l.index != lane && l.last_sent_ms > 0 && now_ms.saturating_sub(l.last_sent_ms) < LANE_ACTIVE_MS
-        })
+        self.lanes
+            .iter()
+            .any(|l| l.index != lane && l.last_sent_ms > 0 && now_ms.saturating_sub(l.last_sent_ms) < LANE_ACTIVE_MS)
     }
 
     /// The headroom's rate for `lane`'s sends: while another lane is
     /// active and the link's pace is measured (not in startup or an RTT
-    /// probe), `None` otherwise.
-    fn headroom_rate(&self, credit: &CreditSender, lane: usize, now_ms: u64) -> Option<u64> {
-        (self.bandwidth > 0 && credit.pace_bytes() > 0 && self.shared(lane, now_ms))
-            .then(|| headroom_rate(self.bandwidth))
+    /// probe) and the headroom is not probing; `None` otherwise.
+    fn headroom_rate(&mut self, credit: &CreditSender, lane: usize, now_ms: u64, now_us: u64) -> Option<u64> {
+        if self.bandwidth == 0 || credit.pace_bytes() == 0 || !self.shared(lane, now_ms) {
+            return None;
+        }
+        // The pace covers a credit cycle and its queue allowance.
+        let cycle_us = u128::from(credit.pace_bytes()) * 1_000_000 / u128::from(self.bandwidth);
+        self.headroom.rate(now_us, self.bandwidth, u64::try_from(cycle_us).unwrap_or(u64::MAX))
     }
 
     fn publish_positions(&self) {
@@ -849,19 +857,21 @@ impl RouteTask {
         let (now_ms, now_us) = (now_ms(), self.now_us());
         let mut chosen = None;
         let mut headroom_wait: Option<Duration> = None;
+        let rates: Vec<Option<u64>> =
+            (0..self.lanes.len()).map(|lane| self.headroom_rate(credit, lane, now_ms, now_us)).collect();
         for lane in &self.lanes {
             let m = &self.metrics.lanes[lane.index];
             let reason = match lane.buffer.front() {
                 None if lane.blocked => stall::LANE_MOVE,
                 None => stall::NONE,
                 Some(item) => match credit.stall(lane.index, item.bytes) {
-                    None => match self.headroom_rate(credit, lane.index, now_ms) {
+                    None => match rates[lane.index] {
                         Some(rate)
                             if credit.needs_pool(lane.index, item.bytes) && !self.headroom.allows(now_us, rate) =>
                         {
                             let wait = Duration::from_micros(self.headroom.wait_us(now_us, rate));
                             headroom_wait = Some(headroom_wait.map_or(wait, |w| w.min(wait)));
-                            stall::PACE
+                            stall::HEADROOM
                         }
                         _ => {
                             chosen = chosen.or(Some(lane.index));
@@ -883,7 +893,7 @@ impl RouteTask {
     fn build_batch(&mut self, credit: &mut CreditSender, lane_index: usize) -> v1::LinkFrame {
         let now = now_ms();
         let shared = self.shared(lane_index, now);
-        let headroom = self.headroom_rate(credit, lane_index, now);
+        let headroom = self.headroom_rate(credit, lane_index, now, self.now_us());
         let frame_link_ms = if shared { FRAME_LINK_MS_SHARED } else { FRAME_LINK_MS };
         let lane = &mut self.lanes[lane_index];
         lane.last_sent_ms = now;

@@ -139,7 +139,9 @@
 //! finds the link's rate fastest. Beyond it a lane may
 //! send only inside its own reservation: an event that needs the pool waits
 //! while `sent.bytes - durable.bytes + b > pace_bytes` (not under the idle
-//! rule). The link stays full (in flight exceeds bandwidth × cycle), its
+//! rule, and not when the lane itself has nothing in flight: a pace below
+//! one event, measured on another lane's trickle, would hold a bulk lane
+//! beside it for good). The link stays full (in flight exceeds bandwidth × cycle), its
 //! queue stays near `q`, and a lane with a reservation is never paced
 //! within it. While the pace limits the rate, the delivery rate measured
 //! is about `pace / cycle`, at least 1.125 × the bandwidth, so the window
@@ -148,6 +150,19 @@
 //! 58 ms unpaced to 39 ms paced (26 ms alone), with the same throughput. The sender keeps the pace of the grant with the newest
 //! ping (a reordered older grant does not change it); pacing is advice
 //! about the link, not a credit rule, and the receiver does not check it.
+//!
+//! *Headroom* ([`rate`]). The pace's queue allowance stands in the link,
+//! and a critical event beside a saturated bulk lane waits behind it (at
+//! 100 Mbit/s and 5 ms RTT, ~3 ms of the 5). A tighter limit on bytes in
+//! flight starves the link, because the loop a byte of credit travels
+//! jitters by about that much. So while another lane is active the sender
+//! also limits the *rate* of pool bytes to [`HEADROOM_RATE_PERMILLE`] of
+//! the measured bandwidth ([`RateBucket`], [`headroom_rate`]): the queue
+//! drains, and the critical event finds the link nearly empty. Frames sent
+//! while the headroom held a lane are flagged app-limited, so their lower
+//! delivery rate does not lower the estimate; if the link itself slows,
+//! the pace holds the lane instead and the estimate follows. Rare probes
+//! without the headroom let the estimate grow when the link is faster.
 //!
 //! The window may shrink, but `up_to`
 //! never decreases: a shrink takes effect as durable advances
@@ -159,14 +174,14 @@
 //! `up_to.events - durable.events`, which the receiver keeps within
 //! `bounds.max.events`.
 
-mod rate;
+pub mod rate;
 mod receiver;
 mod sender;
 
 #[cfg(test)]
 mod sim_tests;
 
-pub use rate::{HEADROOM_RATE_PERMILLE, RateBucket, headroom_rate};
+pub use rate::{HEADROOM_RATE_PERMILLE, Headroom, RateBucket, headroom_rate};
 pub use receiver::{CreditReceiver, ReceiverConfig, SERVICE_SAMPLES, WindowBounds};
 pub use sender::{CreditSender, LaneShare};
 

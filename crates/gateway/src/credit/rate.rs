@@ -16,6 +16,17 @@
 //! pace (bytes in flight) is what holds the lane, frames are not flagged,
 //! and the estimate follows the link as before.
 //!
+//! *Probes.* Below the estimate, the sender alone can never show that the
+//! link got faster, or that an estimate measured on a trickle was low. So
+//! the headroom is lifted for a probe ([`Headroom`]): every
+//! [`PROBE_EVERY_US`] of sharing, for [`PROBE_US_MIN`] or four credit
+//! cycles if longer (several delivery intervals of the receiver, whose
+//! samples are then the link's and not flagged). A probe that raised the
+//! estimate by a quarter is followed by another at once, so an estimate
+//! far below the link climbs at the pace's own growth, probe after probe.
+//! A probe costs the other lane the pace's queue for its length: 0.3 s in
+//! 30 s, 1 % of the time.
+//!
 //! [`RateBucket`] is a token bucket over the caller's monotonic clock in
 //! microseconds; like the rest of the credit core it reads no clock.
 
@@ -27,6 +38,82 @@ pub const HEADROOM_RATE_PERMILLE: u64 = 900;
 /// frame's worth (the sender's shared frames carry 2 ms of the link), so
 /// an idle moment does not turn into a burst that fills the link's queue.
 pub const BUCKET_DEPTH_US: u64 = 2_000;
+
+/// Sharing time between two probes.
+pub const PROBE_EVERY_US: u64 = 30_000_000;
+/// Shortest probe.
+pub const PROBE_US_MIN: u64 = 300_000;
+/// A probe lasts at least this many credit cycles.
+pub const PROBE_CYCLES: u64 = 4;
+/// A pause in sharing longer than this starts the wait for the next probe
+/// again: between two sharing spells the lane sent alone, without headroom.
+pub const SHARING_GAP_US: u64 = 1_000_000;
+/// A probe that raised the bandwidth to at least this percentage of what it
+/// was when the probe began is followed by another one at once.
+pub const PROBE_GROWTH_PERCENT: u64 = 125;
+
+/// The headroom of one link session: its bucket and its probes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Headroom {
+    bucket: RateBucket,
+    /// While a probe runs: when it ends, and the bandwidth when it began.
+    probe: Option<(u64, u64)>,
+    /// When the next probe begins.
+    next_probe_us: u64,
+    /// The last call of [`Headroom::rate`] (0: none yet).
+    last_us: u64,
+}
+
+impl Headroom {
+    /// The rate that holds pool bytes now, while the link is shared, for
+    /// a link of `bandwidth` bytes/s and a credit cycle of `cycle_us`:
+    /// `None` during a probe. Call it only while the link is shared, and
+    /// at least once per [`SHARING_GAP_US`] while it is: a longer pause
+    /// starts a new sharing spell, whose first probe is [`PROBE_EVERY_US`] away.
+    pub fn rate(&mut self, now_us: u64, bandwidth: u64, cycle_us: u64) -> Option<u64> {
+        let new_spell = self.last_us == 0 || now_us.saturating_sub(self.last_us) > SHARING_GAP_US;
+        self.last_us = now_us;
+        if let Some((until_us, began_with)) = self.probe {
+            if now_us < until_us {
+                return None;
+            }
+            let grew = u128::from(bandwidth) * 100 >= u128::from(began_with) * u128::from(PROBE_GROWTH_PERCENT);
+            self.probe = None;
+            self.next_probe_us = if grew { now_us } else { now_us.saturating_add(PROBE_EVERY_US) };
+            // A full bucket after a probe would only add to its queue.
+            self.bucket = RateBucket { level: 0, at_us: now_us };
+        }
+        if new_spell && self.probe.is_none() {
+            self.next_probe_us = now_us.saturating_add(PROBE_EVERY_US);
+        }
+        if now_us >= self.next_probe_us {
+            let length = cycle_us.saturating_mul(PROBE_CYCLES).max(PROBE_US_MIN);
+            self.probe = Some((now_us.saturating_add(length), bandwidth));
+            return None;
+        }
+        Some(headroom_rate(bandwidth))
+    }
+
+    /// May a pool send start now, at `rate` (from [`Headroom::rate`])?
+    pub fn allows(&self, now_us: u64, rate: u64) -> bool {
+        self.bucket.allows(now_us, rate)
+    }
+
+    /// Microseconds until a pool send may start at `rate` (0: now).
+    pub fn wait_us(&self, now_us: u64, rate: u64) -> u64 {
+        self.bucket.wait_us(now_us, rate)
+    }
+
+    /// `bytes` were sent at `now_us` while the headroom's `rate` applied.
+    pub fn spend(&mut self, now_us: u64, rate: u64, bytes: u64) {
+        self.bucket.spend(now_us, rate, bytes);
+    }
+
+    /// Is a probe running?
+    pub fn probing(&self) -> bool {
+        self.probe.is_some()
+    }
+}
 
 /// A token bucket of bytes. The level may go below zero by one send: a
 /// send is allowed while the level is positive, whatever its size, so the
@@ -128,6 +215,40 @@ mod tests {
             now += bucket.wait_us(now, RATE).max(1);
         }
         assert!((RATE..=RATE + 2_000 + 1_500).contains(&sent), "sent {sent}");
+    }
+
+    #[test]
+    fn headroom_probes_every_so_often_and_again_while_a_probe_finds_more() {
+        const S: u64 = 1_000_000;
+        // Calls every 100 ms from `from` to before `to`; the first call
+        // without headroom and the first with it again after that.
+        fn probe(headroom: &mut Headroom, from: u64, to: u64, bandwidth: u64, cycle: u64) -> Option<(u64, u64)> {
+            let mut started = None;
+            for now in (from..to).step_by(100_000) {
+                match (headroom.rate(now, bandwidth, cycle), started) {
+                    (None, None) => started = Some(now),
+                    (Some(_), Some(start)) => return Some((start, now)),
+                    _ => {}
+                }
+            }
+            started.map(|start| (start, to))
+        }
+        let mut headroom = Headroom::default();
+        assert_eq!(headroom.rate(S, 1_000_000, 10_000), Some(900_000));
+        // 30 s of sharing, then a probe of 0.3 s (four 10 ms cycles are less).
+        assert_eq!(probe(&mut headroom, S, 40 * S, 1_000_000, 10_000), Some((31 * S, 31 * S + 300_000)));
+        // It found no more: the headroom again, from an empty bucket, for 30 s.
+        assert!(!headroom.allows(31 * S + 300_000, 900_000));
+        assert_eq!(probe(&mut headroom, 31 * S + 400_000, 61 * S, 1_000_000, 10_000), None);
+        // A pause in sharing starts the 30 s again.
+        assert_eq!(headroom.rate(70 * S, 1_000_000, 10_000), Some(900_000));
+        assert_eq!(probe(&mut headroom, 70 * S, 100 * S, 1_000_000, 10_000), None);
+        // A probe of four 200 ms cycles that found a quarter more ...
+        assert_eq!(headroom.rate(100 * S, 1_000_000, 200_000), None);
+        assert_eq!(headroom.rate(100 * S + 799_999, 1_250_000, 200_000), None);
+        // ... is followed by another at once, and one that did not is not.
+        assert_eq!(headroom.rate(100 * S + 800_000, 1_250_000, 200_000), None);
+        assert_eq!(headroom.rate(101 * S + 600_000, 1_300_000, 200_000), Some(1_170_000));
     }
 
     #[test]

@@ -270,8 +270,13 @@ impl CreditSender {
             return Some(Stall::LaneShare);
         }
         let in_flight_bytes = self.sent.bytes - self.durable.bytes;
+        // A lane with nothing in flight is not paced: with a pace smaller
+        // than its events (an estimate measured on another lane's trickle)
+        // it would otherwise never send beside that lane, and never let
+        // the estimate grow.
         let paced = !idle
             && self.pace_bytes > 0
+            && this.in_flight.events > 0
             && self.needs_pool(lane, bytes)
             && in_flight_bytes.saturating_add(bytes) > self.pace_bytes;
         if paced { Some(Stall::Pace) } else { None }
@@ -673,8 +678,10 @@ mod tests {
         sender.on_grant(&paced(Amount::new(100, 10_000), Amount::new(1, 1000), 2, 3000)).unwrap();
         assert_eq!(sender.stall(1, 1000), Some(Stall::Pace), "4000 in flight");
         sender.on_grant(&paced(Amount::new(100, 10_000), Amount::new(3, 3000), 3, 3000)).unwrap();
-        assert_eq!(sender.stall(1, 1000), None, "2000 in flight, 1000 more fits the pace");
-        assert_eq!(sender.stall(1, 1001), Some(Stall::Pace));
+        assert_eq!(sender.stall(0, 1000), None, "2000 in flight, 1000 more fits the pace");
+        assert_eq!(sender.stall(0, 1001), Some(Stall::Pace));
+        // Lane 1 has nothing in flight now: one event goes beyond the pace.
+        assert_eq!(sender.stall(1, 1001), None);
     }
 
     #[test]
@@ -690,6 +697,17 @@ mod tests {
         sender.on_grant(&paced(up_to, Amount::ZERO, 6, 0)).unwrap();
         assert_eq!(sender.pace_bytes(), 0);
         assert_eq!(sender.stall(0, 1000), None, "no pacing without a measured pace");
+    }
+
+    #[test]
+    fn pace_lets_a_lane_with_nothing_in_flight_send_one_event() {
+        // A pace of 800 bytes, below one bulk event; lane 0's trickle in flight.
+        let mut sender = CreditSender::new(vec![lane(200), lane(0)]);
+        sender.on_grant(&paced(Amount::new(100, 100_000), Amount::ZERO, 1, 800)).unwrap();
+        send(&mut sender, 0, 200);
+        assert_eq!(sender.stall(1, 1000), None, "lane 1 has nothing in flight");
+        send(&mut sender, 1, 1000);
+        assert_eq!(sender.stall(1, 1000), Some(Stall::Pace));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 
 use proptest::prelude::*;
 
-use super::{Amount, CreditReceiver, CreditSender, Grant, LaneShare, ReceiverConfig, Stall, WindowBounds};
+use super::{Amount, CreditReceiver, CreditSender, Grant, Headroom, LaneShare, ReceiverConfig, Stall, WindowBounds};
 
 /// A small deterministic generator (SplitMix64), so a seed replays a scenario exactly.
 #[derive(Debug, Clone)]
@@ -110,6 +110,12 @@ struct Sim {
     /// sender obeys the grants' pace (a test turns it off to compare).
     timed_lane: Option<usize>,
     paced: bool,
+    /// The sender keeps the gateway's headroom (`credit::rate`) for the
+    /// lanes other than the timed one, which counts as always active; it
+    /// takes the bandwidth from the receiver, as the gateway's grants carry it.
+    headroom: bool,
+    headroom_state: Headroom,
+    headroom_held: bool,
     sent_at_ms: std::collections::HashMap<u64, u64>,
     latencies_ms: Vec<u64>,
 }
@@ -142,6 +148,9 @@ impl Sim {
             stats: Stats::default(),
             timed_lane: None,
             paced: true,
+            headroom: false,
+            headroom_state: Headroom::default(),
+            headroom_held: false,
             sent_at_ms: std::collections::HashMap::new(),
             latencies_ms: Vec::new(),
         }
@@ -301,8 +310,19 @@ impl Sim {
     fn send(&mut self) {
         let mut frame: Option<Frame> = None;
         loop {
+            let rate = self.headroom_rate();
+            let held: Vec<bool> = (0..self.backlog.len())
+                .map(|lane| {
+                    self.backlog[lane]
+                        .front()
+                        .is_some_and(|&size| self.sender.may_send(lane, size) && self.headroom_holds(lane, size, rate))
+                })
+                .collect();
+            self.headroom_held |= held.contains(&true);
             let ready: Vec<usize> = (0..self.backlog.len())
-                .filter(|&lane| self.backlog[lane].front().is_some_and(|&size| self.sender.may_send(lane, size)))
+                .filter(|&lane| {
+                    !held[lane] && self.backlog[lane].front().is_some_and(|&size| self.sender.may_send(lane, size))
+                })
                 .collect();
             for (lane, queue) in self.backlog.iter().enumerate() {
                 if let Some(&size) = queue.front() {
@@ -351,6 +371,9 @@ impl Sim {
         if idle && !fits_normally {
             self.stats.idle_rule_sends += 1;
         }
+        if let Some(rate) = self.headroom_rate() {
+            self.headroom_state.spend(self.now_ms * 1000, rate, size);
+        }
         let seq = self.sender.on_sent(lane, size);
         assert_eq!(seq, self.sent_sizes.len() as u64);
         if self.timed_lane == Some(lane) {
@@ -378,9 +401,25 @@ impl Sim {
         self.link_free_ms = start_ms + bytes.div_ceil(self.scenario.link_bytes_per_ms);
         frame.arrive_ms = self.link_free_ms + self.scenario.one_way_ms;
         frame.echo = self.sender.echo();
-        frame.app_limited = self.backlog.iter().all(VecDeque::is_empty);
+        frame.app_limited = std::mem::take(&mut self.headroom_held) || self.backlog.iter().all(VecDeque::is_empty);
         self.echo_last_sent = frame.echo;
         self.pipe.push_back(frame);
+    }
+
+    /// The headroom's rate, when the sender keeps it, the pace is on and
+    /// no probe runs.
+    fn headroom_rate(&mut self) -> Option<u64> {
+        let pace = self.sender.pace_bytes();
+        let bandwidth = self.receiver.bandwidth_bytes_per_s().filter(|_| self.headroom && pace > 0)?;
+        let cycle_us = pace * 1_000_000 / bandwidth.max(1);
+        self.headroom_state.rate(self.now_ms * 1000, bandwidth, cycle_us)
+    }
+
+    /// Does the headroom, at `rate`, hold `lane`'s next event of `size` bytes?
+    fn headroom_holds(&self, lane: usize, size: u64, rate: Option<u64>) -> bool {
+        self.timed_lane.is_some_and(|timed| timed != lane)
+            && self.sender.needs_pool(lane, size)
+            && rate.is_some_and(|rate| !self.headroom_state.allows(self.now_ms * 1000, rate))
     }
 
     fn check_invariants(&mut self) {
@@ -807,11 +846,33 @@ fn a_trickle_after_a_burst_keeps_the_links_rate_for_the_next_burst() {
     assert!(delivered >= 850_000, "delivered {delivered} bytes in the burst's first second");
 }
 
-/// The p99 of the timed lane's send → arrival latencies after `settle_ms`,
-/// running until `until_ms` with one 200-byte event of lane 0 every 20 ms
-/// and, when `bulk`, lane 1 backlogged with 1000-byte events; and the bytes
-/// that became durable after `settle_ms`.
-fn timed_critical_lane(paced: bool, bulk: bool, until_ms: u64, settle_ms: u64) -> (u64, u64) {
+/// How the sender of [`timed_critical_lane`] treats the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    /// Credit only.
+    Unpaced,
+    /// The grants' pace (bytes in flight).
+    Paced,
+    /// The pace and the headroom (rate) beside it.
+    Headroom,
+}
+
+/// What [`timed_critical_lane`] measured after its settling time.
+#[derive(Debug, Clone, Copy)]
+struct Timed {
+    /// The timed lane's send → arrival latencies, 98th and 99th percentiles.
+    p98_ms: u64,
+    p99_ms: u64,
+    /// Bytes that became durable.
+    delivered: u64,
+    /// The receiver's bandwidth estimate at the end.
+    bandwidth: u64,
+}
+
+/// Runs until `until_ms` with one 200-byte event of lane 0 (timed) every
+/// 20 ms and, when `bulk`, lane 1 backlogged with 1000-byte events; what
+/// it measured after `settle_ms`.
+fn timed_critical_lane(sending: Sending, bulk: bool, until_ms: u64, settle_ms: u64) -> Timed {
     let bounds = WindowBounds { min: Amount::new(4, 4000), max: Amount::new(100_000, 10_000_000) };
     let mut sim = clean_link(1000, 25, bounds);
     sim.scenario.lanes = vec![
@@ -821,7 +882,8 @@ fn timed_critical_lane(paced: bool, bulk: bool, until_ms: u64, settle_ms: u64) -
     sim.sender = CreditSender::new(sim.scenario.lanes.clone());
     sim.backlog = vec![VecDeque::new(), VecDeque::new()];
     sim.timed_lane = Some(0);
-    sim.paced = paced;
+    sim.paced = sending != Sending::Unpaced;
+    sim.headroom = sending == Sending::Headroom;
     let mut next_critical_ms = 0;
     let mut durable_at_settle = None;
     while sim.now_ms < until_ms {
@@ -841,16 +903,22 @@ fn timed_critical_lane(paced: bool, bulk: bool, until_ms: u64, settle_ms: u64) -
     let mut latencies = std::mem::take(&mut sim.latencies_ms);
     latencies.sort_unstable();
     assert!(latencies.len() > 100, "{} critical events timed", latencies.len());
-    let p99 = latencies[latencies.len() * 99 / 100];
-    (p99, sim.receiver.durable().bytes - durable_at_settle.unwrap_or(0))
+    Timed {
+        p98_ms: latencies[latencies.len() * 98 / 100],
+        p99_ms: latencies[latencies.len() * 99 / 100],
+        delivered: sim.receiver.durable().bytes - durable_at_settle.unwrap_or(0),
+        bandwidth: sim.receiver.bandwidth_bytes_per_s().unwrap_or(0),
+    }
 }
 
 #[test]
 fn pace_keeps_a_reserved_lane_fast_beside_a_saturated_lane_and_the_link_full() {
     // 1 MB/s, 25 ms each way: alone, a critical event takes 25 ms and a bit.
-    let (alone_ms, _) = timed_critical_lane(true, false, 20_000, 5_000);
-    let (paced_ms, paced_bytes) = timed_critical_lane(true, true, 40_000, 10_000);
-    let (unpaced_ms, unpaced_bytes) = timed_critical_lane(false, true, 40_000, 10_000);
+    let alone_ms = timed_critical_lane(Sending::Paced, false, 20_000, 5_000).p99_ms;
+    let Timed { p99_ms: paced_ms, delivered: paced_bytes, .. } =
+        timed_critical_lane(Sending::Paced, true, 40_000, 10_000);
+    let Timed { p99_ms: unpaced_ms, delivered: unpaced_bytes, .. } =
+        timed_critical_lane(Sending::Unpaced, true, 40_000, 10_000);
     eprintln!(
         "critical p99: alone {alone_ms} ms, beside bulk paced {paced_ms} ms / unpaced {unpaced_ms} ms; \
          delivered in 30 s: paced {paced_bytes} B, unpaced {unpaced_bytes} B"
@@ -861,4 +929,67 @@ fn pace_keeps_a_reserved_lane_fast_beside_a_saturated_lane_and_the_link_full() {
     assert!(paced_ms <= 2 * alone_ms, "paced {paced_ms} ms vs alone {alone_ms} ms");
     // ... and the link stays full: at least 90 % of 30 s at 1 MB/s, RTT probes included.
     assert!(paced_bytes >= 27_000_000, "paced: delivered {paced_bytes} bytes in 30 s");
+}
+
+#[test]
+fn headroom_empties_the_links_queue_for_a_reserved_lane_without_lowering_the_estimate() {
+    // 1 MB/s, 25 ms each way, as above; 40 s with a probe of the headroom
+    // at 30 s of sharing: 0.3 s of the pace's queue, 1 % of the 30 s timed.
+    let alone = timed_critical_lane(Sending::Paced, false, 20_000, 5_000);
+    let paced = timed_critical_lane(Sending::Paced, true, 40_000, 10_000);
+    let headroom = timed_critical_lane(Sending::Headroom, true, 40_000, 10_000);
+    eprintln!("critical p98 / p99: alone {alone:?}, beside bulk paced {paced:?}, with headroom {headroom:?}");
+    // The pace leaves its queue allowance standing in the link; the
+    // headroom drains it but for the probe.
+    assert!(paced.p98_ms >= alone.p99_ms + 5, "paced {paced:?} vs alone {alone:?}");
+    assert!(headroom.p98_ms <= alone.p99_ms + 2, "headroom {headroom:?} vs alone {alone:?}");
+    assert!(headroom.p99_ms <= paced.p99_ms, "headroom {headroom:?} vs paced {paced:?}");
+    // The bulk lane gets about the headroom's share of the link, RTT probes included ...
+    assert!(headroom.delivered >= 25_000_000, "with headroom: {headroom:?}");
+    // ... and the frames it flags keep the estimate at the link's rate, not the headroom's.
+    assert!(headroom.bandwidth >= paced.bandwidth * 98 / 100, "with headroom {headroom:?}, paced {paced:?}");
+}
+
+#[test]
+fn probes_lift_an_estimate_measured_on_a_trickle_while_a_bulk_lane_shares_the_link() {
+    // 1 MB/s, 25 ms each way. For 10 s only the reserved lane sends, one
+    // 200-byte event every 20 ms: the estimate is the trickle's 10 kB/s and
+    // startup ends there. Then a bulk backlog comes beside it: the headroom
+    // and the window made from that estimate hold it near the trickle
+    // (without probes it stays there for good) until the first probe (30 s
+    // of sharing) and the probes that follow it while they find more.
+    let bounds = WindowBounds { min: Amount::new(4, 4000), max: Amount::new(100_000, 10_000_000) };
+    let mut sim = clean_link(1000, 25, bounds);
+    sim.scenario.lanes = vec![
+        LaneShare { reserved_permille: 200, cap: Amount::new(u64::MAX, u64::MAX) },
+        LaneShare { reserved_permille: 0, cap: Amount::new(u64::MAX, u64::MAX) },
+    ];
+    sim.sender = CreditSender::new(sim.scenario.lanes.clone());
+    sim.backlog = vec![VecDeque::new(), VecDeque::new()];
+    sim.timed_lane = Some(0);
+    sim.headroom = std::env::var("NO_HEADROOM").is_err();
+    let (mut next_critical_ms, mut trickle_estimate, mut durable_at) = (0, None, None);
+    while sim.now_ms < 70_000 {
+        if sim.now_ms >= 10_000 {
+            trickle_estimate.get_or_insert(sim.receiver.bandwidth_bytes_per_s());
+            if sim.backlog[1].len() < 1000 {
+                sim.backlog[1].extend(std::iter::repeat_n(1000, 1000));
+            }
+        }
+        if sim.now_ms >= next_critical_ms {
+            sim.backlog[0].push_back(200);
+            next_critical_ms += 20;
+        }
+        sim.step(false, 1);
+        if sim.now_ms >= 60_000 {
+            durable_at.get_or_insert(sim.receiver.durable().bytes);
+        }
+    }
+    let trickle_estimate = trickle_estimate.flatten().expect("the trickle was measured");
+    let bandwidth = sim.receiver.bandwidth_bytes_per_s().unwrap_or(0);
+    let last_10_s = sim.receiver.durable().bytes - durable_at.unwrap_or(0);
+    eprintln!("estimate: {trickle_estimate} B/s on the trickle, {bandwidth} B/s at the end; last 10 s: {last_10_s} B");
+    assert!(trickle_estimate < 50_000, "the trickle's estimate: {trickle_estimate} B/s");
+    assert!(bandwidth >= 950_000, "estimate {bandwidth} B/s at the end on a 1 MB/s link");
+    assert!(last_10_s >= 8_000_000, "delivered {last_10_s} bytes in the last 10 s");
 }
