@@ -869,10 +869,9 @@ struct Timed {
     bandwidth: u64,
 }
 
-/// Runs until `until_ms` with one 200-byte event of lane 0 (timed) every
-/// 20 ms and, when `bulk`, lane 1 backlogged with 1000-byte events; what
-/// it measured after `settle_ms`.
-fn timed_critical_lane(sending: Sending, bulk: bool, until_ms: u64, settle_ms: u64) -> Timed {
+/// A clean 1 MB/s link, 25 ms each way, with a timed lane 0 reserving
+/// 200 ‰ and a lane 1 using the pool.
+fn two_lane_link() -> Sim {
     let bounds = WindowBounds { min: Amount::new(4, 4000), max: Amount::new(100_000, 10_000_000) };
     let mut sim = clean_link(1000, 25, bounds);
     sim.scenario.lanes = vec![
@@ -882,6 +881,14 @@ fn timed_critical_lane(sending: Sending, bulk: bool, until_ms: u64, settle_ms: u
     sim.sender = CreditSender::new(sim.scenario.lanes.clone());
     sim.backlog = vec![VecDeque::new(), VecDeque::new()];
     sim.timed_lane = Some(0);
+    sim
+}
+
+/// Runs until `until_ms` with one 200-byte event of lane 0 (timed) every
+/// 20 ms and, when `bulk`, lane 1 backlogged with 1000-byte events; what
+/// it measured after `settle_ms`.
+fn timed_critical_lane(sending: Sending, bulk: bool, until_ms: u64, settle_ms: u64) -> Timed {
+    let mut sim = two_lane_link();
     sim.paced = sending != Sending::Unpaced;
     sim.headroom = sending == Sending::Headroom;
     let mut next_critical_ms = 0;
@@ -958,16 +965,8 @@ fn probes_lift_an_estimate_measured_on_a_trickle_while_a_bulk_lane_shares_the_li
     // and the window made from that estimate hold it near the trickle
     // (without probes it stays there for good) until the first probe (30 s
     // of sharing) and the probes that follow it while they find more.
-    let bounds = WindowBounds { min: Amount::new(4, 4000), max: Amount::new(100_000, 10_000_000) };
-    let mut sim = clean_link(1000, 25, bounds);
-    sim.scenario.lanes = vec![
-        LaneShare { reserved_permille: 200, cap: Amount::new(u64::MAX, u64::MAX) },
-        LaneShare { reserved_permille: 0, cap: Amount::new(u64::MAX, u64::MAX) },
-    ];
-    sim.sender = CreditSender::new(sim.scenario.lanes.clone());
-    sim.backlog = vec![VecDeque::new(), VecDeque::new()];
-    sim.timed_lane = Some(0);
-    sim.headroom = std::env::var("NO_HEADROOM").is_err();
+    let mut sim = two_lane_link();
+    sim.headroom = true;
     let (mut next_critical_ms, mut trickle_estimate, mut durable_at) = (0, None, None);
     while sim.now_ms < 70_000 {
         if sim.now_ms >= 10_000 {
