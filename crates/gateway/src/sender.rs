@@ -1295,6 +1295,55 @@ mod tests {
     }
 
     #[test]
+    fn the_headroom_holds_a_pool_lane_beside_an_active_lane_and_its_next_frame_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut history = PolicyHistory::default();
+        let rules =
+            vec![policy("critical.>", "replicate", Some("critical")), policy("bulk.>", "replicate", Some("bulk"))];
+        history.push(0, PolicySet { rules });
+        let mut task = task(dir.path(), history.clone());
+        // 10 MB/s, a pace far above anything sent here; the task's clock
+        // started a second ago, so the bucket is full (18,000 bytes).
+        task.bandwidth = 10_000_000;
+        task.clock -= Duration::from_secs(1);
+        let mut credit = granted(&task, Amount::new(10_000, 64 << 20));
+        let window = Amount::new(10_000, 64 << 20);
+        let paced =
+            Grant { up_to: window, durable: Amount::ZERO, window, ping: 2, ping_sent_ms: 0, pace_bytes: 1 << 30 };
+        credit.on_grant(&paced).unwrap();
+        let data = format!("{{\"p\":\"{}\"}}", "x".repeat(1000));
+        let bulk: Vec<_> = (0..200).map(|p| event("bulk.a", p, p, &data)).collect();
+        task.take(1, bulk, &history, &[0, 0]);
+        let flagged = |frame: v1::LinkFrame| match frame.kind {
+            Some(v1::link_frame::Kind::Batch(batch)) => batch.app_limited,
+            other => panic!("not a batch: {other:?}"),
+        };
+        let stall = |task: &RouteTask| task.metrics.lanes[1].stall.load(Ordering::Relaxed);
+        // Alone, the bulk lane is not held, however much it sends.
+        for _ in 0..3 {
+            assert_eq!(task.next_lane(&credit), (Some(1), None));
+            assert!(!flagged(task.build_batch(&mut credit, 1)));
+        }
+        // Beside an active critical lane, one 2 ms frame empties the bucket ...
+        task.take(0, vec![event("critical.a", 0, 200, "{}")], &history, &[0, 0]);
+        assert!(!flagged(task.build_batch(&mut credit, 0)));
+        assert_eq!(task.next_lane(&credit), (Some(1), None));
+        assert!(!flagged(task.build_batch(&mut credit, 1)));
+        // ... and the lane waits for it to refill, as `headroom`.
+        let (next, wait) = task.next_lane(&credit);
+        assert_eq!(next, None);
+        assert!(wait.is_some_and(|w| w > Duration::ZERO && w <= Duration::from_millis(3)), "{wait:?}");
+        assert_eq!(stall(&task), stall::HEADROOM);
+        // Once it has, the next frame says the sender held back ...
+        task.clock -= Duration::from_millis(10);
+        assert_eq!(task.next_lane(&credit), (Some(1), None));
+        assert!(flagged(task.build_batch(&mut credit, 1)));
+        // ... and only that one.
+        task.clock -= Duration::from_millis(10);
+        assert!(!flagged(task.build_batch(&mut credit, 1)));
+    }
+
+    #[test]
     fn a_stream_moving_lanes_waits_until_the_old_lane_passed_the_change() {
         let dir = tempfile::tempdir().unwrap();
         let mut history = PolicyHistory::default();
