@@ -1264,20 +1264,27 @@ mod tests {
         assert_eq!(app_limited(task.build_batch(&mut credit, 0)), (1, true));
     }
 
-    #[test]
-    fn frames_are_shorter_while_another_lane_is_active() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A task with a critical and a bulk lane on a 10 MB/s link, the bulk
+    /// lane holding 200 events of about 1 KB read ahead.
+    fn bulk_beside_critical(dir: &std::path::Path) -> (RouteTask, PolicyHistory) {
         let mut history = PolicyHistory::default();
         let rules =
             vec![policy("critical.>", "replicate", Some("critical")), policy("bulk.>", "replicate", Some("bulk"))];
         history.push(0, PolicySet { rules });
-        let mut task = task(dir.path(), history.clone());
-        let mut credit = granted(&task, Amount::new(10_000, 64 << 20));
-        // 10 MB/s: 5 ms of the link is 50,000 bytes, 2 ms 20,000.
+        let mut task = task(dir, history.clone());
         task.bandwidth = 10_000_000;
         let data = format!("{{\"p\":\"{}\"}}", "x".repeat(1000));
         let bulk: Vec<_> = (0..200).map(|p| event("bulk.a", p, p, &data)).collect();
         task.take(1, bulk, &history, &[0, 0]);
+        (task, history)
+    }
+
+    #[test]
+    fn frames_are_shorter_while_another_lane_is_active() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut task, history) = bulk_beside_critical(dir.path());
+        let mut credit = granted(&task, Amount::new(10_000, 64 << 20));
+        // 10 MB/s: 5 ms of the link is 50,000 bytes, 2 ms 20,000.
         let bytes = |frame: v1::LinkFrame| match frame.kind {
             Some(v1::link_frame::Kind::Batch(batch)) => batch.events.iter().map(|e| e.encoded_len()).sum::<usize>(),
             other => panic!("not a batch: {other:?}"),
@@ -1297,23 +1304,15 @@ mod tests {
     #[test]
     fn the_headroom_holds_a_pool_lane_beside_an_active_lane_and_its_next_frame_says_so() {
         let dir = tempfile::tempdir().unwrap();
-        let mut history = PolicyHistory::default();
-        let rules =
-            vec![policy("critical.>", "replicate", Some("critical")), policy("bulk.>", "replicate", Some("bulk"))];
-        history.push(0, PolicySet { rules });
-        let mut task = task(dir.path(), history.clone());
+        let (mut task, history) = bulk_beside_critical(dir.path());
         // 10 MB/s, a pace far above anything sent here; the task's clock
         // started a second ago, so the bucket is full (18,000 bytes).
-        task.bandwidth = 10_000_000;
         task.clock -= Duration::from_secs(1);
         let mut credit = granted(&task, Amount::new(10_000, 64 << 20));
         let window = Amount::new(10_000, 64 << 20);
         let paced =
             Grant { up_to: window, durable: Amount::ZERO, window, ping: 2, ping_sent_ms: 0, pace_bytes: 1 << 30 };
         credit.on_grant(&paced).unwrap();
-        let data = format!("{{\"p\":\"{}\"}}", "x".repeat(1000));
-        let bulk: Vec<_> = (0..200).map(|p| event("bulk.a", p, p, &data)).collect();
-        task.take(1, bulk, &history, &[0, 0]);
         let flagged = |frame: v1::LinkFrame| match frame.kind {
             Some(v1::link_frame::Kind::Batch(batch)) => batch.app_limited,
             other => panic!("not a batch: {other:?}"),
