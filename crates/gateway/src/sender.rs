@@ -857,15 +857,15 @@ impl RouteTask {
         let (now_ms, now_us) = (now_ms(), self.now_us());
         let mut chosen = None;
         let mut headroom_wait: Option<Duration> = None;
-        let rates: Vec<Option<u64>> =
-            (0..self.lanes.len()).map(|lane| self.headroom_rate(credit, lane, now_ms, now_us)).collect();
-        for lane in &self.lanes {
+        for index in 0..self.lanes.len() {
+            let rate = self.headroom_rate(credit, index, now_ms, now_us);
+            let lane = &self.lanes[index];
             let m = &self.metrics.lanes[lane.index];
             let reason = match lane.buffer.front() {
                 None if lane.blocked => stall::LANE_MOVE,
                 None => stall::NONE,
                 Some(item) => match credit.stall(lane.index, item.bytes) {
-                    None => match rates[lane.index] {
+                    None => match rate {
                         Some(rate)
                             if credit.needs_pool(lane.index, item.bytes) && !self.headroom.allows(now_us, rate) =>
                         {

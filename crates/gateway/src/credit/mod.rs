@@ -157,7 +157,7 @@
 //! flight starves the link, because the loop a byte of credit travels
 //! jitters by about that much. So while another lane is active the sender
 //! also limits the *rate* of pool bytes to [`HEADROOM_RATE_PERMILLE`] of
-//! the measured bandwidth ([`RateBucket`], [`headroom_rate`]): the queue
+//! the measured bandwidth (a token bucket, [`Headroom`]): the queue
 //! drains, and the critical event finds the link nearly empty. Frames sent
 //! while the headroom held a lane are flagged app-limited, so their lower
 //! delivery rate does not lower the estimate; if the link itself slows,
@@ -181,7 +181,7 @@ mod sender;
 #[cfg(test)]
 mod sim_tests;
 
-pub use rate::{HEADROOM_RATE_PERMILLE, Headroom, RateBucket, headroom_rate};
+pub use rate::{HEADROOM_RATE_PERMILLE, Headroom};
 pub use receiver::{CreditReceiver, ReceiverConfig, SERVICE_SAMPLES, WindowBounds};
 pub use sender::{CreditSender, LaneShare};
 

@@ -27,8 +27,8 @@
 //! A probe costs the other lane the pace's queue for its length: 0.3 s in
 //! 30 s, 1 % of the time.
 //!
-//! [`RateBucket`] is a token bucket over the caller's monotonic clock in
-//! microseconds; like the rest of the credit core it reads no clock.
+//! The headroom's bucket is a token bucket over the caller's monotonic
+//! clock in microseconds; like the rest of the credit core it reads no clock.
 
 /// Share of the link's bandwidth, in thousandths, that pool bytes may use
 /// while another lane is active.
@@ -108,18 +108,13 @@ impl Headroom {
     pub fn spend(&mut self, now_us: u64, rate: u64, bytes: u64) {
         self.bucket.spend(now_us, rate, bytes);
     }
-
-    /// Is a probe running?
-    pub fn probing(&self) -> bool {
-        self.probe.is_some()
-    }
 }
 
 /// A token bucket of bytes. The level may go below zero by one send: a
 /// send is allowed while the level is positive, whatever its size, so the
 /// sender never waits for a frame's worth to gather.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RateBucket {
+struct RateBucket {
     /// Level at `at_us`, in bytes.
     level: i64,
     at_us: u64,
@@ -127,24 +122,25 @@ pub struct RateBucket {
 
 impl RateBucket {
     /// A full bucket at `now_us`.
-    pub fn full(now_us: u64, rate_bytes_per_s: u64) -> Self {
+    #[cfg(test)]
+    fn full(now_us: u64, rate_bytes_per_s: u64) -> Self {
         RateBucket { level: depth(rate_bytes_per_s), at_us: now_us }
     }
 
     /// The level at `now_us`, refilled at `rate_bytes_per_s` up to the depth.
-    pub fn level(&self, now_us: u64, rate_bytes_per_s: u64) -> i64 {
+    fn level(&self, now_us: u64, rate_bytes_per_s: u64) -> i64 {
         let elapsed = u128::from(now_us.saturating_sub(self.at_us));
         let refill = i64::try_from(elapsed * u128::from(rate_bytes_per_s) / 1_000_000).unwrap_or(i64::MAX);
         self.level.saturating_add(refill).min(depth(rate_bytes_per_s).max(self.level))
     }
 
     /// May a send start now?
-    pub fn allows(&self, now_us: u64, rate_bytes_per_s: u64) -> bool {
+    fn allows(&self, now_us: u64, rate_bytes_per_s: u64) -> bool {
         self.level(now_us, rate_bytes_per_s) > 0
     }
 
     /// Microseconds from `now_us` until a send may start (0: now).
-    pub fn wait_us(&self, now_us: u64, rate_bytes_per_s: u64) -> u64 {
+    fn wait_us(&self, now_us: u64, rate_bytes_per_s: u64) -> u64 {
         let level = self.level(now_us, rate_bytes_per_s);
         if level > 0 {
             return 0;
@@ -155,7 +151,7 @@ impl RateBucket {
     }
 
     /// `bytes` were sent at `now_us`.
-    pub fn spend(&mut self, now_us: u64, rate_bytes_per_s: u64, bytes: u64) {
+    fn spend(&mut self, now_us: u64, rate_bytes_per_s: u64, bytes: u64) {
         let level = self.level(now_us, rate_bytes_per_s);
         self.level = level.saturating_sub(i64::try_from(bytes).unwrap_or(i64::MAX));
         self.at_us = now_us.max(self.at_us);
@@ -163,7 +159,7 @@ impl RateBucket {
 }
 
 /// Rate of pool bytes while the link is shared, from the link's bandwidth.
-pub fn headroom_rate(bandwidth_bytes_per_s: u64) -> u64 {
+fn headroom_rate(bandwidth_bytes_per_s: u64) -> u64 {
     let rate = u128::from(bandwidth_bytes_per_s) * u128::from(HEADROOM_RATE_PERMILLE) / 1000;
     u64::try_from(rate).unwrap_or(u64::MAX).max(1)
 }
