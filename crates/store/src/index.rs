@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use edgebus_types::EventId;
-use fjall::config::PartitioningPolicy;
+use fjall::config::{BlockSizePolicy, FilterPolicy, PartitioningPolicy};
 use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use crate::record::StreamMetadata;
@@ -213,6 +213,14 @@ pub struct IndexMemory {
     pub cache_capacity_bytes: u64,
 }
 
+/// Data block size of the keyspaces read by range (`versions`, `types`,
+/// `snapshots`); fjall's default, 4 KiB, stays for point lookups. Each
+/// table keeps one entry per index block in memory, and an index block
+/// covers a fixed number of data blocks: a block four times as large is a
+/// quarter of that memory for the same events, and a quarter of the block
+/// reads for a scan.
+const RANGE_BLOCK_BYTES: u32 = 16 * 1024;
+
 /// fjall's background threads (flushes and compactions); see [`Index::open`].
 const INDEX_WORKERS: usize = 1;
 
@@ -239,21 +247,40 @@ impl Index {
         // millions of ids, and loading and checksumming them took most of
         // the sequencer's time: a node filling a 10M backlog slowed from
         // 357k to 34k events/s (`perf`: xxh3 and pread under the sequencer).
-        let options = || {
-            KeyspaceCreateOptions::default()
+        //
+        // Bloom filters only where a lookup may miss: `ids` (every append
+        // looks up its event ids, nearly all new) and `streams` (a new
+        // stream's state). `versions` is read by point only below a stream's
+        // count (the entry is there) and `types` and `snapshots` by range
+        // only, so their filters would never save a read. Each table keeps
+        // its filter's top-level index in memory (about 10 KiB per million
+        // keys), so filtering one key per event instead of three makes that
+        // part of the memory that grows with the events a third, and
+        // compactions hash a third as many keys.
+        let options = |filters: bool| {
+            let options = KeyspaceCreateOptions::default()
                 .max_memtable_size(MEMTABLE_BYTES_MAX)
                 .filter_block_partitioning_policy(PartitioningPolicy::new([false, true]))
-                .index_block_partitioning_policy(PartitioningPolicy::new([false, true]))
+                .index_block_partitioning_policy(PartitioningPolicy::new([false, true]));
+            if filters {
+                options
+            } else {
+                options
+                    .filter_policy(FilterPolicy::disabled())
+                    .data_block_size_policy(BlockSizePolicy::all(RANGE_BLOCK_BYTES))
+            }
         };
-        let open = |name: &str| db.keyspace(name, options).map_err(err);
+        // A keyspace keeps the options it was created with: an index
+        // written before this keeps its filters.
+        let open = |name: &str, filters: bool| db.keyspace(name, || options(filters)).map_err(err);
         Ok(Self {
             path: path.to_path_buf(),
-            streams: open("streams")?,
-            versions: open("versions")?,
-            ids: open("ids")?,
-            types: open("types")?,
-            snapshots: open("snapshots")?,
-            meta: open("meta")?,
+            streams: open("streams", true)?,
+            versions: open("versions", false)?,
+            ids: open("ids", true)?,
+            types: open("types", false)?,
+            snapshots: open("snapshots", false)?,
+            meta: open("meta", true)?,
             db,
         })
     }
@@ -546,5 +573,31 @@ mod tests {
         assert_eq!(parse_snapshot_key(&key), Some(("src".to_owned(), "a.b".to_owned(), 42)));
         assert!(version_key("a", 1) < version_key("a", 2));
         assert!(version_key("a", u64::MAX) < version_key("a.b", 0), "a stream's versions sort before longer names");
+    }
+
+    /// Filters only in the keyspaces whose point lookups may miss; the
+    /// lookups of every keyspace still find what was written.
+    #[test]
+    fn only_the_keyspaces_looked_up_by_id_or_name_build_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), 1024 * 1024).unwrap();
+        let ids: Vec<EventId> = (1..=2000u128).map(EventId::from_u128).collect();
+        let state = StreamState { next_version: 2000, ..StreamState::default() };
+        let writes = ids.iter().enumerate().flat_map(|(i, id)| {
+            let at = i as u64;
+            [
+                IndexWrite::Version("a.b", at, VersionEntry { position: at, content_hash: at }),
+                IndexWrite::Id(id, IdEntry { position: at, version: at }),
+                IndexWrite::Type("Reading", at),
+            ]
+        });
+        index.commit(writes.chain([IndexWrite::State("a.b", &state)]), 2000).unwrap();
+        assert!(index.ids.tree.filter_size() > 0, "event ids are looked up on every append, nearly all new");
+        assert!(index.streams.tree.filter_size() > 0, "a new stream's state is looked up");
+        assert_eq!(index.versions.tree.filter_size(), 0, "versions are looked up below the stream's count only");
+        assert_eq!(index.types.tree.filter_size(), 0, "types are read by range only");
+        assert_eq!(index.version("a.b", 1999).unwrap().map(|e| e.position), Some(1999));
+        assert_eq!(index.id(&ids[7]).unwrap().map(|e| e.position), Some(7));
+        assert_eq!(index.type_positions("Reading", 1990, 2000, 100).unwrap(), (1990..2000).collect::<Vec<_>>());
     }
 }
