@@ -312,3 +312,25 @@ fn try_dechunk(mut body: &str) -> Result<String, String> {
         body = rest.get(size + 2..).ok_or("no end of chunk")?;
     }
 }
+
+/// The resident memory of process `pid` (`VmRSS`), in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the node's /proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in kB");
+    kib * 1024
+}
+
+/// User and system CPU time process `pid` has used, in clock ticks (1/100 s).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the node's /proc stat");
+    // After the command (which may hold spaces): state is the 3rd field,
+    // utime and stime the 14th and 15th.
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).expect("a command in /proc/PID/stat");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).expect("utime and stime");
+    ticks(11) + ticks(12)
+}

@@ -10,7 +10,7 @@ use edgebus_client::{
 };
 use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName, StreamPattern};
 
-use crate::node::{Node, http_get};
+use crate::node::{Node, http_get, rss_bytes};
 
 const SUBSCRIBERS: usize = 1000;
 const STALLED: usize = SUBSCRIBERS / 3;
@@ -27,16 +27,6 @@ const DEADLINE: Duration = Duration::from_secs(300);
 /// 50–60 MiB (HTTP/2 send buffers of 667 streams, the live ring, allocator
 /// arenas), once seen above 96 MiB on this 2-core machine.
 const RSS_GROWTH_MAX_BYTES: u64 = 160 * 1024 * 1024;
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the node's /proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in kB");
-    kib * 1024
-}
 
 fn filter(pattern: &str) -> SubscriptionFilter {
     SubscriptionFilter {

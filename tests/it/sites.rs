@@ -77,6 +77,11 @@ impl Site {
         self.dir.path().join("data")
     }
 
+    /// The running process's id (for `/proc` figures such as its RSS).
+    pub fn pid(&self) -> u32 {
+        self.node.as_ref().unwrap_or_else(|| panic!("site {} is not running", self.name)).pid()
+    }
+
     /// Starts the site's process again on its data dir (after [`Site::kill`]), on new ports.
     pub fn restart(&mut self) {
         assert!(self.node.is_none(), "site {} is still running", self.name);

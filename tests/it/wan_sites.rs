@@ -7,12 +7,12 @@
 //! exactly once, in per-stream order, as the policies say.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgebus_client::Client;
 use edgebus_store::{Direction, StreamFrom};
 use edgebus_testkit::{Link, LinkConfig};
-use edgebus_types::{ExpectedVersion, RecordedEvent, StreamName};
+use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, RecordedEvent, StreamName};
 use serde_json::{Value, json};
 
 use crate::node::http_request;
@@ -574,6 +574,118 @@ fn edgebus_cli(args: &[&str]) -> String {
 /// The value of the sample `series` (name and labels exactly as rendered) in `/metrics`.
 fn metric(site: &Site, series: &str) -> Option<f64> {
     site.metrics().lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Events of the ten-million backlog, written by [`BACKLOG_WRITERS`]
+/// appenders of [`BACKLOG_APPEND_EVENTS`] each, 32-byte payloads.
+const BACKLOG_EVENTS: [u64; 2] = [1_000_000, 10_000_000];
+const BACKLOG_WRITERS: u64 = 4;
+const BACKLOG_APPEND_EVENTS: u64 = 1000;
+/// What the site's resident memory may grow by between the two backlog
+/// sizes. Measured here 1.8 MiB (22.0 → 23.8 MiB), and up to 2 MiB more
+/// when a quiet site's index tail is below its flush minimum. A route that
+/// followed its backlog would hold gigabytes, a leak of one byte per event
+/// 8.6 MiB; glibc malloc without the binary's tunables grew by 9 MiB
+/// (51 → 60 MiB).
+const BACKLOG_RSS_GROWTH_MAX_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Appends `events` 32-byte events to `telemetry.backlog.w*` at `site`.
+fn write_backlog(rt: &tokio::runtime::Runtime, site: &Site, events: u64) {
+    let uri = site.grpc_uri();
+    let fill = async {
+        let client = Client::connect(&uri).await.expect("connect");
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writers: Vec<_> = (0..BACKLOG_WRITERS)
+            .map(|w| {
+                let (client, next) = (client.clone(), std::sync::Arc::clone(&next));
+                let stream = StreamName::new(&format!("telemetry.backlog.w{w}")).expect("a valid name");
+                tokio::spawn(async move {
+                    loop {
+                        let taken = next.fetch_add(BACKLOG_APPEND_EVENTS, std::sync::atomic::Ordering::Relaxed);
+                        if taken >= events {
+                            return;
+                        }
+                        let batch = (0..BACKLOG_APPEND_EVENTS.min(events - taken))
+                            .map(|_| NewEvent {
+                                id: EventId::generate(),
+                                event_type: EventType::new("reading").expect("a valid type"),
+                                data: vec![b'x'; 32],
+                                metadata: Vec::new(),
+                                timestamp_ms: 0,
+                            })
+                            .collect();
+                        client.append(stream.clone(), ExpectedVersion::Any, batch).await.expect("a backlog append");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.expect("a backlog writer");
+        }
+    };
+    // About 20 s for the nine million on this 2-core machine.
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(300), fill).await })
+        .unwrap_or_else(|_| panic!("{events} events were not written within 300 s"));
+}
+
+/// The site's resident memory once its index has taken the backlog in
+/// (its tail below the quiet flush's minimum, 16,384 changes) and it has
+/// been quiet for [`QUIET_WINDOW`]: under 2 % of a core, so its idle
+/// trimmer has given back what the burst freed (as `edgebus bench wan`
+/// reads it).
+fn quiet_rss(site: &Site) -> u64 {
+    wait_until("the index takes the backlog in", || {
+        let tail = site.stats()["index_tail"].as_u64().unwrap_or(u64::MAX);
+        if tail < 16_384 { Ok(()) } else { Err(format!("index tail {tail}")) }
+    });
+    let pid = site.pid();
+    let mut window = (Instant::now(), crate::node::cpu_ticks(pid));
+    wait_until("the site goes quiet", || {
+        let (since, ticks) = window;
+        if since.elapsed() < QUIET_WINDOW {
+            return Err("in a window".to_owned());
+        }
+        let used = crate::node::cpu_ticks(pid) - ticks;
+        // Ticks are 1/100 s: 2 % of a core over the window.
+        if used * 100 <= 2 * QUIET_WINDOW.as_millis() as u64 / 10 {
+            return Ok(());
+        }
+        window = (Instant::now(), crate::node::cpu_ticks(pid));
+        Err(format!("{used} ticks in the last window"))
+    });
+    crate::node::rss_bytes(pid)
+}
+
+/// How long the site must stay quiet before its memory is read.
+const QUIET_WINDOW: Duration = Duration::from_secs(3);
+
+/// Issue 7's bound, proven at its size: a dead remote site and ten million
+/// events of backlog. The lane reads ahead at most its bound
+/// (`LANE_READ_AHEAD_EVENTS_MAX`, 4096 events) and sends nothing, and the
+/// site's memory does not follow the backlog from 1M to 10M events (the
+/// figure itself is `edgebus bench wan --backlog-only`'s).
+#[test]
+fn wan_sites_ten_million_events_behind_a_dead_remote_cost_no_memory() {
+    let rt = runtime();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port");
+    let eu = Site::start("eu", &gateway_config(&[], ""));
+    eu.set_route(&route_def("to-us", "us", dead));
+    write_backlog(&rt, &eu, BACKLOG_EVENTS[0]);
+    let small = quiet_rss(&eu);
+    write_backlog(&rt, &eu, BACKLOG_EVENTS[1] - BACKLOG_EVENTS[0]);
+    let large = quiet_rss(&eu);
+    let route = eu.route("to-us");
+    let lane = &route["lanes"][0];
+    assert!(lane["backlog_positions"].as_u64().unwrap_or(0) >= BACKLOG_EVENTS[1], "{route}");
+    assert!(lane["buffered_events"].as_u64().unwrap_or(u64::MAX) <= 4096, "{route}");
+    assert_eq!(lane["in_flight_events"], 0, "{route}");
+    assert_eq!(lane["sent_events"], 0, "{route}");
+    assert!(
+        large <= small + BACKLOG_RSS_GROWTH_MAX_BYTES,
+        "the site's memory followed the backlog: {:.1} MiB at 1M events, {:.1} MiB at 10M",
+        small as f64 / 1_048_576.0,
+        large as f64 / 1_048_576.0
+    );
 }
 
 /// Scenario 8: a remote site that is dead (nothing listens at its address)
