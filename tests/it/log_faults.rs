@@ -723,3 +723,83 @@ fn a_fault_at_any_io_of_a_run_with_rolls_recovers_every_acknowledged_append() {
     }
     assert!(opens_failed > 0, "the sweep should also hit the first open");
 }
+
+type AppendResult = Result<edgebus_log::AppendOutcome, AppendError>;
+
+/// `count` threads, each blocked in one append of one record; their results
+/// arrive on the channel.
+fn spawn_appenders(log: &Arc<Log>, count: u64) -> mpsc::Receiver<AppendResult> {
+    let (tx, rx) = mpsc::channel();
+    for i in 0..count {
+        let (log, tx) = (Arc::clone(log), tx.clone());
+        std::thread::spawn(move || tx.send(log.append(&[payload(100 + i, 64)])).unwrap());
+    }
+    rx
+}
+
+/// The results of `count` appenders, each within [`WAIT_LIMIT`].
+fn results(appenders: &mpsc::Receiver<AppendResult>, count: usize) -> Vec<AppendResult> {
+    (0..count).map(|_| appenders.recv_timeout(WAIT_LIMIT).expect("a blocked appender returns")).collect()
+}
+
+/// Waits until `count` appends wait in the queue (the writer is held).
+fn wait_for_queued(log: &Log, count: usize) {
+    let deadline = std::time::Instant::now() + WAIT_LIMIT;
+    while log.append_queue().appends < count {
+        assert!(std::time::Instant::now() < deadline, "appenders not queued after {WAIT_LIMIT:?}");
+        std::thread::yield_now();
+    }
+}
+
+/// A batch of more blocked appenders than the writer completes itself is
+/// completed by the completer thread, which wakes all of them at once: each
+/// returns its own position, and nothing is acknowledged twice.
+#[test]
+fn a_large_batch_of_blocked_appenders_is_woken_with_their_own_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = GatedStorage::default();
+    let log =
+        Arc::new(guarded::open_with_storage(Arc::new(storage.clone()), dir.path(), LogConfig::default()).unwrap());
+    storage.close_gate();
+    let first = spawn_appenders(&log, 1);
+    storage.wait_for_held_writers(1);
+    // 40 appenders form the next batch, more than the writer wakes itself.
+    let batch = spawn_appenders(&log, 40);
+    wait_for_queued(&log, 40);
+    storage.open_gate();
+    let mut positions: Vec<u64> = results(&first, 1)
+        .into_iter()
+        .chain(results(&batch, 40))
+        .map(|result| result.expect("append succeeds").first_position)
+        .collect();
+    positions.sort_unstable();
+    assert!(positions.iter().copied().eq(0..41), "{positions:?}");
+    assert_eq!(log.stats().batches, 2, "one batch held at the gate, one of the 40");
+    assert_eq!(read_all(&log).len(), 41);
+}
+
+/// A failed `fdatasync` fails the blocked appenders of its batch with the
+/// I/O error, and those of the batch queued behind it as poisoned: every one
+/// of them returns.
+#[test]
+fn a_failed_sync_answers_every_blocked_appender_of_its_batch_and_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let gated = GatedStorage::default();
+    let faults = FaultStorage::new(Arc::new(gated.clone()));
+    let log = Arc::new(guarded::open_with_storage(Arc::new(faults.clone()), dir.path(), LogConfig::default()).unwrap());
+    gated.close_gate();
+    let failing = spawn_appenders(&log, 1);
+    gated.wait_for_held_writers(1);
+    let behind = spawn_appenders(&log, 40);
+    wait_for_queued(&log, 40);
+    faults.arm(Fault::FailSync { nth: 1 });
+    gated.open_gate();
+    for result in results(&failing, 1) {
+        assert_eq!(expect_io(result).op, "fdatasync");
+    }
+    for result in results(&behind, 40) {
+        assert_eq!(expect_poisoned(result).op, "fdatasync");
+    }
+    assert_eq!(expect_poisoned(log.append(&[b"later"])).op, "fdatasync");
+    assert_eq!(log.end_position(), 0);
+}

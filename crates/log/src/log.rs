@@ -14,10 +14,10 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
-use std::thread::{JoinHandle, Thread};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -148,25 +148,104 @@ const COMPLETE_INLINE_GROUPS_MAX: usize = 32;
 type Callback = Box<dyn FnOnce(Result<AppendOutcome, AppendError>) + Send>;
 
 enum Completion {
-    Wake(Arc<Waiter>),
+    /// A thread blocked in [`Log::append`]: it waits on its batch's word in
+    /// [`Acks`] and learns the result there.
+    Wait,
     Call(Callback),
 }
 
 impl Completion {
     fn complete(self, result: Result<AppendOutcome, AppendError>) {
         match self {
-            Self::Wake(waiter) => {
-                let _ = waiter.result.set(result);
-                waiter.thread.unpark();
-            }
+            Self::Wait => {}
             Self::Call(callback) => callback(result),
         }
     }
 }
 
-struct Waiter {
-    thread: Thread,
-    result: OnceLock<Result<AppendOutcome, AppendError>>,
+/// Futex words blocking appenders wait on, one per batch generation modulo
+/// this: a batch's appenders are woken by one system call, and the appenders
+/// of the next batches sleep on through it (unless the completer lags this
+/// many batches behind, when some wake, look, and sleep again).
+const ACK_WORDS: usize = 16;
+
+/// How blocking appenders learn that their batch is acknowledged or failed.
+///
+/// Waking 256 parked threads one `unpark` at a time costs the waker ~3.4 µs
+/// each on the development VM; one `FUTEX_WAKE` of all of them ~2.3 µs each
+/// (`docs/benchmarks.md`, `bench log`).
+struct Acks {
+    /// Batches acknowledged: every generation below this is (under `fsync =
+    /// always`) durable. Raised with `fetch_max`, because the writer
+    /// acknowledges small batches itself while the completer may still be
+    /// on an earlier, larger one.
+    through: AtomicU64,
+    /// Bumped, then woken, when a generation `g` with `g % ACK_WORDS == i`
+    /// is acknowledged, and all of them when the log fails.
+    words: [AtomicU32; ACK_WORDS],
+    failed: OnceLock<Failed>,
+}
+
+/// Which blocking appends a failure fails, and how.
+struct Failed {
+    /// The batch whose write or `fdatasync` failed: its appends get
+    /// [`AppendError::Io`]. None if the failure was not a batch's.
+    io_generation: Option<u64>,
+    /// This generation and later ones get [`AppendError::Poisoned`].
+    first_poisoned: u64,
+    failure: Arc<IoFailure>,
+}
+
+impl Acks {
+    fn new() -> Self {
+        Self { through: AtomicU64::new(0), words: std::array::from_fn(|_| AtomicU32::new(0)), failed: OnceLock::new() }
+    }
+
+    fn word(&self, generation: u64) -> &AtomicU32 {
+        &self.words[(generation % ACK_WORDS as u64) as usize]
+    }
+
+    /// Acknowledges the batch of `generation` and wakes its blocked
+    /// appenders, if it has any.
+    fn acknowledge(&self, generation: u64, waiters: bool) {
+        self.through.fetch_max(generation + 1, Ordering::Release);
+        if waiters {
+            let word = self.word(generation);
+            word.fetch_add(1, Ordering::Release);
+            atomic_wait::wake_all(word);
+        }
+    }
+
+    /// Fails the blocked appenders `failed` names and wakes all of them.
+    fn fail(&self, failed: Failed) {
+        let _ = self.failed.set(failed);
+        for word in &self.words {
+            word.fetch_add(1, Ordering::Release);
+            atomic_wait::wake_all(word);
+        }
+    }
+
+    /// Blocks until the batch of `generation` is acknowledged or failed.
+    fn wait(&self, generation: u64, outcome: AppendOutcome) -> Result<AppendOutcome, AppendError> {
+        let word = self.word(generation);
+        loop {
+            // The word first: if it moves after this load, the wait below
+            // returns at once; if it moved before, the loads below see why.
+            let seen = word.load(Ordering::Acquire);
+            if self.through.load(Ordering::Acquire) > generation {
+                return Ok(outcome);
+            }
+            if let Some(failed) = self.failed.get() {
+                if failed.io_generation == Some(generation) {
+                    return Err(AppendError::Io(Arc::clone(&failed.failure)));
+                }
+                if generation >= failed.first_poisoned {
+                    return Err(AppendError::Poisoned(Arc::clone(&failed.failure)));
+                }
+            }
+            atomic_wait::wait(word, seen);
+        }
+    }
 }
 
 struct QueuedGroup {
@@ -180,6 +259,15 @@ struct Batch {
     payload: Vec<u8>,
     lens: Vec<u32>,
     groups: Vec<QueuedGroup>,
+    /// Groups that are [`Completion::Wait`].
+    waiters: usize,
+}
+
+/// A written batch, for the completer.
+struct Acknowledged {
+    generation: u64,
+    groups: Vec<QueuedGroup>,
+    waiters: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +283,8 @@ struct Queue {
     next_position: u64,
     state: QueueState,
     writer_idle: bool,
+    /// Batches the writer has taken: the generation of the batch queuing now.
+    generation: u64,
 }
 
 struct Shared {
@@ -213,6 +303,7 @@ struct Shared {
     end_lock: Mutex<()>,
     end_moved: Condvar,
     counters: Counters,
+    acks: Acks,
     /// The sparse indexes of the sealed segments read last, most recent
     /// first, at most [`SEALED_INDEXES_CACHED`].
     sealed_indexes: Mutex<VecDeque<(u64, SparseIndex)>>,
@@ -333,6 +424,7 @@ impl Log {
                 next_position,
                 state: QueueState::Open,
                 writer_idle: false,
+                generation: 0,
             }),
             work_ready: Condvar::new(),
             space_ready: Condvar::new(),
@@ -343,19 +435,19 @@ impl Log {
             end_moved: Condvar::new(),
             sealed_indexes: Mutex::new(VecDeque::new()),
             counters: Counters::default(),
+            acks: Acks::new(),
         });
         // The completer wakes appenders and runs callbacks, in log order,
         // while the writer goes on with the next batch. It ends when the
         // writer drops its sender.
-        let (completions, acknowledged) = sync_channel::<Vec<QueuedGroup>>(COMPLETION_BATCHES_MAX);
+        let (completions, acknowledged) = sync_channel::<Acknowledged>(COMPLETION_BATCHES_MAX);
         let spawn_error = |e| OpenError::Io(io_failure("spawn thread", &shared_dir(&active), 0, e));
+        let completer_shared = Arc::clone(&shared);
         let completer = std::thread::Builder::new()
             .name("edgebus-log-completer".to_owned())
             .spawn(move || {
-                for groups in acknowledged {
-                    for group in groups {
-                        group.done.complete(Ok(group.outcome));
-                    }
+                for batch in acknowledged {
+                    complete_batch(&completer_shared.acks, batch);
                 }
             })
             .map_err(spawn_error)?;
@@ -461,14 +553,8 @@ impl Log {
     /// Appends `records` atomically and returns once they are acknowledged
     /// (durable under `fsync = always`). Waits while the append queue is full.
     pub fn append<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<AppendOutcome, AppendError> {
-        let waiter = Arc::new(Waiter { thread: std::thread::current(), result: OnceLock::new() });
-        self.enqueue(records, Completion::Wake(Arc::clone(&waiter)), true)?;
-        loop {
-            if let Some(result) = waiter.result.get() {
-                return result.clone();
-            }
-            std::thread::park();
-        }
+        let (outcome, generation) = self.enqueue(records, Completion::Wait, true)?;
+        self.shared.acks.wait(generation, outcome)
     }
 
     /// Queues `records` as one atomic append and returns the positions they
@@ -480,7 +566,7 @@ impl Log {
         records: &[R],
         done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
     ) -> Result<AppendOutcome, AppendError> {
-        self.enqueue(records, Completion::Call(Box::new(done)), true)
+        self.enqueue(records, Completion::Call(Box::new(done)), true).map(|(outcome, _)| outcome)
     }
 
     /// Like [`Log::submit`], but fails with [`AppendError::QueueFull`] instead
@@ -490,15 +576,17 @@ impl Log {
         records: &[R],
         done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
     ) -> Result<AppendOutcome, AppendError> {
-        self.enqueue(records, Completion::Call(Box::new(done)), false)
+        self.enqueue(records, Completion::Call(Box::new(done)), false).map(|(outcome, _)| outcome)
     }
 
+    /// Queues one append; returns its positions and the generation of the
+    /// batch it joined.
     fn enqueue<R: AsRef<[u8]>>(
         &self,
         records: &[R],
         done: Completion,
         wait: bool,
-    ) -> Result<AppendOutcome, AppendError> {
+    ) -> Result<(AppendOutcome, u64), AppendError> {
         let config = &self.shared.config;
         if records.is_empty() {
             return Err(AppendError::Empty);
@@ -549,12 +637,15 @@ impl Log {
             queue.batch.payload.extend_from_slice(record);
             queue.batch.lens.push(u32::try_from(record.len()).expect("bounded by record_bytes_max"));
         }
+        if matches!(done, Completion::Wait) {
+            queue.batch.waiters += 1;
+        }
         queue.batch.groups.push(QueuedGroup { outcome, framed_bytes, done });
         if queue.writer_idle {
             queue.writer_idle = false;
             self.shared.work_ready.notify_one();
         }
-        Ok(outcome)
+        Ok((outcome, queue.generation))
     }
 
     /// Reads forward from `from`: at most `max_records` records and, past the
@@ -793,6 +884,14 @@ fn corruption(file: &Path, offset: u64, reason: impl Into<String>) -> Corruption
     Corruption { file: file.to_path_buf(), offset, reason: reason.into() }
 }
 
+/// Runs a written batch's callbacks, then wakes its blocked appenders.
+fn complete_batch(acks: &Acks, batch: Acknowledged) {
+    for group in batch.groups {
+        group.done.complete(Ok(group.outcome));
+    }
+    acks.acknowledge(batch.generation, batch.waiters);
+}
+
 /// The writer thread's state: the active segment and reusable buffers.
 struct Writer {
     shared: Arc<Shared>,
@@ -809,13 +908,16 @@ struct Writer {
     new_index: Vec<(u64, u32)>,
     spare: Batch,
     /// Acknowledged batches, in log order, for the completer thread.
-    completer: SyncSender<Vec<QueuedGroup>>,
+    completer: SyncSender<Acknowledged>,
+    /// The generation of the batch whose write or sync failed, if one did.
+    failed_generation: Option<u64>,
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>, active: &SegmentMeta, completer: SyncSender<Vec<QueuedGroup>>) -> Self {
+    fn new(shared: Arc<Shared>, active: &SegmentMeta, completer: SyncSender<Acknowledged>) -> Self {
         Self {
             completer,
+            failed_generation: None,
             shared,
             file: Arc::clone(&active.file),
             path: Arc::clone(&active.path),
@@ -884,12 +986,15 @@ impl Writer {
                 queue.writer_idle = false;
             }
             std::mem::swap(&mut queue.batch, &mut self.spare);
+            let generation = queue.generation;
+            queue.generation += 1;
             queue.queued_bytes = 0;
             drop(queue);
             shared.space_ready.notify_all();
             let mut batch = std::mem::take(&mut self.spare);
             let result = self.write_batch(&batch);
             let groups = std::mem::take(&mut batch.groups);
+            let waiters = std::mem::take(&mut batch.waiters) > 0;
             batch.payload.clear();
             batch.lens.clear();
             self.spare = batch;
@@ -897,18 +1002,19 @@ impl Writer {
                 Ok(()) => {
                     shared.counters.appends.fetch_add(groups.len() as u64, Ordering::Relaxed);
                     // Waking hundreds of appenders costs more than the write
-                    // and the sync (~3 µs each here): the completer does it
-                    // while this thread writes the next batch. A few are
-                    // cheaper to wake here than to hand over.
-                    if groups.len() <= COMPLETE_INLINE_GROUPS_MAX {
-                        for group in groups {
-                            group.done.complete(Ok(group.outcome));
-                        }
+                    // and the sync (~2 µs each here, even in one system
+                    // call): the completer does it while this thread writes
+                    // the next batch. A few are cheaper to wake here than to
+                    // hand over.
+                    let batch = Acknowledged { generation, groups, waiters };
+                    if batch.groups.len() <= COMPLETE_INLINE_GROUPS_MAX {
+                        complete_batch(&shared.acks, batch);
                     } else {
-                        self.completer.send(groups).expect("the completer outlives the writer");
+                        self.completer.send(batch).expect("the completer outlives the writer");
                     }
                 }
                 Err(failure) => {
+                    self.failed_generation = Some(generation);
                     for group in groups {
                         group.done.complete(Err(AppendError::Io(Arc::clone(&failure))));
                     }
@@ -920,16 +1026,22 @@ impl Writer {
 
     /// Marks the log poisoned and fails everything still queued.
     fn poison(&self, failure: &Arc<IoFailure>) {
-        let groups = {
+        let (groups, first_poisoned) = {
             let mut queue = lock(&self.shared.queue);
             queue.state = QueueState::Poisoned(Arc::clone(failure));
             queue.queued_bytes = 0;
-            std::mem::take(&mut queue.batch.groups)
+            queue.batch.waiters = 0;
+            (std::mem::take(&mut queue.batch.groups), queue.generation)
         };
         self.shared.space_ready.notify_all();
         for group in groups {
             group.done.complete(Err(AppendError::Poisoned(Arc::clone(failure))));
         }
+        self.shared.acks.fail(Failed {
+            io_generation: self.failed_generation,
+            first_poisoned,
+            failure: Arc::clone(failure),
+        });
     }
 
     fn write_batch(&mut self, batch: &Batch) -> Result<(), Arc<IoFailure>> {
