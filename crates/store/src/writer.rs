@@ -13,8 +13,9 @@
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::Waker;
+use std::thread::Thread;
 
 use edgebus_log::{AppendError, AppendOutcome};
 use edgebus_types::{
@@ -93,83 +94,59 @@ pub(crate) enum Reply {
     },
 }
 
-/// The threads blocked on the requests of one sequencer pass: they wait on
-/// one futex word and are woken together, by one system call, once the last
-/// of their replies is in. Waking 256 threads one `unpark` at a time costs
-/// the waker ~3.4 µs each on the development VM, one wake of all ~2.3 µs
-/// each (`docs/benchmarks.md`, `bench log`). A reply that comes early waits
-/// for the pass's last one: at most a log batch later, or an index flush
-/// when the sequencer waits for the tail, and then the sequencer could take
-/// no new request anyway.
-#[derive(Default)]
-pub(crate) struct PassWake {
-    /// Replies still to come for this pass's blocked threads.
-    remaining: AtomicUsize,
-    word: AtomicU32,
-}
-
-impl PassWake {
-    fn replied(&self) {
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.word.fetch_add(1, Ordering::Release);
-            atomic_wait::wake_all(&self.word);
-        }
-    }
+/// Who waits for a slot's reply: a parked thread or an async task.
+enum Waiter {
+    Thread(Thread),
+    Task(Option<Waker>),
 }
 
 struct SlotState {
     reply: Option<Reply>,
-    /// The task to wake, for a task's slot.
-    waker: Option<Waker>,
+    waiter: Waiter,
 }
 
 /// Where the sequencer or the log's writer thread leaves a request's reply.
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
-    /// For a blocked thread's slot: the pass it waits with.
-    pass: Option<Arc<PassWake>>,
 }
 
 impl Slot {
-    /// A slot the calling thread waits on, with the other threads of the
-    /// pass it joins (taken under the requests lock).
-    fn for_thread(requests: &Requests) -> Arc<Self> {
-        requests.pass.remaining.fetch_add(1, Ordering::Relaxed);
-        Arc::new(Self {
-            state: Mutex::new(SlotState { reply: None, waker: None }),
-            pass: Some(Arc::clone(&requests.pass)),
-        })
+    /// A slot the calling thread waits on (parks).
+    fn for_thread() -> Arc<Self> {
+        Arc::new(Self { state: Mutex::new(SlotState { reply: None, waiter: Waiter::Thread(std::thread::current()) }) })
     }
 
     /// A slot a task polls (see [`crate::pending`]).
     pub(crate) fn for_task() -> Arc<Self> {
-        Arc::new(Self { state: Mutex::new(SlotState { reply: None, waker: None }), pass: None })
+        Arc::new(Self { state: Mutex::new(SlotState { reply: None, waiter: Waiter::Task(None) }) })
     }
 
     fn complete(&self, reply: Reply) {
-        let waker = {
+        enum Wake {
+            Thread(Thread),
+            Task(Waker),
+        }
+        let wake = {
             let mut state = self.state.lock();
             state.reply = Some(reply);
-            state.waker.take()
+            match &mut state.waiter {
+                Waiter::Thread(thread) => Some(Wake::Thread(thread.clone())),
+                Waiter::Task(waker) => waker.take().map(Wake::Task),
+            }
         };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-        if let Some(pass) = &self.pass {
-            pass.replied();
+        match wake {
+            Some(Wake::Thread(thread)) => thread.unpark(),
+            Some(Wake::Task(waker)) => waker.wake(),
+            None => {}
         }
     }
 
     fn wait(&self) -> Reply {
-        let pass = self.pass.as_ref().expect("only a thread's slot is waited on");
         loop {
-            // The word first: a reply set after this load moves it (when
-            // the pass's last reply is in) and the wait returns.
-            let seen = pass.word.load(Ordering::Acquire);
             if let Some(reply) = self.state.lock().reply.take() {
                 return reply;
             }
-            atomic_wait::wait(&pass.word, seen);
+            std::thread::park();
         }
     }
 
@@ -179,8 +156,10 @@ impl Slot {
         if let Some(reply) = state.reply.take() {
             return Some(reply);
         }
-        if self.pass.is_none() && !state.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            state.waker = Some(waker.clone());
+        if let Waiter::Task(registered) = &mut state.waiter
+            && !registered.as_ref().is_some_and(|w| w.will_wake(waker))
+        {
+            *registered = Some(waker.clone());
         }
         None
     }
@@ -194,8 +173,6 @@ pub(crate) struct Requests {
     /// Tasks waiting for room in `items`, woken when the sequencer takes it
     /// (or the store closes). At most one entry per waiting write per wake.
     pub(crate) space_waiters: Vec<Waker>,
-    /// The blocked threads whose requests are in `items`.
-    pub(crate) pass: Arc<PassWake>,
 }
 
 /// What came of queueing a write without waiting.
@@ -215,7 +192,7 @@ fn system_event_id(position: u64) -> EventId {
 impl Shared {
     /// Queues `request`, waits for its reply, and for durability where needed.
     pub(crate) fn execute(&self, request: Request) -> Result<Outcome, WriteError> {
-        let slot;
+        let slot = Slot::for_thread();
         {
             let mut requests = self.requests.lock();
             loop {
@@ -228,7 +205,6 @@ impl Shared {
                 self.requests_space.wait(&mut requests);
             }
             let wake = requests.items.is_empty();
-            slot = Slot::for_thread(&requests);
             requests.items.push((request, Arc::clone(&slot)));
             if wake {
                 self.requests_ready.notify_one();
@@ -259,7 +235,7 @@ impl Shared {
             let wake = queue.items.is_empty();
             while queue.items.len() < REQUESTS_QUEUED_MAX {
                 let Some(request) = requests.next() else { break };
-                let slot = Slot::for_thread(&queue);
+                let slot = Slot::for_thread();
                 queue.items.push((request, Arc::clone(&slot)));
                 slots.push(slot);
             }
@@ -323,10 +299,6 @@ impl Shared {
                     return;
                 }
                 std::mem::swap(&mut requests.items, &mut batch);
-                if Arc::strong_count(&requests.pass) > 1 {
-                    // Threads of this pass hold it: the next pass is new.
-                    requests.pass = Arc::default();
-                }
                 std::mem::take(&mut requests.space_waiters)
             };
             self.notify_space(space_waiters);
