@@ -259,8 +259,8 @@ struct Batch {
     payload: Vec<u8>,
     lens: Vec<u32>,
     groups: Vec<QueuedGroup>,
-    /// Groups that are [`Completion::Wait`].
-    waiters: usize,
+    /// Whether a group is [`Completion::Wait`].
+    waiters: bool,
 }
 
 /// A written batch, for the completer.
@@ -638,7 +638,7 @@ impl Log {
             queue.batch.lens.push(u32::try_from(record.len()).expect("bounded by record_bytes_max"));
         }
         if matches!(done, Completion::Wait) {
-            queue.batch.waiters += 1;
+            queue.batch.waiters = true;
         }
         queue.batch.groups.push(QueuedGroup { outcome, framed_bytes, done });
         if queue.writer_idle {
@@ -994,7 +994,7 @@ impl Writer {
             let mut batch = std::mem::take(&mut self.spare);
             let result = self.write_batch(&batch);
             let groups = std::mem::take(&mut batch.groups);
-            let waiters = std::mem::take(&mut batch.waiters) > 0;
+            let waiters = std::mem::take(&mut batch.waiters);
             batch.payload.clear();
             batch.lens.clear();
             self.spare = batch;
@@ -1030,7 +1030,7 @@ impl Writer {
             let mut queue = lock(&self.shared.queue);
             queue.state = QueueState::Poisoned(Arc::clone(failure));
             queue.queued_bytes = 0;
-            queue.batch.waiters = 0;
+            queue.batch.waiters = false;
             (std::mem::take(&mut queue.batch.groups), queue.generation)
         };
         self.shared.space_ready.notify_all();
