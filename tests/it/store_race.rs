@@ -231,3 +231,77 @@ fn appends_racing_on_one_expected_version_have_exactly_one_winner() {
     eprintln!("store_race: exact expected versions, wins per thread {wins:?}");
     assert_eq!(store.log().end_position(), VERSIONS, "losers wrote nothing");
 }
+
+/// Writers look up what the tail does not hold (their stream's state, their
+/// events' ids) in the index with the store lock released, and use what they
+/// read only if no flush finished meanwhile. Here every writer has streams
+/// of its own and a tail that flushes every few events, so flushes keep
+/// landing between those reads and the writes. Every append at its exact
+/// expected version must succeed at that version, and every retry of an
+/// earlier append (its id by now mostly flushed to the index) must be
+/// answered as already written at its original position, never written
+/// again nor refused.
+#[test]
+fn writers_reading_the_index_beside_flushes_see_every_stream_and_id_that_left_the_tail() {
+    const STREAMS_PER_THREAD: u64 = 16;
+    const APPENDS_PER_THREAD: u64 = 640;
+    let seed = seed();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = StoreConfig {
+        tail_events_max: 32,
+        index_flush_events: 4,
+        log: edgebus_log::LogConfig { fsync: edgebus_log::FsyncPolicy::Never, ..edgebus_log::LogConfig::default() },
+        ..StoreConfig::default()
+    };
+    let store = Arc::new(Store::open(dir.path(), config).expect("open"));
+    let writing_store = Arc::clone(&store);
+    let retried: Vec<u64> = run_threads(move |thread| {
+        let mut rng = StdRng::seed_from_u64(seed ^ thread as u64);
+        let stream = |s: u64| StreamName::new(&format!("flush-race.t{thread}-s{s}")).expect("valid name");
+        let event = |s: u64, version: u64| NewEvent {
+            id: EventId::from_u128((thread as u128) << 96 | u128::from(s) << 64 | u128::from(version)),
+            event_type: EventType::new("Counted").expect("valid event type"),
+            data: format!("{{\"v\":{version}}}").into_bytes(),
+            metadata: Vec::new(),
+            timestamp_ms: 0,
+        };
+        let expected = |version: u64| version.checked_sub(1).map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+        // Per stream, the position of each version written.
+        let mut written: Vec<Vec<u64>> = vec![Vec::new(); STREAMS_PER_THREAD as usize];
+        let mut retries = 0;
+        for n in 0..APPENDS_PER_THREAD {
+            let s = n % STREAMS_PER_THREAD;
+            let version = written[s as usize].len() as u64;
+            let result = writing_store
+                .append(&stream(s), expected(version), vec![event(s, version)])
+                .unwrap_or_else(|e| panic!("thread {thread}, stream {s}, version {version}: {e}"));
+            assert_eq!((result.first_version, result.already_written), (version, false), "thread {thread}, stream {s}");
+            written[s as usize].push(result.first_position);
+            if rng.random_range(0..3) == 0 {
+                let s = rng.random_range(0..=s);
+                let version = rng.random_range(0..written[s as usize].len() as u64);
+                let retry = writing_store
+                    .append(&stream(s), expected(version), vec![event(s, version)])
+                    .unwrap_or_else(|e| panic!("thread {thread}, retry of stream {s} version {version}: {e}"));
+                assert!(
+                    retry.already_written,
+                    "thread {thread}: the retry of stream {s} version {version} was written again"
+                );
+                assert_eq!(retry.first_position, written[s as usize][version as usize], "thread {thread}, stream {s}");
+                retries += 1;
+            }
+        }
+        retries
+    });
+    let retries: u64 = retried.iter().sum();
+    assert!(retries > 0, "no retries were made");
+    assert_eq!(store.log().end_position(), THREADS as u64 * APPENDS_PER_THREAD, "retries wrote nothing");
+    for thread in 0..THREADS {
+        for s in 0..STREAMS_PER_THREAD {
+            let stream = StreamName::new(&format!("flush-race.t{thread}-s{s}")).expect("valid name");
+            let info = store.stream_info(&stream).expect("info").expect("exists");
+            assert_eq!(info.current_version, Some(APPENDS_PER_THREAD / STREAMS_PER_THREAD - 1), "{stream}");
+        }
+    }
+    eprintln!("store_race: {retries} retries beside flushes every 4 events");
+}

@@ -18,5 +18,5 @@ mod storage;
 
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::{AppendError, Corruption, IoFailure, OpenError, ReadError, RemoveError};
-pub use log::{AppendOutcome, AppendQueue, Log, LogStats, Record, RecoveryReport, SegmentSummary, TornTail};
+pub use log::{AppendOutcome, AppendQueue, Log, LogStats, Queued, Record, RecoveryReport, SegmentSummary, TornTail};
 pub use storage::{FileStorage, OpenMode, Storage, StorageFile, read_exact_at};

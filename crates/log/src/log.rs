@@ -54,6 +54,22 @@ impl AppendOutcome {
     }
 }
 
+/// An append queued by [`Log::queue`]: the positions it will hold, and
+/// the batch whose acknowledgement [`Log::wait`] waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "an append is only acknowledged once `Log::wait` returns"]
+pub struct Queued {
+    outcome: AppendOutcome,
+    generation: u64,
+}
+
+impl Queued {
+    /// Where the append will land.
+    pub fn outcome(&self) -> AppendOutcome {
+        self.outcome
+    }
+}
+
 /// What recovery found and did when the log was opened.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -553,8 +569,26 @@ impl Log {
     /// Appends `records` atomically and returns once they are acknowledged
     /// (durable under `fsync = always`). Waits while the append queue is full.
     pub fn append<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<AppendOutcome, AppendError> {
+        self.queue(records).and_then(|queued| self.wait(queued))
+    }
+
+    /// The first half of [`Log::append`]: queues `records` as one atomic
+    /// append and returns where they will land, without waiting for them to
+    /// be written (it waits while the append queue is full). Positions
+    /// follow the order of the calls, so a caller can queue under a lock of
+    /// its own and wait after releasing it. The append is written whether
+    /// or not anyone waits for it.
+    pub fn queue<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<Queued, AppendError> {
         let (outcome, generation) = self.enqueue(records, Completion::Wait, true)?;
-        self.shared.acks.wait(generation, outcome)
+        Ok(Queued { outcome, generation })
+    }
+
+    /// The second half of [`Log::append`]: blocks until the queued append
+    /// is acknowledged (durable under `fsync = always`) or has failed. The
+    /// thread sleeps with the rest of its batch's waiters, and one system
+    /// call wakes them all.
+    pub fn wait(&self, queued: Queued) -> Result<AppendOutcome, AppendError> {
+        self.shared.acks.wait(queued.generation, queued.outcome)
     }
 
     /// Queues `records` as one atomic append and returns the positions they

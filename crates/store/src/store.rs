@@ -279,9 +279,9 @@ const IDLE_FLUSH_GROWTH_DIVISOR: usize = 64;
 const REPLAY_BATCH: usize = 4096;
 
 /// How long the indexer sleeps with nothing due before it looks again
-/// (what is due wakes it sooner: a full tail, a waiting sequencer, closing).
+/// (what is due wakes it sooner: a full tail, a waiting writer, closing).
 const INDEXER_RECHECK: Duration = Duration::from_secs(1);
-/// How soon it looks again when the sequencer waits for room and the last
+/// How soon it looks again when a writer waits for room and the last
 /// flush found nothing to write.
 const INDEXER_DURABLE_RECHECK: Duration = Duration::from_millis(1);
 /// How often a flush waiting for its records to be written checks whether
@@ -295,10 +295,10 @@ pub const READ_COUNT_MAX: usize = 10_000;
 /// State guarded by the store lock: the index tail and the next position.
 pub(crate) struct Inner {
     pub(crate) tail: Tail,
-    /// Next log position (only the sequencer appends, under this lock).
+    /// Next log position (writers append to the log only under this lock).
     pub(crate) next_position: u64,
     pub(crate) closing: bool,
-    /// The sequencer waits for room in the tail: the indexer flushes
+    /// A writer waits for room in the tail: the indexer flushes
     /// whatever is durable, however little.
     pub(crate) waiting_for_tail: bool,
 }
@@ -325,7 +325,16 @@ pub(crate) struct Shared {
     pub(crate) requests_ready: Condvar,
     /// Signalled when the sequencer takes the queue.
     pub(crate) requests_space: Condvar,
+    /// Run once by a writer that read the index with the store lock
+    /// released, before it takes the lock again (tests put a competing
+    /// write and a flush there).
+    #[cfg(test)]
+    pub(crate) after_unlocked_index_read: Mutex<Option<TestHook>>,
 }
+
+/// See `Shared::after_unlocked_index_read`.
+#[cfg(test)]
+pub(crate) type TestHook = Box<dyn FnOnce(&Shared) + Send>;
 
 /// The event store. `Send + Sync`; share it behind an `Arc`.
 pub struct Store {
@@ -421,6 +430,8 @@ impl Store {
             requests: Mutex::new(Requests::default()),
             requests_ready: Condvar::new(),
             requests_space: Condvar::new(),
+            #[cfg(test)]
+            after_unlocked_index_read: Mutex::new(None),
         });
         report.replayed = shared.replay(from, end)?;
         let indexer_shared = Arc::clone(&shared);
@@ -1193,9 +1204,10 @@ impl Store {
     /// beyond it wait for room.
     pub const QUEUE_REQUESTS_MAX: usize = crate::writer::REQUESTS_QUEUED_MAX;
 
-    /// Write requests (appends, exists-or-writes, commands) waiting for the
-    /// sequencer right now, at most [`Store::QUEUE_REQUESTS_MAX`]. What the
-    /// sequencer has passed on waits in the log's
+    /// Write requests (async appends and exists-or-writes, replicated
+    /// events) waiting for the sequencer right now, at most
+    /// [`Store::QUEUE_REQUESTS_MAX`]. What the sequencer has passed on, and
+    /// what threads wrote themselves, waits in the log's
     /// [`append_queue`](edgebus_log::Log::append_queue).
     pub fn queue_depth(&self) -> usize {
         self.shared.requests.lock().items.len()
@@ -1215,7 +1227,7 @@ impl Store {
     }
 
     /// Whether the store takes writes: false once it is closing, after an
-    /// index failure or a panic in the sequencer, and once its log takes no
+    /// index failure or a panic while processing a write, and once its log takes no
     /// appends (closed, or poisoned by a failed write or `fdatasync`).
     pub fn accepts_writes(&self) -> bool {
         !self.shared.poisoned.load(Ordering::Acquire)
@@ -1427,7 +1439,7 @@ impl Shared {
     }
 
     /// Flushes the tail when it holds `index_flush_events` changes, when
-    /// the sequencer waits for room in it, every `index_flush_interval` if
+    /// a writer waits for room in it, every `index_flush_interval` if
     /// one is set, and when the site went quiet (`index_idle_flush`).
     fn run_indexer(&self) {
         let mut last_flush = Instant::now();
@@ -1615,6 +1627,47 @@ mod tests {
         }
         assert_eq!(store.index_tail(), 0, "the quiet flush emptied the tail");
         assert_eq!((kept(&store), current(&store)), (0, 0), "and kept no generation's tables");
+    }
+
+    /// A writer reads what the tail does not hold from the index with the
+    /// store lock released. If a flush drops a generation meanwhile, what it
+    /// read may be stale: it must read again, not write on it.
+    #[test]
+    fn a_writer_reads_the_index_again_if_a_flush_finished_while_it_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { index_flush_events: usize::MAX, index_idle_flush: None, ..StoreConfig::default() };
+        let store = Store::open(dir.path(), config).unwrap();
+        let stream = StreamName::new("s.contended").unwrap();
+        store.append(&stream, ExpectedVersion::Any, events(1, 1)).unwrap();
+        assert!(store.shared.flush().unwrap());
+        let competing = |write: Request| -> TestHook {
+            Box::new(move |shared: &Shared| {
+                shared.execute(write).unwrap();
+                assert!(shared.flush().unwrap());
+            })
+        };
+        // The state: another writer moves the stream to version 1 and a
+        // flush takes it out of the tail while this one reads version 0.
+        let write = Request::Append { stream: stream.clone(), expected: ExpectedVersion::Any, events: events(2, 2) };
+        *store.shared.after_unlocked_index_read.lock() = Some(competing(write));
+        let stale = store.append(&stream, ExpectedVersion::Exact(0), events(3, 3));
+        assert!(store.shared.after_unlocked_index_read.lock().is_none(), "the writer read the index unlocked");
+        assert!(
+            matches!(&stale, Err(WriteError::WrongExpectedVersion { source, .. }) if source.current == Some(1)),
+            "the append expecting version 0 is refused with the current version 1, got {stale:?}"
+        );
+        // An id: another writer writes it and a flush takes it out of the
+        // tail while this one finds it unused.
+        let other = StreamName::new("s.other").unwrap();
+        let write = Request::Append { stream: other.clone(), expected: ExpectedVersion::Any, events: events(4, 4) };
+        *store.shared.after_unlocked_index_read.lock() = Some(competing(write));
+        let duplicate = store.append(&stream, ExpectedVersion::Any, events(4, 4));
+        assert!(
+            matches!(&duplicate, Err(WriteError::DuplicateEventId { stream: s, .. }) if *s == other),
+            "the id written meanwhile is a duplicate, got {duplicate:?}"
+        );
+        let read = store.read_stream(&stream, StreamFrom::Start, Direction::Forward, 10, 0).unwrap();
+        assert_eq!(read.iter().map(|e| e.version).collect::<Vec<_>>(), [0, 1], "nothing was written on stale reads");
     }
 
     /// A quiet site with too little in its tail for a flush keeps the

@@ -180,9 +180,33 @@ pub(crate) struct Tail {
     pub(crate) snapshots: BTreeMap<SnapshotKey, (u64, Option<u64>)>,
     /// Recent event types, so that events of one type share one `Arc`.
     event_types: HashSet<Arc<str>>,
-    /// The last state read from the index by [`Tail::state_for_write`], so
-    /// that the write that follows does not read it again.
-    last_index_read: Option<(Box<str>, Option<StreamState>)>,
+    /// What the write being processed read from the index: by
+    /// [`Tail::state_for_write`], so that applying it does not read again,
+    /// or before it took the store lock ([`Tail::remember`]).
+    index_reads: IndexReads,
+    /// Frozen generations dropped so far: while this stays the same, the
+    /// index's entry of a key the tail does not hold stays the same.
+    dropped: u64,
+}
+
+/// Index entries a write needs, read for it: its stream's state and its
+/// events' ids.
+#[derive(Debug, Default)]
+pub(crate) struct IndexReads {
+    state: Option<(Box<str>, Option<StreamState>)>,
+    ids: Vec<(EventId, Option<IdEntry>)>,
+}
+
+impl IndexReads {
+    /// Reads the state of `stream` (if given) and the entries of `ids`.
+    pub(crate) fn read(index: &Index, stream: Option<&str>, ids: &[EventId]) -> Result<Self, IndexError> {
+        let state = match stream {
+            Some(stream) => Some((Box::from(stream), index.stream_state(stream)?)),
+            None => None,
+        };
+        let ids = ids.iter().map(|id| index.id(id).map(|entry| (*id, entry))).collect::<Result<_, _>>()?;
+        Ok(Self { state, ids })
+    }
 }
 
 /// What one record contributes, as the state machine sees it.
@@ -252,10 +276,32 @@ impl Tail {
             .map(|(name, tail)| (name, &tail.state))
     }
 
-    /// Forgets what [`Tail::state_for_write`] remembered; called before each
-    /// write so a remembered state never outlives the write that read it.
+    /// Forgets the index reads of the last write; called before and after
+    /// each write so they never outlive the write that read them.
     pub(crate) fn forget_index_read(&mut self) {
-        self.last_index_read = None;
+        self.index_reads.state = None;
+        self.index_reads.ids.clear();
+    }
+
+    /// Frozen generations dropped so far (see [`Tail::remember`]).
+    pub(crate) fn generations_dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Which of a write's lookups the tail cannot answer: whether the state
+    /// of `stream`, and which of `ids`.
+    pub(crate) fn index_lookups(&self, stream: &str, ids: impl Iterator<Item = EventId>) -> (bool, Vec<EventId>) {
+        let state = self.tail_state(stream).is_none();
+        (state, ids.filter(|id| self.generations().all(|g| !g.ids.contains_key(id))).collect())
+    }
+
+    /// Keeps `reads`, made without the store lock, for the write about to
+    /// be processed. They hold as long as no frozen generation was dropped
+    /// since before they were read (the caller checks
+    /// [`Tail::generations_dropped`]): the index only changes by committing
+    /// a frozen generation, whose keys the tail answers until it is dropped.
+    pub(crate) fn remember(&mut self, reads: IndexReads) {
+        self.index_reads = reads;
     }
 
     /// Like [`Tail::state`], for the write path: remembers what it read
@@ -266,9 +312,26 @@ impl Tail {
         if let Some(state) = self.tail_state(stream) {
             return Ok(Some(state));
         }
+        if let Some((name, state)) = &self.index_reads.state
+            && **name == *stream
+        {
+            return Ok(*state);
+        }
         let state = index.stream_state(stream)?;
-        self.last_index_read = Some((Box::from(stream), state));
+        self.index_reads.state = Some((Box::from(stream), state));
         Ok(state)
+    }
+
+    /// Like [`Tail::id`], for the write path: answers from what was read
+    /// for the write (see [`Tail::remember`]) before asking the index.
+    pub(crate) fn id_for_write(&self, index: &Index, id: &EventId) -> Result<Option<IdEntry>, IndexError> {
+        if let Some(entry) = self.generations().find_map(|g| g.ids.get(id)) {
+            return Ok(Some(*entry));
+        }
+        match self.index_reads.ids.iter().find(|(read, _)| read == id) {
+            Some((_, entry)) => Ok(*entry),
+            None => index.id(id),
+        }
     }
 
     /// The entry of `version` of `stream`.
@@ -318,7 +381,7 @@ impl Tail {
             None => {
                 let state = match self.frozen.as_ref().and_then(|g| g.streams.get(stream)) {
                     Some(frozen) => Some(frozen.state),
-                    None => match self.last_index_read.take() {
+                    None => match self.index_reads.state.take() {
                         Some((name, state)) if *name == *stream => state,
                         _ => index.stream_state(stream)?,
                     },
@@ -453,6 +516,7 @@ impl Tail {
     /// snapshots that only it held.
     pub(crate) fn drop_frozen(&mut self) {
         let Some(generation) = self.frozen.take() else { return };
+        self.dropped += 1;
         for s in &generation.snapshots {
             let key = (Arc::clone(&s.source), Arc::clone(&s.target), s.version);
             if self.snapshots.get(&key).is_some_and(|(at, _)| *at == s.at) {

@@ -1,14 +1,31 @@
-//! The write path: a bounded request queue and one sequencer thread that
-//! validates requests against the state machine and submits them to the log.
+//! The write path. Validation (expected versions, ids, exists-or-write) and
+//! position assignment are one atomic step per write, under the state lock;
+//! the log assigns positions in the order writes are queued in it, which is
+//! the order they take that lock.
 //!
-//! Why a sequencer: validation (expected versions, ids, exists-or-write) and
-//! position assignment must be one atomic step per write. Taking a lock per
-//! write makes hundreds of concurrent writers convoy on it; instead writers
-//! queue their request (a short lock), park, and the sequencer processes
-//! everything queued in one pass under the state lock, submitting to the log
-//! as it goes. The log's writer thread completes each request once it is
-//! durable. Lifecycle: started by `Store::open`, stopped by `Store::close`
-//! after it has drained the queue.
+//! Two ways in:
+//! - **A thread** (`Store::append`, `exists_or_write`, system writes) runs
+//!   its own write ([`Shared::execute`]): it takes the lock, validates,
+//!   queues the records in the log and applies them to the tail, releases
+//!   the lock, and then waits for the log's acknowledgement beside the other
+//!   appenders of its log batch (one system call wakes the batch). What the
+//!   tail cannot answer (the stream's state, the events' ids, once flushed
+//!   to the index) it reads from the index with the lock released, and uses
+//!   only if no flush finished meanwhile ([`crate::tail::Tail::remember`]),
+//!   so the lock is held for map lookups and the log's queue, ~1–2 µs.
+//! - **A task** (`append_async`, `exists_or_write_async`: `pending.rs`) and
+//!   `replicate` (several requests the log commits together) queue requests
+//!   for the sequencer thread, which validates everything queued in one
+//!   pass under the lock and submits to the log; the log's writer thread
+//!   answers each request once it is durable.
+//!
+//! Before, threads went through the sequencer too and were each woken by
+//! their own `unpark`: at 256 writing threads that hand-off and wake-up cost
+//! more than the lock does now (`docs/benchmarks.md`, `bench store`). A
+//! panic while processing poisons the store and answers every waiting
+//! writer. Lifecycle: the sequencer is started by `Store::open` and stopped
+//! by `Store::close` after it has drained its queue; threads are refused
+//! once the store is closing.
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
@@ -17,17 +34,17 @@ use std::sync::atomic::Ordering;
 use std::task::Waker;
 use std::thread::Thread;
 
-use edgebus_log::{AppendError, AppendOutcome};
+use edgebus_log::{AppendError, AppendOutcome, Queued};
 use edgebus_types::{
     EventId, EventType, ExpectedVersion, NewEvent, Origin, RecordedEvent, StreamName, WrongExpectedVersion,
 };
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::error::WriteError;
 use crate::index::StreamState;
 use crate::record::{self, Command};
-use crate::store::{AppendResult, ExistsOrWrite, Inner, Shared, index_write};
-use crate::tail::Applied;
+use crate::store::{AppendResult, DurableState, ExistsOrWrite, Inner, Shared, index_write};
+use crate::tail::{Applied, IndexReads};
 
 /// Requests that may wait in the queue; writers beyond it wait for space.
 pub(crate) const REQUESTS_QUEUED_MAX: usize = 4096;
@@ -65,6 +82,19 @@ pub(crate) enum Request {
 }
 
 impl Request {
+    /// The stream whose state processing the request reads, and the ids it
+    /// looks up (a command's are few and read under the lock).
+    fn index_keys(&self) -> Option<(&StreamName, impl Iterator<Item = EventId>)> {
+        let (stream, events) = match self {
+            Self::Append { stream, events, .. } => (stream, events.as_slice()),
+            Self::ExistsOrWrite { stream, event, .. } | Self::Replica { stream, event, .. } => {
+                (stream, std::slice::from_ref(event))
+            }
+            Self::Command { .. } => return None,
+        };
+        Some((stream, events.iter().map(|e| e.id)))
+    }
+
     /// The most changes the request adds to the tail: an op per event, and
     /// a command's event and the state it sets.
     fn changes(&self) -> usize {
@@ -92,6 +122,52 @@ pub(crate) enum Reply {
         end: u64,
         outcome: Outcome,
     },
+}
+
+/// What processing a request came to.
+pub(crate) enum Processed {
+    /// Answered without writing (an error is the `Err` beside this).
+    Answered(Reply),
+    /// Queued in the log; the log's writer thread answers its slot.
+    Submitted,
+    /// Queued in the log; the calling thread waits for it.
+    Queued(QueuedWrite),
+}
+
+/// A write the calling thread queued in the log itself.
+#[derive(Clone, Copy)]
+pub(crate) struct QueuedWrite {
+    log: Queued,
+    first_version: u64,
+    outcome: fn(AppendResult) -> Outcome,
+}
+
+/// The error every write gets once a panic stopped the store.
+fn stopped_after(panic: &(dyn std::any::Any + Send)) -> WriteError {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    WriteError::Index(format!("the store stopped after an internal error: {message}"))
+}
+
+/// Records an append's end (or the log's failure) for threads and tasks
+/// waiting for positions to be durable, and wakes those now answered.
+fn note_durable(signal: &(Mutex<DurableState>, Condvar), result: &Result<AppendOutcome, AppendError>) {
+    let durable_waiters = {
+        let (state, condvar) = signal;
+        let mut state = state.lock();
+        match result {
+            Ok(o) => state.end = state.end.max(o.positions().end),
+            Err(_) => state.failed = true,
+        }
+        condvar.notify_all();
+        state.take_ready_waiters()
+    };
+    for waker in durable_waiters {
+        waker.wake();
+    }
 }
 
 /// Who waits for a slot's reply: a parked thread or an async task.
@@ -190,27 +266,104 @@ fn system_event_id(position: u64) -> EventId {
 }
 
 impl Shared {
-    /// Queues `request`, waits for its reply, and for durability where needed.
+    /// Runs `request` on the calling thread: validates it and queues its
+    /// records in the log under the state lock, then waits for the log's
+    /// acknowledgement with the rest of its log batch (see the module docs).
     pub(crate) fn execute(&self, request: Request) -> Result<Outcome, WriteError> {
-        let slot = Slot::for_thread();
-        {
-            let mut requests = self.requests.lock();
+        let processed = {
+            let mut inner = self.inner.lock();
+            // Read what the tail cannot answer from the index with the lock
+            // released, so that other writers go on meanwhile; again if a
+            // flush finished in between (it may have changed the index).
+            let mut reads: Option<(u64, IndexReads)> = None;
             loop {
-                if requests.closing || self.poisoned.load(Ordering::Acquire) {
+                self.wait_for_tail_space(&mut inner, request.changes());
+                if inner.closing || self.poisoned.load(Ordering::Acquire) {
                     return Err(WriteError::Unavailable(AppendError::Closed));
                 }
-                if requests.items.len() < REQUESTS_QUEUED_MAX {
+                inner.tail.forget_index_read();
+                let Some((stream, ids)) = request.index_keys() else { break };
+                let (state, ids) = inner.tail.index_lookups(stream.as_str(), ids);
+                if !state && ids.is_empty() {
                     break;
                 }
-                self.requests_space.wait(&mut requests);
+                let dropped = inner.tail.generations_dropped();
+                match reads.take() {
+                    Some((read_at, reads)) if read_at == dropped => {
+                        inner.tail.remember(reads);
+                        break;
+                    }
+                    _ => {
+                        let stream = state.then_some(stream.as_str());
+                        let read = MutexGuard::unlocked(&mut inner, || {
+                            let read = IndexReads::read(&self.index, stream, &ids);
+                            #[cfg(test)]
+                            {
+                                let hook = self.after_unlocked_index_read.lock().take();
+                                if let Some(hook) = hook {
+                                    hook(self);
+                                }
+                            }
+                            read
+                        });
+                        reads = Some((dropped, read.map_err(index_write)?));
+                    }
+                }
             }
-            let wake = requests.items.is_empty();
-            requests.items.push((request, Arc::clone(&slot)));
-            if wake {
-                self.requests_ready.notify_one();
+            let processed = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(&mut inner, request, None)));
+            inner.tail.forget_index_read();
+            if inner.tail.unflushed() >= self.config.index_flush_events {
+                self.flush_wanted.notify_one();
+            }
+            processed
+        };
+        match processed {
+            Ok(Ok(Processed::Answered(reply))) => self.answer(reply),
+            Ok(Ok(Processed::Queued(queued))) => self.wait_queued(queued),
+            Ok(Ok(Processed::Submitted)) => unreachable!("a request with no slot is never submitted with a callback"),
+            Ok(Err(error)) => Err(error),
+            Err(panic) => {
+                // A bug: stop taking writes; the sequencer answers whatever
+                // is queued for it, and threads waiting for tail space look again.
+                self.poisoned.store(true, Ordering::Release);
+                self.requests_ready.notify_all();
+                self.tail_space.notify_all();
+                Err(stopped_after(panic.as_ref()))
             }
         }
-        self.reply_of(&slot)
+    }
+
+    /// Waits (with the state lock released) until the tail has room for
+    /// `changes` more; a request larger than the tail's bound waits for an
+    /// empty tail. Returns at once when the store is poisoned.
+    fn wait_for_tail_space(&self, inner: &mut MutexGuard<'_, Inner>, changes: usize) {
+        while inner.tail.len() > 0
+            && inner.tail.len() + changes > self.config.tail_events_max
+            && !self.poisoned.load(Ordering::Acquire)
+            && !inner.closing
+        {
+            // The index is behind: wait for the indexer to catch up.
+            inner.waiting_for_tail = true;
+            self.flush_wanted.notify_one();
+            self.tail_space.wait(inner);
+        }
+        inner.waiting_for_tail = false;
+    }
+
+    /// Waits for the log to acknowledge a write this thread queued.
+    fn wait_queued(&self, queued: QueuedWrite) -> Result<Outcome, WriteError> {
+        let result = self.log.wait(queued.log);
+        note_durable(&self.durable, &result);
+        result
+            .map(|o| {
+                (queued.outcome)(AppendResult {
+                    first_version: queued.first_version,
+                    first_position: o.first_position,
+                    count: o.count,
+                    already_written: false,
+                })
+            })
+            .map_err(WriteError::from)
     }
 
     /// Queues every request at once (so the sequencer takes them in one pass
@@ -276,7 +429,12 @@ impl Shared {
     }
 
     fn reply_of(&self, slot: &Slot) -> Result<Outcome, WriteError> {
-        match slot.wait() {
+        self.answer(slot.wait())
+    }
+
+    /// The outcome of `reply`, once what it refers to is durable.
+    fn answer(&self, reply: Reply) -> Result<Outcome, WriteError> {
+        match reply {
             Reply::Done(result) => result,
             Reply::AfterDurable { end, outcome } => {
                 self.wait_durable(end)?;
@@ -305,28 +463,20 @@ impl Shared {
             let mut inner = self.inner.lock();
             let mut pending = batch.drain(..);
             while let Some((request, slot)) = pending.next() {
-                // The tail never holds more than `tail_events_max` changes
-                // (one request larger than that waits for an empty tail).
-                let changes = request.changes();
-                while inner.tail.len() > 0
-                    && inner.tail.len() + changes > self.config.tail_events_max
-                    && !self.poisoned.load(Ordering::Acquire)
-                {
-                    // The index is behind: wait for the indexer to catch up.
-                    inner.waiting_for_tail = true;
-                    self.flush_wanted.notify_one();
-                    self.tail_space.wait(&mut inner);
-                }
-                inner.waiting_for_tail = false;
+                // The tail never holds more than `tail_events_max` changes.
+                self.wait_for_tail_space(&mut inner, request.changes());
                 if self.poisoned.load(Ordering::Acquire) {
                     slot.complete(Reply::Done(Err(WriteError::Unavailable(AppendError::Closed))));
                     continue;
                 }
                 inner.tail.forget_index_read();
-                let processed = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(&mut inner, request, &slot)));
+                let processed =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| self.process(&mut inner, request, Some(&slot))));
+                inner.tail.forget_index_read();
                 match processed {
-                    Ok(Ok(Some(reply))) => slot.complete(reply),
-                    Ok(Ok(None)) => {} // submitted: the log's writer thread completes it
+                    Ok(Ok(Processed::Answered(reply))) => slot.complete(reply),
+                    Ok(Ok(Processed::Submitted)) => {} // the log's writer thread completes it
+                    Ok(Ok(Processed::Queued(_))) => unreachable!("a request with a slot is submitted with a callback"),
                     Ok(Err(error)) => slot.complete(Reply::Done(Err(error))),
                     Err(panic) => {
                         // A bug: stop taking writes and answer everyone
@@ -351,13 +501,8 @@ impl Shared {
         panic: &(dyn std::any::Any + Send),
         pending: &mut std::vec::Drain<'_, (Request, Arc<Slot>)>,
     ) {
-        let message = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
         self.poisoned.store(true, Ordering::Release);
-        let failure = || WriteError::Index(format!("the store stopped after an internal error: {message}"));
+        let failure = || stopped_after(panic);
         slot.complete(Reply::Done(Err(failure())));
         for (_, waiting) in pending.by_ref() {
             waiting.complete(Reply::Done(Err(failure())));
@@ -373,7 +518,10 @@ impl Shared {
         self.tail_space.notify_all();
     }
 
-    fn process(&self, inner: &mut Inner, request: Request, slot: &Arc<Slot>) -> Result<Option<Reply>, WriteError> {
+    /// Validates `request` and queues its records in the log. With a slot
+    /// (the sequencer) the log's writer thread answers it; without, the
+    /// caller waits for the returned [`QueuedWrite`].
+    fn process(&self, inner: &mut Inner, request: Request, slot: Option<&Arc<Slot>>) -> Result<Processed, WriteError> {
         match request {
             Request::Append { stream, expected, events } => self.process_append(inner, &stream, expected, events, slot),
             Request::ExistsOrWrite { stream, index, event } => {
@@ -397,8 +545,7 @@ impl Shared {
                 event.validate()?;
                 self.submit(inner, &stream, vec![event], state.next_version, None, slot, |result| {
                     Outcome::Position(result.first_position)
-                })?;
-                Ok(None)
+                })
             }
         }
     }
@@ -409,8 +556,8 @@ impl Shared {
         stream: &StreamName,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
-        slot: &Arc<Slot>,
-    ) -> Result<Option<Reply>, WriteError> {
+        slot: Option<&Arc<Slot>>,
+    ) -> Result<Processed, WriteError> {
         let state = inner.tail.state_for_write(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
         if state.tombstoned {
             return Err(WriteError::StreamDeleted { stream: stream.clone() });
@@ -418,17 +565,16 @@ impl Shared {
         if state.origin != 0 && !stream.is_system() {
             return Err(WriteError::ReplicaStream { stream: stream.clone() });
         }
-        if let Some(existing) = inner.tail.id(&self.index, &events[0].id).map_err(index_write)? {
+        if let Some(existing) = inner.tail.id_for_write(&self.index, &events[0].id).map_err(index_write)? {
             return self
                 .idempotent_retry(inner, stream, expected, &events, existing.position, existing.version)
-                .map(Some);
+                .map(Processed::Answered);
         }
         self.check_ids_unused(inner, &events[1..])?;
         expected
             .check(state.current_version())
             .map_err(|source| WriteError::WrongExpectedVersion { stream: stream.clone(), source })?;
-        self.submit(inner, stream, events, state.next_version, None, slot, Outcome::Append)?;
-        Ok(None)
+        self.submit(inner, stream, events, state.next_version, None, slot, Outcome::Append)
     }
 
     fn process_exists_or_write(
@@ -438,8 +584,8 @@ impl Shared {
         index: Option<u64>,
         event: NewEvent,
         origin: Option<&Origin>,
-        slot: &Arc<Slot>,
-    ) -> Result<Option<Reply>, WriteError> {
+        slot: Option<&Arc<Slot>>,
+    ) -> Result<Processed, WriteError> {
         let state = inner.tail.state_for_write(&self.index, stream.as_str()).map_err(index_write)?.unwrap_or_default();
         if state.tombstoned {
             return Err(WriteError::StreamDeleted { stream: stream.clone() });
@@ -484,7 +630,10 @@ impl Shared {
             let outcome =
                 ExistsOrWrite::Exists { position: entry.position, same: entry.content_hash == event.content_hash() };
             // The winner's write may still be in flight: answer once it is durable.
-            return Ok(Some(Reply::AfterDurable { end: entry.position + 1, outcome: Outcome::ExistsOrWrite(outcome) }));
+            return Ok(Processed::Answered(Reply::AfterDurable {
+                end: entry.position + 1,
+                outcome: Outcome::ExistsOrWrite(outcome),
+            }));
         }
         if index > count {
             return Err(WriteError::Gap { stream: stream.clone(), index, count });
@@ -492,20 +641,19 @@ impl Shared {
         self.check_ids_unused(inner, std::slice::from_ref(&event))?;
         self.submit(inner, stream, vec![event], index, origin, slot, |result| {
             Outcome::ExistsOrWrite(ExistsOrWrite::Written { position: result.first_position })
-        })?;
-        Ok(None)
+        })
     }
 
     /// The version at which `id` sits in `stream`, if it does.
     fn version_of_id(&self, inner: &Inner, stream: &StreamName, id: &EventId) -> Result<Option<u64>, WriteError> {
-        let Some(existing) = inner.tail.id(&self.index, id).map_err(index_write)? else { return Ok(None) };
+        let Some(existing) = inner.tail.id_for_write(&self.index, id).map_err(index_write)? else { return Ok(None) };
         let entry = inner.tail.version(&self.index, stream.as_str(), existing.version).map_err(index_write)?;
         Ok(entry.is_some_and(|entry| entry.position == existing.position).then_some(existing.version))
     }
 
     fn check_ids_unused(&self, inner: &Inner, events: &[NewEvent]) -> Result<(), WriteError> {
         for event in events {
-            if let Some(entry) = inner.tail.id(&self.index, &event.id).map_err(index_write)? {
+            if let Some(entry) = inner.tail.id_for_write(&self.index, &event.id).map_err(index_write)? {
                 let stored = self.read_position(entry.position).map_err(|e| index_write(e.to_string()))?;
                 return Err(WriteError::DuplicateEventId {
                     id: event.id,
@@ -580,9 +728,10 @@ impl Shared {
         Ok(Reply::AfterDurable { end: first_position + u64::from(count), outcome: Outcome::Append(outcome) })
     }
 
-    /// Encodes `events` at `first_version` of `stream`, submits them to the
-    /// log and applies them to the state machine. The log's writer thread
-    /// completes `slot` once they are durable.
+    /// Encodes `events` at `first_version` of `stream`, queues them in the
+    /// log and applies them to the state machine. With a slot, the log's
+    /// writer thread completes it once they are durable; without, the
+    /// caller waits for the returned write.
     #[allow(clippy::too_many_arguments, reason = "one call per write kind; a struct would only rename them")]
     fn submit(
         &self,
@@ -591,44 +740,16 @@ impl Shared {
         events: Vec<NewEvent>,
         first_version: u64,
         origin: Option<&Origin>,
-        slot: &Arc<Slot>,
+        slot: Option<&Arc<Slot>>,
         outcome: fn(AppendResult) -> Outcome,
-    ) -> Result<(), WriteError> {
+    ) -> Result<Processed, WriteError> {
         let records: Vec<Vec<u8>> = events
             .iter()
             .enumerate()
             .map(|(i, e)| record::encode_event(stream, first_version + i as u64, e, origin))
             .collect();
         let origin_id = origin.map_or(0, |o| o.site.id());
-        let signal = Arc::clone(&self.durable);
-        let slot = Arc::clone(slot);
-        let done = move |result: Result<AppendOutcome, AppendError>| {
-            let durable_waiters = {
-                let (state, condvar) = &*signal;
-                let mut state = state.lock();
-                match &result {
-                    Ok(o) => state.end = state.end.max(o.positions().end),
-                    Err(_) => state.failed = true,
-                }
-                condvar.notify_all();
-                state.take_ready_waiters()
-            };
-            for waker in durable_waiters {
-                waker.wake();
-            }
-            let reply = result
-                .map(|o| {
-                    outcome(AppendResult {
-                        first_version,
-                        first_position: o.first_position,
-                        count: o.count,
-                        already_written: false,
-                    })
-                })
-                .map_err(WriteError::from);
-            slot.complete(Reply::Done(reply));
-        };
-        let submitted = self.log.submit(&records, done).map_err(|e| match e {
+        let too_large = |e: AppendError| match e {
             AppendError::AppendTooLarge { bytes, max } => WriteError::BatchTooLarge {
                 events: records.len(),
                 bytes,
@@ -636,7 +757,32 @@ impl Shared {
                 bytes_max: max,
             },
             other => WriteError::from(other),
-        })?;
+        };
+        let (submitted, processed) = match slot {
+            Some(slot) => {
+                let signal = Arc::clone(&self.durable);
+                let slot = Arc::clone(slot);
+                let done = move |result: Result<AppendOutcome, AppendError>| {
+                    note_durable(&signal, &result);
+                    let reply = result
+                        .map(|o| {
+                            outcome(AppendResult {
+                                first_version,
+                                first_position: o.first_position,
+                                count: o.count,
+                                already_written: false,
+                            })
+                        })
+                        .map_err(WriteError::from);
+                    slot.complete(Reply::Done(reply));
+                };
+                (self.log.submit(&records, done).map_err(too_large)?, Processed::Submitted)
+            }
+            None => {
+                let log = self.log.queue(&records).map_err(too_large)?;
+                (log.outcome(), Processed::Queued(QueuedWrite { log, first_version, outcome }))
+            }
+        };
         assert_eq!(submitted.first_position, inner.next_position, "only the store appends to its log");
         inner.next_position = submitted.positions().end;
         for (i, event) in events.into_iter().enumerate() {
@@ -666,7 +812,7 @@ impl Shared {
                 return Err(index_write(e));
             }
         }
-        Ok(())
+        Ok(processed)
     }
 
     /// Whether every position below `end` is durable; if not yet, `waker`
