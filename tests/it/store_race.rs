@@ -235,12 +235,15 @@ fn appends_racing_on_one_expected_version_have_exactly_one_winner() {
 /// Writers look up what the tail does not hold (their stream's state, their
 /// events' ids) in the index with the store lock released, and use what they
 /// read only if no flush finished meanwhile. Here every writer has streams
-/// of its own and a tail that flushes every few events, so flushes keep
-/// landing between those reads and the writes. Every append at its exact
+/// of its own and the tail flushes every few events, so most lookups go to
+/// the index while flushes run beside them. Every append at its exact
 /// expected version must succeed at that version, and every retry of an
 /// earlier append (its id by now mostly flushed to the index) must be
 /// answered as already written at its original position, never written
-/// again nor refused.
+/// again nor refused. (A flush finishing between one writer's read and its
+/// write, after another writer changed what it read, is set up step by step
+/// in the store crate's own test
+/// `a_writer_reads_the_index_again_if_a_flush_finished_while_it_read`.)
 #[test]
 fn writers_reading_the_index_beside_flushes_see_every_stream_and_id_that_left_the_tail() {
     const STREAMS_PER_THREAD: u64 = 16;

@@ -1595,11 +1595,16 @@ mod tests {
         lock(&store.shared.inner).tail.current().capacity()
     }
 
+    /// A store whose tail is only flushed when a test says so.
+    fn flushed_by_hand(dir: &Path) -> Store {
+        let config = StoreConfig { index_flush_events: usize::MAX, index_idle_flush: None, ..StoreConfig::default() };
+        Store::open(dir, config).unwrap()
+    }
+
     #[test]
     fn a_flush_keeps_the_emptied_generation_unless_told_to_release_it() {
         let dir = tempfile::tempdir().unwrap();
-        let config = StoreConfig { index_flush_events: usize::MAX, index_idle_flush: None, ..StoreConfig::default() };
-        let store = Store::open(dir.path(), config).unwrap();
+        let store = flushed_by_hand(dir.path());
         let stream = StreamName::new("s.burst").unwrap();
         store.append(&stream, ExpectedVersion::Any, events(1, 1000)).unwrap();
         assert!(store.shared.flush().unwrap());
@@ -1635,8 +1640,7 @@ mod tests {
     #[test]
     fn a_writer_reads_the_index_again_if_a_flush_finished_while_it_read() {
         let dir = tempfile::tempdir().unwrap();
-        let config = StoreConfig { index_flush_events: usize::MAX, index_idle_flush: None, ..StoreConfig::default() };
-        let store = Store::open(dir.path(), config).unwrap();
+        let store = flushed_by_hand(dir.path());
         let stream = StreamName::new("s.contended").unwrap();
         store.append(&stream, ExpectedVersion::Any, events(1, 1)).unwrap();
         assert!(store.shared.flush().unwrap());
