@@ -308,3 +308,69 @@ fn writers_reading_the_index_beside_flushes_see_every_stream_and_id_that_left_th
     }
     eprintln!("store_race: {retries} retries beside flushes every 4 events");
 }
+
+/// Threads writing while the store closes: each write either succeeds, and
+/// is there after reopening, or is refused as unavailable; none hangs and
+/// nothing refused was written. The tail is small and flushed every few
+/// events, so flushes run right up to the close.
+#[test]
+fn writes_racing_a_close_are_either_kept_or_refused() {
+    const ACKED_BEFORE_CLOSE: u64 = 400;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = || StoreConfig {
+        tail_events_max: 16,
+        index_flush_events: 4,
+        log: edgebus_log::LogConfig { fsync: edgebus_log::FsyncPolicy::Never, ..edgebus_log::LogConfig::default() },
+        ..StoreConfig::default()
+    };
+    let store = Arc::new(Store::open(dir.path(), config()).expect("open"));
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stream = |thread: usize| StreamName::new(&format!("closing.t{thread}")).expect("valid name");
+    let (writing_store, writing_acked) = (Arc::clone(&store), Arc::clone(&acked));
+    let closer = {
+        let (store, acked) = (Arc::clone(&store), Arc::clone(&acked));
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + RACE_DEADLINE;
+            while acked.load(std::sync::atomic::Ordering::Relaxed) < ACKED_BEFORE_CLOSE {
+                assert!(std::time::Instant::now() < deadline, "the writers stalled before the close");
+                std::thread::yield_now();
+            }
+            store.close().expect("close");
+        })
+    };
+    let written: Vec<Vec<EventId>> = run_threads(move |thread| {
+        let mut written = Vec::new();
+        for n in 0u64.. {
+            let event = NewEvent {
+                id: EventId::from_u128(0xc105_0000_0000_0000 << 64 | (thread as u128) << 32 | u128::from(n)),
+                event_type: EventType::new("Written").expect("valid event type"),
+                data: b"{}".to_vec(),
+                metadata: Vec::new(),
+                timestamp_ms: 0,
+            };
+            match writing_store.append(&stream(thread), ExpectedVersion::Any, vec![event.clone()]) {
+                Ok(_) => {
+                    written.push(event.id);
+                    writing_acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), ErrorCode::Unavailable, "thread {thread}: refused as unavailable: {e}");
+                    break;
+                }
+            }
+        }
+        written
+    });
+    closer.join().expect("the closer finished");
+    drop(store);
+    let reopened = Store::open(dir.path(), config()).expect("reopen");
+    for (thread, ids) in written.iter().enumerate() {
+        let events = reopened
+            .read_stream(&stream(thread), StreamFrom::Start, Direction::Forward, 100_000, 0)
+            .unwrap_or_else(|e| panic!("thread {thread}: read: {e}"));
+        let stored: Vec<EventId> = events.iter().map(|e| e.id).collect();
+        assert_eq!(&stored, ids, "thread {thread}: exactly the acknowledged writes, in order");
+    }
+    let total: usize = written.iter().map(Vec::len).sum();
+    assert!(total as u64 >= ACKED_BEFORE_CLOSE, "the close came after {total} writes");
+}
