@@ -337,6 +337,7 @@ impl Shared {
     /// `changes` more; a request larger than the tail's bound waits for an
     /// empty tail. Returns at once when the store is poisoned.
     fn wait_for_tail_space(&self, inner: &mut MutexGuard<'_, Inner>, changes: usize) {
+        let mut waited = false;
         while inner.tail.len() > 0
             && inner.tail.len() + changes > self.config.tail_events_max
             && !self.poisoned.load(Ordering::Acquire)
@@ -344,10 +345,16 @@ impl Shared {
         {
             // The index is behind: wait for the indexer to catch up.
             inner.waiting_for_tail = true;
+            waited = true;
             self.flush_wanted.notify_one();
             self.tail_space.wait(inner);
         }
-        inner.waiting_for_tail = false;
+        // Only a writer that waited clears the flag: one whose write fits
+        // must not hide another's wait from the indexer. Every waiter is
+        // woken after a flush and sets it again if it still has no room.
+        if waited {
+            inner.waiting_for_tail = false;
+        }
     }
 
     /// Waits for the log to acknowledge a write this thread queued.
