@@ -1674,6 +1674,26 @@ mod tests {
         assert_eq!(read.iter().map(|e| e.version).collect::<Vec<_>>(), [0, 1], "nothing was written on stale reads");
     }
 
+    /// An append of many events whose last id was written before and has
+    /// left the tail for the index: the write reads the ids without the
+    /// lock, and still finds that one.
+    #[test]
+    fn a_large_append_finds_a_duplicate_id_among_those_read_from_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = flushed_by_hand(dir.path());
+        store.append(&StreamName::new("s.first").unwrap(), ExpectedVersion::Any, events(1, 2000)).unwrap();
+        assert!(store.shared.flush().unwrap());
+        let mut batch = events(5001, 7000);
+        batch.push(events(1234, 1234).remove(0));
+        let refused = store.append(&StreamName::new("s.second").unwrap(), ExpectedVersion::Any, batch);
+        let expected = EventId::from_u128(1234);
+        assert!(
+            matches!(&refused, Err(WriteError::DuplicateEventId { id, .. }) if *id == expected),
+            "the flushed id is a duplicate, got {refused:?}"
+        );
+        assert_eq!(store.log().end_position(), 2000, "nothing of the refused append was written");
+    }
+
     /// A quiet site with too little in its tail for a flush keeps the
     /// changes in memory but gives back the room of the bursts before.
     #[test]

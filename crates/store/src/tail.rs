@@ -194,6 +194,7 @@ pub(crate) struct Tail {
 #[derive(Debug, Default)]
 pub(crate) struct IndexReads {
     state: Option<(Box<str>, Option<StreamState>)>,
+    /// Sorted by id: an append holds up to 10,000 events.
     ids: Vec<(EventId, Option<IdEntry>)>,
 }
 
@@ -204,7 +205,8 @@ impl IndexReads {
             Some(stream) => Some((Box::from(stream), index.stream_state(stream)?)),
             None => None,
         };
-        let ids = ids.iter().map(|id| index.id(id).map(|entry| (*id, entry))).collect::<Result<_, _>>()?;
+        let mut ids: Vec<_> = ids.iter().map(|id| index.id(id).map(|entry| (*id, entry))).collect::<Result<_, _>>()?;
+        ids.sort_unstable_by_key(|(id, _)| *id);
         Ok(Self { state, ids })
     }
 }
@@ -328,9 +330,10 @@ impl Tail {
         if let Some(entry) = self.generations().find_map(|g| g.ids.get(id)) {
             return Ok(Some(*entry));
         }
-        match self.index_reads.ids.iter().find(|(read, _)| read == id) {
-            Some((_, entry)) => Ok(*entry),
-            None => index.id(id),
+        let reads = &self.index_reads.ids;
+        match reads.binary_search_by_key(id, |(read, _)| *read) {
+            Ok(at) => Ok(reads[at].1),
+            Err(_) => index.id(id),
         }
     }
 
