@@ -12,7 +12,9 @@
 //!   tail cannot answer (the stream's state, the events' ids, once flushed
 //!   to the index) it reads from the index with the lock released, and uses
 //!   only if no flush finished meanwhile ([`crate::tail::Tail::remember`]),
-//!   so the lock is held for map lookups and the log's queue, ~1–2 µs.
+//!   so the lock is held for map lookups and the log's queue (about 1 µs
+//!   a write in a profile of `bench store` at 1M streams: validation and
+//!   queueing were 7.5 % of both cores at ~134,000 writes/s).
 //! - **A task** (`append_async`, `exists_or_write_async`: `pending.rs`) and
 //!   `replicate` (several requests the log commits together) queue requests
 //!   for the sequencer thread, which validates everything queued in one
