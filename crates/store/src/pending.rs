@@ -3,10 +3,12 @@
 //! Why: a node serving hundreds of concurrent appends would otherwise park
 //! one blocking-pool thread per append in flight, and every append would pay
 //! two extra thread hand-offs (to the pool and back). A [`PendingWrite`]
-//! queues its request for the sequencer from the task itself and is woken by
-//! whoever completes it (the sequencer, or the log's writer thread once the
-//! write is durable). Backpressure is kept: when the request queue is full
-//! the task waits, woken when the sequencer takes the queue.
+//! starts its write from the task itself, running it on the task's thread
+//! under `fsync=always` or else queueing it for the sequencer (see
+//! `Shared::run_here`), and is woken by whoever completes it (the sequencer,
+//! or the log's writer thread once the write is durable). Backpressure is
+//! kept: when the request queue is full the task waits, woken when the
+//! sequencer takes the queue.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -114,8 +116,11 @@ mod tests {
 
     use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
 
+    use edgebus_log::FsyncPolicy;
+    use edgebus_types::{Origin, SiteName};
+
     use super::*;
-    use crate::store::{Store, StoreConfig};
+    use crate::store::{ReplicaWrite, Store, StoreConfig};
     use crate::writer::REQUESTS_QUEUED_MAX;
 
     /// Counts its wakes; wakes the thread that made it.
@@ -154,11 +159,16 @@ mod tests {
 
     /// With the sequencer held up, writes beyond the request queue's bound
     /// are not queued: they wait (registered to be woken) and are all
-    /// written, in order, once the sequencer moves again.
+    /// written, in order, once the sequencer moves again. (Under
+    /// `fsync=never` tasks' writes all go through the sequencer.)
     #[test]
     fn writes_beyond_the_queue_wait_for_room_and_are_all_written() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+        let config = StoreConfig {
+            log: edgebus_log::LogConfig { fsync: FsyncPolicy::Never, ..edgebus_log::LogConfig::default() },
+            ..StoreConfig::default()
+        };
+        let store = Store::open(dir.path(), config).unwrap();
         let stream = StreamName::new("s").unwrap();
         let total = 2 * REQUESTS_QUEUED_MAX as u64 + 10;
         let waker = Arc::new(ThreadWaker { thread: std::thread::current(), wakes: AtomicUsize::new(0) });
@@ -183,6 +193,63 @@ mod tests {
         let mut versions: Vec<u64> = results.iter().map(|r| r.first_version).collect();
         versions.sort_unstable();
         assert_eq!(versions, (0..total).collect::<Vec<_>>(), "every write got its own version");
+        store.close().unwrap();
+    }
+
+    /// Under `fsync=always` a task runs its write on its own thread (its
+    /// first poll writes it), but not past requests the sequencer holds: it
+    /// queues behind them instead of waiting for the state lock, and is
+    /// written after them.
+    #[test]
+    fn a_task_writes_itself_but_queues_behind_requests_the_sequencer_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), StoreConfig::default()).unwrap());
+        assert_eq!(store.shared.config.log.fsync, FsyncPolicy::Always, "the default");
+        let home = SiteName::new("home").unwrap();
+        let replica = ReplicaWrite {
+            stream: StreamName::new("replicated").unwrap(),
+            version: Some(0),
+            event: event(1),
+            origin: Origin { site: home.clone(), position: 0, via: home, note: String::new() },
+        };
+        let waker = Waker::from(Arc::new(ThreadWaker { thread: std::thread::current(), wakes: AtomicUsize::new(0) }));
+        let mut first = store.append_async(&StreamName::new("first").unwrap(), ExpectedVersion::Any, vec![event(0)]);
+        assert!(Pin::new(&mut first).poll(&mut Context::from_waker(&waker)).is_pending(), "waits for the log");
+        assert_eq!(store.shared.inner.lock().next_position, 1, "with nothing queued, written by the task's own poll");
+        block_on(first).expect("written");
+
+        let held = store.shared.inner.lock();
+        let replicating = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || store.replicate(vec![replica]))
+        };
+        // The sequencer takes the replicated write and waits for the lock.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !store.shared.requests.lock().in_pass {
+            assert!(std::time::Instant::now() < deadline, "the sequencer took the replicated write");
+            std::thread::yield_now();
+        }
+        let (polled, first_poll) = std::sync::mpsc::channel();
+        let task = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let stream = StreamName::new("local").unwrap();
+                let mut write = store.append_async(&stream, ExpectedVersion::Any, vec![event(2)]);
+                let waker =
+                    Waker::from(Arc::new(ThreadWaker { thread: std::thread::current(), wakes: AtomicUsize::new(0) }));
+                let pending = Pin::new(&mut write).poll(&mut Context::from_waker(&waker)).is_pending();
+                polled.send(pending).unwrap();
+                block_on(write)
+            })
+        };
+        let pending = first_poll.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(pending, Ok(true), "the task's first poll queued its write rather than wait for the lock");
+        assert_eq!(store.shared.requests.lock().items.len(), 1, "queued for the sequencer");
+        drop(held);
+        let replicated = replicating.join().unwrap().pop().unwrap().expect("replicated");
+        let crate::ExistsOrWrite::Written { position } = replicated else { panic!("written: {replicated:?}") };
+        let local = task.join().unwrap().expect("written");
+        assert!(local.first_position > position, "the task's write came after the one ahead of it");
         store.close().unwrap();
     }
 

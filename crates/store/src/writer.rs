@@ -15,11 +15,16 @@
 //!   so the lock is held for map lookups and the log's queue (about 1 µs
 //!   a write in a profile of `bench store` at 1M streams: validation and
 //!   queueing were 7.5 % of both cores at ~134,000 writes/s).
-//! - **A task** (`append_async`, `exists_or_write_async`: `pending.rs`) and
-//!   `replicate` (several requests the log commits together) queue requests
-//!   for the sequencer thread, which validates everything queued in one
-//!   pass under the lock and submits to the log; the log's writer thread
-//!   answers each request once it is durable.
+//! - **A task** (`append_async`, `exists_or_write_async`: `pending.rs`)
+//!   under `fsync=always` runs its write on its own thread the same way
+//!   ([`Shared::run_here`]), except that the log's writer thread answers it
+//!   (a callback wakes the task) and that it never waits there: when the
+//!   tail has no room, or the sequencer holds requests that came before it,
+//!   it goes to the sequencer instead. Under the other policies, tasks and
+//!   `replicate` (several requests the log commits together) queue
+//!   requests for the sequencer thread, which validates everything queued
+//!   in one pass under the lock and submits to the log; the log's writer
+//!   thread answers each request once it is durable.
 //!
 //! Before, threads went through the sequencer too and were each woken by
 //! their own `unpark`: at 256 writing threads that hand-off and wake-up cost
@@ -36,7 +41,7 @@ use std::sync::atomic::Ordering;
 use std::task::Waker;
 use std::thread::Thread;
 
-use edgebus_log::{AppendError, AppendOutcome, Queued};
+use edgebus_log::{AppendError, AppendOutcome, FsyncPolicy, Queued};
 use edgebus_types::{
     EventId, EventType, ExpectedVersion, NewEvent, Origin, RecordedEvent, StreamName, WrongExpectedVersion,
 };
@@ -247,6 +252,8 @@ impl Slot {
 #[derive(Default)]
 pub(crate) struct Requests {
     pub(crate) items: Vec<(Request, Arc<Slot>)>,
+    /// The sequencer took requests and has not finished processing them.
+    pub(crate) in_pass: bool,
     pub(crate) closing: bool,
     /// Tasks waiting for room in `items`, woken when the sequencer takes it
     /// (or the store closes). At most one entry per waiting write per wake.
@@ -273,66 +280,139 @@ impl Shared {
     /// acknowledgement with the rest of its log batch (see the module docs).
     pub(crate) fn execute(&self, request: Request) -> Result<Outcome, WriteError> {
         let processed = {
-            let mut inner = self.inner.lock();
-            // Read what the tail cannot answer from the index with the lock
-            // released, so that other writers go on meanwhile; again if a
-            // flush finished in between (it may have changed the index).
-            let mut reads: Option<(u64, IndexReads)> = None;
-            loop {
-                self.wait_for_tail_space(&mut inner, request.changes());
-                if inner.closing || self.poisoned.load(Ordering::Acquire) {
-                    return Err(WriteError::Unavailable(AppendError::Closed));
-                }
-                inner.tail.forget_index_read();
-                let Some((stream, ids)) = request.index_keys() else { break };
-                let (state, ids) = inner.tail.index_lookups(stream.as_str(), ids);
-                if !state && ids.is_empty() {
-                    break;
-                }
-                let dropped = inner.tail.generations_dropped();
-                match reads.take() {
-                    Some((read_at, reads)) if read_at == dropped => {
-                        inner.tail.remember(reads);
-                        break;
-                    }
-                    _ => {
-                        let stream = state.then_some(stream.as_str());
-                        let read = MutexGuard::unlocked(&mut inner, || {
-                            let read = IndexReads::read(&self.index, stream, &ids);
-                            #[cfg(test)]
-                            {
-                                let hook = self.after_unlocked_index_read.lock().take();
-                                if let Some(hook) = hook {
-                                    hook(self);
-                                }
-                            }
-                            read
-                        });
-                        reads = Some((dropped, read.map_err(index_write)?));
-                    }
-                }
-            }
-            let processed = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(&mut inner, request, None)));
-            inner.tail.forget_index_read();
-            if inner.tail.unflushed() >= self.config.index_flush_events {
-                self.flush_wanted.notify_one();
-            }
-            processed
+            let Some(mut inner) = self.lock_for(&request, true)? else {
+                unreachable!("a writer that waits for tail space gets the lock")
+            };
+            self.process_locked(&mut inner, request, None)
         };
         match processed {
             Ok(Ok(Processed::Answered(reply))) => self.answer(reply),
             Ok(Ok(Processed::Queued(queued))) => self.wait_queued(queued),
             Ok(Ok(Processed::Submitted)) => unreachable!("a request with no slot is never submitted with a callback"),
             Ok(Err(error)) => Err(error),
-            Err(panic) => {
-                // A bug: stop taking writes; the sequencer answers whatever
-                // is queued for it, and threads waiting for tail space look again.
-                self.poisoned.store(true, Ordering::Release);
-                self.requests_ready.notify_all();
-                self.tail_space.notify_all();
-                Err(stopped_after(panic.as_ref()))
+            Err(panic) => Err(self.poison(panic.as_ref())),
+        }
+    }
+
+    /// Runs a task's write on the task's thread, as [`Shared::execute`]
+    /// does, when that needs no waiting; the log's writer thread then
+    /// answers `slot`. Gives the request back (for the sequencer) when the
+    /// sequencer holds requests that came before it (so that it keeps its
+    /// place after them), when the tail has no room (the sequencer waits for
+    /// it; a runtime's worker must not), and for commands.
+    ///
+    /// Only under `fsync=always`: there the log's writer spends its time in
+    /// `fdatasync` and the writes queued meanwhile form its next batch
+    /// whoever queues them, so the hand-off to the sequencer is pure cost.
+    /// Under the other policies a write to the OS takes microseconds and the
+    /// writer is mostly idle: each write queued on its own wakes it for a
+    /// batch of its own, while the sequencer's pass queues many at once. In
+    /// `bench node` at 256 clients this path gave +10 % events/s with
+    /// `fsync=always` and −10 % with `fsync=interval` (`docs/benchmarks.md`).
+    fn run_here(&self, request: Request, slot: &Arc<Slot>) -> Result<Result<(), Request>, WriteError> {
+        if self.config.log.fsync != FsyncPolicy::Always || matches!(request, Request::Command { .. }) {
+            return Ok(Err(request));
+        }
+        {
+            let requests = self.requests.lock();
+            // Closing: the queue's check refuses it.
+            if !requests.items.is_empty() || requests.in_pass || requests.closing {
+                return Ok(Err(request));
             }
         }
+        let processed = {
+            let Some(mut inner) = self.lock_for(&request, false)? else { return Ok(Err(request)) };
+            self.process_locked(&mut inner, request, Some(slot))
+        };
+        match processed {
+            Ok(Ok(Processed::Answered(reply))) => slot.complete(reply),
+            Ok(Ok(Processed::Submitted)) => {} // the log's writer thread completes it
+            Ok(Ok(Processed::Queued(_))) => unreachable!("a request with a slot is submitted with a callback"),
+            Ok(Err(error)) => slot.complete(Reply::Done(Err(error))),
+            Err(panic) => slot.complete(Reply::Done(Err(self.poison(panic.as_ref())))),
+        }
+        Ok(Ok(()))
+    }
+
+    /// Takes the state lock for `request`, with what the tail cannot answer
+    /// read from the index with the lock released, so that other writers go
+    /// on meanwhile; read again if a flush finished in between (it may have
+    /// changed the index). Waits for room in the tail if `wait`, else
+    /// returns `None` when there is none.
+    fn lock_for(&self, request: &Request, wait: bool) -> Result<Option<MutexGuard<'_, Inner>>, WriteError> {
+        let mut inner = self.inner.lock();
+        let mut reads: Option<(u64, IndexReads)> = None;
+        loop {
+            if wait {
+                self.wait_for_tail_space(&mut inner, request.changes());
+            } else if !self.tail_has_room(&inner, request.changes()) {
+                return Ok(None);
+            }
+            if inner.closing || self.poisoned.load(Ordering::Acquire) {
+                return Err(WriteError::Unavailable(AppendError::Closed));
+            }
+            inner.tail.forget_index_read();
+            let Some((stream, ids)) = request.index_keys() else { break };
+            let (state, ids) = inner.tail.index_lookups(stream.as_str(), ids);
+            if !state && ids.is_empty() {
+                break;
+            }
+            let dropped = inner.tail.generations_dropped();
+            match reads.take() {
+                Some((read_at, reads)) if read_at == dropped => {
+                    inner.tail.remember(reads);
+                    break;
+                }
+                _ => {
+                    let stream = state.then_some(stream.as_str());
+                    let read = MutexGuard::unlocked(&mut inner, || {
+                        let read = IndexReads::read(&self.index, stream, &ids);
+                        #[cfg(test)]
+                        {
+                            let hook = self.after_unlocked_index_read.lock().take();
+                            if let Some(hook) = hook {
+                                hook(self);
+                            }
+                        }
+                        read
+                    });
+                    reads = Some((dropped, read.map_err(index_write)?));
+                }
+            }
+        }
+        Ok(Some(inner))
+    }
+
+    /// Processes `request` under the lock `lock_for` took (a panic is
+    /// caught and returned), and asks the indexer to flush if it is time.
+    fn process_locked(
+        &self,
+        inner: &mut MutexGuard<'_, Inner>,
+        request: Request,
+        slot: Option<&Arc<Slot>>,
+    ) -> std::thread::Result<Result<Processed, WriteError>> {
+        let processed = std::panic::catch_unwind(AssertUnwindSafe(|| self.process(inner, request, slot)));
+        inner.tail.forget_index_read();
+        if inner.tail.unflushed() >= self.config.index_flush_events {
+            self.flush_wanted.notify_one();
+        }
+        processed
+    }
+
+    /// After a panic while processing (a bug): stop taking writes; the
+    /// sequencer answers whatever is queued for it, and threads waiting for
+    /// tail space look again. Returns the error the write gets.
+    fn poison(&self, panic: &(dyn std::any::Any + Send)) -> WriteError {
+        self.poisoned.store(true, Ordering::Release);
+        self.requests_ready.notify_all();
+        self.tail_space.notify_all();
+        stopped_after(panic)
+    }
+
+    /// Whether the tail has room for `changes` more; a request larger than
+    /// the tail's bound has room only in an empty tail.
+    fn tail_has_room(&self, inner: &Inner, changes: usize) -> bool {
+        inner.tail.len() == 0 || inner.tail.len() + changes <= self.config.tail_events_max
     }
 
     /// Waits (with the state lock released) until the tail has room for
@@ -340,11 +420,7 @@ impl Shared {
     /// empty tail. Returns at once when the store is poisoned.
     fn wait_for_tail_space(&self, inner: &mut MutexGuard<'_, Inner>, changes: usize) {
         let mut waited = false;
-        while inner.tail.len() > 0
-            && inner.tail.len() + changes > self.config.tail_events_max
-            && !self.poisoned.load(Ordering::Acquire)
-            && !inner.closing
-        {
+        while !self.tail_has_room(inner, changes) && !self.poisoned.load(Ordering::Acquire) && !inner.closing {
             // The index is behind: wait for the indexer to catch up.
             inner.waiting_for_tail = true;
             waited = true;
@@ -408,9 +484,16 @@ impl Shared {
         slots.iter().map(|slot| self.reply_of(slot)).collect()
     }
 
-    /// Queues `request` if the queue has room, without waiting; when it is
-    /// full, `waker` is woken once the sequencer has taken the queue.
+    /// Starts a task's write without waiting: runs it on the calling thread
+    /// if it can ([`Shared::run_here`]), else queues it for the sequencer if
+    /// the queue has room; when it is full, `waker` is woken once the
+    /// sequencer has taken the queue.
     pub(crate) fn try_queue(&self, request: Request, slot: &Arc<Slot>, waker: &Waker) -> QueueAttempt {
+        let request = match self.run_here(request, slot) {
+            Ok(Ok(())) => return QueueAttempt::Queued,
+            Ok(Err(request)) => request,
+            Err(error) => return QueueAttempt::Closed(error),
+        };
         let mut requests = self.requests.lock();
         if requests.closing || self.poisoned.load(Ordering::Acquire) {
             return QueueAttempt::Closed(WriteError::Unavailable(AppendError::Closed));
@@ -459,6 +542,7 @@ impl Shared {
         loop {
             let space_waiters = {
                 let mut requests = self.requests.lock();
+                requests.in_pass = false;
                 while requests.items.is_empty() && !requests.closing {
                     self.requests_ready.wait(&mut requests);
                 }
@@ -466,6 +550,7 @@ impl Shared {
                     return;
                 }
                 std::mem::swap(&mut requests.items, &mut batch);
+                requests.in_pass = true;
                 std::mem::take(&mut requests.space_waiters)
             };
             self.notify_space(space_waiters);
