@@ -301,8 +301,9 @@ impl Shared {
     /// place after them), when the tail has no room (the sequencer waits for
     /// it; a runtime's worker must not), and for commands. What the tail
     /// cannot answer is read from the index on the task's thread, as a
-    /// thread's write does: point lookups answered by the in-memory filters
-    /// for a new id or stream, a data block only for one that is there.
+    /// thread's write does: for a new id or stream, point lookups answered
+    /// by the tables' filters (pinned, or partitions in the block cache);
+    /// a data block only for one that is there.
     ///
     /// Only under `fsync=always`: there the log's writer spends its time in
     /// `fdatasync` and the writes queued meanwhile form its next batch
