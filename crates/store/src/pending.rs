@@ -114,10 +114,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Wake, Waker};
 
-    use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName};
-
     use edgebus_log::FsyncPolicy;
-    use edgebus_types::{Origin, SiteName};
+    use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, Origin, SiteName, StreamName};
 
     use super::*;
     use crate::store::{ReplicaWrite, Store, StoreConfig};
