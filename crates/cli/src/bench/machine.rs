@@ -225,6 +225,20 @@ fn cpu_times(stat: &str) -> Option<(u64, u64)> {
     Some((total, idle))
 }
 
+/// CPU time (user and system) a process has used so far, from
+/// `/proc/PID/stat` (`/proc/self/stat` for `None`), in clock ticks of
+/// 10 ms (Linux reports them in `USER_HZ`, 100 a second, whatever the
+/// kernel's own tick). `None` where it cannot be read.
+pub fn process_cpu(pid: Option<u32>) -> Option<Duration> {
+    let path = pid.map_or_else(|| "/proc/self/stat".to_owned(), |pid| format!("/proc/{pid}/stat"));
+    let text = std::fs::read_to_string(path).ok()?;
+    // The command name, in parentheses, may hold spaces: count from after it.
+    let mut fields = text.rsplit_once(')')?.1.split_whitespace();
+    let user: u64 = fields.nth(11)?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((user + system) * 10))
+}
+
 /// The 1, 5 and 15 minute load averages from `/proc/loadavg`: other work on
 /// the machine makes `fdatasync` figures noisy, so reports print them.
 pub fn load_average() -> Option<[f64; 3]> {
@@ -260,6 +274,20 @@ pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_has_used_cpu_and_a_missing_one_has_none() {
+        let before = process_cpu(None).expect("this process's stat is readable");
+        let (spin, mut x) = (Instant::now(), 0u64);
+        while process_cpu(None).is_some_and(|cpu| cpu < before + Duration::from_millis(20))
+            && spin.elapsed() < Duration::from_secs(10)
+        {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(process_cpu(None).is_some_and(|cpu| cpu >= before + Duration::from_millis(20)), "spun {x} times");
+        assert_eq!(process_cpu(Some(std::process::id())).map(|cpu| cpu >= before), Some(true));
+        assert_eq!(process_cpu(Some(u32::MAX)), None);
+    }
 
     #[test]
     fn cpu_times_count_iowait_as_idle_and_guest_time_once() {

@@ -72,9 +72,25 @@ pub struct NodeBenchArgs {
     pub no_postgres: bool,
     /// Run only the group-consumption cells (and their peer), skipping
     /// publish, end-to-end and fan-out.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "publish_only")]
     pub groups_only: bool,
+    /// Run only the publish cells, skipping end-to-end, fan-out and group
+    /// consumption (with `--clients` and `--payload-bytes`, one workload to
+    /// profile or compare builds on).
+    #[arg(long)]
+    pub publish_only: bool,
+    /// Publishers of the publish cells, comma-separated [default: 1,16,256].
+    #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=PUBLISHERS_MAX))]
+    pub clients: Vec<u16>,
+    /// Payload sizes of the publish cells in bytes, comma-separated [default: 100,1024].
+    #[arg(long, value_name = "BYTES,...", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=PAYLOAD_BYTES_MAX))]
+    pub payload_bytes: Vec<u32>,
 }
+
+/// The most publishers `--clients` takes.
+const PUBLISHERS_MAX: i64 = 4096;
+/// The largest payload `--payload-bytes` takes: well below a node's event limit.
+const PAYLOAD_BYTES_MAX: i64 = 256 * 1024;
 
 /// Payload sizes, bytes.
 const PAYLOAD_BYTES: [usize; 2] = [100, 1024];
@@ -149,12 +165,18 @@ struct Fleet {
     targets: Vec<(System, Target)>,
     durability: BTreeMap<System, String>,
     peers: Vec<PeerStatus>,
+    /// The server process of each system, whose CPU time a cell reads
+    /// (PostgreSQL's is a process per connection: none).
+    pids: BTreeMap<System, u32>,
 }
 
 impl Fleet {
-    fn add(&mut self, system: System, target: Target, durability: String) {
+    fn add(&mut self, system: System, target: Target, durability: String, pid: Option<u32>) {
         self.targets.push((system, target));
         self.durability.insert(system, durability);
+        if let Some(pid) = pid {
+            self.pids.insert(system, pid);
+        }
     }
 
     /// NATS with its default durability; with fsync per write too if the
@@ -182,6 +204,7 @@ impl Fleet {
                 binary.version,
                 if binary.sync_always_supported { "" } else { cannot_sync }
             ),
+            Some(default.guard.pid()),
         );
         self.nats.push(default);
         self.peers.push(PeerStatus::ran(System::Nats, &binary.version));
@@ -205,6 +228,7 @@ impl Fleet {
                         "nats-server {} -js, file storage, sync_interval: always (fsync each write)",
                         binary.version
                     ),
+                    Some(server.guard.pid()),
                 );
                 self.nats.push(server);
                 self.peers.push(PeerStatus::ran(System::NatsSync, &binary.version));
@@ -225,6 +249,7 @@ impl Fleet {
                 "fsync={fsync}: ack once written to the OS, fdatasync at least every {} s (as nats)",
                 RELAXED_FSYNC_INTERVAL.as_secs()
             ),
+            Some(relaxed.guard.pid()),
         );
         self.nodes.push(relaxed);
         Ok(())
@@ -241,6 +266,7 @@ impl Fleet {
             System::Postgres,
             Target::Postgres(pg.connection_string()),
             format!("{}, {}: each commit waits for its WAL flush", pg.version, settings.join(" ")),
+            None,
         );
         self.peers.push(PeerStatus::ran(System::Postgres, &pg.version));
         self.postgres = Some(pg);
@@ -299,6 +325,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         System::Edgebus,
         Target::Edgebus(node.grpc),
         "fsync=always: each ack follows the fdatasync of the group commit holding the event".to_owned(),
+        Some(node.guard.pid()),
     );
     let grpc = node.grpc;
     fleet.nodes.push(node);
@@ -323,9 +350,18 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
     // The cells, each system in turn, so that drift on the machine hits them alike.
     let mut rows = Vec::new();
     let mut failed: BTreeMap<System, String> = BTreeMap::new();
-    let publish_clients: &[usize] = if args.groups_only { &[] } else { &CLIENTS };
-    for &clients in publish_clients {
-        for payload_bytes in PAYLOAD_BYTES {
+    let publish_clients: Vec<usize> = match (args.groups_only, args.clients.is_empty()) {
+        (true, _) => Vec::new(),
+        (false, true) => CLIENTS.to_vec(),
+        (false, false) => args.clients.iter().map(|&n| usize::from(n)).collect(),
+    };
+    let payloads: Vec<usize> = if args.payload_bytes.is_empty() {
+        PAYLOAD_BYTES.to_vec()
+    } else {
+        args.payload_bytes.iter().map(|&b| b as usize).collect()
+    };
+    for &clients in &publish_clients {
+        for &payload_bytes in &payloads {
             for (system, target) in &fleet.targets {
                 if failed.contains_key(system) {
                     continue;
@@ -333,7 +369,8 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
                 progress(format_args!("  {clients} clients, {}: {} ...", payload_label(payload_bytes), system.name()));
                 settle_before(dir, &mut settle).await?;
                 let tag = format!("n{clients}p{payload_bytes}");
-                let result = drive::publish_cell(target, clients, payload_bytes, warmup, window, &tag).await;
+                let pid = fleet.pids.get(system).copied();
+                let result = drive::publish_cell(target, clients, payload_bytes, warmup, window, pid, &tag).await;
                 let result = match (result, target) {
                     (Ok(measured), Target::Nats(addr)) => drive::purge_nats(*addr).await.map(|()| measured),
                     (result, _) => result,
@@ -362,7 +399,8 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
     add_ratios(&mut rows);
 
     let mut end_to_end = Vec::new();
-    let end_to_end_clients: &[usize] = if args.groups_only { &[] } else { &END_TO_END_CLIENTS };
+    let only_one_kind = args.groups_only || args.publish_only;
+    let end_to_end_clients: &[usize] = if only_one_kind { &[] } else { &END_TO_END_CLIENTS };
     for &clients in end_to_end_clients {
         progress(format_args!("  end-to-end latency, {clients} publishers, 1 subscriber ..."));
         settle_before(dir, &mut settle).await?;
@@ -381,7 +419,7 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         });
     }
     let fan_out_events = if args.quick { FAN_OUT_EVENTS_QUICK } else { FAN_OUT_EVENTS_FULL };
-    let fan_out = if args.groups_only {
+    let fan_out = if only_one_kind {
         None
     } else {
         progress(format_args!("  fan-out, {FAN_OUT_SUBSCRIBERS} subscribers, {fan_out_events} events ..."));
@@ -416,7 +454,8 @@ async fn measure(args: &NodeBenchArgs, dir: &Path) -> anyhow::Result<Report> {
         (ours, peer)
     });
     let mut group_rows = Vec::new();
-    for consumers in groups::CONSUMERS {
+    let group_consumers: &[usize] = if args.publish_only { &[] } else { &groups::CONSUMERS };
+    for &consumers in group_consumers {
         let tag = format!("c{consumers}");
         for &(system, addr) in &ours {
             progress(format_args!(
@@ -565,5 +604,33 @@ mod tests {
         assert!(args.no_postgres);
         assert!(!args.no_nats);
         assert_eq!(args.nats_server, None);
+        assert!(!args.publish_only);
+        assert!(args.clients.is_empty() && args.payload_bytes.is_empty());
+    }
+
+    #[test]
+    fn bench_node_runs_chosen_publish_cells_and_refuses_bad_ones() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["edgebus", "bench", "node"];
+            argv.extend_from_slice(extra);
+            crate::Cli::try_parse_from(argv)
+        };
+        let cli = parse(&["--publish-only", "--clients", "256,16", "--payload-bytes", "100"]).expect("parses");
+        let crate::Command::Bench(super::super::BenchArgs { target: super::super::BenchTarget::Node(args) }) =
+            cli.command
+        else {
+            panic!("expected bench node");
+        };
+        assert!(args.publish_only);
+        assert_eq!(args.clients, [256, 16]);
+        assert_eq!(args.payload_bytes, [100]);
+        for bad in
+            [&["--clients", "0"][..], &["--clients", "5000"], &["--payload-bytes", "x"], &["--payload-bytes", "0"]]
+        {
+            let error = parse(bad).expect_err("refused").to_string();
+            assert!(error.contains(bad[0]), "{bad:?}: {error}");
+        }
+        let error = parse(&["--publish-only", "--groups-only"]).expect_err("refused").to_string();
+        assert!(error.contains("cannot be used with"), "{error}");
     }
 }

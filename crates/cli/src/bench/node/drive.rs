@@ -23,6 +23,7 @@ use edgebus_types::{EventId, EventType, ExpectedVersion, NewEvent, StreamName, S
 use tokio::task::JoinSet;
 
 use super::super::histogram::Histogram;
+use super::super::machine::process_cpu;
 
 /// Concurrent clients that share one connection (edgebus: one HTTP/2
 /// channel; NATS: one TCP connection). PostgreSQL runs one transaction at a
@@ -65,6 +66,10 @@ pub struct Measured {
     pub latency: Histogram,
     /// Connections the clients used.
     pub connections: usize,
+    /// CPU time the server's process and this one (the clients) used in
+    /// the window, where they could be read.
+    pub server_cpu: Option<Duration>,
+    pub client_cpu: Option<Duration>,
 }
 
 /// One client's way to publish.
@@ -243,6 +248,7 @@ pub async fn publish_cell(
     payload_bytes: usize,
     warmup: Duration,
     window: Duration,
+    server_pid: Option<u32>,
     tag: &str,
 ) -> anyhow::Result<Measured> {
     let (publishers, connections) = tokio::time::timeout(SETUP_TIMEOUT, connect_publishers(target, clients, tag))
@@ -251,6 +257,16 @@ pub async fn publish_cell(
     let payload = Bytes::from(vec![b'x'; payload_bytes]);
     let measure_from = Instant::now() + warmup;
     let end = measure_from + window;
+    // CPU used by the server and the clients in the window.
+    let cpu = tokio::spawn(async move {
+        let read = || (process_cpu(server_pid), process_cpu(None));
+        tokio::time::sleep_until(measure_from.into()).await;
+        let from = read();
+        tokio::time::sleep_until(end.into()).await;
+        let to = read();
+        let used = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
+        (server_pid.and_then(|_| used(from.0, to.0)), used(from.1, to.1))
+    });
     let mut tasks = JoinSet::new();
     for mut publisher in publishers {
         let payload = payload.clone();
@@ -281,6 +297,7 @@ pub async fn publish_cell(
         measured.events += events;
         measured.latency.merge(&latency);
     }
+    (measured.server_cpu, measured.client_cpu) = cpu.await.context("the CPU reader")?;
     Ok(measured)
 }
 
@@ -397,7 +414,7 @@ pub async fn end_to_end(
         .await
         .context("the subscriber did not receive every event in time")?
         .context("subscriber task")??;
-    Ok(Measured { events, window, latency, connections: connections + 1 })
+    Ok(Measured { events, window, latency, connections: connections + 1, ..Measured::default() })
 }
 
 /// What fan-out measured.

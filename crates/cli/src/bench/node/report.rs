@@ -3,6 +3,7 @@
 //! report (the `--json` object is [`Report`] itself).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -89,6 +90,11 @@ pub struct PublishRow {
     pub mb_per_s: f64,
     pub p50_us: Option<f64>,
     pub p99_us: Option<f64>,
+    /// CPU time per acknowledged event in the window, µs: the server's
+    /// process (none for PostgreSQL's process per connection) and the
+    /// benchmark's own, which runs the clients.
+    pub server_cpu_us_per_event: Option<f64>,
+    pub client_cpu_us_per_event: Option<f64>,
     /// For our systems: ratios to each peer measured in the same cell, by peer name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub ratios: BTreeMap<&'static str, Ratio>,
@@ -112,9 +118,16 @@ impl PublishRow {
             mb_per_s: events_per_s * payload_bytes as f64 / 1e6,
             p50_us: quantile_us(&measured.latency, 0.5),
             p99_us: quantile_us(&measured.latency, 0.99),
+            server_cpu_us_per_event: per_event(measured.server_cpu, measured.events),
+            client_cpu_us_per_event: per_event(measured.client_cpu, measured.events),
             ratios: BTreeMap::new(),
         }
     }
+}
+
+/// `cpu` per event, µs.
+fn per_event(cpu: Option<Duration>, events: u64) -> Option<f64> {
+    cpu.filter(|_| events > 0).map(|cpu| cpu.as_secs_f64() * 1e6 / events as f64)
 }
 
 /// Fills in the ratios of each of our rows to each peer row of the same cell.
@@ -404,16 +417,30 @@ pub fn print_report(report: &Report) {
         }
     }
     println!();
-    println!("publish with ack (ratios: ours over the peer's; * = equal durability)");
     println!(
-        "{:>7} {:>7}  {:<16} {:>7} {:>10} {:>8} {:>8} {:>8}  {:<42} p99 vs peers",
-        "clients", "payload", "system", "fsync", "events/s", "MB/s", "p50 µs", "p99 µs", "events/s vs peers",
+        "publish with ack (ratios: ours over the peer's; * = equal durability; CPU: µs of CPU time per event, \
+         of the server's process and of the clients')"
+    );
+    println!(
+        "{:>7} {:>7}  {:<16} {:>7} {:>10} {:>8} {:>8} {:>8} {:>7} {:>7}  {:<42} p99 vs peers",
+        "clients",
+        "payload",
+        "system",
+        "fsync",
+        "events/s",
+        "MB/s",
+        "p50 µs",
+        "p99 µs",
+        "CPU srv",
+        "CPU cli",
+        "events/s vs peers",
     );
     let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+    let cpu = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
     for r in &report.publish {
         let ours = r.system.is_ours();
         let line = format!(
-            "{:>7} {:>7}  {:<16} {:>7} {:>10.0} {:>8.2} {:>8} {:>8}  {:<42} {}",
+            "{:>7} {:>7}  {:<16} {:>7} {:>10.0} {:>8.2} {:>8} {:>8} {:>7} {:>7}  {:<42} {}",
             r.clients,
             payload_label(r.payload_bytes),
             r.system.name(),
@@ -422,6 +449,8 @@ pub fn print_report(report: &Report) {
             r.mb_per_s,
             us(r.p50_us),
             us(r.p99_us),
+            cpu(r.server_cpu_us_per_event),
+            cpu(r.client_cpu_us_per_event),
             if ours { format_ratios(&r.ratios, |x| Some(x.events_per_s)) } else { String::new() },
             if ours { format_ratios(&r.ratios, |x| x.p99) } else { String::new() },
         );
@@ -483,7 +512,6 @@ pub fn print_report(report: &Report) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
 
@@ -495,6 +523,7 @@ mod tests {
             window: Duration::from_secs(10),
             latency,
             connections: 16,
+            ..Measured::default()
         };
         PublishRow::new(system, TARGET_CLIENTS, 100, &measured)
     }
