@@ -9,6 +9,7 @@ mod gateway_lease;
 mod gateway_process;
 mod log_crash;
 mod log_faults;
+mod log_inline;
 mod log_model;
 mod node;
 mod node_append_stream;

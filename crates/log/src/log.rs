@@ -1,11 +1,16 @@
 //! The log: open and recover, group-committed appends, reads, segment removal.
 //!
 //! Lifecycle: [`Log::open`] recovers the directory and starts one writer
-//! thread, which owns the active segment for as long as the log is open.
-//! Appenders put their records on a bounded queue and get their positions at
-//! once; the writer takes everything queued as one batch, frames it, writes
-//! it with one `write` and (under `fsync = always`) one `fdatasync`, then
-//! makes the batch visible to readers and completes its appends.
+//! thread. Appenders put their records on a bounded queue and get their
+//! positions at once; the writer takes everything queued as one batch,
+//! frames it, writes it with one `write` and (under `fsync = always`) one
+//! `fdatasync`, then makes the batch visible to readers and completes its
+//! appends. "The writer" is a role (`Queue::writing`) that one thread holds
+//! at a time, and with it the active segment: the writer thread, or, under
+//! `fsync = interval | never`, a caller of [`Log::write_deferred`] writing
+//! what it queued with [`Log::submit_deferred`] (a write to the OS costs
+//! less than waking another thread for it). Syncs on the interval and the
+//! close are the writer thread's.
 //! [`Log::close`] (or drop) drains the queue, syncs and joins the writer.
 //! A failed write or `fdatasync` poisons the log: the writer stops and every
 //! later append fails until the log is reopened, which runs recovery.
@@ -158,6 +163,9 @@ struct Counters {
 /// Acknowledged batches that may wait for the completer before the writer
 /// waits for it in turn.
 const COMPLETION_BATCHES_MAX: usize = 64;
+/// Batches one call of [`Log::write_deferred`] writes at most, what others
+/// queued meanwhile included, before it leaves the rest to the writer thread.
+const INLINE_BATCHES_MAX: usize = 4;
 /// Batches of at most this many appends are completed by the writer itself.
 const COMPLETE_INLINE_GROUPS_MAX: usize = 32;
 
@@ -298,9 +306,22 @@ struct Queue {
     queued_bytes: u64,
     next_position: u64,
     state: QueueState,
+    /// The writer thread sleeps, waiting for `work_ready`.
     writer_idle: bool,
+    /// Until when it sleeps, if it set a timeout.
+    writer_wakes_at: Option<Instant>,
+    /// A thread holds the writer's role: it is writing a batch it took, and
+    /// before it lets go it writes or hands over what was queued meanwhile.
+    /// The writer thread, or under `fsync = interval | never` a caller of
+    /// [`Log::write_deferred`].
+    writing: bool,
+    /// Under `fsync = interval`: when what was written but not synced must
+    /// be synced (the writer thread's next timeout).
+    sync_due: Option<Instant>,
     /// Batches the writer has taken: the generation of the batch queuing now.
     generation: u64,
+    /// Appenders waiting for `space_ready` (notified only when there are some).
+    space_waiters: usize,
 }
 
 struct Shared {
@@ -364,6 +385,21 @@ impl Shared {
         cache.truncate(SEALED_INDEXES_CACHED);
     }
 
+    /// Wakes the sleeping writer thread if there is work for it: appends
+    /// nobody writes, a close, a poisoned log, or a sync due before the
+    /// time it sleeps until. Called by a thread letting go of the writer's
+    /// role in [`Log::write_deferred`] (or instead of taking it).
+    fn wake_writer_for(&self, queue: &mut Queue) {
+        if !queue.writer_idle || queue.writing {
+            return;
+        }
+        let sync = queue.sync_due.is_some_and(|due| queue.writer_wakes_at.is_none_or(|at| due < at));
+        if sync || !queue.batch.groups.is_empty() || !matches!(queue.state, QueueState::Open) {
+            queue.writer_idle = false;
+            self.work_ready.notify_one();
+        }
+    }
+
     /// Moves the visible end to `end` and wakes the threads in
     /// [`Log::wait_for_end`], if any.
     fn publish_end(&self, end: u64) {
@@ -384,6 +420,9 @@ type WriterHandle = JoinHandle<Result<(), Arc<IoFailure>>>;
 /// any thread.
 pub struct Log {
     shared: Arc<Shared>,
+    /// The active segment's writer: used by whoever holds the writer's role
+    /// (`Queue::writing`), so never waited for.
+    writer_state: Arc<Mutex<Writer>>,
     writer: Mutex<Option<WriterHandle>>,
     /// The completer thread: wakes appenders and runs callbacks off the writer's path.
     completer: Mutex<Option<JoinHandle<()>>>,
@@ -440,7 +479,11 @@ impl Log {
                 next_position,
                 state: QueueState::Open,
                 writer_idle: false,
+                writer_wakes_at: None,
+                writing: false,
+                sync_due: None,
                 generation: 0,
+                space_waiters: 0,
             }),
             work_ready: Condvar::new(),
             space_ready: Condvar::new(),
@@ -467,13 +510,15 @@ impl Log {
                 }
             })
             .map_err(spawn_error)?;
-        let writer = Writer::new(Arc::clone(&shared), &active, completions);
+        let writer_state = Arc::new(Mutex::new(Writer::new(Arc::clone(&shared), &active, completions)));
+        let thread_state = Arc::clone(&writer_state);
         let handle = std::thread::Builder::new()
             .name("edgebus-log-writer".to_owned())
-            .spawn(move || writer.run())
+            .spawn(move || run_writer(&thread_state))
             .map_err(spawn_error)?;
         Ok(Self {
             shared,
+            writer_state,
             writer: Mutex::new(Some(handle)),
             completer: Mutex::new(Some(completer)),
             recovery,
@@ -579,7 +624,7 @@ impl Log {
     /// its own and wait after releasing it. The append is written whether
     /// or not anyone waits for it.
     pub fn queue<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<Queued, AppendError> {
-        let (outcome, generation) = self.enqueue(records, Completion::Wait, true)?;
+        let (outcome, generation) = self.enqueue(records, Completion::Wait, true, true)?;
         Ok(Queued { outcome, generation })
     }
 
@@ -600,7 +645,53 @@ impl Log {
         records: &[R],
         done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
     ) -> Result<AppendOutcome, AppendError> {
-        self.enqueue(records, Completion::Call(Box::new(done)), true).map(|(outcome, _)| outcome)
+        self.enqueue(records, Completion::Call(Box::new(done)), true, true).map(|(outcome, _)| outcome)
+    }
+
+    /// Like [`Log::submit`], but leaves the writing to a later
+    /// [`Log::write_deferred`], which the caller must make (after letting go
+    /// of its own locks): the writer thread is not woken for it. A caller
+    /// that queues several appends in a row this way and then writes them
+    /// saves the writer thread's wake-up and the hand-off.
+    pub fn submit_deferred<R: AsRef<[u8]>>(
+        &self,
+        records: &[R],
+        done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
+    ) -> Result<AppendOutcome, AppendError> {
+        self.enqueue(records, Completion::Call(Box::new(done)), true, false).map(|(outcome, _)| outcome)
+    }
+
+    /// Writes what is queued. Under `fsync = interval | never`, on the
+    /// calling thread, unless another thread is writing (which then writes
+    /// it next): a write to the OS takes microseconds, less than handing
+    /// it to the writer thread and waking it. Callbacks of the appends
+    /// written run here too (a batch of more than 32 goes to the completer
+    /// thread); `fdatasync` is left to the writer thread. Under `fsync =
+    /// always`, it wakes the writer thread, whose `fdatasync` a caller
+    /// should not wait for.
+    pub fn write_deferred(&self) {
+        let shared = &self.shared;
+        let mut queue = lock(&shared.queue);
+        if shared.config.fsync != FsyncPolicy::Always {
+            for _ in 0..INLINE_BATCHES_MAX {
+                if queue.writing || queue.batch.groups.is_empty() || matches!(queue.state, QueueState::Poisoned(_)) {
+                    break;
+                }
+                queue.writing = true;
+                let mut writer = lock(&self.writer_state);
+                let result = writer.write_next(queue, false);
+                if let Err(failure) = result {
+                    // The role is kept: nothing is written after a failure.
+                    writer.poison(&failure);
+                    shared.work_ready.notify_all();
+                    return;
+                }
+                queue = lock(&shared.queue);
+                queue.writing = false;
+                queue.sync_due = writer.sync_due();
+            }
+        }
+        shared.wake_writer_for(&mut queue);
     }
 
     /// Like [`Log::submit`], but fails with [`AppendError::QueueFull`] instead
@@ -610,16 +701,18 @@ impl Log {
         records: &[R],
         done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
     ) -> Result<AppendOutcome, AppendError> {
-        self.enqueue(records, Completion::Call(Box::new(done)), false).map(|(outcome, _)| outcome)
+        self.enqueue(records, Completion::Call(Box::new(done)), false, true).map(|(outcome, _)| outcome)
     }
 
     /// Queues one append; returns its positions and the generation of the
-    /// batch it joined.
+    /// batch it joined. Waits for room if `wait`; wakes the writer thread
+    /// if `wake` (else the caller writes it: [`Log::write_deferred`]).
     fn enqueue<R: AsRef<[u8]>>(
         &self,
         records: &[R],
         done: Completion,
         wait: bool,
+        wake: bool,
     ) -> Result<(AppendOutcome, u64), AppendError> {
         let config = &self.shared.config;
         if records.is_empty() {
@@ -661,7 +754,9 @@ impl Log {
                     queued_appends: u32::try_from(groups).unwrap_or(u32::MAX),
                 });
             }
+            queue.space_waiters += 1;
             queue = self.shared.space_ready.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner);
+            queue.space_waiters -= 1;
         }
         let outcome = AppendOutcome { first_position: queue.next_position, count };
         queue.next_position += u64::from(count);
@@ -675,7 +770,8 @@ impl Log {
             queue.batch.waiters = true;
         }
         queue.batch.groups.push(QueuedGroup { outcome, framed_bytes, done });
-        if queue.writer_idle {
+        // A thread that is writing takes it next, or hands it over.
+        if wake && queue.writer_idle && !queue.writing {
             queue.writer_idle = false;
             self.shared.work_ready.notify_one();
         }
@@ -926,7 +1022,74 @@ fn complete_batch(acks: &Acks, batch: Acknowledged) {
     acks.acknowledge(batch.generation, batch.waiters);
 }
 
-/// The writer thread's state: the active segment and reusable buffers.
+/// The writer thread: writes what others leave to it, syncs on the
+/// interval, and on close writes what is left, syncs and leaves the active
+/// segment's index. A failure poisons the log and stops it.
+fn run_writer(state: &Mutex<Writer>) -> Result<(), Arc<IoFailure>> {
+    let shared = Arc::clone(&lock(state).shared);
+    let result = writer_loop(&shared, state);
+    if let Err(failure) = &result {
+        lock(state).poison(failure);
+    }
+    // Nothing is written after this: the completer ends once it has run
+    // what it was given.
+    lock(state).completer = None;
+    result
+}
+
+fn writer_loop(shared: &Shared, state: &Mutex<Writer>) -> Result<(), Arc<IoFailure>> {
+    let mut queue = lock(&shared.queue);
+    loop {
+        if let QueueState::Poisoned(failure) = &queue.state {
+            // A thread writing in `Log::write_deferred` failed and poisoned the log.
+            return Err(Arc::clone(failure));
+        }
+        if !queue.writing {
+            let sync_now = queue.sync_due.is_some_and(|due| due <= Instant::now());
+            if !queue.batch.groups.is_empty() || sync_now {
+                queue.writing = true;
+                let mut writer = lock(state);
+                let result = if queue.batch.groups.is_empty() {
+                    drop(queue);
+                    writer.sync()
+                } else {
+                    writer.write_next(queue, true)
+                };
+                // After a failure the role is kept: nothing is written after it.
+                result?;
+                queue = lock(&shared.queue);
+                queue.writing = false;
+                queue.sync_due = writer.sync_due();
+                continue;
+            }
+            if matches!(queue.state, QueueState::Closing) {
+                queue.writing = true;
+                drop(queue);
+                let mut writer = lock(state);
+                if writer.unsynced {
+                    writer.sync()?;
+                }
+                // A clean close leaves the active segment's index behind,
+                // so the next open need not scan the segment.
+                return write_index_file(shared.storage.as_ref(), &shared.dir, &writer.active_index())
+                    .map_err(Arc::new);
+            }
+        }
+        // While another thread writes, it wakes this one when it lets go.
+        queue.writer_idle = true;
+        queue.writer_wakes_at = queue.sync_due.filter(|_| !queue.writing);
+        queue = match queue.writer_wakes_at.map(|at| at.saturating_duration_since(Instant::now())) {
+            Some(timeout) => {
+                shared.work_ready.wait_timeout(queue, timeout).unwrap_or_else(std::sync::PoisonError::into_inner).0
+            }
+            None => shared.work_ready.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner),
+        };
+        queue.writer_idle = false;
+    }
+}
+
+/// The active segment and reusable buffers, used by whoever holds the
+/// writer's role (`Queue::writing`).
 struct Writer {
     shared: Arc<Shared>,
     file: Arc<dyn StorageFile>,
@@ -941,8 +1104,9 @@ struct Writer {
     frame_offsets: Vec<usize>,
     new_index: Vec<(u64, u32)>,
     spare: Batch,
-    /// Acknowledged batches, in log order, for the completer thread.
-    completer: SyncSender<Acknowledged>,
+    /// Acknowledged batches, in log order, for the completer thread; taken
+    /// once the writer thread has stopped, which ends the completer.
+    completer: Option<SyncSender<Acknowledged>>,
     /// The generation of the batch whose write or sync failed, if one did.
     failed_generation: Option<u64>,
 }
@@ -950,7 +1114,7 @@ struct Writer {
 impl Writer {
     fn new(shared: Arc<Shared>, active: &SegmentMeta, completer: SyncSender<Acknowledged>) -> Self {
         Self {
-            completer,
+            completer: Some(completer),
             failed_generation: None,
             shared,
             file: Arc::clone(&active.file),
@@ -968,100 +1132,70 @@ impl Writer {
         }
     }
 
-    fn run(mut self) -> Result<(), Arc<IoFailure>> {
-        let result = self.run_inner();
-        if let Err(failure) = &result {
-            self.poison(failure);
-        }
-        result
-    }
-
-    fn run_inner(&mut self) -> Result<(), Arc<IoFailure>> {
+    /// Takes the queued batch (the caller holds the writer's role), writes
+    /// it and completes its appends. Syncs it under `fsync = always`, and
+    /// under `interval` if `may_sync` and the interval has passed.
+    fn write_next(&mut self, mut queue: MutexGuard<'_, Queue>, may_sync: bool) -> Result<(), Arc<IoFailure>> {
         let shared = Arc::clone(&self.shared);
-        loop {
-            let mut queue = lock(&shared.queue);
-            loop {
-                if !queue.batch.groups.is_empty() {
-                    break;
-                }
-                if matches!(queue.state, QueueState::Closing) {
-                    drop(queue);
-                    if self.unsynced {
-                        self.sync()?;
-                    }
-                    // A clean close leaves the active segment's index behind,
-                    // so the next open need not scan the segment.
-                    write_index_file(self.shared.storage.as_ref(), &self.shared.dir, &self.active_index())
-                        .map_err(Arc::new)?;
-                    return Ok(());
-                }
-                queue.writer_idle = true;
-                let timeout = match shared.config.fsync {
-                    FsyncPolicy::Interval(interval) if self.unsynced => {
-                        Some(interval.saturating_sub(self.last_sync.elapsed()))
-                    }
-                    _ => None,
-                };
-                queue = match timeout {
-                    Some(timeout) if timeout.is_zero() => {
-                        drop(queue);
-                        self.sync()?;
-                        lock(&shared.queue)
-                    }
-                    Some(timeout) => {
-                        shared
-                            .work_ready
-                            .wait_timeout(queue, timeout)
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .0
-                    }
-                    None => shared.work_ready.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner),
-                };
-                queue.writer_idle = false;
-            }
-            std::mem::swap(&mut queue.batch, &mut self.spare);
-            let generation = queue.generation;
-            queue.generation += 1;
-            queue.queued_bytes = 0;
-            drop(queue);
+        std::mem::swap(&mut queue.batch, &mut self.spare);
+        let generation = queue.generation;
+        queue.generation += 1;
+        queue.queued_bytes = 0;
+        let space_waiters = queue.space_waiters > 0;
+        drop(queue);
+        if space_waiters {
             shared.space_ready.notify_all();
-            let mut batch = std::mem::take(&mut self.spare);
-            let result = self.write_batch(&batch);
-            let groups = std::mem::take(&mut batch.groups);
-            let waiters = std::mem::take(&mut batch.waiters);
-            batch.payload.clear();
-            batch.lens.clear();
-            self.spare = batch;
-            match result {
-                Ok(()) => {
-                    shared.counters.appends.fetch_add(groups.len() as u64, Ordering::Relaxed);
-                    // Waking hundreds of appenders costs more than the write
-                    // and the sync (~2 µs each here, even in one system
-                    // call): the completer does it while this thread writes
-                    // the next batch. A few are cheaper to wake here than to
-                    // hand over.
-                    let batch = Acknowledged { generation, groups, waiters };
-                    if batch.groups.len() <= COMPLETE_INLINE_GROUPS_MAX {
-                        complete_batch(&shared.acks, batch);
-                    } else {
-                        self.completer.send(batch).expect("the completer outlives the writer");
-                    }
+        }
+        let mut batch = std::mem::take(&mut self.spare);
+        let result = self.write_batch(&batch, may_sync);
+        let groups = std::mem::take(&mut batch.groups);
+        let waiters = std::mem::take(&mut batch.waiters);
+        batch.payload.clear();
+        batch.lens.clear();
+        self.spare = batch;
+        match result {
+            Ok(()) => {
+                shared.counters.appends.fetch_add(groups.len() as u64, Ordering::Relaxed);
+                // Waking hundreds of appenders costs more than the write
+                // and the sync (~2 µs each here, even in one system
+                // call): the completer does it while this thread writes
+                // the next batch. A few are cheaper to wake here than to
+                // hand over.
+                let batch = Acknowledged { generation, groups, waiters };
+                if batch.groups.len() <= COMPLETE_INLINE_GROUPS_MAX {
+                    complete_batch(&shared.acks, batch);
+                } else {
+                    let completer = self.completer.as_ref().expect("the completer outlives the writer");
+                    completer.send(batch).expect("the completer outlives the writer");
                 }
-                Err(failure) => {
-                    self.failed_generation = Some(generation);
-                    for group in groups {
-                        group.done.complete(Err(AppendError::Io(Arc::clone(&failure))));
-                    }
-                    return Err(failure);
+                Ok(())
+            }
+            Err(failure) => {
+                self.failed_generation = Some(generation);
+                for group in groups {
+                    group.done.complete(Err(AppendError::Io(Arc::clone(&failure))));
                 }
+                Err(failure)
             }
         }
     }
 
-    /// Marks the log poisoned and fails everything still queued.
+    /// When what was written must be synced, under `fsync = interval`.
+    fn sync_due(&self) -> Option<Instant> {
+        match self.shared.config.fsync {
+            FsyncPolicy::Interval(interval) if self.unsynced => Some(self.last_sync + interval),
+            _ => None,
+        }
+    }
+
+    /// Marks the log poisoned and fails everything still queued (once: a
+    /// log already poisoned stays as it is).
     fn poison(&self, failure: &Arc<IoFailure>) {
         let (groups, first_poisoned) = {
             let mut queue = lock(&self.shared.queue);
+            if matches!(queue.state, QueueState::Poisoned(_)) {
+                return;
+            }
             queue.state = QueueState::Poisoned(Arc::clone(failure));
             queue.queued_bytes = 0;
             queue.batch.waiters = false;
@@ -1078,7 +1212,7 @@ impl Writer {
         });
     }
 
-    fn write_batch(&mut self, batch: &Batch) -> Result<(), Arc<IoFailure>> {
+    fn write_batch(&mut self, batch: &Batch, may_sync: bool) -> Result<(), Arc<IoFailure>> {
         let segment_bytes = self.shared.config.segment_bytes;
         self.buf.clear();
         self.frame_offsets.clear();
@@ -1117,7 +1251,7 @@ impl Writer {
         self.flush_chunk()?;
         match self.shared.config.fsync {
             FsyncPolicy::Always => self.sync()?,
-            FsyncPolicy::Interval(interval) if self.last_sync.elapsed() >= interval => self.sync()?,
+            FsyncPolicy::Interval(interval) if may_sync && self.last_sync.elapsed() >= interval => self.sync()?,
             FsyncPolicy::Interval(_) | FsyncPolicy::Never => {}
         }
         self.shared.publish_end(self.next_position);

@@ -6,7 +6,7 @@
 //! starts its write from the task itself, running it on the task's thread
 //! under `fsync=always` or else queueing it for the sequencer (see
 //! `Shared::run_here`), and is woken by whoever completes it (the sequencer,
-//! or the log's writer thread once the write is durable). Backpressure is
+//! or whichever thread writes it to the log). Backpressure is
 //! kept: when the request queue is full the task waits, woken when the
 //! sequencer takes the queue.
 
