@@ -80,10 +80,10 @@ pub struct NodeBenchArgs {
     #[arg(long)]
     pub publish_only: bool,
     /// Publishers of the publish cells, comma-separated [default: 1,16,256].
-    #[arg(long, value_name = "N,...", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=PUBLISHERS_MAX))]
+    #[arg(long, value_name = "N,...", value_delimiter = ',', conflicts_with = "groups_only", value_parser = clap::value_parser!(u16).range(1..=PUBLISHERS_MAX))]
     pub clients: Vec<u16>,
     /// Payload sizes of the publish cells in bytes, comma-separated [default: 100,1024].
-    #[arg(long, value_name = "BYTES,...", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=PAYLOAD_BYTES_MAX))]
+    #[arg(long, value_name = "BYTES,...", value_delimiter = ',', conflicts_with = "groups_only", value_parser = clap::value_parser!(u32).range(1..=PAYLOAD_BYTES_MAX))]
     pub payload_bytes: Vec<u32>,
 }
 
@@ -630,7 +630,10 @@ mod tests {
             let error = parse(bad).expect_err("refused").to_string();
             assert!(error.contains(bad[0]), "{bad:?}: {error}");
         }
-        let error = parse(&["--publish-only", "--groups-only"]).expect_err("refused").to_string();
-        assert!(error.contains("cannot be used with"), "{error}");
+        // The group cells publish nothing: choosing publish cells with them is a mistake.
+        for both in [&["--publish-only", "--groups-only"][..], &["--groups-only", "--clients", "16"]] {
+            let error = parse(both).expect_err("refused").to_string();
+            assert!(error.contains("cannot be used with"), "{both:?}: {error}");
+        }
     }
 }

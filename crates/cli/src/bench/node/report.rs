@@ -512,7 +512,6 @@ pub fn print_report(report: &Report) {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
 
     fn row(system: System, events_per_s: f64, p99_us: f64) -> PublishRow {
