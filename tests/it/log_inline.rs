@@ -1,5 +1,5 @@
-//! Appends the caller writes itself (`Log::submit_deferred`, then
-//! `Log::write_deferred`): under `fsync = interval | never` the caller's
+//! Appends the caller writes itself (`Log::submit_deferred` or
+//! `Log::queue_deferred`, then `Log::write_deferred`): under `fsync = interval | never` the caller's
 //! thread writes the batch and runs its callbacks; under `always` the
 //! writer thread does. Whoever writes, positions stay dense, nothing queued
 //! is left unwritten (another writer's batch, a close), the interval's
@@ -49,6 +49,24 @@ fn without_fsync_per_append_the_caller_writes_and_answers_on_its_own_thread() {
         assert_eq!(log.end_position(), 3, "{fsync}: visible to readers");
         assert_eq!(log.read(0, 10, u64::MAX).unwrap()[2].payload.as_ref(), b"deferred 2");
         assert_eq!(log.stats().batches, 1, "{fsync}: the three appends are one write");
+    }
+}
+
+#[test]
+fn a_blocking_append_queued_without_a_wake_is_written_by_its_caller() {
+    for fsync in [FsyncPolicy::Never, FsyncPolicy::Interval(Duration::from_secs(3600)), FsyncPolicy::Always] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = guarded::open(dir.path(), config(fsync)).unwrap();
+        let queued: Vec<_> = (0..3).map(|i| log.queue_deferred(&[format!("queued {i}")]).unwrap()).collect();
+        log.write_deferred();
+        if fsync != FsyncPolicy::Always {
+            assert_eq!(log.end_position(), 3, "{fsync}: written before write_deferred returns");
+            assert_eq!(log.stats().batches, 1, "{fsync}: the three appends are one write");
+        }
+        for (i, queued) in queued.into_iter().enumerate() {
+            assert_eq!(log.wait(queued).unwrap().first_position, i as u64, "{fsync}");
+        }
+        assert_eq!(log.read(0, 10, u64::MAX).unwrap()[2].payload.as_ref(), b"queued 2");
     }
 }
 

@@ -624,7 +624,19 @@ impl Log {
     /// its own and wait after releasing it. The append is written whether
     /// or not anyone waits for it.
     pub fn queue<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<Queued, AppendError> {
-        let (outcome, generation) = self.enqueue(records, Completion::Wait, true, true)?;
+        self.queue_waking(records, true)
+    }
+
+    /// Like [`Log::queue`], without waking the writer thread: the caller
+    /// then calls [`Log::write_deferred`] (for example once it has released
+    /// a lock of its own) before it waits, and under `fsync = interval |
+    /// never` usually finds its batch written when it does.
+    pub fn queue_deferred<R: AsRef<[u8]>>(&self, records: &[R]) -> Result<Queued, AppendError> {
+        self.queue_waking(records, false)
+    }
+
+    fn queue_waking<R: AsRef<[u8]>>(&self, records: &[R], wake: bool) -> Result<Queued, AppendError> {
+        let (outcome, generation) = self.enqueue(records, Completion::Wait, true, wake)?;
         Ok(Queued { outcome, generation })
     }
 
