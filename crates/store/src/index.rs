@@ -233,7 +233,7 @@ const RANGE_BLOCK_BYTES: u32 = 16 * 1024;
 /// a merge rewrites only the tables under one L1 table's key range. The
 /// number of L0 tables a read seeks in stays fjall's default (4).
 /// Measured with `examples/fill.rs` (`streams=N`): fjall's compaction
-/// work per event fell by a third at 8M events (`docs/benchmarks.md`,
+/// work per event fell by 29–31 % at 8M events (`docs/benchmarks.md`,
 /// "index compaction").
 const RANGE_TABLE_BYTES: u64 = 16 * 1024 * 1024;
 
