@@ -657,7 +657,7 @@ impl Log {
         records: &[R],
         done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
     ) -> Result<AppendOutcome, AppendError> {
-        self.enqueue(records, Completion::Call(Box::new(done)), true, true).map(|(outcome, _)| outcome)
+        self.submit_waking(records, done, true)
     }
 
     /// Like [`Log::submit`], but leaves the writing to a later
@@ -670,7 +670,16 @@ impl Log {
         records: &[R],
         done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
     ) -> Result<AppendOutcome, AppendError> {
-        self.enqueue(records, Completion::Call(Box::new(done)), true, false).map(|(outcome, _)| outcome)
+        self.submit_waking(records, done, false)
+    }
+
+    fn submit_waking<R: AsRef<[u8]>>(
+        &self,
+        records: &[R],
+        done: impl FnOnce(Result<AppendOutcome, AppendError>) + Send + 'static,
+        wake: bool,
+    ) -> Result<AppendOutcome, AppendError> {
+        self.enqueue(records, Completion::Call(Box::new(done)), true, wake).map(|(outcome, _)| outcome)
     }
 
     /// Writes what is queued. Under `fsync = interval | never`, on the

@@ -27,7 +27,7 @@
 //! pace. Once quiet it prints the CPU time per event of the whole process
 //! (compactions included, which fjall may run long after the writes) and
 //! of each thread still alive (the writers are gone by then), and the time
-//! of 20,000 reads of 10 events from the middle of a stream.
+//! of 20,000 reads of 10 events from a version within a stream.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -176,7 +176,7 @@ fn stream_name(index: u64) -> Result<StreamName, String> {
 }
 
 /// Prints the CPU time per event, of the process and of each live thread,
-/// and the time of small reads from the middle of streams.
+/// and the time of small reads from versions within streams.
 fn report_costs(store: &Store, total: u64, streams: u64) -> Result<(), Box<dyn std::error::Error>> {
     let per_event = |secs: f64| secs * 1e6 / total as f64;
     println!("CPU per event, compactions included: {:.2} µs; of it, threads alive now:", per_event(cpu_secs()));
@@ -192,7 +192,7 @@ fn report_costs(store: &Store, total: u64, streams: u64) -> Result<(), Box<dyn s
         events += store.read_stream(&stream, from, Direction::Forward, READ_EVENTS, 0)?.len();
     }
     println!(
-        "reads: {READS} of up to {READ_EVENTS} events from the middle of a stream, {:.1} µs each ({events} events)",
+        "reads: {READS} of up to {READ_EVENTS} events from a version within a stream, {:.1} µs each ({events} events)",
         started.elapsed().as_secs_f64() * 1e6 / READS as f64
     );
     Ok(())
