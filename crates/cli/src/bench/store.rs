@@ -5,8 +5,9 @@
 //! 1. appends of one 100-byte event with an `Exact` expected version to 1,
 //!    1,000 and 1,000,000 streams (100,000 with `--quick`), each writer
 //!    owning its streams, beside `Log::append` of the same payload at the
-//!    same concurrency, measured in the same run: the ratio is what the
-//!    store's validation and indexing cost;
+//!    same concurrency, measured in the same run (its row, `log_append`,
+//!    printed above the store's): the ratio is what the store's validation
+//!    and indexing cost;
 //! 2. `exists_or_write` with 4 writers racing to write identical events at
 //!    the same indexes of one stream;
 //! 3. reading one stream of 100,000 events front to back;
@@ -163,10 +164,13 @@ pub fn run(args: &StoreBenchArgs) -> anyhow::Result<()> {
     for streams in stream_counts {
         let writers = (streams as usize).min(WRITERS_MAX);
         eprintln!("  log append, {writers} writers ...");
-        let log_rate = measure_log_append(&dir.join(format!("log-{streams}")), writers, duration)?;
+        let log = measure_log_append(&dir.join(format!("log-{streams}")), streams, writers, duration)?;
         eprintln!("  store append, {streams} streams, {writers} writers ...");
         let mut row = measure_append(&dir.join(format!("append-{streams}")), streams, writers, duration)?;
-        row.ratio_to_log = Some(row.events_per_s / log_rate);
+        row.ratio_to_log = Some(row.events_per_s / log.events_per_s);
+        // The reference goes beside its ratio: on a shared machine the
+        // log's own rate moves from run to run as much as the store's.
+        rows.push(log);
         rows.push(row);
     }
     if args.streams.is_none() {
@@ -194,8 +198,10 @@ pub fn run(args: &StoreBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `Log::append` of a record the size of one stored event, `writers` threads.
-fn measure_log_append(dir: &Path, writers: usize, duration: Duration) -> anyhow::Result<f64> {
+/// `Log::append` of a record the size of one stored event, `writers`
+/// threads: the reference of the store's append cell at `streams` (a row
+/// `log_append` with that cell's stream count, which the log ignores).
+fn measure_log_append(dir: &Path, streams: u64, writers: usize, duration: Duration) -> anyhow::Result<Row> {
     let log = Arc::new(edgebus_log::Log::open(dir, LogConfig::default())?);
     let record = edgebus_store::record::encode_event(&stream_name(0), 0, &event(1), None);
     let stop = Arc::new(AtomicBool::new(false));
@@ -205,22 +211,27 @@ fn measure_log_append(dir: &Path, writers: usize, duration: Duration) -> anyhow:
         .map(|_| {
             let (log, record, stop, count) = (Arc::clone(&log), record.clone(), Arc::clone(&stop), Arc::clone(&count));
             std::thread::Builder::new().stack_size(WRITER_STACK_BYTES).spawn(move || {
+                let mut latency = Histogram::default();
                 while !stop.load(Ordering::Relaxed) {
+                    let begun = Instant::now();
                     log.append(&[&record]).expect("log append");
+                    latency.record(begun.elapsed());
                     count.fetch_add(1, Ordering::Relaxed);
                 }
+                latency
             })
         })
         .collect::<Result<_, _>>()?;
     std::thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);
+    let mut latency = Histogram::default();
     for thread in threads {
-        thread.join().map_err(|_| anyhow::anyhow!("log appender panicked"))?;
+        latency.merge(&thread.join().map_err(|_| anyhow::anyhow!("log appender panicked"))?);
     }
     let elapsed = started.elapsed();
     log.close().map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::remove_dir_all(dir)?;
-    Ok(count.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64())
+    Ok(Row::new("log_append", streams, writers, count.load(Ordering::Relaxed), elapsed).with_latency(&latency))
 }
 
 /// Appends with `Exact` expected versions; writer `w` owns streams `w, w + W, ...`.
