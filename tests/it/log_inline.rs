@@ -1,7 +1,7 @@
 //! Appends the caller writes itself (`Log::submit_deferred` or
-//! `Log::queue_deferred`, then `Log::write_deferred`): under `fsync = interval | never` the caller's
-//! thread writes the batch and runs its callbacks; under `always` the
-//! writer thread does. Whoever writes, positions stay dense, nothing queued
+//! `Log::queue_deferred`, then `Log::write_deferred`): under `fsync =
+//! interval | never` the caller's thread writes the batch and runs its
+//! callbacks; under `always` the writer thread does. Whoever writes, positions stay dense, nothing queued
 //! is left unwritten (another writer's batch, a close), the interval's
 //! `fdatasync` still happens, and a failed write poisons the log.
 
